@@ -1,0 +1,72 @@
+"""Our checkpoint format: a folder with `config.json`, `model.safetensors` and the tokenizer files
+(+ `adapter/` when the language model carries LoRA). Exact round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..model.config import MediRoundConfig
+from .safety import load_strict, load_tensors
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_pretrained(model, folder, tokenizer=None) -> None:
+    from safetensors.torch import save_file
+
+    from ..model.lora import has_lora
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["lora_applied"] = has_lora(model)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "mediround_size": model.config.size})
+    tmp.replace(folder / WEIGHTS)
+    if has_lora(model):
+        model.language_model.save_pretrained(str(folder / "adapter"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def from_pretrained(folder, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from one of our folders; errors name the file and the key."""
+    from ..model.lora import apply_lora
+    from ..model.modeling import MediRound
+    from ..model.tokenizer import TokenIds, load_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG} (is this a MediRound checkpoint folder?)")
+    try:
+        data = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / CONFIG}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder / CONFIG}: expected a JSON object")
+    lora = bool(data.pop("lora_applied", False))
+    try:
+        config = MediRoundConfig.from_dict(data, source=str(folder / CONFIG))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    tokenizer = load_tokenizer(folder)
+    ids = TokenIds.from_tokenizer(tokenizer)
+    if len(tokenizer) > config.text.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                              f"{config.text.vocab_size}")
+    model = MediRound(config, ids)
+    if lora:
+        apply_lora(model)
+    state = load_tensors(folder / WEIGHTS)
+    load_strict(model, state, str(folder / WEIGHTS))
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer

@@ -1,0 +1,231 @@
+"""Volumes in and out (SimpleITK), slice extraction in radiologist view, windowing, and masks back.
+
+Conventions: arrays are numpy (k, j, i) as SimpleITK gives them; geometry is ITK's (LPS, direction columns =
+voxel axes i, j, k in patient space). A slice is shown as a radiologist sees it: axial from the feet with
+patient left on image right and anterior at the top; coronal from the front, superior at the top; sagittal
+from the patient's left, anterior on image left. On an oblique volume the voxel plane nearest the view is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileFormatError, VolumeError
+
+VIEWS = ("axial", "coronal", "sagittal")
+# Patient (LPS) axis that is the normal of each view, and the patient axes along display columns and rows,
+# each with the sign that points right / down on screen.
+_VIEW_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}
+_VIEW_COLUMNS = {"axial": (0, +1), "coronal": (0, +1), "sagittal": (1, +1)}
+_VIEW_ROWS = {"axial": (1, +1), "coronal": (2, -1), "sagittal": (2, -1)}
+MAX_SLICE_PIXELS = 4096 * 4096
+CT_WINDOW = (40.0, 400.0)
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume with ITK (LPS) geometry."""
+
+    array: np.ndarray  # (k, j, i)
+    spacing: tuple[float, float, float]  # (i, j, k) in mm
+    origin: tuple[float, float, float]
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns: i, j, k axes in LPS
+    modality: str | None = None
+    name: str = "volume"
+
+    def __post_init__(self):
+        self.array = validate_volume_array(self.array, self.name)
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        if self.modality is None:
+            self.modality = guess_modality(self.array)
+
+    @classmethod
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray, **kwargs) -> "Volume":
+        """From a Slicer-style array (k, j, i) and its 4×4 IJK→RAS matrix."""
+        m = np.asarray(ijk_to_ras, dtype=float).reshape(4, 4)
+        lps = np.diag([-1.0, -1.0, 1.0]) @ m[:3, :3]
+        spacing = np.linalg.norm(lps, axis=0)
+        if np.any(spacing <= 0):
+            raise VolumeError("IJK→RAS matrix has a zero-length axis")
+        origin = np.diag([-1.0, -1.0, 1.0]) @ m[:3, 3]
+        return cls(array, tuple(spacing), tuple(origin), lps / spacing, **kwargs)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = self.direction * np.asarray(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def fingerprint(self) -> str:
+        """Size, spacing, origin, direction and a hash of the voxels: identifies the volume of a session."""
+        h = hashlib.sha256()
+        h.update(str(self.array.shape).encode() + str(self.array.dtype).encode())
+        h.update(np.round(np.r_[self.spacing, self.origin, self.direction.ravel()], 4).astype(np.float64).tobytes())
+        h.update(np.ascontiguousarray(self.array).tobytes())
+        return h.hexdigest()[:16]
+
+    def view_axis(self, view: str) -> int:
+        """The voxel axis (0=i, 1=j, 2=k) nearest to the normal of `view`."""
+        if view not in VIEWS:
+            raise VolumeError(f"unknown view {view!r}; expected one of {', '.join(VIEWS)}")
+        return int(np.argmax(np.abs(self.direction[_VIEW_NORMAL[view], :])))
+
+    def num_slices(self, view: str) -> int:
+        return self.array.shape[2 - self.view_axis(view)]
+
+
+@dataclass
+class SliceImage:
+    """One voxel plane of a volume, oriented for display. `pixels` are raw values (HU for CT)."""
+
+    pixels: np.ndarray  # (rows, cols) float32 display orientation
+    view: str
+    index: int  # voxel index along `axis`
+    axis: int  # voxel axis 0=i, 1=j, 2=k
+    transpose: bool  # display = transpose(plane) before flips
+    flip_rows: bool
+    flip_cols: bool
+    modality: str = "CT"
+    spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) mm
+
+    def to_plane(self, mask: np.ndarray) -> np.ndarray:
+        """A display-oriented 2D mask back into the array plane (order of the remaining array axes)."""
+        m = mask
+        if self.flip_cols:
+            m = m[:, ::-1]
+        if self.flip_rows:
+            m = m[::-1, :]
+        if self.transpose:
+            m = m.T
+        return np.ascontiguousarray(m)
+
+    def normalized(self) -> np.ndarray:
+        return normalize_intensity(self.pixels, self.modality)
+
+
+def validate_volume_array(array, name: str = "volume") -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise VolumeError(f"{name}: expected a 3D scalar volume, got an array of shape {array.shape}"
+                          + (" (RGB or multi-component volumes are not supported)" if array.ndim == 4 else ""))
+    if array.size == 0:
+        raise VolumeError(f"{name}: the volume is empty (shape {array.shape})")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise VolumeError(f"{name}: unsupported voxel type {array.dtype}")
+    return array
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """HU-range integer data is CT; anything else MR."""
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        lo, hi = int(array.min()), int(array.max())
+        if lo >= -1100 and hi <= 4000 and lo < -200:
+            return "CT"
+    return "MR"
+
+
+def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """Raw slice → float32 [0,1]: CT by a window (level, width), MR by its 0.5–99.5 percentiles.
+    NaN/Inf voxels are an error; a constant image maps to zeros."""
+    x = np.asarray(pixels)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise VolumeError(f"expected a 2D slice, got shape {x.shape}")
+    if x.size > MAX_SLICE_PIXELS:
+        raise VolumeError(f"slice of {x.shape[0]}×{x.shape[1]} pixels is larger than the supported "
+                          f"{int(MAX_SLICE_PIXELS ** 0.5)}² (resample the volume first)")
+    if x.dtype == bool:
+        x = x.astype(np.float32)
+    x = x.astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise VolumeError(f"slice contains {int((~np.isfinite(x)).sum())} NaN or infinite voxel value(s)")
+    if modality == "CT":
+        level, width = window
+        lo, hi = level - width / 2, level + width / 2
+    else:
+        lo, hi = np.percentile(x, [0.5, 99.5])
+    if hi <= lo:
+        return np.zeros(x.shape, np.float32)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
+    """The voxel plane `index` along the axis nearest the view normal, oriented as a radiologist sees it."""
+    axis = volume.view_axis(view)
+    n = volume.array.shape[2 - axis]
+    if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise VolumeError(f"slice index {index} is out of range for the {view} view (0..{n - 1})")
+    plane = np.take(volume.array, int(index), axis=2 - axis)  # remaining array axes, in array order
+    in_plane = [a for a in (2, 1, 0) if a != axis]  # voxel axes of plane rows, cols (array order k,j,i minus axis)
+    row_axis, col_axis = in_plane
+    col_patient, col_sign = _VIEW_COLUMNS[view]
+    # Which in-plane voxel axis goes along the display columns: the one most aligned with that patient axis.
+    d = volume.direction
+    transpose = abs(d[col_patient, row_axis]) > abs(d[col_patient, col_axis])
+    if transpose:
+        plane = plane.T
+        row_axis, col_axis = col_axis, row_axis
+    row_patient, row_sign = _VIEW_ROWS[view]
+    flip_cols = np.sign(d[col_patient, col_axis]) != col_sign
+    flip_rows = np.sign(d[row_patient, row_axis]) != row_sign
+    if flip_rows:
+        plane = plane[::-1, :]
+    if flip_cols:
+        plane = plane[:, ::-1]
+    spacing = (float(volume.spacing[row_axis]), float(volume.spacing[col_axis]))
+    return SliceImage(np.ascontiguousarray(plane, dtype=np.float32), view, int(index), axis, bool(transpose),
+                      bool(flip_rows), bool(flip_cols), volume.modality, spacing)
+
+
+def mask_into_volume(volume: Volume, slice_image: SliceImage, mask: np.ndarray) -> np.ndarray:
+    """A (k, j, i) uint8 label array, zero except `mask` on the slice's voxel plane."""
+    out = np.zeros(volume.array.shape, np.uint8)
+    idx = [slice(None)] * 3
+    idx[2 - slice_image.axis] = slice_image.index
+    out[tuple(idx)] = slice_image.to_plane(mask.astype(bool)).astype(np.uint8)
+    return out
+
+
+# -- files ----------------------------------------------------------------------------------------------
+def load_volume(path: str | Path, modality: str | None = None) -> Volume:
+    """NRRD / NIfTI / MHA file, or a DICOM series folder, through SimpleITK."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise FileFormatError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            names = reader.GetGDCMSeriesFileNames(str(path))
+            if not names:
+                raise FileFormatError(f"{path}: folder holds no DICOM series")
+            reader.SetFileNames(names)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        reason = next((line for line in first if "ERROR" in line or "Unable" in line), first[-1] if first else "")
+        raise FileFormatError(f"{path}: cannot read as a medical image volume ({reason.strip()[:200]})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or "
+                          f"vector image); a scalar volume is needed")
+    if image.GetDimension() != 3:
+        raise VolumeError(f"{path}: is {image.GetDimension()}D; a 3D volume is needed")
+    return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+                  np.asarray(image.GetDirection()).reshape(3, 3), modality=modality, name=path.name)
+
+
+def to_sitk(volume: Volume, array: np.ndarray | None = None):
+    """A SimpleITK image with the volume's geometry (and its voxels, or `array`)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(volume.array if array is None else array)
+    image.SetSpacing(tuple(float(s) for s in volume.spacing))
+    image.SetOrigin(tuple(float(o) for o in volume.origin))
+    image.SetDirection(tuple(float(v) for v in volume.direction.ravel()))
+    return image

@@ -1,0 +1,200 @@
+"""MediRound configuration: one dataclass, two presets (`full` = the paper's model, `tiny` = ours, shipped).
+
+Both presets build the same classes; only widths, depths and input sizes differ. The 256-d prompt and the
+JCM MLP sizes ([256,512,512,1] and [256,512,512,256]) are the same at both sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+SPECIAL_TOKENS = {"seg": "[SEG]", "crop": "<crop>", "box": "<box>", "image": "<image>"}
+
+
+@dataclass
+class TextConfig:
+    """The language model (a Mistral decoder, as in LLaVA-Med v1.5)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+
+
+@dataclass
+class VisionConfig:
+    """The LLaVA vision tower (CLIP ViT) and which of its layers feeds the projector."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    select_layer: int = -2
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class SegmenterConfig:
+    """The MedSAM (SAM ViT) image encoder, prompt encoder and mask decoder."""
+
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    prompt_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class JCMConfig:
+    """Judgment & Correction Mechanism: quality MLP [256,512,512,1], correction MLP [256,512,512,256]."""
+
+    hidden_dim: int = 512
+    beta: float = 0.6
+
+
+@dataclass
+class MediRoundConfig:
+    size: str
+    text: TextConfig
+    vision: VisionConfig
+    segmenter: SegmenterConfig
+    jcm: JCMConfig = field(default_factory=JCMConfig)
+    # How the segmenter input is normalised: "minmax" ([0,1], as MedSAM) or "sam_mean_std" (public MediRound).
+    segmenter_normalization: str = "minmax"
+    # "llava_mistral": [INST] ... [/INST] (full size); "plain": USER:/ASSISTANT: (tiny tokenizer).
+    chat_template: str = "plain"
+    max_answer_tokens: int = 48
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        if self.segmenter_normalization not in ("minmax", "sam_mean_std"):
+            raise ConfigError(f"segmenter_normalization must be 'minmax' or 'sam_mean_std', got {self.segmenter_normalization!r}")
+        if self.chat_template not in ("plain", "llava_mistral"):
+            raise ConfigError(f"chat_template must be 'plain' or 'llava_mistral', got {self.chat_template!r}")
+        if self.segmenter.prompt_dim != 256:
+            raise ConfigError("segmenter.prompt_dim must be 256 (the MedSAM prompt and JCM width)")
+        if not 0.0 <= self.jcm.beta <= 1.0:
+            raise ConfigError(f"jcm.beta must lie in [0, 1], got {self.jcm.beta}")
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "MediRoundConfig":
+        parts = {"text": TextConfig, "vision": VisionConfig, "segmenter": SegmenterConfig, "jcm": JCMConfig}
+        try:
+            kwargs = dict(data)
+            for name, klass in parts.items():
+                if name in kwargs:
+                    kwargs[name] = _build(klass, kwargs[name], f"{source}: {name}")
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                       and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            if missing:
+                raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+            unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+            for key in ("lora_target_modules",):
+                if key in kwargs:
+                    kwargs[key] = tuple(kwargs[key])
+            return cls(**kwargs)
+        except TypeError as exc:  # wrong value types
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MediRoundConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+def _build(klass, values, source):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected an object, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(klass)}
+    required = {f.name for f in dataclasses.fields(klass)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    values = dict(values)
+    if "global_attn_indexes" in values:
+        values["global_attn_indexes"] = tuple(values["global_attn_indexes"])
+    return klass(**values)
+
+
+def full_config() -> MediRoundConfig:
+    """The paper's model: LLaVA-Med v1.5 (Mistral-7B, CLIP ViT-L/14-336) + MedSAM ViT-B at 1024²."""
+    return MediRoundConfig(
+        size="full",
+        text=TextConfig(vocab_size=32000 + 4, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                        rope_theta=1_000_000.0, rms_norm_eps=1e-5),
+        vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14),
+        segmenter=SegmenterConfig(image_size=1024, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                  global_attn_indexes=(2, 5, 8, 11), window_size=14),
+        segmenter_normalization="sam_mean_std",
+        chat_template="llava_mistral",
+    )
+
+
+def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
+    """MediRound-Tiny: same classes, small widths, 256² segmenter input; trained by us, shipped in the repo."""
+    return MediRoundConfig(
+        size="tiny",
+        text=TextConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                        rope_theta=10_000.0),
+        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=128, patch_size=16),
+        segmenter=SegmenterConfig(image_size=256, patch_size=8, embed_dim=96, depth=4, num_heads=4,
+                                  global_attn_indexes=(1, 3), window_size=8, decoder_mlp_dim=512),
+        segmenter_normalization="minmax",
+        chat_template="plain",
+    )
+
+
+PRESETS = {"full": full_config, "tiny": tiny_config}

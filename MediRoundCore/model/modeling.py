@@ -1,0 +1,198 @@
+"""MediRound: a LLaVA-style MLLM with a `[SEG]` token, MedSAM's image encoder and mask decoder, reference
+crop/box features, and the Judgment & Correction Mechanism.
+
+Module names (the keys of our checkpoints):
+  language_model.*   transformers MistralForCausalLM       vision_tower.*  transformers CLIPVisionModel
+  mm_projector.{0,2} Linear–GELU–Linear (LLaVA mlp2x_gelu)  box_encoder     Linear(4, hidden)
+  seg_projection.{0,2} Linear(h,h)–ReLU–Linear(h,256)     segmenter.*     segment_anything Sam (MedSAM)
+  jcm.quality.fc{1,2,3}, jcm.correction.fc{1,2,3}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
+
+from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from .config import MediRoundConfig
+from .jcm import JudgmentCorrection
+from .processing import SAM_MEAN, SAM_STD
+from .tokenizer import TokenIds
+
+
+def build_language_model(cfg) -> MistralForCausalLM:
+    config = MistralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, sliding_window=cfg.sliding_window,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return MistralForCausalLM(config)
+
+
+def build_vision_tower(cfg) -> CLIPVisionModel:
+    config = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        hidden_act="quick_gelu",
+    )
+    return CLIPVisionModel(config)
+
+
+def build_segmenter(cfg) -> Sam:
+    """SAM/MedSAM (ViT image encoder, prompt encoder, mask decoder) at the configured size."""
+    grid = cfg.embedding_size
+    encoder = ImageEncoderViT(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+    )
+    prompt = PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
+                           input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=16)
+    decoder = MaskDecoder(
+        num_multimask_outputs=3, transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_dim,
+                                                                 mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
+        transformer_dim=cfg.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256,
+    )
+    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder, pixel_mean=list(SAM_MEAN),
+               pixel_std=list(SAM_STD))
+
+
+@dataclass
+class SegOutput:
+    """Masks decoded from [SEG] prompts: low-resolution logits, the JCM score and decision."""
+
+    low_res_logits: torch.Tensor  # (K,1,h,w)
+    prompts: torch.Tensor  # (K,256) the embeddings actually decoded
+    scores: torch.Tensor | None  # (K,) quality scores, or None when JCM is off
+    corrected: torch.Tensor | None  # (K,) bool
+
+
+class MediRound(nn.Module):
+    """The whole model. See the module docstring for its parts; `MediRoundCore.engine` drives inference."""
+
+    def __init__(self, config: MediRoundConfig, token_ids: TokenIds):
+        super().__init__()
+        self.config = config
+        self.token_ids = token_ids
+        h = config.text.hidden_size
+        self.language_model = build_language_model(config.text)
+        self.vision_tower = build_vision_tower(config.vision)
+        self.mm_projector = nn.Sequential(nn.Linear(config.vision.hidden_size, h), nn.GELU(), nn.Linear(h, h))
+        self.box_encoder = nn.Linear(4, h)
+        self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
+        self.segmenter = build_segmenter(config.segmenter)
+        self.jcm = JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.box_encoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.box_encoder.weight.dtype
+
+    # -- encoders -----------------------------------------------------------------------------------
+    def encode_segmenter_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) → (B,256,g,g) dense image embedding (MedSAM encoder)."""
+        return self.segmenter.image_encoder(pixels.to(self.device, self.dtype))
+
+    def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.vision_tower(pixels.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.config.vision.select_layer]
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) → (B,N,h) projected patch tokens (LLaVA: select layer, patches without CLS)."""
+        return self.mm_projector(self._vision_features(pixels)[:, 1:])
+
+    def encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(K,3,S,S) reference crops → (K,h): the vision tower's CLS feature through the projector."""
+        return self.mm_projector(self._vision_features(pixels)[:, 0])
+
+    def encode_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(K,4) normalised boxes → (K,h)."""
+        return self.box_encoder(boxes.to(self.device, self.dtype))
+
+    # -- language model ------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None = None,
+                     crop_tokens: torch.Tensor | None = None, box_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with placeholders filled: `<image>` runs by image tokens (B,N,h) in order,
+        `<crop>`/`<box>` by the rows of crop_tokens / box_tokens (K,h) in reading order (batch-major)."""
+        ids = input_ids.to(self.device)
+        embeds = self.language_model.get_input_embeddings()(ids)
+        fills = ((self.token_ids.image, image_tokens), (self.token_ids.crop, crop_tokens), (self.token_ids.box, box_tokens))
+        for token, values in fills:
+            where = ids == token
+            count = int(where.sum())
+            if count == 0:
+                continue
+            if values is None:
+                raise ValueError(f"the sequence has {count} placeholder(s) of token {token} but no features")
+            flat = values.reshape(-1, values.shape[-1]).to(embeds.dtype)
+            if flat.shape[0] != count:
+                raise ValueError(f"{count} placeholder(s) of token {token} but {flat.shape[0]} feature rows")
+            embeds = embeds.masked_scatter(where.unsqueeze(-1), flat)
+        return embeds
+
+    # -- segmentation --------------------------------------------------------------------------------
+    def seg_prompts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states that predict [SEG] (K,h) → 256-d prompts (K,256)."""
+        return self.seg_projection(hidden)
+
+    def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor, use_jcm: bool = False,
+                     beta: float | None = None) -> SegOutput:
+        """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared."""
+        scores = corrected = None
+        if use_jcm:
+            prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta)
+        low_res = self.decode_with_prompts(image_embeddings, prompts)
+        return SegOutput(low_res, prompts, scores, corrected)
+
+    def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        k = prompts.shape[0]
+        if image_embeddings.shape[0] == 1 and k > 1:
+            image_embeddings = image_embeddings.expand(k, -1, -1, -1)
+        pe = self.segmenter.prompt_encoder
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, *image_embeddings.shape[-2:])
+        sparse = prompts.unsqueeze(1).to(image_embeddings.dtype)
+        # SAM's decoder repeats the image embedding per prompt; feed one prompt per embedding row.
+        masks = []
+        for i in range(k):
+            low_res, _ = self.segmenter.mask_decoder(
+                image_embeddings=image_embeddings[i : i + 1], image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse[i : i + 1], dense_prompt_embeddings=dense[i : i + 1],
+                multimask_output=False)
+            masks.append(low_res)
+        return torch.cat(masks, 0)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_pretrained(self, folder, tokenizer=None) -> None:
+        from ..checkpoints.ours import save_pretrained
+
+        save_pretrained(self, folder, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """Returns (model, tokenizer) from one of our checkpoint folders."""
+        from ..checkpoints.ours import from_pretrained
+
+        return from_pretrained(folder, device=device, dtype=dtype)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss, averaged over masks; logits and targets (K,H,W)."""
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    inter = (probs * targets).sum(-1)
+    return (1 - (2 * inter + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, targets)

@@ -1,0 +1,116 @@
+"""Inputs of the model: slice pixels for the segmenter and the vision tower, reference crops and boxes,
+and the token layout of a conversation (one function per piece, so training and inference agree exactly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import MediRoundConfig
+from .tokenizer import TokenIds
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+
+def _resize_longest(img: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize (C,H,W) so its longest side is `size`, then zero-pad to size×size at bottom/right."""
+    h, w = img.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)[0]
+    return F.pad(img, (0, size - nw, 0, size - nh)), (nh, nw)
+
+
+def segmenter_pixels(slice01: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3,S,S) segmenter input from a [0,1] slice, and the resized size before padding."""
+    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None].expand(3, -1, -1)
+    if config.segmenter_normalization == "sam_mean_std":
+        img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]
+    return _resize_longest(img, config.segmenter.image_size)
+
+
+def vision_pixels(slice01: np.ndarray, config: MediRoundConfig) -> torch.Tensor:
+    """(3,S,S) vision-tower input (CLIP normalisation) from a [0,1] image."""
+    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None].expand(3, -1, -1)
+    img = (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return _resize_longest(img, config.vision.image_size)[0]
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Inclusive-exclusive pixel box (x0, y0, x1, y1) of a mask, or None if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The referenced round's crop (masked, cropped to its box, padded square; vision-tower pixels) and its
+    normalised box [x0/W, y0/H, x1/W, y1/H]. An empty mask gives a blank crop and a zero box."""
+    h, w = slice01.shape
+    box = mask_box(mask)
+    if box is None:
+        return vision_pixels(np.zeros((8, 8), np.float32), config), torch.zeros(4)
+    x0, y0, x1, y1 = box
+    crop = (slice01 * (mask > 0))[y0:y1, x0:x1].astype(np.float32)
+    side = max(crop.shape)
+    square = np.zeros((side, side), np.float32)
+    oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
+    return vision_pixels(square, config), torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)
+
+
+def masks_to_segmenter_frame(masks: np.ndarray, input_hw: tuple[int, int], size: int) -> torch.Tensor:
+    """(R,H,W) bool masks → (R,S,S) float targets in the padded segmenter frame."""
+    t = torch.as_tensor(masks.astype(np.float32))[:, None]
+    t = F.interpolate(t, size=input_hw, mode="bilinear", align_corners=False) if t.shape[-2:] != input_hw else t
+    t = F.pad(t, (0, size - input_hw[1], 0, size - input_hw[0]))
+    return (t[:, 0] > 0.5).float()
+
+
+def logits_to_slice(low_res: torch.Tensor, input_hw: tuple[int, int], size: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(K,1,h,w) mask logits → (K,H,W) logits at slice resolution (upsample, unpad, resize)."""
+    x = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    return F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+
+
+# -- token layout ---------------------------------------------------------------------------------------
+@dataclass
+class PromptBuilder:
+    """Token ids of each piece of a conversation. A sequence is prefix + Σ(user + answer) rounds."""
+
+    tokenizer: object
+    ids: TokenIds
+    template: str
+    num_image_tokens: int
+
+    def _encode(self, text: str) -> list[int]:
+        if self.template == "plain":
+            text = text.lower()
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prefix(self) -> list[int]:
+        """Start of the sequence: BOS, the image placeholders of the current slice."""
+        opener = self._encode("[INST] ") if self.template == "llava_mistral" else []
+        return [self.ids.bos] + opener + [self.ids.image] * self.num_image_tokens + self._encode("\n")
+
+    def user(self, query: str, has_reference: bool, first: bool) -> list[int]:
+        ref = [self.ids.crop, self.ids.box] if has_reference else []
+        if self.template == "llava_mistral":
+            head = [] if first else self._encode("[INST] ")
+            return head + ref + self._encode(" " + query.strip() + " [/INST]")
+        return self._encode("user:") + ref + self._encode(" " + query.strip() + "\nassistant:")
+
+    def answer(self, answer_text: str) -> list[int]:
+        """Answer tokens, then [SEG] and EOS (the answer text is given without the [SEG] marker)."""
+        return self._encode(" " + answer_text.strip()) + [self.ids.seg, self.ids.eos]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,54 @@
+"""Which earlier round a query refers to: the one given; else one the query names ("round 2", "the second
+round", an entity named before); else the previous round."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from .errors import RoundReferenceError
+
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
+             "eighth": 8, "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12}
+_ROUND_NUMBER = re.compile(r"\b(?:round|r|turn)\s*#?\s*(\d{1,4})\b", re.IGNORECASE)
+_ROUND_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\s+(?:round|turn|answer|mask|result)\b", re.IGNORECASE)
+
+
+def validate_reference(reference: int, num_rounds: int) -> int:
+    if not isinstance(reference, int) or isinstance(reference, bool):
+        raise RoundReferenceError(f"reference must be a round number, got {reference!r}")
+    if num_rounds == 0:
+        raise RoundReferenceError(f"reference to round {reference}, but the session has no rounds yet")
+    if not 1 <= reference <= num_rounds:
+        raise RoundReferenceError(f"reference to round {reference}, but the session has rounds 1..{num_rounds}"
+                                  + (" (a reference must point to an earlier round)" if reference > num_rounds else ""))
+    return reference
+
+
+def named_round(query: str, entities: Sequence[str | None]) -> int | None:
+    """The round (1-based) the query names by number or by an earlier entity, or None."""
+    n = len(entities)
+    text = query or ""
+    for pattern, value in ((_ROUND_NUMBER, lambda m: int(m.group(1))), (_ROUND_ORDINAL, lambda m: _ORDINALS[m.group(1).lower()])):
+        match = pattern.search(text)
+        if match:
+            number = value(match)
+            return number if 1 <= number <= n else None
+    lowered = " " + re.sub(r"[^a-z0-9]+", " ", text.lower()) + " "
+    best: tuple[int, int] | None = None  # (name length, round)
+    for number, entity in enumerate(entities, start=1):
+        if not entity:
+            continue
+        name = " " + re.sub(r"[^a-z0-9]+", " ", entity.lower()).strip() + " "
+        if name.strip() and name in lowered and (best is None or len(name) >= best[0]):
+            best = (len(name), number)
+    return best[1] if best else None
+
+
+def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None) -> int | None:
+    """Reference of a new round given the entities of the rounds so far (None for a first round)."""
+    if explicit is not None:
+        return validate_reference(explicit, len(entities))
+    if not entities:
+        return None
+    return named_round(query, entities) or len(entities)
