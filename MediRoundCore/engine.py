@@ -1,0 +1,292 @@
+"""Inference: `Engine.ask(session, query, image, reference)` runs one round and adds it to the session.
+
+Per slice the engine keeps the segmenter's image embedding, the vision-tower image tokens and the language
+model's KV cache of the dialogue so far, so a later round on the same slice feeds the language model only its
+new tokens. The dialogue history is the session's; image tokens are the current slice's (a change of slice
+rebuilds the prefix). `reuse_cache=False` re-runs the whole conversation every round (the public code's way,
+kept for benchmarks and equivalence tests).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .answers import parse_entity
+from .errors import DeviceError, MediRoundError, QueryError, SessionError
+from .imaging import SliceImage, extract_slice
+from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
+                               vision_pixels)
+from .session import Round, Session
+
+MAX_QUERY_CHARS = 2000
+# transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(
+    __import__("transformers").MistralForCausalLM.forward).parameters else "past_key_values"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-tiny"
+
+
+@dataclass
+class RoundResult:
+    """What one Ask produced; `round` is the session round that was added."""
+
+    round: Round
+    prompt: torch.Tensor  # (256,) the [SEG] prompt that was decoded (after JCM)
+    raw_prompt: torch.Tensor  # (256,) before JCM
+    forward_tokens: list[int] = field(default_factory=list)  # tokens given to each language-model forward
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.round.mask
+
+
+@dataclass
+class _SliceState:
+    key: tuple
+    pixels01: np.ndarray
+    seg_embedding: torch.Tensor
+    input_hw: tuple[int, int]
+    image_tokens: torch.Tensor
+    cache: object = None  # transformers DynamicCache
+    cache_len: int = 0
+    rounds: list[int] = field(default_factory=list)  # session round numbers whose tokens are in the cache
+    pending: list[int] = field(default_factory=list)  # tokens decided but not yet fed ([SEG], EOS)
+    session_id: int | None = None
+
+
+def validate_query(query) -> str:
+    if not isinstance(query, str):
+        raise QueryError(f"query must be text, got {type(query).__name__}")
+    text = query.strip()
+    if not text:
+        raise QueryError("the query is empty: type what to segment, e.g. 'Segment the liver.'")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is {len(text)} characters long; at most {MAX_QUERY_CHARS} are accepted")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") and c not in "\t\n\r"]
+    if bad:
+        raise QueryError(f"the query contains {len(bad)} unprintable character(s) (first: U+{ord(bad[0]):04X})")
+    return " ".join(text.split())
+
+
+class Engine:
+    def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.reuse_cache = reuse_cache
+        self.builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template,
+                                     model.config.vision.num_patches)
+        self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
+        self._max_slices = max_slices
+        self._answer_ids: dict[tuple, list[int]] = {}  # (session id, round number) -> generated answer ids
+        self._ref_features: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.forward_log: list[int] = []  # tokens per language-model forward, for tests and benchmarks
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, device: str | None = None, **kwargs) -> "Engine":
+        """Our checkpoint folder (default: the bundled MediRound-Tiny) on CUDA (bf16) if present, else CPU."""
+        from .model.modeling import MediRound
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        folder = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        model, tokenizer = MediRound.from_pretrained(folder, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def random_tiny(cls, seed: int = 0, **kwargs) -> "Engine":
+        """An untrained tiny model (same code paths), for tests and for machines without weights."""
+        from .model.modeling import MediRound
+        from .model.config import tiny_config
+        from .model.tokenizer import TokenIds, train_tiny_tokenizer
+
+        tokenizer = train_tiny_tokenizer(_SMALL_CORPUS, vocab_size=400)
+        torch.manual_seed(seed)
+        model = MediRound(tiny_config(vocab_size=len(tokenizer)), TokenIds.from_tokenizer(tokenizer))
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def device_description(self) -> str:
+        device = self.model.device
+        if device.type == "cuda":
+            return f"GPU: {torch.cuda.get_device_name(device)}"
+        return f"CPU ({torch.get_num_threads()} threads)"
+
+    # -- the round -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def ask(self, session: Session, query: str, image: SliceImage, reference: int | None = None,
+            use_jcm: bool = True, beta: float | None = None, progress=None) -> RoundResult:
+        """Run one round on `image` (a slice of the session's volume) and append it to the session."""
+        say = progress or (lambda message, fraction: None)
+        query = validate_query(query)
+        if not isinstance(image, SliceImage):
+            raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
+        reference = session.resolve_reference(query, reference)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        say("encoding the slice", 0.1)
+        forward_tokens: list[int] = []
+        state = self._slice_state(session, image, timings, forward_tokens)
+        say("reading the dialogue", 0.4)
+        crop_tokens = box_tokens = None
+        if reference is not None:
+            crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
+        user_ids = self.builder.user(query, reference is not None, first=not session.rounds)
+        if not self.reuse_cache:
+            self._rebuild_prefix(session, state, forward_tokens, timings)
+        new_tokens = list(state.pending) + user_ids
+        t1 = time.perf_counter()
+        hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
+        timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
+        say("decoding the mask", 0.8)
+        t2 = time.perf_counter()
+        raw = self.model.seg_prompts(hidden[None].to(self.model.dtype))
+        out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta)
+        logits = logits_to_slice(out.low_res_logits, state.input_hw, self.model.config.segmenter.image_size,
+                                 image.pixels.shape)
+        mask = (logits[0] > 0).cpu().numpy()
+        timings["mask_decoder_ms"] = (time.perf_counter() - t2) * 1000
+        timings["total_ms"] = (time.perf_counter() - t0) * 1000
+        answer = self.builder.decode(answer_ids)
+        if forced:
+            answer = (answer + " " if answer else "") + "(no [SEG] was generated; the answer was closed with one)"
+        number = len(session.rounds) + 1
+        round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
+                       entity=parse_entity(answer), reference=reference, mask=mask,
+                       jcm_score=None if out.scores is None else float(out.scores[0]),
+                       corrected=bool(out.corrected[0]) if out.corrected is not None else False,
+                       seg_forced=forced, lm_tokens=sum(forward_tokens), timings=timings)
+        session.add_round(round_)
+        self._answer_ids[(id(session), number)] = answer_ids
+        if reference is not None:
+            self._ref_features[(id(session), number)] = (crop_tokens, box_tokens)
+        state.rounds.append(number)
+        state.pending = [self.model.token_ids.seg, self.model.token_ids.eos]
+        say("done", 1.0)
+        return RoundResult(round_, out.prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens)
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
+        key = (session.volume_fingerprint, image.view, image.index, image.pixels.shape)
+        state = self._slices.get(key)
+        if state is None:
+            t = time.perf_counter()
+            pixels01 = image.normalized()
+            seg_pixels, input_hw = segmenter_pixels(pixels01, self.model.config)
+            seg_embedding = self.model.encode_segmenter_image(seg_pixels[None])
+            timings["segmenter_encoder_ms"] = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            image_tokens = self.model.encode_image_tokens(vision_pixels(pixels01, self.model.config)[None])
+            timings["vision_tower_ms"] = (time.perf_counter() - t) * 1000
+            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens)
+            self._slices[key] = state
+            while len(self._slices) > self._max_slices:
+                self._slices.popitem(last=False)
+        self._slices.move_to_end(key)
+        # The cache must hold exactly the session's rounds so far, in order; else rebuild it.
+        if self.reuse_cache and (state.cache is None or state.rounds != [r.number for r in session.rounds]
+                                 or state.session_id != id(session)):
+            state.session_id = id(session)
+            self._rebuild_prefix(session, state, forward_tokens, timings)
+        return state
+
+    def _rebuild_prefix(self, session: Session, state: _SliceState, forward_tokens, timings) -> _SliceState:
+        """Fill the cache with prefix + every round of the session (one forward)."""
+        from transformers import DynamicCache
+
+        t = time.perf_counter()
+        ids = self.builder.prefix()
+        crops, boxes = [], []
+        for r in session.rounds:
+            if r.reference is not None:
+                crop, box = self._ref_features.get((id(session), r.number)) or \
+                    self._reference_features(session, r.reference, state, None, r)
+                crops.append(crop)
+                boxes.append(box)
+            ids += self.builder.user(r.query, r.reference is not None, first=r.number == 1)
+            answer_ids = self._answer_ids.get((id(session), r.number))
+            if answer_ids is None:
+                answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
+            ids += answer_ids + [self.model.token_ids.seg, self.model.token_ids.eos]
+        # The last two tokens ([SEG], EOS of the last round, or the prefix's newline) are fed with the next round.
+        keep = 2 if session.rounds else 0
+        feed, state.pending = (ids[:-keep], ids[-keep:]) if keep else (ids, [])
+        state.cache = DynamicCache()
+        embeds = self.model.embed_inputs(torch.tensor([feed]), state.image_tokens,
+                                         torch.cat(crops) if crops else None, torch.cat(boxes) if boxes else None)
+        self._lm(embeds, state, forward_tokens)
+        state.rounds = [r.number for r in session.rounds]
+        timings["prefix_ms"] = (time.perf_counter() - t) * 1000
+        return state
+
+    def _reference_features(self, session, reference, state, image, round_=None):
+        """Crop (via the vision tower's CLS) and box features of the referenced round's mask, on its own slice."""
+        ref = session.round(reference)
+        if (ref.view, ref.slice_index) == state.key[1:3]:
+            pixels01 = state.pixels01
+        elif session.volume is not None:
+            pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized()
+        else:
+            raise SessionError(f"round {reference} lies on another slice ({ref.view} {ref.slice_index}); attach "
+                               f"the volume to the session (session.volume) to refer to it")
+        if ref.mask.shape != pixels01.shape:
+            raise SessionError(f"round {reference}'s mask has shape {ref.mask.shape}, its slice {pixels01.shape}")
+        crop_pixels, box = reference_inputs(pixels01, ref.mask, self.model.config)
+        return self.model.encode_crops(crop_pixels[None]), self.model.encode_boxes(box[None])
+
+    def _lm(self, embeds, state: _SliceState, forward_tokens):
+        n = embeds.shape[1]
+        positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
+        out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                                        output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+        # the DynamicCache was extended in place
+        state.cache_len += n
+        self.forward_log.append(n)
+        if forward_tokens is not None:
+            forward_tokens.append(n)
+        return out.logits[0, -1], out.hidden_states[-1][0, -1]
+
+    def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
+        """Greedy decoding with the KV cache until [SEG] (or EOS / the token limit, then closed with [SEG])."""
+        ids = self.model.token_ids
+        embeds = self.model.embed_inputs(torch.tensor([new_tokens]), None, crop_tokens, box_tokens)
+        logits, hidden = self._lm(embeds, state, forward_tokens)
+        answer: list[int] = []
+        for _ in range(self.model.config.max_answer_tokens):
+            token = int(logits.argmax())
+            if token == ids.seg:
+                return hidden, answer, False
+            if token in (ids.eos, ids.pad, ids.image, ids.crop, ids.box, ids.bos):
+                return hidden, answer, True
+            answer.append(token)
+            logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
+        return hidden, answer, True
+
+    def forget(self) -> None:
+        """Drop every cache (e.g. after loading another model)."""
+        self._slices.clear()
+
+
+def _strip_note(answer: str) -> str:
+    return answer.split(" (no [SEG] was generated")[0]
+
+
+def set_cpu_threads(n: int | None = None) -> None:
+    torch.set_num_threads(n or max(1, min(os.cpu_count() or 1, 8)))
+
+
+_SMALL_CORPUS = [
+    "segment the liver.", "liver: the largest organ in the right upper abdomen.",
+    "now the lesion inside it.", "lesion in the liver: a low-density spot inside the liver.",
+    "segment the left kidney.", "left kidney: the kidney on the patient's left side.",
+    "which organ stores bile?", "the organ left of the aorta.", "spleen: it lies in the left upper abdomen.",
+    "user: assistant: round", "the right lung and the heart and the nodule in it.",
+]
