@@ -9,6 +9,7 @@ stay correct whatever the direction matrix.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,3 +230,95 @@ def generate_slice(region: str = "abdomen", seed: int = 0, *, modality: str = "C
     contrast = float(rng.uniform(0.8, 1.2)) if contrast is None else float(contrast)
     scene = build_scene(region, seed, lesions=lesions, paired=paired)
     return render_slice(scene, modality=modality, size=size, noise_level=noise_level, contrast=contrast, blur=blur)
+
+
+@dataclass
+class GeneratedVolume:
+    """A generated 3D volume (SimpleITK, LPS) with a label image; label values name instances."""
+
+    image: "object"            # SimpleITK.Image: int16 HU for CT, float32 for MR
+    labels: "object"           # SimpleITK.Image, uint8: the most specific instance at each voxel
+    names: dict[int, str]      # label value -> entity name
+    parents: dict[str, str | None]
+    sides: dict[str, str | None]
+    region: str
+    modality: str
+
+    def label_of(self, name: str) -> int:
+        for value, n in self.names.items():
+            if n == name:
+                return value
+        raise KeyError(f"no instance {name!r} in this volume")
+
+    def mask(self, name: str) -> np.ndarray:
+        """Full (k, j, i) mask of an instance, its descendants included (an organ includes its lesions)."""
+        import SimpleITK as sitk
+
+        wanted = {name}
+        changed = True
+        while changed:
+            more = {n for n, p in self.parents.items() if p in wanted} - wanted
+            wanted |= more
+            changed = bool(more)
+        arr = sitk.GetArrayViewFromImage(self.labels)
+        return np.isin(arr, [v for v, n in self.names.items() if n in wanted])
+
+
+def _physical_grid(shape_ijk, spacing, origin, direction):
+    """Normalised patient coordinates (u, v, w) of every voxel, arrays shaped (k, j, i)."""
+    n = np.asarray(shape_ijk, dtype=float)
+    s = np.asarray(spacing, dtype=float)
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    o = np.asarray(origin, dtype=float)
+    k, j, i = np.meshgrid(*(np.arange(int(x)) for x in shape_ijk[::-1]), indexing="ij")
+    idx = np.stack([i, j, k]).reshape(3, -1).astype(float)
+    p = o[:, None] + (d * s) @ idx
+    centre = o + (d * s) @ ((n - 1) / 2)
+    half = np.abs(d) @ (n * s) / 2
+    inplane = max(half[0], half[1])
+    u = ((p[0] - centre[0]) / inplane).reshape(k.shape)
+    v = ((p[1] - centre[1]) / inplane).reshape(k.shape)
+    w = ((p[2] - centre[2]) / half[2]).reshape(k.shape)
+    return u, v, w
+
+
+def generate_volume(region: str = "abdomen", seed: int = 0, *, shape=(256, 256, 24), spacing=(0.8, 0.8, 2.5),
+                    origin=(-102.0, -130.0, 415.0), direction=None, flip=(False, False, False),
+                    modality: str = "CT", noise_level: float = 0.3, contrast: float = 1.0, blur: float = 0.7,
+                    lesions: dict | None = None, paired: bool = False, w_span: float = 0.5) -> GeneratedVolume:
+    """A 3D volume (shape is (i, j, k) voxels) in LPS; `flip` negates direction axes, `direction` overrides.
+
+    The anatomy is placed in physical space: patient left is larger x whatever the direction matrix.
+    The in-plane field of view scales the anatomy (normalised coordinates), z spans the body axis.
+    """
+    import SimpleITK as sitk
+
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    d = np.diag([-1.0 if f else 1.0 for f in flip]) if direction is None else np.asarray(direction, float).reshape(3, 3)
+    scene = build_scene(region, seed, lesions=lesions, paired=paired, w_span=w_span)
+    rng = np.random.default_rng([seed, 7])
+    u, v = _apply_pose(rng, *_physical_grid(shape, spacing, origin, d)[:2])
+    w = _physical_grid(shape, spacing, origin, d)[2]
+    masks = _masks(scene, u, v, w)
+    image = _paint(scene, masks, modality, rng, contrast=contrast, noise_level=noise_level, blur=blur)
+    sizes = {name: int(m.sum()) for name, m in masks.items()}
+    names = _final_names(scene, sizes, 20)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    value_names, parents, sides = {}, {}, {}
+    for value, st in enumerate([st for st in scene.structures if st.name in names], start=1):
+        m = masks[st.name]
+        labels[m] = value
+        value_names[value] = names[st.name]
+        parents[names[st.name]] = names.get(st.parent) if st.parent else None
+        sides[names[st.name]] = _side(float(u[m].mean()))
+    pixels = np.round(image).astype(np.int16) if modality == "CT" else image.astype(np.float32)
+    img = sitk.GetImageFromArray(pixels)
+    lab = sitk.GetImageFromArray(labels)
+    for im in (img, lab):
+        im.SetSpacing([float(x) for x in spacing])
+        im.SetOrigin([float(x) for x in origin])
+        im.SetDirection([float(x) for x in d.ravel()])
+    lab.SetMetaData("MediRound_labels", json.dumps({str(k): n for k, n in value_names.items()}))
+    lab.SetMetaData("MediRound_parents", json.dumps(parents))
+    return GeneratedVolume(img, lab, value_names, parents, sides, region, modality)
