@@ -1,0 +1,550 @@
+"""MediRound: multi-round, entity-level reasoning segmentation in 3D Slicer.
+
+Module / Widget / Logic / Test as in Slicer's scripted-module template. Everything Slicer-only (the
+ScriptedLoadableModule base classes, slicer.app, the volume selector, dialogs) is imported lazily, so the
+Logic and the helpers in MediRoundLib import and run outside Slicer with the `slicer-core` package from PyPI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE, _HERE.parent):  # MediRoundLib beside us; MediRoundCore beside us (installed) or one up (source)
+    if (_p / "MediRoundLib").is_dir() or (_p / "MediRoundCore").is_dir():
+        if str(_p) not in sys.path:
+            sys.path.insert(0, str(_p))
+
+try:  # inside Slicer
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    IN_SLICER = True
+except ImportError:  # outside Slicer: the same names, so the Logic is usable from plain Python
+    IN_SLICER = False
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def setup(self):
+            pass
+
+        def cleanup(self):
+            pass
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest:
+        def setUp(self):
+            pass
+
+        def delayDisplay(self, message, msec=0):
+            print(message)
+
+from MediRoundCore.errors import MediRoundError, SessionError, VolumeError  # noqa: E402
+from MediRoundCore.imaging import extract_slice  # noqa: E402
+from MediRoundCore.session import Session  # noqa: E402
+from MediRoundLib import geometry, segments  # noqa: E402
+from MediRoundLib.worker import InferenceWorker  # noqa: E402
+
+MODULE_DIR = _HERE
+FINGERPRINT_ATTRIBUTE = "MediRound.VolumeFingerprint"
+
+
+#
+# MediRound
+#
+class MediRound(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        parent.title = "MediRound"
+        parent.categories = ["Segmentation"]
+        parent.dependencies = []
+        parent.contributors = ["MediRound contributors"]
+        parent.helpText = (
+            "Segment anatomy by conversation: ask about the slice shown in the Red view ('Segment the liver', "
+            "'now the lesion inside it'); every answer becomes a segment 'R<n>: <entity>'. Later rounds may refer "
+            "to earlier ones. Undo, new session and saving to .seg.nrrd are in the panel. "
+            "See <a href='https://github.com/mediround/MediRound/blob/main/docs/slicer.md'>the user guide</a>.")
+        parent.acknowledgementText = (
+            "MediRound follows 'MediRound: Multi-Round Entity-Level Reasoning Segmentation in Medical Images'; "
+            "it builds on LLaVA-Med and MedSAM.")
+
+
+#
+# MediRoundWidget
+#
+class MediRoundWidget(ScriptedLoadableModuleWidget):
+    """The panel: the chat part (MediRoundLib.panel.ChatPanel, standard Qt widgets from Resources/UI) plus the
+    Slicer-only volume selector, dialogs and the dependency installer."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self.chat = None
+        self._observers = []
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        import qt
+        import slicer
+
+        from MediRoundLib.panel import ChatPanel
+
+        ui_widget = slicer.util.loadUI(self.resourcePath("UI/MediRound.ui"))
+        self.layout.addWidget(ui_widget)
+        self.logic = MediRoundLogic()
+        self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies)
+
+        import slicer.qMRMLWidgets  # noqa: F401  (registers qMRMLNodeComboBox in Slicer's Python)
+        self.volumeSelector = slicer.qMRMLNodeComboBox()
+        self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        self.volumeSelector.selectNodeUponCreation = True
+        self.volumeSelector.addEnabled = False
+        self.volumeSelector.removeEnabled = False
+        self.volumeSelector.noneEnabled = True
+        self.volumeSelector.showHidden = False
+        self.volumeSelector.setMRMLScene(slicer.mrmlScene)
+        self.volumeSelector.setToolTip("The volume to talk about; Ask reads the slice shown in the Red view.")
+        self.chat.ui.volumeSelectorLayout.addWidget(self.volumeSelector)
+        self.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onVolumeChanged)
+        self._observers.append(slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneClosed))
+        self.layout.addStretch(1)
+        # Select the volume shown in the Red view, if any.
+        layout = slicer.app.layoutManager()
+        if layout is not None:
+            red = layout.sliceWidget("Red").sliceLogic().GetBackgroundLayer().GetVolumeNode()
+            if red is not None:
+                self.volumeSelector.setCurrentNode(red)
+
+    def cleanup(self):
+        import slicer
+
+        for tag in self._observers:
+            slicer.mrmlScene.RemoveObserver(tag)
+        if self.chat is not None:
+            self.chat.shutdown()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def onSceneClosed(self, caller=None, event=None):
+        if self.chat is not None:
+            self.chat.set_volume(None)
+
+    def onVolumeChanged(self, node):
+        self.chat.set_volume(node)
+
+    def ensureDependencies(self) -> bool:
+        """On first use: offer to install what the model needs (main thread, modal); False when not ready."""
+        import qt
+        import slicer
+
+        from MediRoundLib.dependencies import install, install_plan
+
+        try:
+            import PyTorchUtils  # the PyTorch extension
+            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+        except ImportError:
+            torch_logic = None
+        plan = install_plan(torch_extension_available=torch_logic is not None)
+        if not plan.needed:
+            return True
+        if plan.torch_extension_missing:
+            slicer.util.errorDisplay("MediRound needs PyTorch. Install the 'PyTorch' extension from the Extensions "
+                                     "Manager, restart Slicer and press Ask again.")
+            return False
+        if not slicer.util.confirmOkCancelDisplay(
+                f"MediRound needs {plan.describe()}. Install now? This downloads several hundred MB and may take "
+                "a few minutes.", "MediRound: install dependencies"):
+            return False
+        with slicer.util.tryWithErrorDisplay("MediRound: installing dependencies failed. Press Ask to retry.",
+                                             waitCursor=True):
+            install(plan, torch_logic, slicer.util.pip_install)
+            return not install_plan().needed
+        return False
+
+
+class SlicerDialogs:
+    """The panel's dialogs, through Slicer's helpers (the PySide6 tests use plain Qt ones)."""
+
+    def question(self, title, text) -> bool:
+        import slicer
+        return slicer.util.confirmYesNoDisplay(text, title)
+
+    def error(self, title, text):
+        import slicer
+        slicer.util.errorDisplay(text, windowTitle=title)
+
+    def save_path(self, title, suggestion) -> str:
+        import qt
+        return qt.QFileDialog.getSaveFileName(None, title, suggestion, "Segmentation (*.seg.nrrd)")
+
+    def folder(self, title) -> str:
+        import qt
+        return qt.QFileDialog.getExistingDirectory(None, title)
+
+
+#
+# MediRoundLogic
+#
+@dataclass
+class LogicEvent:
+    kind: str  # "progress" | "round" | "engine" | "error"
+    message: str = ""
+    fraction: float = 0.0
+    round: object = None  # session.Round for "round"
+    error: Exception | None = None
+
+
+def default_sessions_dir() -> Path:
+    """Where autosaved sessions live: MEDIROUND_SESSIONS_DIR, else beside Slicer's settings, else ~/.cache."""
+    env = os.environ.get("MEDIROUND_SESSIONS_DIR")
+    if env:
+        return Path(env)
+    try:
+        import slicer
+        settings_file = slicer.app.slicerUserSettingsFilePath
+        return Path(settings_file).parent / "MediRound" / "sessions"
+    except (ImportError, AttributeError):
+        return Path.home() / ".cache" / "mediround" / "sessions"
+
+
+class MediRoundLogic(ScriptedLoadableModuleLogic):
+    """Sessions, slices, segments, autosave and the inference worker. No Qt: usable from the Python console,
+    scripts and tests (`scene` defaults to slicer.mrmlScene)."""
+
+    def __init__(self, scene=None, sessions_dir: str | Path | None = None, engine_factory=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._scene = scene
+        self.sessions_dir = Path(sessions_dir) if sessions_dir is not None else default_sessions_dir()
+        self.engine_factory = engine_factory  # callable(checkpoint | None) -> Engine; default Engine.load
+        self.checkpoint: str | None = None  # None: the bundled default model
+        self.engine = None
+        self.view_name = "Red"
+        self.volume_node = None
+        self.volume = None  # MediRoundCore Volume of volume_node (local RAS)
+        self.ijk_to_ras = None
+        self.session: Session | None = None
+        self.segmentation_node = None
+        self._worker: InferenceWorker | None = None
+        self._jobs: dict[int, dict] = {}
+
+    # -- basics -------------------------------------------------------------------------------------------------
+    @property
+    def scene(self):
+        if self._scene is None:
+            import slicer
+            return slicer.mrmlScene
+        return self._scene
+
+    @property
+    def worker(self) -> InferenceWorker:
+        if self._worker is None:
+            self._worker = InferenceWorker()
+        return self._worker
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    @property
+    def device_description(self) -> str:
+        if self.engine is not None:
+            return self.engine.device_description
+        return "model not loaded yet (GPU when there is one, else CPU)"
+
+    def set_checkpoint(self, checkpoint: str | None):
+        """Use the bundled default model (None) or our checkpoint folder; loaded on the next Ask."""
+        if self.busy:
+            raise MediRoundError("wait for the running Ask to finish before changing the model")
+        self.checkpoint = str(checkpoint) if checkpoint else None
+        self.engine = None
+
+    # -- volumes and sessions -------------------------------------------------------------------------------
+    def session_folder(self, fingerprint: str) -> Path:
+        return self.sessions_dir / fingerprint
+
+    def _core_volume(self, volume_node):
+        volume = geometry.volume_from_node(volume_node)
+        return volume, geometry.ijk_to_ras_matrix(volume_node)
+
+    def find_saved_session(self, volume_node) -> Path | None:
+        """The autosaved session folder of this volume (same voxels and geometry), when it holds rounds."""
+        if volume_node is None or volume_node.GetImageData() is None:
+            return None
+        volume = geometry.volume_from_node(volume_node)
+        folder = self.session_folder(volume.fingerprint())
+        try:
+            saved = Session.load(folder, volume.fingerprint())
+        except SessionError:
+            return None
+        return folder if saved.rounds else None
+
+    def set_volume(self, volume_node, restore: bool = False) -> Session | None:
+        """Start (or, with `restore`, resume the autosaved) session of `volume_node`; None clears."""
+        if self.busy:
+            raise MediRoundError("wait for the running Ask to finish before changing the volume")
+        self.volume_node = volume_node
+        self.session = None
+        self.segmentation_node = None
+        if volume_node is None:
+            self.volume = self.ijk_to_ras = None
+            return None
+        self.volume, self.ijk_to_ras = self._core_volume(volume_node)
+        fingerprint = self.volume.fingerprint()
+        folder = self.session_folder(fingerprint)
+        if restore:
+            self.session = Session.load(folder, fingerprint)
+        else:
+            self._archive(folder)
+            self.session = Session(fingerprint, folder, volume_node.GetName())
+        self.session.volume = self.volume
+        self.segmentation_node = self._segmentation_node_for(volume_node, fingerprint, reuse=restore)
+        for r in self.session.rounds:
+            image = extract_slice(self.volume, r.view, r.slice_index)
+            segments.add_round_segment(self.segmentation_node, self.volume, self.ijk_to_ras, image, r.mask,
+                                       r.number, r.entity)
+        return self.session
+
+    def new_session(self) -> Session:
+        """Keep the current segments in the scene (their node is renamed), start an empty session."""
+        if self.volume_node is None:
+            raise VolumeError("select a volume first")
+        if self.segmentation_node is not None:
+            self.segmentation_node.RemoveAttribute(FINGERPRINT_ATTRIBUTE)
+            self.segmentation_node.SetName(self.segmentation_node.GetName() + " (earlier session)")
+        return self.set_volume(self.volume_node, restore=False)
+
+    def _archive(self, folder: Path):
+        """A fresh session never overwrites a saved one: the old folder is renamed aside."""
+        if (folder / "session.json").is_file():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = folder.with_name(f"{folder.name}-{stamp}")
+            n = 1
+            while target.exists():
+                target = folder.with_name(f"{folder.name}-{stamp}-{n}")
+                n += 1
+            folder.rename(target)
+
+    def _segmentation_node_for(self, volume_node, fingerprint, reuse):
+        if reuse:
+            nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+            for i in range(nodes.GetNumberOfItems()):
+                node = nodes.GetItemAsObject(i)
+                if node.GetAttribute(FINGERPRINT_ATTRIBUTE) == fingerprint:
+                    for seg_id in segments.segment_ids(node):
+                        if seg_id.startswith(segments.SEGMENT_ID_PREFIX):
+                            node.GetSegmentation().RemoveSegment(seg_id)
+                    return node
+        node = segments.create_segmentation_node(self.scene, volume_node, f"MediRound: {volume_node.GetName()}")
+        node.SetAttribute(FINGERPRINT_ATTRIBUTE, fingerprint)
+        return node
+
+    # -- asking -----------------------------------------------------------------------------------------------
+    def current_plane(self, view_name: str | None = None) -> geometry.VoxelPlane:
+        if self.volume_node is None:
+            raise VolumeError("select a volume first")
+        view_name = view_name or self.view_name
+        slice_node = geometry.find_slice_node(self.scene, view_name)
+        if slice_node is None:
+            raise VolumeError(f"there is no '{view_name}' slice view")
+        return geometry.voxel_plane_for_view(self.volume_node, slice_node, self.volume)
+
+    def _load_engine(self, checkpoint):
+        factory = self.engine_factory
+        if factory is None:
+            from MediRoundCore.engine import Engine
+            factory = Engine.load
+        engine = factory(checkpoint)
+        self.engine = engine
+        return engine.device_description
+
+    def submit_ask(self, query: str, reference: int | None = None, use_jcm: bool = True, beta: float | None = None,
+                   view_name: str | None = None) -> int:
+        """Queue one round on the slice shown in the view (main thread); results come from `poll()`."""
+        if self.session is None:
+            raise VolumeError("select a volume first")
+        if self.busy:
+            raise MediRoundError("an Ask is already running")
+        plane = self.current_plane(view_name)
+        image = extract_slice(self.volume, plane.view, plane.index)
+        if self.engine is None:
+            job = self.worker.submit(self._load_engine, self.checkpoint, name="load")
+            self._jobs[job] = {"kind": "load"}
+        session, engine_holder = self.session, self
+        job = self.worker.submit(lambda progress: engine_holder.engine.ask(
+            session, query, image, reference=reference, use_jcm=use_jcm, beta=beta, progress=progress),
+            name="ask", with_progress=True)
+        self._jobs[job] = {"kind": "ask", "image": image, "session": session,
+                           "segmentation": self.segmentation_node, "volume": self.volume,
+                           "ijk_to_ras": self.ijk_to_ras}
+        return job
+
+    def poll(self) -> list[LogicEvent]:
+        """Main thread: apply finished jobs (segments are written here, never on the worker)."""
+        if self._worker is None:
+            return []
+        out = []
+        for event in self._worker.poll():
+            job = self._jobs.get(event.job_id, {})
+            if event.kind == "progress":
+                message, fraction = event.payload
+                out.append(LogicEvent("progress", message, fraction))
+                continue
+            self._jobs.pop(event.job_id, None)
+            if event.kind == "error":
+                if job.get("kind") == "load":  # the ask queued behind it fails too; drop it quietly
+                    for other, info in list(self._jobs.items()):
+                        if info.get("kind") == "ask":
+                            info["skip_error"] = True
+                if job.get("skip_error"):
+                    continue
+                out.append(LogicEvent("error", _describe(event.payload), error=event.payload))
+            elif job.get("kind") == "load":
+                out.append(LogicEvent("engine", str(event.payload)))
+            elif job.get("kind") == "ask":
+                out.append(self._apply_round(job, event.payload))
+        return out
+
+    def _apply_round(self, job, result) -> LogicEvent:
+        round_ = result.round
+        if job["session"] is not self.session:  # the volume or session changed meanwhile: keep the round there
+            return LogicEvent("error", "the session changed while the model was answering; the answer was kept "
+                                       "in the earlier session only")
+        try:
+            segments.add_round_segment(job["segmentation"], job["volume"], job["ijk_to_ras"], job["image"],
+                                       round_.mask, round_.number, round_.entity)
+        except Exception as exc:
+            self.session.undo()  # keep session and segmentation in step
+            return LogicEvent("error", f"could not write the segment: {exc}", error=exc)
+        return LogicEvent("round", f"round {round_.number} done", 1.0, round=round_)
+
+    def ask(self, query: str, reference: int | None = None, use_jcm: bool = True, beta: float | None = None,
+            view_name: str | None = None, timeout: float | None = 600):
+        """Synchronous Ask (console, scripts, tests): returns the new session round."""
+        self.submit_ask(query, reference, use_jcm, beta, view_name)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for event in self.poll():
+                if event.kind == "error":
+                    raise event.error if isinstance(event.error, Exception) else MediRoundError(event.message)
+                if event.kind == "round":
+                    return event.round
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the model did not answer in time")
+            time.sleep(0.01)
+
+    # -- undo and save ----------------------------------------------------------------------------------------
+    def undo(self):
+        """Undo the last round: its segment leaves the segmentation and the round the (autosaved) session."""
+        if self.session is None or not self.session.rounds:
+            raise SessionError("nothing to undo: the session has no rounds")
+        if self.busy:
+            raise MediRoundError("wait for the running Ask to finish before undoing")
+        last = self.session.undo()
+        segments.remove_round_segment(self.segmentation_node, last.number)
+        return last
+
+    def save_segments(self, path: str | Path) -> tuple[Path, Path]:
+        """Write `<name>.seg.nrrd` and the session folder `<name>.mediround/` beside it."""
+        if self.session is None or self.segmentation_node is None:
+            raise SessionError("there is no session to save")
+        path = Path(path)
+        name = path.name
+        if name.lower().endswith(".seg.nrrd"):
+            stem = name[: -len(".seg.nrrd")]
+        else:
+            stem = name[: -len(path.suffix)] if path.suffix else name
+            path = path.with_name(stem + ".seg.nrrd")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        segments.save_seg_nrrd(self.segmentation_node, path)
+        folder = path.with_name(stem + ".mediround")
+        copy = Session(self.session.volume_fingerprint, None, self.session.volume_name)
+        copy.rounds = list(self.session.rounds)
+        if folder.exists():
+            shutil.rmtree(folder)
+        copy.save(folder)
+        return path, folder
+
+
+def _describe(exc) -> str:
+    if isinstance(exc, MediRoundError):
+        return str(exc)
+    if isinstance(exc, ImportError):
+        return f"a package is missing: {exc}. Press Ask to install it."
+    return f"{type(exc).__name__}: {exc}"
+
+
+#
+# MediRoundTest
+#
+class MediRoundTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, or `slicer_add_python_unittest`): a synthetic volume, the Red view on a
+    marked slice, a random tiny model, two rounds, undo, save and read back."""
+
+    def setUp(self):
+        import slicer
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_rounds_segments_undo_save()
+
+    def test_rounds_segments_undo_save(self):
+        import tempfile
+
+        import numpy as np
+        import slicer
+
+        from MediRoundCore.engine import Engine
+
+        self.delayDisplay("Synthetic volume")
+        array = np.full((20, 64, 64), -800, np.int16)
+        array[:, 16:48, 12:40] = 60
+        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.diag([0.8, 0.8, 2.5, 1.0]), name="mediround-test")
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        red.SetOrientationToAxial()
+        red.JumpSliceByOffsetting(0, 0, 7 * 2.5)
+        with tempfile.TemporaryDirectory() as tmp:
+            logic = MediRoundLogic(sessions_dir=tmp, engine_factory=lambda checkpoint: Engine.random_tiny(seed=0))
+            logic.set_volume(volume)
+            self.assertEqual(logic.current_plane().index, 7)
+            self.delayDisplay("Round 1")
+            r1 = logic.ask("Segment the liver.")
+            self.assertEqual((r1.view, r1.slice_index), ("axial", 7))
+            r2 = logic.ask("Now the lesion inside it.")
+            self.assertEqual(r2.reference, 1)
+            ids = segments.segment_ids(logic.segmentation_node)
+            self.assertEqual(ids, ["MediRound_R1", "MediRound_R2"])
+            for seg_id in ids:
+                voxels = segments.segment_array(logic.segmentation_node, seg_id, logic.volume, logic.ijk_to_ras)
+                self.assertEqual(voxels.sum(), voxels[7].sum())  # only slice k=7
+            self.delayDisplay("Undo")
+            logic.undo()
+            self.assertEqual(segments.segment_ids(logic.segmentation_node), ["MediRound_R1"])
+            self.assertEqual(len(Session.load(logic.session.folder).rounds), 1)
+            self.delayDisplay("Save")
+            seg_path, folder = logic.save_segments(Path(tmp) / "out.seg.nrrd")
+            loaded = slicer.util.loadSegmentation(str(seg_path))
+            self.assertEqual(loaded.GetSegmentation().GetNumberOfSegments(), 1)
+            self.assertEqual(len(Session.load(folder).rounds), 1)
+            self.assertEqual(logic.find_saved_session(volume), logic.session.folder)
+            logic.shutdown()
+        self.delayDisplay("Test passed")

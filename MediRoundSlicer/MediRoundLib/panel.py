@@ -1,0 +1,305 @@
+"""The chat part of the panel, on standard Qt widgets loaded from Resources/UI/MediRound.ui.
+
+Runs under Slicer's PythonQt and under PySide6 (tests, screenshots) through the `qt` alias. It talks to a
+MediRoundLogic: Ask submits a job to the logic's worker thread, a QTimer polls the logic on the main thread
+(which writes the segment) and the history is redrawn; the panel never blocks.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from MediRoundCore.answers import strip_seg
+from MediRoundLib import qt, segments
+
+WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmCheckBox", "betaSpinBox",
+           "progressBar", "statusLabel", "undoButton", "newSessionButton", "saveButton", "modelCombo",
+           "checkpointEdit", "browseButton", "deviceLabel", "sliceLabel", "volumeSelectorLayout")
+POLL_MS = 50
+
+
+class _Ui:
+    def __init__(self, root):
+        found = {}
+        for child in root.findChildren(qt.QObject):
+            name = child.objectName()
+            if name in WIDGETS and name not in found:
+                found[name] = child
+        missing = [n for n in WIDGETS if n not in found]
+        if missing:
+            raise RuntimeError(f"MediRound.ui lacks {', '.join(missing)}")
+        self.__dict__.update(found)
+
+
+class QtDialogs:
+    """Plain Qt dialogs (the Slicer module passes its own)."""
+
+    def question(self, title, text) -> bool:
+        box = qt.QMessageBox
+        return box.question(None, title, text, box.Yes | box.No) == box.Yes
+
+    def error(self, title, text):
+        qt.QMessageBox.critical(None, title, text)
+
+    def save_path(self, title, suggestion) -> str:
+        result = qt.QFileDialog.getSaveFileName(None, title, suggestion, "Segmentation (*.seg.nrrd)")
+        return result[0] if isinstance(result, tuple) else result
+
+    def folder(self, title) -> str:
+        return qt.QFileDialog.getExistingDirectory(None, title)
+
+
+class ChatPanel:
+    def __init__(self, root, logic, dialogs=None, before_ask=None):
+        self.root = root
+        self.ui = _Ui(root)
+        self.logic = logic
+        self.dialogs = dialogs or QtDialogs()
+        self.before_ask = before_ask  # callable() -> bool (dependency check inside Slicer)
+        self.status = ""
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.timeout.connect(self.poll)
+        ui = self.ui
+        ui.askButton.clicked.connect(self.on_ask)
+        ui.queryEdit.returnPressed.connect(self.on_ask)
+        ui.undoButton.clicked.connect(self.on_undo)
+        ui.newSessionButton.clicked.connect(self.on_new_session)
+        ui.saveButton.clicked.connect(self.on_save)
+        ui.jcmCheckBox.toggled.connect(lambda on: ui.betaSpinBox.setEnabled(bool(on)))
+        ui.modelCombo.currentIndexChanged.connect(self.on_model_changed)
+        ui.browseButton.clicked.connect(self.on_browse)
+        ui.historyBrowser.setOpenLinks(False)
+        self.refresh()
+
+    # -- state → widgets ----------------------------------------------------------------------------------
+    def refresh(self):
+        ui, logic = self.ui, self.logic
+        has_session = logic.session is not None
+        rounds = logic.session.rounds if has_session else []
+        busy = logic.busy
+        ui.askButton.setEnabled(has_session and not busy)
+        ui.queryEdit.setEnabled(has_session)
+        ui.undoButton.setEnabled(bool(rounds) and not busy)
+        ui.newSessionButton.setEnabled(has_session and not busy)
+        ui.saveButton.setEnabled(bool(rounds) and not busy)
+        ui.modelCombo.setEnabled(not busy)
+        ui.browseButton.setEnabled(not busy and _current_index(ui.modelCombo) == 1)
+        ui.deviceLabel.setText(logic.device_description)
+        # reference chooser: Auto + every earlier round, keeping the choice when it still exists
+        combo = ui.referenceCombo
+        keep = _current_index(combo)
+        combo.blockSignals(True)
+        while _count(combo) > 1:
+            combo.removeItem(_count(combo) - 1)
+        for r in rounds:
+            combo.addItem(f"R{r.number}: {r.entity or 'unnamed'}")
+        combo.setCurrentIndex(keep if keep < _count(combo) else 0)
+        combo.blockSignals(False)
+        ui.historyBrowser.setHtml(self.history_html())
+        bar = ui.historyBrowser.verticalScrollBar()
+        bar.setValue(_call(bar.maximum))
+        if not busy:
+            ui.progressBar.setValue(0)
+        ui.statusLabel.setText(self.status or ("Select a volume to start." if not has_session else
+                                               f"{len(rounds)} round(s). Ask about the slice in the Red view."))
+
+    def history_html(self) -> str:
+        logic = self.logic
+        if logic.session is None:
+            return "<p style='color:#888'>No volume selected.</p>"
+        if not logic.session.rounds:
+            return ("<p style='color:#888'>New conversation on <b>%s</b>. Type what to segment, e.g. "
+                    "<i>Segment the liver.</i>, then <i>Now the lesion inside it.</i></p>"
+                    % html.escape(logic.session.volume_name or "the volume"))
+        parts = []
+        for r in logic.session.rounds:
+            color = _segment_color(logic, r.number)
+            swatch = (f"<span style='background-color:{color}; color:{color}'>&nbsp;&nbsp;&nbsp;</span>&nbsp;"
+                      if color else "")
+            meta = [f"{r.view} slice {r.slice_index}"]
+            if r.reference is not None:
+                meta.append(f"refers to R{r.reference}")
+            if r.jcm_score is not None:
+                meta.append(f"JCM {r.jcm_score:.2f}" + (" &#9998; corrected" if r.corrected else ""))
+            if r.seg_forced:
+                meta.append("[SEG] forced")
+            parts.append(
+                "<table width='100%' cellspacing='0' cellpadding='4' style='margin-bottom:6px'>"
+                f"<tr><td><b>R{r.number}</b> &nbsp;<span style='color:#2a62bc'><b>You:</b></span> "
+                f"{html.escape(r.query)}</td></tr>"
+                f"<tr><td style='background-color:#eef3ea'>{swatch}<b>MediRound:</b> "
+                f"{html.escape(strip_seg(r.answer)) or '<i>(no text)</i>'}</td></tr>"
+                f"<tr><td style='color:#777; font-size:small'>{' · '.join(meta)}</td></tr></table>")
+        return "".join(parts)
+
+    # -- actions ------------------------------------------------------------------------------------------
+    def set_volume(self, volume_node):
+        logic = self.logic
+        self.status = ""
+        try:
+            restore = False
+            if volume_node is not None:
+                folder = logic.find_saved_session(volume_node)
+                if folder is not None:
+                    restore = self.dialogs.question(
+                        "MediRound", f"A saved MediRound session exists for {volume_node.GetName()} ({folder}). "
+                                     "Continue it? (No starts a new one; the saved one is kept aside.)")
+            logic.set_volume(volume_node, restore=restore)
+            if restore:
+                self.status = f"Restored {len(logic.session.rounds)} round(s)."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+        self.refresh()
+
+    def reference(self):
+        index = _current_index(self.ui.referenceCombo)
+        return None if index <= 0 else index
+
+    def on_ask(self):
+        logic, ui = self.logic, self.ui
+        if logic.busy or logic.session is None:
+            return
+        query = _call(ui.queryEdit.text)
+        if not query.strip():
+            self.status = "Type a question first, e.g. “Segment the liver.”"
+            self.refresh()
+            return
+        if self.before_ask is not None and not self.before_ask():
+            return
+        use_jcm = _checked(ui.jcmCheckBox)
+        beta = float(_call(ui.betaSpinBox.value))
+        try:
+            logic.submit_ask(query, reference=self.reference(), use_jcm=use_jcm, beta=beta)
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+            self.refresh()
+            return
+        self.pending_query = query
+        self.status = "Thinking…" if logic.engine is not None else "Loading the model…"
+        ui.progressBar.setValue(2)
+        self.refresh()
+        self.timer.start()
+
+    def poll(self):
+        events = self.logic.poll()
+        for event in events:
+            if event.kind == "progress":
+                self.status = f"{event.message[:1].upper()}{event.message[1:]}…"
+                self.ui.progressBar.setValue(int(100 * event.fraction))
+                self.ui.statusLabel.setText(self.status)
+            elif event.kind == "engine":
+                self.status = "Model loaded; thinking…"
+                self.ui.deviceLabel.setText(self.logic.device_description)
+                self.ui.statusLabel.setText(self.status)
+            elif event.kind == "round":
+                r = event.round
+                self.status = (f"R{r.number} done in {r.timings.get('total_ms', 0) / 1000:.1f} s: segment "
+                               f"“{segments.segment_name(r.number, r.entity)}”.")
+                self.ui.queryEdit.clear()
+            elif event.kind == "error":
+                self.status = f"Error: {event.message}"
+        if not self.logic.busy:
+            self.timer.stop()
+        if any(e.kind != "progress" for e in events):
+            self.refresh()
+        return events
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until the running Ask ends (scripts, tests); True when it ended."""
+        import time
+        app = qt.app_instance()
+        end = time.monotonic() + timeout
+        while (self.logic.busy or self.timer.isActive()) and time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.005)
+        app.processEvents()
+        return not self.logic.busy
+
+    def on_undo(self):
+        try:
+            last = self.logic.undo()
+            self.status = f"Undid R{last.number} ({last.entity or 'unnamed'})."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+        self.refresh()
+
+    def on_new_session(self):
+        try:
+            self.logic.new_session()
+            self.status = "New session started; earlier segments stay in the scene."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+        self.refresh()
+
+    def on_save(self):
+        logic = self.logic
+        if logic.session is None:
+            return
+        suggestion = (logic.session.volume_name or "segments") + ".seg.nrrd"
+        path = self.dialogs.save_path("Save MediRound segments", suggestion)
+        if not path:
+            return
+        try:
+            seg_path, folder = logic.save_segments(path)
+            self.status = f"Saved {Path(seg_path).name} and the session folder {Path(folder).name}."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+            self.dialogs.error("MediRound", f"Saving failed: {exc}")
+        self.refresh()
+
+    def on_model_changed(self, index):
+        if index == 0:
+            self.ui.checkpointEdit.setText("")
+            self._set_checkpoint(None)
+        else:
+            self.on_browse()
+        self.refresh()
+
+    def on_browse(self):
+        folder = self.dialogs.folder("MediRound checkpoint folder")
+        if folder:
+            self.ui.checkpointEdit.setText(str(folder))
+            self._set_checkpoint(str(folder))
+        elif not self.logic.checkpoint:
+            self.ui.modelCombo.setCurrentIndex(0)
+        self.refresh()
+
+    def _set_checkpoint(self, folder):
+        try:
+            self.logic.set_checkpoint(folder)
+            self.status = "The model loads on the next Ask."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+
+    def shutdown(self):
+        self.timer.stop()
+
+
+# PythonQt exposes some getters as properties, PySide6 as methods.
+def _call(value):
+    return value() if callable(value) else value
+
+
+def _current_index(combo) -> int:
+    return _call(combo.currentIndex)
+
+
+def _count(combo) -> int:
+    return _call(combo.count)
+
+
+def _checked(box) -> bool:
+    return bool(_call(box.checked)) if hasattr(box, "checked") and not callable(box.checked) else bool(box.isChecked())
+
+
+def _segment_color(logic, number):
+    node = logic.segmentation_node
+    if node is None:
+        return None
+    segment = node.GetSegmentation().GetSegment(segments.segment_id(number))
+    if segment is None:
+        return None
+    r, g, b = segment.GetColor()
+    return "#%02x%02x%02x" % (int(r * 255), int(g * 255), int(b * 255))

@@ -1,0 +1,281 @@
+"""Rounds as segments: segment "R<n>: <entity>" of the session's segmentation node, in that slice only.
+
+Every segment gets its own binary-labelmap layer (its own vtkOrientedImageData), so overlapping segments
+(an organ and a lesion inside it) survive in the scene and in the saved `.seg.nrrd`. Labelmaps are in the
+volume's local RAS and the segmentation node sits under the volume's parent transform, so both move together.
+Colours: the standard anatomy colour where the entity is a known structure (with a DICOM/SNOMED CT
+terminology entry), else a palette colour; never the colour of a segment already in the node.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+
+import numpy as np
+
+from MediRoundCore.errors import VolumeError
+from MediRoundCore.imaging import SliceImage, Volume
+
+SEGMENT_ID_PREFIX = "MediRound_R"
+ROUND_TAG = "MediRound.Round"
+
+# entity keyword → (SNOMED CT code, code meaning, colour 0–255 from Slicer's GenericAnatomyColors where known).
+# Longer keywords are matched first ("left kidney" before "kidney").
+ANATOMY = {
+    "liver": ("10200004", "Liver", (221, 130, 101)),
+    "spleen": ("78961009", "Spleen", (157, 108, 162)),
+    "right kidney": ("9846003", "Right kidney", (185, 102, 83)),
+    "left kidney": ("18639004", "Left kidney", (185, 102, 83)),
+    "kidney": ("64033007", "Kidney", (185, 102, 83)),
+    "right lung": ("3341006", "Right lung", (197, 165, 145)),
+    "left lung": ("44029006", "Left lung", (197, 165, 145)),
+    "lung": ("39607008", "Lung", (197, 165, 145)),
+    "heart": ("80891009", "Heart", (206, 110, 84)),
+    "aorta": ("15825003", "Aorta", (224, 97, 76)),
+    "pancreas": ("15776009", "Pancreas", (249, 180, 111)),
+    "stomach": ("69695003", "Stomach", (216, 132, 105)),
+    "gallbladder": ("28231008", "Gallbladder", (139, 150, 98)),
+    "bladder": ("89837001", "Urinary bladder", (222, 154, 132)),
+    "brain": ("12738006", "Brain", (250, 250, 225)),
+    "esophagus": ("32849002", "Esophagus", (211, 171, 143)),
+    "trachea": ("44567001", "Trachea", (182, 228, 255)),
+    "adrenal": ("23451007", "Adrenal gland", (244, 214, 49)),
+    "colon": ("71854001", "Colon", (204, 168, 143)),
+    "duodenum": ("38848004", "Duodenum", (255, 253, 229)),
+    "small intestine": ("30315005", "Small intestine", (205, 167, 142)),
+    "prostate": ("41216001", "Prostate", (230, 158, 140)),
+    "vena cava": ("64131007", "Inferior vena cava", (0, 151, 206)),
+    "portal vein": ("32764006", "Portal vein", (0, 151, 206)),
+    "bone": ("272673000", "Bone", (241, 214, 145)),
+}
+# Findings: category "Morphologically Altered Structure".
+FINDINGS = {
+    "tumor": ("108369006", "Neoplasm", (144, 238, 144)),
+    "tumour": ("108369006", "Neoplasm", (144, 238, 144)),
+    "mass": ("4147007", "Mass", (144, 238, 144)),
+    "nodule": ("27925004", "Nodule", (144, 238, 144)),
+    "cyst": ("441457006", "Cyst", (128, 174, 128)),
+    "lesion": ("52988006", "Lesion", (128, 174, 128)),
+}
+_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def segment_id(number: int) -> str:
+    return f"{SEGMENT_ID_PREFIX}{number}"
+
+
+def segment_name(number: int, entity: str | None) -> str:
+    return f"R{number}: {entity}" if entity else f"R{number}"
+
+
+def _lookup(entity: str | None):
+    """(kind, code, meaning, rgb) for a known structure or finding named in `entity`, else None."""
+    if not entity:
+        return None
+    text = entity.lower()
+    for table, kind in ((FINDINGS, "finding"), (ANATOMY, "anatomy")):  # "liver lesion" is a lesion
+        for key in sorted(table, key=len, reverse=True):
+            if re.search(rf"\b{re.escape(key)}s?\b", text):
+                code, meaning, rgb = table[key]
+                return kind, code, meaning, rgb
+    return None
+
+
+def terminology_entry(entity: str | None) -> str | None:
+    """Slicer's terminology entry string for a known structure or finding, else None.
+
+    Format: context~category~type~type modifier~anatomic context~anatomic region~region modifier, each code
+    as scheme^value^meaning."""
+    found = _lookup(entity)
+    if found is None:
+        return None
+    kind, code, meaning, _ = found
+    if kind == "anatomy":
+        category = "SCT^123037004^Anatomical Structure"
+        region = "^^"
+        text = entity.lower()
+        for key in sorted(ANATOMY, key=len, reverse=True):
+            if re.search(rf"\b{re.escape(key)}s?\b", text):
+                break
+        return f"{_CONTEXT}~{category}~SCT^{code}^{meaning}~^^~{_ANATOMIC_CONTEXT}~{region}~^^"
+    category = "SCT^49755003^Morphologically Altered Structure"
+    organ = None
+    text = entity.lower()
+    for key in sorted(ANATOMY, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(key)}s?\b", text):
+            organ = ANATOMY[key]
+            break
+    region = f"SCT^{organ[0]}^{organ[1]}" if organ else "^^"
+    return f"{_CONTEXT}~{category}~SCT^{code}^{meaning}~^^~{_ANATOMIC_CONTEXT}~{region}~^^"
+
+
+def palette_color(i: int) -> tuple[float, float, float]:
+    """The i-th colour of an endless palette of well-separated hues (golden-ratio steps)."""
+    hue = (0.08 + i * 0.61803398875) % 1.0
+    sat = 0.65 if i % 2 == 0 else 0.5
+    return colorsys.hsv_to_rgb(hue, sat, 0.95)
+
+
+def choose_color(entity: str | None, used: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The standard colour of the entity when known and not yet used, else the first unused palette colour."""
+    def taken(c):
+        return any(max(abs(a - b) for a, b in zip(c, u)) < 0.06 for u in used)
+
+    found = _lookup(entity)
+    if found is not None:
+        rgb = tuple(v / 255.0 for v in found[3])
+        if not taken(rgb):
+            return rgb
+    i = 0
+    while taken(palette_color(i)) and i < 1000:
+        i += 1
+    return palette_color(i)
+
+
+# -- MRML ----------------------------------------------------------------------------------------------------
+def create_segmentation_node(scene, volume_node, name: str):
+    """A segmentation node for the volume's session: reference geometry from the volume, same parent transform,
+    binary labelmap as source representation, shown in the slice views with every segment visible."""
+    import slicer
+
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation = node.GetSegmentation()
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if hasattr(segmentation, "SetSourceRepresentationName"):
+        segmentation.SetSourceRepresentationName(labelmap)
+    else:  # Slicer < 5.4
+        segmentation.SetMasterRepresentationName(labelmap)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility(True)
+        display.SetVisibility2DFill(True)
+        display.SetVisibility2DOutline(True)
+        display.SetOpacity2DFill(0.45)
+    return node
+
+
+def _oriented_slice_labelmap(volume: Volume, ijk_to_ras: np.ndarray, image: SliceImage, mask: np.ndarray):
+    """A vtkOrientedImageData holding `mask` on the slice's voxel plane only (extent one voxel thick)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != image.pixels.shape:
+        raise VolumeError(f"mask of shape {mask.shape} does not match the slice ({image.pixels.shape})")
+    plane = image.to_plane(mask).astype(np.uint8)  # remaining array axes, in (k, j, i) order
+    block = np.expand_dims(plane, axis=2 - image.axis)  # (k, j, i) with one voxel along the slice axis
+    dims = volume.array.shape[::-1]  # (i, j, k)
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    extent[2 * image.axis] = extent[2 * image.axis + 1] = image.index
+    if block.shape[::-1] != tuple(extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)):
+        raise VolumeError(f"mask plane {plane.shape} does not fit the volume {volume.array.shape}")
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.SetExtent(extent)
+    labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(block).ravel(), deep=True,
+                                         array_type=vtk.VTK_UNSIGNED_CHAR)
+    labelmap.GetPointData().SetScalars(scalars)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(ijk_to_ras[r, c]))
+    labelmap.SetImageToWorldMatrix(matrix)
+    return labelmap
+
+
+def add_round_segment(segmentation_node, volume: Volume, ijk_to_ras: np.ndarray, image: SliceImage,
+                      mask: np.ndarray, number: int, entity: str | None) -> str:
+    """Add (or replace) the segment of round `number`, in its own layer; returns the segment id."""
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    seg_id = segment_id(number)
+    if segmentation.GetSegment(seg_id) is not None:
+        segmentation.RemoveSegment(seg_id)
+    used = []
+    for other in segment_ids(segmentation_node):
+        used.append(tuple(segmentation.GetSegment(other).GetColor()))
+    labelmap = _oriented_slice_labelmap(volume, ijk_to_ras, image, mask)
+    segment = slicer.vtkSegment()
+    segment.SetName(segment_name(number, entity))
+    segment.SetColor(*choose_color(entity, used))
+    segment.SetLabelValue(1)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
+    entry = terminology_entry(entity)
+    if entry:
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+    segment.SetTag(ROUND_TAG, str(number))
+    if not segmentation.AddSegment(segment, seg_id):
+        raise RuntimeError(f"could not add segment {seg_id}")
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetSegmentVisibility(seg_id, True)
+    return seg_id
+
+
+def remove_round_segment(segmentation_node, number: int) -> bool:
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetSegment(segment_id(number)) is None:
+        return False
+    segmentation.RemoveSegment(segment_id(number))
+    return True
+
+
+def segment_ids(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def segment_array(segmentation_node, seg_id: str, volume: Volume, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """The segment's voxels as a (k, j, i) uint8 array on the volume's grid (for checks and tests)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    segment = segmentation_node.GetSegmentation().GetSegment(seg_id)
+    labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    out = np.zeros(volume.array.shape, np.uint8)
+    if labelmap is None:
+        return out
+    # The labelmap must be on the volume's grid (it is, as we write it); check and copy its extent.
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    got = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    if not np.allclose(got, ijk_to_ras, atol=1e-4):
+        raise VolumeError("segment labelmap is not on the volume's voxel grid")
+    e = labelmap.GetExtent()
+    if e[0] > e[1] or e[2] > e[3] or e[4] > e[5]:
+        return out
+    data = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    value = segment.GetLabelValue()
+    out[e[4]:e[5] + 1, e[2]:e[3] + 1, e[0]:e[1] + 1] = (data == value)
+    return out
+
+
+def save_seg_nrrd(segmentation_node, path: str) -> None:
+    """Write the segmentation to `path` (.seg.nrrd) through a segmentation storage node, keeping every layer
+    and the reference volume's full geometry."""
+    import slicer
+
+    scene = segmentation_node.GetScene()
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    try:
+        storage.SetFileName(str(path))
+        if hasattr(storage, "SetCropToMinimumExtent"):
+            storage.SetCropToMinimumExtent(False)
+        storage.SetUseCompression(True)
+        if not storage.WriteData(segmentation_node):
+            raise OSError(f"could not write {path}: {storage.GetLastErrorMessage() if hasattr(storage, 'GetLastErrorMessage') else ''}")
+    finally:
+        scene.RemoveNode(storage)
