@@ -190,7 +190,7 @@ def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
                         rope_theta=10_000.0),
         vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                             image_size=128, patch_size=16),
-        segmenter=SegmenterConfig(image_size=256, patch_size=8, embed_dim=96, depth=4, num_heads=4,
+        segmenter=SegmenterConfig(image_size=256, patch_size=16, embed_dim=128, depth=4, num_heads=4,
                                   global_attn_indexes=(1, 3), window_size=8, decoder_mlp_dim=512),
         segmenter_normalization="minmax",
         chat_template="plain",

@@ -156,21 +156,26 @@ class MediRound(nn.Module):
         return SegOutput(low_res, prompts, scores, corrected)
 
     def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row.
+
+        SAM's `MaskDecoder.forward` pairs every prompt with every image; here prompt k meets image row k, in
+        one batched pass (the same computation as its `predict_masks`, batched over prompts)."""
         k = prompts.shape[0]
         if image_embeddings.shape[0] == 1 and k > 1:
             image_embeddings = image_embeddings.expand(k, -1, -1, -1)
+        decoder = self.segmenter.mask_decoder
         pe = self.segmenter.prompt_encoder
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, *image_embeddings.shape[-2:])
-        sparse = prompts.unsqueeze(1).to(image_embeddings.dtype)
-        # SAM's decoder repeats the image embedding per prompt; feed one prompt per embedding row.
-        masks = []
-        for i in range(k):
-            low_res, _ = self.segmenter.mask_decoder(
-                image_embeddings=image_embeddings[i : i + 1], image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse[i : i + 1], dense_prompt_embeddings=dense[i : i + 1],
-                multimask_output=False)
-            masks.append(low_res)
-        return torch.cat(masks, 0)
+        b, c, h, w = image_embeddings.shape
+        out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), prompts.unsqueeze(1).to(out_tokens.dtype)], 1)
+        src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos_src = pe.get_dense_pe().expand(k, -1, -1, -1)
+        hs, src = decoder.transformer(src, pos_src, tokens)
+        mask_token_out = hs[:, 1, :]  # the first mask token: SAM's single-mask output
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
+        bu, cu, hu, wu = upscaled.shape
+        return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, folder, tokenizer=None) -> None:
@@ -196,3 +201,58 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def valid_region_mask(valid_hw: list[tuple[int, int]], counts: list[int], size: int, device) -> torch.Tensor:
+    """(K,S,S) weights: 1 inside each sample's unpadded extent, 0 on the padding."""
+    rows = []
+    for (h, w), n in zip(valid_hw, counts):
+        m = torch.zeros(size, size, device=device)
+        m[:h, :w] = 1
+        rows += [m] * n
+    return torch.stack(rows)
+
+
+def masked_bce(logits, targets, weight):
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (loss * weight).sum() / weight.sum().clamp(min=1)
+
+
+def masked_dice(logits, targets, weight, eps: float = 1.0):
+    probs = (logits.sigmoid() * weight).flatten(1)
+    targets = (targets * weight).flatten(1)
+    inter = (probs * targets).sum(-1)
+    return (1 - (2 * inter + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
+
+
+def seg_hidden_states(model: "MediRound", batch):
+    """Teacher-forced language-model pass: (CE loss, (K,h) hidden states that predict [SEG])."""
+    image_tokens = model.encode_image_tokens(batch.vision_pixels)
+    crops = model.encode_crops(batch.crop_pixels) if batch.crop_pixels is not None else None
+    boxes = model.encode_boxes(batch.boxes) if batch.boxes is not None else None
+    embeds = model.embed_inputs(batch.input_ids, image_tokens, crops, boxes)
+    out = model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels,
+                               output_hidden_states=True)
+    last = out.hidden_states[-1]
+    hidden = last[batch.seg_positions[:, 0], batch.seg_positions[:, 1]]
+    return out.loss, hidden
+
+
+def decode_for_samples(model: "MediRound", image_embeddings, batch, prompts):
+    """Upsampled (K,S,S) mask logits of each [SEG] prompt on its own sample's image embedding."""
+    rows = batch.seg_positions[:, 0]
+    low = model.decode_with_prompts(image_embeddings[rows], prompts)
+    size = model.config.segmenter.image_size
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def stage1_losses(model: "MediRound", batch, ce=1.0, bce=2.0, dice=0.5) -> dict:
+    """Teacher-forced training forward: CE on the answers, BCE and Dice on the masks (paper's weights)."""
+    ce_term, hidden = seg_hidden_states(model, batch)
+    image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
+    logits = decode_for_samples(model, image_embeddings, batch, model.seg_prompts(hidden))
+    weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, logits.shape[-1], logits.device)
+    bce_term = masked_bce(logits, batch.target_masks, weight)
+    dice_term = masked_dice(logits, batch.target_masks, weight)
+    return {"loss": ce * ce_term + bce * bce_term + dice * dice_term, "ce": ce_term, "bce": bce_term,
+            "dice": dice_term, "logits": logits}

@@ -1,0 +1,87 @@
+"""Turn dialogue samples into the tensors of one teacher-forced training step.
+
+A sample (see `MediRoundCore.data.dataset.Sample`) has an image in [0,1], and per round a query, an answer in
+the `entity: rationale. [SEG]` form, a ground-truth mask and the index of the round it refers to. References
+use the ground-truth masks of the referenced rounds (teacher forcing), as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..answers import strip_seg
+from ..model.processing import (PromptBuilder, masks_to_segmenter_frame, reference_inputs, segmenter_pixels,
+                                vision_pixels)
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B,L)
+    attention_mask: torch.Tensor  # (B,L)
+    labels: torch.Tensor  # (B,L), IGNORE outside answers
+    seg_positions: torch.Tensor  # (K,2): (sample, position of the hidden state that predicts [SEG])
+    seg_pixels: torch.Tensor  # (B,3,S,S)
+    vision_pixels: torch.Tensor  # (B,3,s,s)
+    crop_pixels: torch.Tensor | None  # (C,3,s,s) in reading order
+    boxes: torch.Tensor | None  # (C,4)
+    target_masks: torch.Tensor  # (K,S,S) in the segmenter frame
+    valid_hw: list[tuple[int, int]]  # per sample, the unpadded extent in the segmenter frame
+    rounds_per_sample: list[int]
+
+    def to(self, device):
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+
+def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int], list[int]]:
+    """(ids, labels, seg positions) of one dialogue."""
+    ids, labels, seg_positions = builder.prefix(), [], []
+    labels = [IGNORE] * len(ids)
+    for r, (query, answer) in enumerate(zip(sample.queries, sample.answers)):
+        user = builder.user(query, sample.ref_indices[r] is not None, first=r == 0)
+        ans = builder.answer(strip_seg(answer))
+        ids += user
+        labels += [IGNORE] * len(user)
+        seg_positions.append(len(ids) + len(ans) - 3)  # the position that predicts [SEG]
+        ids += ans
+        labels += ans
+    return ids, labels, seg_positions
+
+
+def make_batch(samples, builder: PromptBuilder, config) -> Batch:
+    size = config.segmenter.image_size
+    rows, seg_pos, seg_px, vis_px, crops, boxes, targets, valid = [], [], [], [], [], [], [], []
+    for b, sample in enumerate(samples):
+        ids, labels, positions = sample_tokens(sample, builder)
+        rows.append((ids, labels))
+        seg_pos += [(b, p) for p in positions]
+        px, hw = segmenter_pixels(sample.image, config)
+        seg_px.append(px)
+        valid.append(hw)
+        vis_px.append(vision_pixels(sample.image, config))
+        masks = np.asarray(sample.masks, dtype=bool)
+        targets.append(masks_to_segmenter_frame(masks, hw, size))
+        for ref in sample.ref_indices:
+            if ref is not None:
+                crop, box = reference_inputs(sample.image, masks[ref], config)
+                crops.append(crop)
+                boxes.append(box)
+    length = max(len(ids) for ids, _ in rows)
+    pad = builder.ids.pad
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    label_t = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (ids, labels) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        label_t[b, : len(labels)] = torch.tensor(labels)
+        attention[b, : len(ids)] = 1
+    return Batch(input_ids, attention, label_t, torch.tensor(seg_pos, dtype=torch.long), torch.stack(seg_px),
+                 torch.stack(vis_px), torch.stack(crops) if crops else None, torch.stack(boxes) if boxes else None,
+                 torch.cat(targets), valid, [len(s.queries) for s in samples])

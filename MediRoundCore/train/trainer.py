@@ -1,0 +1,199 @@
+"""Stage 1 and stage 2 trainers on Accelerate: one CPU, one GPU, or `accelerate launch` over N GPUs.
+
+Stage 1 (teacher forcing): 1.0·CE + 2.0·BCE + 0.5·Dice; at full size LoRA (r 8, α 16, q/v) on the language
+model with the seg projection, box encoder, mask decoder, projector and token embeddings trainable; the tiny
+model may train every weight. Stage 2 (JCM): the model frozen, only the two MLPs train; judgment target = IoU of
+the unrefined mask with the ground truth (BCE, weight 2); correction = 2·BCE + 0.5·Dice of the refined mask.
+AdamW (lr 3e-4, betas 0.9/0.95), 100 warm-up steps then linear decay. Checkpoints in our safetensors format
+under `<out>/checkpoint`, with the optimiser state beside them; a run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..model.modeling import (decode_for_samples, masked_bce, masked_dice, seg_hidden_states, stage1_losses,
+                              valid_region_mask)
+from ..model.processing import PromptBuilder
+from .batching import make_batch
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    stage: int = 1
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    lora: bool = False
+    loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
+
+
+def warmup_linear(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def set_trainable(model, stage: int, lora: bool) -> list[torch.nn.Parameter]:
+    """Freeze/unfreeze per stage; returns the parameters to optimise."""
+    for p in model.parameters():
+        p.requires_grad = False
+    if stage == 2:
+        modules = [model.jcm]
+    elif lora:
+        from ..model.lora import apply_lora, base_language_model
+
+        apply_lora(model)
+        lm = base_language_model(model)
+        for name, p in model.language_model.named_parameters():
+            p.requires_grad = "lora_" in name
+        modules = [model.seg_projection, model.box_encoder, model.segmenter.mask_decoder, model.mm_projector,
+                   lm.get_input_embeddings(), lm.get_output_embeddings()]
+    else:
+        modules = [m for name, m in model.named_children() if name != "jcm"]
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stage2_losses(model, batch) -> dict:
+    """JCM objective on the frozen model with teacher-forced references."""
+    with torch.no_grad():
+        _, hidden = seg_hidden_states(model, batch)
+        image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
+        prompts = model.seg_prompts(hidden)
+        raw_logits = decode_for_samples(model, image_embeddings, batch, prompts)
+    weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, raw_logits.shape[-1], raw_logits.device)
+    target = batch.target_masks
+    pred = (raw_logits > 0).float() * weight
+    inter = (pred * target).flatten(1).sum(-1)
+    union = ((pred + target) > 0).float().flatten(1).sum(-1)
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    score = model.jcm.quality(prompts)
+    judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
+    refined_logits = decode_for_samples(model, image_embeddings, batch, model.jcm.correction(prompts))
+    bce = masked_bce(refined_logits, target, weight)
+    dice = masked_dice(refined_logits, target, weight)
+    return {"loss": 2.0 * judgment + 2.0 * bce + 0.5 * dice, "judgment": judgment, "bce": bce, "dice": dice,
+            "iou": iou.mean()}
+
+
+class Trainer:
+    """Runs `steps` optimisation steps on batches drawn from `sample_stream(seed)`; resumable."""
+
+    def __init__(self, model, tokenizer, config: TrainConfig, sample_stream: Callable[[int], Iterator]):
+        from accelerate import Accelerator
+
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.tokenizer = tokenizer
+        self.sample_stream = sample_stream
+        self.builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template,
+                                     model.config.vision.num_patches)
+        params = set_trainable(model, config.stage, config.lora)
+        self.raw_model = model
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_linear(s, config.warmup_steps, config.steps))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model.train(), optimizer, scheduler)
+        self.step = 0
+        self._resume()
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        state_path = self.out / "checkpoint" / STATE_FILE
+        if not state_path.is_file():
+            return
+        from ..checkpoints.safety import load_strict, load_tensors
+
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        weights = load_tensors(self.out / "checkpoint" / "model.safetensors")
+        load_strict(self.raw_model, weights, str(self.out / "checkpoint"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.accelerator.print(f"resumed from step {self.step}")
+
+    def save(self) -> Path:
+        folder = self.out / "checkpoint"
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(folder, self.tokenizer)
+            tmp = folder / (STATE_FILE + ".tmp")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step, "config": json.dumps(asdict(self.cfg))}, tmp)
+            tmp.replace(folder / STATE_FILE)
+        return folder
+
+    # -- loop ------------------------------------------------------------------------------------------
+    def _batches(self):
+        stream = self.sample_stream(self.cfg.seed * 1_000_003 + self.step)
+        while True:
+            yield [next(stream) for _ in range(self.cfg.batch_size)]
+
+    def train(self, progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        losses = stage1_losses if cfg.stage == 1 else stage2_losses
+        log_path = self.out / f"log_stage{cfg.stage}.csv"
+        history: list[dict] = []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
+        batches = self._batches()
+        running = None
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            batch = make_batch(next(batches), self.builder, self.raw_model.config).to(self.accelerator.device)
+            with self.accelerator.autocast():
+                terms = losses(self.model, batch) if cfg.stage == 2 else losses(self.model, batch, **cfg.loss_weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(terms["loss"])
+            if cfg.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            row = {k: float(v) for k, v in terms.items() if k != "logits"}
+            running = row["loss"] if running is None else 0.95 * running + 0.05 * row["loss"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
+            history.append(row)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(log_path, row)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} at step {self.step}")
+        bar.close()
+        return history
+
+    def _log(self, path: Path, row: dict) -> None:
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a random tiny engine (same code paths as the shipped model) and small volumes."""
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    from MediRoundCore.engine import Engine
+
+    return Engine.random_tiny(seed=0)
+
+
+@pytest.fixture
+def ct_volume():
+    from MediRoundCore.imaging import Volume
+
+    rng = np.random.default_rng(0)
+    array = (rng.normal(40, 30, size=(6, 48, 64))).astype(np.int16)
+    array[:, 10:30, 20:40] = 200
+    array[0, 0, 0] = -1000
+    return Volume(array, (0.8, 0.8, 2.5), (-100.0, 50.0, 20.0), np.diag([1.0, 1.0, 1.0]))

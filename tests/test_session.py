@@ -1,0 +1,85 @@
+"""Sessions: reference resolution, undo, exact save/restore, fingerprint check."""
+
+import numpy as np
+import pytest
+
+from MediRoundCore.errors import RoundReferenceError, SessionError
+from MediRoundCore.references import resolve_reference
+from MediRoundCore.session import Round, Session
+
+
+def make_round(n, entity="liver", reference=None, shape=(8, 10)):
+    mask = np.zeros(shape, bool)
+    mask[n % shape[0], : n + 1] = True
+    return Round(number=n, view="axial", slice_index=3, query=f"query {n}", answer=f"{entity}: because. ",
+                 entity=entity, reference=reference, mask=mask, jcm_score=0.5 + n / 100, corrected=n % 2 == 0,
+                 lm_tokens=10 * n, timings={"total_ms": 1.5 * n})
+
+
+@pytest.mark.parametrize("query, explicit, expected", [
+    ("segment the spleen", None, 3),                 # nothing named: the previous round
+    ("now the lesion inside the liver", None, 1),    # an entity named before
+    ("the cyst in the left kidney", None, 2),        # the longest entity match wins
+    ("go back to round 2", None, 2),
+    ("the second round's organ", None, 2),
+    ("the first mask, again", None, 1),
+    ("anything", 3, 3),                              # the user's pick wins
+    ("round 9 please", None, 3),                     # a round that does not exist is not a reference
+])
+def test_reference_resolution(query, explicit, expected):
+    entities = ["liver", "left kidney", "kidney"]
+    assert resolve_reference(query, entities, explicit) == expected
+
+
+def test_first_round_has_no_reference_and_bad_explicit_raises():
+    assert resolve_reference("segment the liver", []) is None
+    with pytest.raises(RoundReferenceError, match="no rounds yet"):
+        resolve_reference("x", [], 1)
+    with pytest.raises(RoundReferenceError, match="round 4"):
+        resolve_reference("x", ["a", "b"], 4)
+
+
+def test_save_restore_exact(tmp_path):
+    s = Session("abc123", tmp_path / "s", "demo.nrrd")
+    for n in (1, 2, 3):
+        s.add_round(make_round(n, reference=n - 1 or None))
+    loaded = Session.load(tmp_path / "s", expected_fingerprint="abc123")
+    assert loaded.volume_name == "demo.nrrd" and len(loaded.rounds) == 3
+    for a, b in zip(s.rounds, loaded.rounds):
+        assert a.to_json() == b.to_json()
+        assert np.array_equal(a.mask, b.mask) and b.mask.dtype == bool
+
+
+def test_undo_persists(tmp_path):
+    s = Session("abc", tmp_path)
+    s.add_round(make_round(1))
+    s.add_round(make_round(2))
+    assert s.undo().number == 2
+    assert [r.number for r in Session.load(tmp_path).rounds] == [1]
+    s.undo()
+    with pytest.raises(SessionError, match="nothing to undo"):
+        s.undo()
+
+
+def test_other_volume_refused(tmp_path):
+    s = Session("abc", tmp_path)
+    s.add_round(make_round(1))
+    with pytest.raises(SessionError, match="another volume"):
+        Session.load(tmp_path, expected_fingerprint="zzz")
+
+
+def test_round_numbers_must_follow(tmp_path):
+    s = Session("abc", tmp_path)
+    with pytest.raises(SessionError, match="does not follow"):
+        s.add_round(make_round(2))
+    assert not (tmp_path / "session.json").exists()
+
+
+def test_crash_between_files_keeps_earlier_rounds(tmp_path):
+    """Masks are written first on add: a masks file one round ahead of the JSON still loads."""
+    s = Session("abc", tmp_path)
+    s.add_round(make_round(1))
+    json_before = (tmp_path / "session.json").read_bytes()
+    s.add_round(make_round(2))
+    (tmp_path / "session.json").write_bytes(json_before)  # as if the process died before the JSON rename
+    assert [r.number for r in Session.load(tmp_path).rounds] == [1]
