@@ -32,6 +32,8 @@ REL_FACTS = {"left": "to the patient's left of", "right": "to the patient's righ
 STRICT = 0.08        # normalised distance for a clear left/right/front/behind relation
 TOUCH_PX, APART_PX = 2, 6
 SIZE_RATIO = 1.25
+# Relation draw weights: the relations that need the referenced mask most are drawn more often.
+RELATION_WEIGHTS = {"lesion": 1.6, "hierarchy": 1.6, "attribute": 1.2, "spatial": 1.0, "inferential": 0.6}
 
 
 @dataclass
@@ -216,9 +218,13 @@ class DialoguePolicy:
 
 
 def _pick(rng: np.random.Generator, moves: list[Move], k: int, policy: DialoguePolicy) -> Move:
+    """Relation type first (weighted over those available), then the split's preferences within it."""
+    relations = sorted({m.relation for m in moves})
+    weights = np.array([RELATION_WEIGHTS[r] for r in relations])
+    relation = relations[int(rng.choice(len(relations), p=weights / weights.sum()))]
+    moves = [m for m in moves if m.relation == relation]
     if rng.uniform() < policy.p_distractor:
-        hard = [m for m in moves if m.distractors > 0 and m.relation != "direct"]
-        moves = hard or moves
+        moves = [m for m in moves if m.distractors > 0] or moves
     if k >= 2:
         back = [m for m in moves if m.ref is not None and k - m.ref >= 2]
         prev = [m for m in moves if m.ref is not None and k - m.ref == 1]
@@ -226,10 +232,7 @@ def _pick(rng: np.random.Generator, moves: list[Move], k: int, policy: DialogueP
             moves = back or moves
         else:
             moves = prev or moves
-    relations = sorted({m.relation for m in moves})
-    relation = relations[int(rng.integers(len(relations)))]
-    pool = [m for m in moves if m.relation == relation]
-    return pool[int(rng.integers(len(pool)))]
+    return moves[int(rng.integers(len(moves)))]
 
 
 def _to_round(move: Move, rng: np.random.Generator, policy: DialoguePolicy) -> GeneratedRound:

@@ -143,6 +143,14 @@ def _abdomen(rng, *, lesions: dict[str, int], w_span: float) -> list[Structure]:
 
     s = _body(rng, "body", 0.9, 0.68, cv=0.02)
     body = "body"
+    for j in range(int(rng.integers(7, 12))):  # bowel loops fill the fat between organs; painted first
+        cu, cv = rng.uniform(-0.3, 0.45), rng.uniform(-0.45, 0.1)
+        r = rng.uniform(0.05, 0.09)
+        loop = random_blob(rng, cu, cv, r, r * rng.uniform(0.6, 1.0), jitter=0.0, angle_jitter=3.0, wobble=0.1)
+        air = rng.uniform() < 0.3
+        s.append(Structure(f"bowel loop {j}", "bowel", "internal", [loop], ct=-600.0 if air else 35.0,
+                           mr=80.0 if air else 520.0, parent=body, rim=(45.0, 300.0, 2) if air else None,
+                           texture=0.08, clip_to=("visceral fat",), instance=False))
     gb_present = rng.uniform() < 0.85 or lesions.get("force_gallbladder", 0)
     right_lobe = blob(-0.36, -0.06, 0.36, 0.38, 0.3, wobble=0.08, zc=0.6, hz=2.4)
     left_lobe = blob(-0.02, -0.32, 0.26, 0.13, 0.25, wobble=0.06, zc=0.6, hz=1.9)
