@@ -34,8 +34,9 @@ def nearest_voxel_plane(volume: Volume, ijk_to_ras: np.ndarray, point_ras, norma
     """The voxel plane of `volume` nearest the plane through `point_ras` with normal `normal_ras`.
 
     All in the volume's local RAS (parent transforms already undone). `ijk_to_ras` is the volume's 4×4
-    IJK→RAS matrix. The plane is measured where it passes nearest the volume's centre, so a panned or
-    zoomed view gives the same answer. Raises VolumeError when the plane misses the volume."""
+    IJK→RAS matrix. The plane is measured at `point_ras` (the view's centre) when that is inside the volume,
+    else where the plane passes nearest the volume's centre. Raises VolumeError when the plane misses the
+    volume."""
     m = np.asarray(ijk_to_ras, dtype=float).reshape(4, 4)
     point = np.asarray(point_ras, dtype=float).reshape(3)
     normal = np.asarray(normal_ras, dtype=float).reshape(3)
@@ -57,13 +58,18 @@ def nearest_voxel_plane(volume: Volume, ijk_to_ras: np.ndarray, point_ras, norma
     if view is None:  # extreme obliquity: no view name reaches that axis; take the nearest view's own axis
         view = by_alignment[0]
         best_axis = volume.view_axis(view)
-    # Where the plane passes nearest the volume's centre, in IJK.
+    # Where to measure the plane: at the view's centre when that lies in the volume (an oblique plane crosses
+    # several voxel planes; the one under the view's centre is the one the user looks at), else where the plane
+    # passes nearest the volume's centre (a view panned off the volume).
     dims_ijk = np.array(volume.array.shape[::-1], dtype=float)
-    centre_ras = m[:3, :3] @ ((dims_ijk - 1) / 2) + m[:3, 3]
-    foot = centre_ras - np.dot(centre_ras - point, normal) * normal
     ras_to_ijk = np.linalg.inv(m)
-    foot_ijk = ras_to_ijk[:3, :3] @ foot + ras_to_ijk[:3, 3]
-    offset = float(foot_ijk[best_axis])
+    point_ijk = ras_to_ijk[:3, :3] @ point + ras_to_ijk[:3, 3]
+    if np.all(point_ijk >= -0.5) and np.all(point_ijk <= dims_ijk - 0.5):
+        offset = float(point_ijk[best_axis])
+    else:
+        centre_ras = m[:3, :3] @ ((dims_ijk - 1) / 2) + m[:3, 3]
+        foot = centre_ras - np.dot(centre_ras - point, normal) * normal
+        offset = float((ras_to_ijk[:3, :3] @ foot + ras_to_ijk[:3, 3])[best_axis])
     index = int(np.floor(offset + 0.5 + 1e-6))
     n = int(dims_ijk[best_axis])
     if not -tolerance <= offset <= n - 1 + tolerance:
