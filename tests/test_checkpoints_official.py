@@ -194,3 +194,17 @@ def test_errors_name_the_key(official, tmp_path):
     vocab = dict(tensors, **{P + "model.embed_tokens.weight": torch.zeros(BASE + 5, 64)})
     check("vocab.bin", vocab, r"embed_tokens\.weight.*\[SEG\]")
     assert torch.equal(own_tensors(model)[0]["box_encoder.weight"], before)
+
+
+def test_peft_mode_checks_before_wrapping(official):
+    from MediRoundCore.model.lora import apply_lora, has_lora
+
+    path, _ = official
+    model = tiny_model(BASE)
+    model.config.lora_rank = 4
+    with pytest.raises(CheckpointError, match="LoRA rank"):
+        load_official(path, model, lora="peft")
+    assert not has_lora(model)
+    wrapped = apply_lora(tiny_model(BASE))
+    with pytest.raises(CheckpointError, match="lora='merge'"):
+        load_official(path, wrapped, lora="merge")

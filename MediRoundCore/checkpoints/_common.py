@@ -243,8 +243,8 @@ def require(source: TensorSource, key: str, wanted_by: str | None = None) -> Non
         raise CheckpointError(f"{source.where()}: missing key {key!r}{extra}")
 
 
-def execute(plan: list[Entry], source: TensorSource, own: Mapping[str, torch.Tensor], report: LoadReport) -> None:
-    """Validate the whole plan (keys and shapes) before writing anything, then copy tensor by tensor."""
+def validate(plan: list[Entry], source: TensorSource, own: Mapping[str, torch.Tensor]) -> None:
+    """Every source key of the plan exists, every target exists, shapes (or row ranges) fit."""
     for entry in plan:
         require(source, entry.source, entry.target)
         if entry.target not in own:
@@ -262,6 +262,11 @@ def execute(plan: list[Entry], source: TensorSource, own: Mapping[str, torch.Ten
             if bad:
                 raise CheckpointError(f"{source.where(entry.source)}: row mapping out of range for "
                                       f"{entry.source!r}: {bad[0]}")
+
+
+def execute(plan: list[Entry], source: TensorSource, own: Mapping[str, torch.Tensor], report: LoadReport) -> None:
+    """Validate the whole plan (keys and shapes) before writing anything, then copy tensor by tensor."""
+    validate(plan, source, own)
     with torch.no_grad():
         for entry in plan:
             tensor = source.get(entry.source)

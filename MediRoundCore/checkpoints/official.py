@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ._common import DictSource, Entry, LoadReport, TensorSource, check_consumed, execute, own_tensors, vision_prefix
+from ._common import (DictSource, Entry, LoadReport, TensorSource, check_consumed, execute, own_tensors, validate,
+                      vision_prefix)
 from .safety import load_tensors
 
 PEFT_PREFIX = "base_model.model."
@@ -158,9 +159,7 @@ def load_official(path, model, lora: str = "merge", lora_alpha: float = LORA_ALP
             if part not in pair:
                 raise CheckpointError(f"{where}: missing key {PEFT_PREFIX + module + '.' + part + '.default.weight'!r}")
 
-    if lora == "peft" and lora_pairs:
-        apply_lora(model)
-    elif lora == "merge" and has_lora(model):
+    if lora == "merge" and has_lora(model):
         raise CheckpointError(f"{where}: lora='merge' needs a model without LoRA adapters (use lora='peft')")
     own, own_lora = own_tensors(model)
     vp = vision_prefix(own)
@@ -199,24 +198,7 @@ def load_official(path, model, lora: str = "merge", lora_alpha: float = LORA_ALP
             raise CheckpointError(f"{source.where(pair['lora_A'])}: shape mismatch for {pair['lora_A']!r} {a_shape} / "
                                   f"{pair['lora_B']!r} {b_shape}: model layer {weight_key!r} is {(out_f, in_f)}")
         lora_targets[module] = (weight_key, a_shape[0])
-    if lora == "peft" and lora_pairs:
-        ours_modules = {k.rsplit(".", 1)[0] for k in own_lora}
-        theirs_modules = {f"language_model.{m}" for m in lora_pairs}
-        extra = sorted(theirs_modules - ours_modules)
-        if extra:
-            m = extra[0][len("language_model."):]
-            raise CheckpointError(f"{where}: unexpected key {PEFT_PREFIX + m + '.lora_A.default.weight'!r}: our LoRA "
-                                  f"config ({model.config.lora_target_modules}) has no adapter there")
-        short = sorted(ours_modules - theirs_modules)
-        if short:
-            m = short[0][len("language_model."):]
-            raise CheckpointError(f"{where}: missing key {PEFT_PREFIX + m + '.lora_A.default.weight'!r}")
-        ranks = {r for _, r in lora_targets.values()}
-        if ranks != {model.config.lora_rank} or lora_alpha != model.config.lora_alpha:
-            raise CheckpointError(f"{where}: LoRA rank {sorted(ranks)} / alpha {lora_alpha} differ from our config "
-                                  f"(rank {model.config.lora_rank}, alpha {model.config.lora_alpha})")
-
-    # -- plan ------------------------------------------------------------------------------------------
+    # -- plan: validated in full before anything is written ----------------------------------------------
     plan, used = [], set()
     for theirs, ours in targets.items():
         if _group(ours, vp) not in present_groups:
@@ -230,6 +212,26 @@ def load_official(path, model, lora: str = "merge", lora_alpha: float = LORA_ALP
     for pair in lora_pairs.values():
         used |= set(pair.values())
     check_consumed(source, used, IGNORE, report)
+    validate(plan, source, own)
+
+    if lora == "peft" and lora_pairs:
+        ranks = {r for _, r in lora_targets.values()}
+        if ranks != {model.config.lora_rank} or lora_alpha != model.config.lora_alpha:
+            raise CheckpointError(f"{where}: LoRA rank {sorted(ranks)} / alpha {lora_alpha} differ from our config "
+                                  f"(rank {model.config.lora_rank}, alpha {model.config.lora_alpha})")
+        apply_lora(model)
+        own, own_lora = own_tensors(model)
+        ours_modules = {k.rsplit(".", 1)[0] for k in own_lora}
+        theirs_modules = {f"language_model.{m}" for m in lora_pairs}
+        extra = sorted(theirs_modules - ours_modules)
+        if extra:
+            m = extra[0][len("language_model."):]
+            raise CheckpointError(f"{where}: unexpected key {PEFT_PREFIX + m + '.lora_A.default.weight'!r}: our LoRA "
+                                  f"config ({model.config.lora_target_modules}) has no adapter there")
+        short = sorted(ours_modules - theirs_modules)
+        if short:
+            m = short[0][len("language_model."):]
+            raise CheckpointError(f"{where}: missing key {PEFT_PREFIX + m + '.lora_A.default.weight'!r}")
     execute(plan, source, own, report)
 
     # -- LoRA: merge or load into adapters -------------------------------------------------------------
