@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ._common import (DictSource, Entry, LoadReport, SafetensorsSource, TensorSource, check_consumed, execute,
+from ._common import (DictSource, Entry, LoadReport, TensorSource, check_consumed, execute,
                       open_sharded_folder, own_tensors, vision_prefix)
 from .safety import load_tensors
 
