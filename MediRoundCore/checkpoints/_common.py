@@ -189,7 +189,6 @@ def vision_prefix(own: Mapping[str, torch.Tensor]) -> str:
 
 
 # -- plans -------------------------------------------------------------------------------------------
-RowMap = list  # list of (our_row, source_row) pairs for a partial copy of rows
 
 
 @dataclass
