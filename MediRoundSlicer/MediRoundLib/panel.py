@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from MediRoundCore.answers import strip_seg
+import re
+
 from MediRoundLib import qt, segments
 
 WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmCheckBox", "betaSpinBox",
@@ -123,14 +124,12 @@ class ChatPanel:
                 meta.append(f"refers to R{r.reference}")
             if r.jcm_score is not None:
                 meta.append(f"JCM {r.jcm_score:.2f}" + (" &#9998; corrected" if r.corrected else ""))
-            if r.seg_forced:
-                meta.append("[SEG] forced")
             parts.append(
                 "<table width='100%' cellspacing='0' cellpadding='4' style='margin-bottom:6px'>"
                 f"<tr><td><b>R{r.number}</b> &nbsp;<span style='color:#2a62bc'><b>You:</b></span> "
                 f"{html.escape(r.query)}</td></tr>"
                 f"<tr><td style='background-color:#eef3ea'>{swatch}<b>MediRound:</b> "
-                f"{html.escape(strip_seg(r.answer)) or '<i>(no text)</i>'}</td></tr>"
+                f"{html.escape(_display_answer(r.answer)) or '<i>(no text)</i>'}</td></tr>"
                 f"<tr><td style='color:#777; font-size:small'>{' · '.join(meta)}</td></tr></table>")
         return "".join(parts)
 
@@ -275,6 +274,11 @@ class ChatPanel:
 
     def shutdown(self):
         self.timer.stop()
+
+
+def _display_answer(answer: str) -> str:
+    """The answer without its closing [SEG] marker (a note that mentions [SEG] stays intact)."""
+    return re.sub(r"\s*\[SEG\]\s*$", "", re.sub(r"\s*\[SEG\](?=\s*\(no \[SEG\])", "", answer or "")).strip()
 
 
 # PythonQt exposes some getters as properties, PySide6 as methods.

@@ -1,0 +1,107 @@
+"""The extension's CMake files: metadata, and every file they list exists and every file that must ship is listed."""
+
+import fnmatch
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "MediRoundSlicer"
+sys.path.insert(0, str(MODULE))
+
+
+def _commands(path: Path):
+    """(name, [args]) for each CMake command, comments stripped, quotes removed, ${VAR} expanded from set()."""
+    text = "\n".join(line.split("#", 1)[0] if not line.lstrip().startswith("set(EXTENSION") else line
+                     for line in path.read_text().splitlines())
+    variables, out = {"MODULE_NAME": None}, []
+    for match in re.finditer(r"(\w+)\s*\((.*?)\)", text, re.S):
+        name = match.group(1)
+        args = re.findall(r'"[^"]*"|[^\s"]+', match.group(2))
+        args = [a[1:-1] if a.startswith('"') else a for a in args]
+        expanded = []
+        for a in args:
+            value = re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1)) or m.group(0), a)
+            expanded.append(value)
+        if name.lower() == "set" and expanded:
+            variables[expanded[0]] = " ".join(expanded[1:])
+        out.append((name, expanded))
+    return out, variables
+
+
+def _section(args, key, keys):
+    """The values after `key` up to the next keyword in `keys`."""
+    if key not in args:
+        return []
+    values = []
+    for a in args[args.index(key) + 1:]:
+        if a in keys:
+            break
+        values.append(a)
+    return values
+
+
+def test_top_level_metadata():
+    commands, variables = _commands(ROOT / "CMakeLists.txt")
+    assert variables["EXTENSION_CATEGORY"] == "Segmentation"
+    assert variables["EXTENSION_DEPENDS"] == "PyTorch"
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_CONTRIBUTORS", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS"):
+        assert variables.get(key), key
+    assert ("add_subdirectory", ["MediRoundSlicer"]) in commands
+    assert any(name == "find_package" and args[0] == "Slicer" for name, args in commands)
+    # icon and screenshot URLs point at files of this repository
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in variables[key].split():
+            relative = url.split("/main/", 1)[1]
+            assert (ROOT / relative).is_file(), url
+    from PIL import Image
+    with Image.open(MODULE / "Resources" / "Icons" / "MediRound.png") as icon:
+        assert icon.size == (128, 128)
+
+
+def test_module_lists_every_script_and_resource():
+    commands, variables = _commands(MODULE / "CMakeLists.txt")
+    variables["MODULE_NAME"] = "MediRound"
+    commands, variables = _commands(MODULE / "CMakeLists.txt")  # second pass: MODULE_NAME is known
+    build = [args for name, args in commands if name == "slicerMacroBuildScriptedModule"]
+    assert len(build) == 1
+    keys = {"NAME", "SCRIPTS", "RESOURCES", "WITH_GENERIC_TESTS"}
+    assert _section(build[0], "NAME", keys) == ["MediRound"] and "WITH_GENERIC_TESTS" in build[0]
+    scripts = " ".join(_section(build[0], "SCRIPTS", keys))
+    scripts = re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)], scripts).split()
+    resources = re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)],
+                       " ".join(_section(build[0], "RESOURCES", keys))).split()
+    for path in scripts + resources:
+        assert (MODULE / path).is_file(), f"{path} is listed but missing"
+    on_disk = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    on_disk -= {"update_core_file_list.py", "make_screenshot.py"}  # developer tools, not part of the module
+    assert sorted(on_disk - set(scripts)) == [], "module scripts missing from SCRIPTS"
+    shipped = {p.relative_to(MODULE).as_posix() for p in (MODULE / "Resources").rglob("*") if p.is_file()}
+    assert sorted(shipped - set(resources)) == [], "resources missing from RESOURCES"
+    assert any(name == "slicer_add_python_unittest" and args == ["SCRIPT", "MediRound.py"]
+               for name, args in commands)
+
+
+def test_core_package_ships_completely():
+    import update_core_file_list as gen
+
+    cmake = MODULE / "MediRoundCoreFiles.cmake"
+    assert cmake.read_text() == gen.render(), (
+        "MediRoundSlicer/MediRoundCoreFiles.cmake is out of date: run python MediRoundSlicer/update_core_file_list.py")
+    commands, variables = _commands(cmake)
+    scripts = variables["MEDIROUND_CORE_SCRIPTS"].split()
+    for path in scripts:
+        assert (ROOT / path).is_file(), path
+    assert "MediRoundCore/engine.py" in scripts and "MediRoundCore/__init__.py" in scripts
+    patterns = variables["MEDIROUND_CORE_RESOURCE_PATTERNS"].split()
+    assert "MediRoundCore/weights/mediround-tiny/*" in patterns
+    data_files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "MediRoundCore").rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+                  and not p.name.startswith(".")]
+    unshipped = [f for f in data_files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert unshipped == [], "package data not covered by MEDIROUND_CORE_RESOURCE_PATTERNS"
+    # the module CMakeLists copies them with the core's own target rooted at the source tree
+    module_commands, _ = _commands(MODULE / "CMakeLists.txt")
+    copy = [args for name, args in module_commands if name == "ctkMacroCompilePythonScript"]
+    assert copy and "${MEDIROUND_CORE_SCRIPTS}" in copy[0] and "${MEDIROUND_CORE_RESOURCES}" in copy[0]
