@@ -4,6 +4,7 @@ ships. Run after adding or removing a file in MediRoundCore/:  python MediRoundS
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +19,17 @@ RESOURCE_PATTERNS = [
 
 
 def core_scripts(root: Path = ROOT) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in (root / "MediRoundCore").rglob("*.py")
-                  if "__pycache__" not in p.parts and not any(part.startswith(".") for part in p.parts))
+    """The core's .py files: those git tracks in a checkout (so a colleague's uncommitted work-in-progress
+    neither ships nor breaks the check), else every one on disk (a source archive)."""
+    on_disk = sorted(p.relative_to(root).as_posix() for p in (root / "MediRoundCore").rglob("*.py")
+                     if "__pycache__" not in p.parts and not any(part.startswith(".") for part in p.parts))
+    try:
+        listed = subprocess.run(["git", "ls-files", "--", "MediRoundCore"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return on_disk
+    tracked = set(listed)
+    return [p for p in on_disk if p in tracked] if tracked else on_disk
 
 
 def render(root: Path = ROOT) -> str:
