@@ -47,6 +47,11 @@ class TrainConfig:
     loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
 
 
+def stream_seed(seed: int, step: int) -> int:
+    """Seed of the data stream for a run (re)started at `step`: a fresh stream after every resume."""
+    return (seed * 7919 + step) % 1000
+
+
 def warmup_linear(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)
@@ -119,6 +124,7 @@ class Trainer:
             optimizer, lambda s: warmup_linear(s, config.warmup_steps, config.steps))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model.train(), optimizer, scheduler)
         self.step = 0
+        self.batch_source = None  # an iterator of ready Batches (e.g. a DataLoader); else built here
         self._resume()
 
     # -- checkpoints -----------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------------
     def _batches(self):
-        stream = self.sample_stream(self.cfg.seed * 1_000_003 + self.step)
+        stream = self.sample_stream(stream_seed(self.cfg.seed, self.step))
         while True:
             yield [next(stream) for _ in range(self.cfg.batch_size)]
 
@@ -161,11 +167,14 @@ class Trainer:
         log_path = self.out / f"log_stage{cfg.stage}.csv"
         history: list[dict] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
-        batches = self._batches()
+        batches = self.batch_source
+        if batches is None:
+            built = self._batches()
+            batches = (make_batch(samples, self.builder, self.raw_model.config) for samples in built)
         running = None
         t0 = time.perf_counter()
         while self.step < cfg.steps:
-            batch = make_batch(next(batches), self.builder, self.raw_model.config).to(self.accelerator.device)
+            batch = next(batches).to(self.accelerator.device)
             with self.accelerator.autocast():
                 terms = losses(self.model, batch) if cfg.stage == 2 else losses(self.model, batch, **cfg.loss_weights)
             self.optimizer.zero_grad(set_to_none=True)

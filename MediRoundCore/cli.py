@@ -1,0 +1,277 @@
+"""`mediround` command line: demo | ask | chat | train | eval | bench | data.
+
+Every error a user can cause prints one clear line and exits non-zero; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MediRoundError
+
+BUNDLED = Path(__file__).parent / "data" / "bundled"
+
+
+# -- shared pieces --------------------------------------------------------------------------------------
+def load_engine(checkpoint: str | None, device: str | None, random_model: bool = False, quiet: bool = False):
+    from .engine import DEFAULT_CHECKPOINT, Engine
+
+    if random_model or (checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file()):
+        if not quiet:
+            print("NOTE: using an UNTRAINED random tiny model (no trained weights found); masks are meaningless.")
+        return Engine.random_tiny()
+    return Engine.load(checkpoint, device=device)
+
+
+def open_session(folder: Path | None, volume):
+    from .session import Session
+
+    if folder is not None and (folder / "session.json").is_file():
+        session = Session.load(folder, expected_fingerprint=volume.fingerprint())
+    else:
+        session = Session(volume.fingerprint(), folder, volume.name)
+    session.volume = volume
+    return session
+
+
+def write_outputs(out: Path, volume, session, stem: str = "segments") -> Path:
+    """`.seg.nrrd` of all rounds (geometry of the volume) and one PNG overlay per round."""
+    from .imaging import extract_slice, mask_into_volume
+    from .segio import Segment, overlay_png, round_color, segment_name, write_seg_nrrd
+
+    segments = []
+    for r in session.rounds:
+        image = extract_slice(volume, r.view, r.slice_index)
+        segments.append(Segment(segment_name(r.number, r.entity), round_color(r.number),
+                                mask_into_volume(volume, image, r.mask).astype(bool)))
+        shown = [(r.mask, round_color(r.number), segment_name(r.number, r.entity))]
+        if r.reference is not None:
+            ref = session.round(r.reference)
+            if (ref.view, ref.slice_index) == (r.view, r.slice_index):
+                shown.append((ref.mask, (1.0, 1.0, 1.0), f"referenced: {segment_name(ref.number, ref.entity)}"))
+        title = f"Round {r.number} ({r.view} slice {r.slice_index}): {r.query}\n{r.answer}"
+        overlay_png(out / f"round_{r.number:02d}.png", image.normalized(), shown, title, image.spacing)
+    return write_seg_nrrd(out / f"{stem}.seg.nrrd", volume, segments)
+
+
+def print_table(session, truth: dict[int, float] | None = None) -> None:
+    header = f"{'#':>2}  {'ref':>3}  {'slice':>9}  {'JCM':>5}  {'fix':>3}  {'ms':>6}  {'Dice':>5}  query -> entity"
+    print(header)
+    print("-" * len(header))
+    for r in session.rounds:
+        dice = f"{truth[r.number]:.3f}" if truth and r.number in truth else "  -  "
+        score = f"{r.jcm_score:.2f}" if r.jcm_score is not None else "  -  "
+        print(f"{r.number:>2}  {r.reference or '-':>3}  {r.view[:3]} {r.slice_index:>4}  {score:>5}  "
+              f"{'yes' if r.corrected else 'no':>3}  {r.timings.get('total_ms', 0):6.0f}  {dice:>5}  "
+              f"{r.query} -> {r.entity or '?'}")
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .imaging import extract_slice, load_volume
+
+    volume = load_volume(BUNDLED / "demo_abdomen.nrrd")
+    labels = load_volume(BUNDLED / "demo_abdomen_labels.nrrd").array
+    script = json.loads((BUNDLED / "demo_dialogue.json").read_text())
+    engine = load_engine(args.checkpoint, args.device, args.random)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(out / "session", ignore_errors=True)
+    session = open_session(out / "session", volume)
+    print(f"MediRound demo on {volume.name} {volume.array.shape[::-1]} ({volume.modality}), device {engine.device_description}")
+    truth = {}
+    for step in script:
+        image = extract_slice(volume, "axial", step["slice_index"])
+        ref = None if step.get("refers_to") is None else step["refers_to"] + 1
+        result = engine.ask(session, step["query"], image, reference=ref, use_jcm=not args.no_jcm)
+        if step.get("expected_label") is not None:
+            plane = np.take(labels, step["slice_index"], axis=0)
+
+            gt_display = _display_like(image, plane == step["expected_label"])
+            truth[result.round.number] = _dice(result.mask, gt_display)
+        print(f"  round {result.round.number}: {step['query']}\n    -> {result.round.answer}")
+    seg_path = write_outputs(out, volume, session, "mediround_demo")
+    print()
+    print_table(session, truth)
+    print(f"\nwrote {seg_path}, {len(session.rounds)} overlay PNG(s) and the session in {out / 'session'}")
+    return 0
+
+
+def _display_like(image, plane_mask: np.ndarray) -> np.ndarray:
+    """An array-plane mask oriented like `image` (inverse of SliceImage.to_plane)."""
+    m = plane_mask.T if image.transpose else plane_mask
+    if image.flip_rows:
+        m = m[::-1, :]
+    if image.flip_cols:
+        m = m[:, ::-1]
+    return np.ascontiguousarray(m)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+
+
+def cmd_ask(args) -> int:
+    from .imaging import extract_slice, load_volume
+
+    volume = load_volume(args.volume, modality=args.modality)
+    session = open_session(Path(args.session), volume)
+    engine = load_engine(args.checkpoint, args.device, args.random)
+    image = extract_slice(volume, args.view, args.slice)
+    result = engine.ask(session, args.query, image, reference=args.reference, use_jcm=not args.no_jcm, beta=args.beta)
+    r = result.round
+    print(f"round {r.number}: {r.answer}")
+    print(f"  entity: {r.entity}  reference: {r.reference}  JCM score: {r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}"
+          f"  corrected: {r.corrected}  pixels: {int(r.mask.sum())}  {r.timings['total_ms']:.0f} ms")
+    if args.out:
+        path = write_outputs(Path(args.out), volume, session)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .imaging import extract_slice, load_volume
+
+    volume = load_volume(args.volume, modality=args.modality)
+    session = open_session(Path(args.session), volume)
+    engine = load_engine(args.checkpoint, args.device, args.random)
+    index = args.slice
+    print(f"{volume.name}: {volume.num_slices(args.view)} {args.view} slices; on slice {index}. "
+          "Type a query; ':slice N' moves, ':undo', ':save DIR', ':quit'.")
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in (":q", ":quit", ":exit"):
+                break
+            if line.startswith(":slice"):
+                index = int(line.split()[1])
+                extract_slice(volume, args.view, index)
+                print(f"on slice {index}")
+            elif line == ":undo":
+                print(f"undid round {session.undo().number}")
+            elif line.startswith(":save"):
+                print(f"wrote {write_outputs(Path(line.split(maxsplit=1)[1]), volume, session)}")
+            else:
+                r = engine.ask(session, line, extract_slice(volume, args.view, index)).round
+                print(f"R{r.number} (ref {r.reference or '-'}, JCM {r.jcm_score:.2f}{', corrected' if r.corrected else ''}): {r.answer}")
+        except (MediRoundError, ValueError, IndexError) as exc:
+            print(f"error: {exc}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.run import run_training
+
+    folder = run_training(args.out, stage=args.stage, steps=args.steps, batch_size=args.batch_size, init=args.init,
+                          lr=args.lr, lora=args.lora, workers=args.workers, seed=args.seed, save_every=args.save_every)
+    print(f"checkpoint: {folder}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate.run import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
+    if not script.is_file():
+        raise MediRoundError(f"{script}: benchmark script not found (run from a source checkout)")
+    sys.argv = [str(script)] + args.rest
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data.splits import main as data_main
+
+    data_main(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mediround", description="MediRound: multi-round reasoning segmentation")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--checkpoint", help="MediRound checkpoint folder (default: the bundled MediRound-Tiny)")
+        sp.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+        sp.add_argument("--random", action="store_true", help="use an untrained tiny model")
+        sp.add_argument("--no-jcm", action="store_true", help="switch off the Judgment & Correction Mechanism")
+
+    sp = sub.add_parser("demo", help="scripted multi-round session on the bundled volume")
+    sp.add_argument("--out", default="demo_output")
+    model_args(sp)
+    sp.set_defaults(func=cmd_demo)
+
+    for name, func in (("ask", cmd_ask), ("chat", cmd_chat)):
+        sp = sub.add_parser(name, help="one round on a volume" if name == "ask" else "interactive session")
+        sp.add_argument("volume", help="NRRD / NIfTI / MHA file or DICOM folder")
+        sp.add_argument("--slice", type=int, required=True)
+        sp.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
+        sp.add_argument("--session", required=True, help="session folder (created if missing)")
+        sp.add_argument("--modality", choices=["CT", "MR"])
+        if name == "ask":
+            sp.add_argument("--query", required=True)
+            sp.add_argument("--reference", type=int, help="round number this query refers to (default: auto)")
+            sp.add_argument("--beta", type=float, help="JCM threshold (default 0.6)")
+            sp.add_argument("--out", help="also write .seg.nrrd and overlays here")
+        model_args(sp)
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("train", help="train stage 1 or 2")
+    sp.add_argument("--out", default="runs/tiny")
+    sp.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    sp.add_argument("--steps", type=int, default=1000)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--init", help="start from this checkpoint folder (stage 2: the stage-1 model)")
+    sp.add_argument("--lr", type=float, default=3e-4)
+    sp.add_argument("--lora", action="store_true")
+    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--save-every", type=int, default=100)
+    sp.set_defaults(func=cmd_train)
+
+    for name, func, text in (("eval", cmd_eval, "multi-round evaluation (see `mediround eval -h`)"),
+                             ("bench", cmd_bench, "CPU latency / memory benchmarks"),
+                             ("data", cmd_data, "build generated splits")):
+        sp = sub.add_parser(name, help=text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=func)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MediRoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one clear line, no traceback
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

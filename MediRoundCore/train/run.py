@@ -1,0 +1,78 @@
+"""`mediround train`: build or resume MediRound-Tiny (or a full model) and run stage 1 and/or stage 2."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from .trainer import TrainConfig, Trainer, stream_seed
+
+
+def training_stream(split: str = "train"):
+    """A resumable sample stream factory: seed -> endless iterator of generated training dialogues."""
+    from ..data.splits import iter_training_samples
+
+    return lambda seed: iter_training_samples(seed=seed, split=split)
+
+
+class _StreamDataset(torch.utils.data.IterableDataset):
+    """Generates dialogues and builds batches in a worker process, overlapping the model's compute."""
+
+    def __init__(self, stream, seed, batch_size, builder, config):
+        self.stream, self.seed, self.batch_size, self.builder, self.config = stream, seed, batch_size, builder, config
+
+    def __iter__(self):
+        from .batching import make_batch
+
+        it = self.stream(self.seed)
+        while True:
+            yield make_batch([next(it) for _ in range(self.batch_size)], self.builder, self.config)
+
+
+def tokenizer_corpus(n_dialogues: int = 3000, seed: int = 999) -> list[str]:
+    from ..answers import strip_seg
+
+    texts: list[str] = []
+    for sample in itertools.islice(training_stream()(seed), n_dialogues):
+        texts += sample.queries + [strip_seg(a) for a in sample.answers]
+    return texts
+
+
+def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int = 3000):
+    from ..model.config import tiny_config
+    from ..model.modeling import MediRound
+    from ..model.tokenizer import TokenIds, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(tokenizer_corpus(corpus_dialogues), vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = MediRound(tiny_config(vocab_size=len(tokenizer)), TokenIds.from_tokenizer(tokenizer))
+    return model, tokenizer
+
+
+def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
+                 lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
+                 save_every: int = 100, corpus_dialogues: int = 3000):
+    """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
+    from ..model.modeling import MediRound
+
+    out = Path(output_dir) / f"stage{stage}"
+    ckpt = out / "checkpoint"
+    if (ckpt / "config.json").is_file():
+        model, tokenizer = MediRound.from_pretrained(ckpt)  # weights and optimiser state are restored by Trainer
+    elif init:
+        model, tokenizer = MediRound.from_pretrained(init)
+    else:
+        model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
+    cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
+                      save_every=save_every, warmup_steps=min(100, max(1, steps // 10)))
+    trainer = Trainer(model, tokenizer, cfg, training_stream())
+    if workers > 0:
+        dataset = _StreamDataset(training_stream(), stream_seed(cfg.seed, trainer.step), batch_size,
+                                 trainer.builder, model.config)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                             worker_init_fn=lambda _: torch.set_num_threads(1))
+        trainer.batch_source = iter(loader)
+    trainer.train(progress=progress)
+    return trainer.save()
