@@ -129,7 +129,8 @@ def guess_modality(array: np.ndarray) -> str:
 
 
 def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
-    """Raw slice → float32 [0,1]: CT by a window (level, width), MR by its 0.5–99.5 percentiles.
+    """Raw slice → float32 [0,1]: CT by a window (level, width), MR by its 0.5–99.5 percentiles,
+    "normalized" (values already in [0,1], e.g. PNG datasets) by clipping only.
     NaN/Inf voxels are an error; a constant image maps to zeros."""
     x = np.asarray(pixels)
     if x.ndim != 2 or min(x.shape) < 1:
@@ -142,6 +143,8 @@ def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[
     x = x.astype(np.float64)
     if not np.all(np.isfinite(x)):
         raise VolumeError(f"slice contains {int((~np.isfinite(x)).sum())} NaN or infinite voxel value(s)")
+    if modality == "normalized":  # already display values in [0, 1]
+        return np.clip(x, 0.0, 1.0).astype(np.float32)
     if modality == "CT":
         level, width = window
         lo, hi = level - width / 2, level + width / 2
