@@ -107,7 +107,6 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.logic = MediRoundLogic()
         self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies)
 
-        import slicer.qMRMLWidgets  # noqa: F401  (registers qMRMLNodeComboBox in Slicer's Python)
         self.volumeSelector = slicer.qMRMLNodeComboBox()
         self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
         self.volumeSelector.selectNodeUponCreation = True
