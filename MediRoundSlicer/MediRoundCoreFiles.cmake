@@ -12,6 +12,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/checkpoints/official.py
   MediRoundCore/checkpoints/ours.py
   MediRoundCore/checkpoints/safety.py
+  MediRoundCore/cli.py
   MediRoundCore/data/__init__.py
   MediRoundCore/data/anatomy.py
   MediRoundCore/data/contact_sheet.py
@@ -34,9 +35,11 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/processing.py
   MediRoundCore/model/tokenizer.py
   MediRoundCore/references.py
+  MediRoundCore/segio.py
   MediRoundCore/session.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
+  MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
   )
 
