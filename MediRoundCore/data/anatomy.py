@@ -298,8 +298,8 @@ def generate_volume(region: str = "abdomen", seed: int = 0, *, shape=(256, 256, 
     d = np.diag([-1.0 if f else 1.0 for f in flip]) if direction is None else np.asarray(direction, float).reshape(3, 3)
     scene = build_scene(region, seed, lesions=lesions, paired=paired, w_span=w_span)
     rng = np.random.default_rng([seed, 7])
-    u, v = _apply_pose(rng, *_physical_grid(shape, spacing, origin, d)[:2])
-    w = _physical_grid(shape, spacing, origin, d)[2]
+    u, v, w = _physical_grid(shape, spacing, origin, d)
+    u, v = _apply_pose(rng, u, v)
     masks = _masks(scene, u, v, w)
     image = _paint(scene, masks, modality, rng, contrast=contrast, noise_level=noise_level, blur=blur)
     sizes = {name: int(m.sum()) for name, m in masks.items()}
