@@ -157,7 +157,7 @@ class Engine:
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
         answer = self.builder.decode(answer_ids)
         if forced:
-            answer = (answer + " " if answer else "") + "(no [SEG] was generated; the answer was closed with one)"
+            answer = (answer + " " if answer else "") + "(the model gave no segmentation token; the answer was closed with one)"
         number = len(session.rounds) + 1
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
                        entity=parse_entity(answer), reference=reference, mask=mask,
@@ -276,7 +276,7 @@ class Engine:
 
 
 def _strip_note(answer: str) -> str:
-    return answer.split(" (no [SEG] was generated")[0]
+    return answer.split(" (the model gave no segmentation token")[0]
 
 
 def set_cpu_threads(n: int | None = None) -> None:

@@ -184,7 +184,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            row = {k: float(v) for k, v in terms.items() if k != "logits"}
+            row = {k: float(v.detach()) for k, v in terms.items() if k != "logits"}
             running = row["loss"] if running is None else 0.95 * running + 0.05 * row["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")

@@ -1,0 +1,63 @@
+"""Trainers: a few-step stage-1 run whose loss falls, resume after interruption, stage 2 trains only the JCM."""
+
+import itertools
+
+import torch
+
+from MediRoundCore.data.splits import iter_training_samples
+from MediRoundCore.engine import Engine
+from MediRoundCore.train.batching import make_batch, sample_tokens
+from MediRoundCore.train.trainer import TrainConfig, Trainer
+
+
+def fixed_stream(n=2):
+    samples = list(itertools.islice(iter_training_samples(seed=5), n))
+    return lambda seed: itertools.cycle(samples)
+
+
+def test_seg_positions_predict_seg_token(tiny_engine):
+    sample = next(iter_training_samples(seed=1))
+    ids, labels, positions = sample_tokens(sample, tiny_engine.builder)
+    assert len(positions) == sample.num_rounds
+    assert all(ids[p + 1] == tiny_engine.model.token_ids.seg for p in positions)
+    assert all(labels[p + 1] == tiny_engine.model.token_ids.seg for p in positions)
+    batch = make_batch([sample], tiny_engine.builder, tiny_engine.model.config)
+    assert batch.crop_pixels.shape[0] == sum(r is not None for r in sample.ref_indices)
+    assert batch.target_masks.shape[0] == sample.num_rounds
+
+
+def test_few_steps_loss_falls(tmp_path):
+    engine = Engine.random_tiny(seed=1)
+    cfg = TrainConfig(str(tmp_path), steps=14, batch_size=2, warmup_steps=2, lr=1e-3, save_every=100, log_every=1)
+    history = Trainer(engine.model, engine.tokenizer, cfg, fixed_stream()).train(progress=False)
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.8 * first["loss"]
+    assert last["ce"] < first["ce"] and last["bce"] < first["bce"]
+    assert (tmp_path / "log_stage1.csv").read_text().count("\n") == 15
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    engine = Engine.random_tiny(seed=2)
+    cfg = TrainConfig(str(tmp_path), steps=2, batch_size=1, warmup_steps=1, save_every=2)
+    Trainer(engine.model, engine.tokenizer, cfg, fixed_stream(1)).train(progress=False)
+    saved = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    fresh = Engine.random_tiny(seed=3)  # different initial weights: resume must overwrite them
+    cfg.steps = 3
+    trainer = Trainer(fresh.model, fresh.tokenizer, cfg, fixed_stream(1))
+    assert trainer.step == 2
+    assert all(torch.equal(saved[k], v) for k, v in fresh.model.state_dict().items())
+    assert trainer.optimizer.state_dict()["state"]
+    history = trainer.train(progress=False)
+    assert [row["step"] for row in history] == [3]
+
+
+def test_stage2_trains_only_jcm(tmp_path):
+    engine = Engine.random_tiny(seed=4)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    cfg = TrainConfig(str(tmp_path), stage=2, steps=2, batch_size=1, warmup_steps=1, save_every=100)
+    history = Trainer(engine.model, engine.tokenizer, cfg, fixed_stream(1)).train(progress=False)
+    after = engine.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("jcm.") for k in changed)
+    assert {"judgment", "bce", "dice", "iou"} <= set(history[0])
