@@ -121,10 +121,17 @@ class Engine:
         return f"CPU ({torch.get_num_threads()} threads)"
 
     # -- the round -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def ask(self, session: Session, query: str, image: SliceImage, reference: int | None = None,
             use_jcm: bool = True, beta: float | None = None, progress=None) -> RoundResult:
-        """Run one round on `image` (a slice of the session's volume) and append it to the session."""
+        """Run one round on `image` (a slice of the session's volume) and append it to the session. A GPU
+        out-of-memory or device error retries the round once on the CPU (see device.py)."""
+        from .device import with_cpu_fallback
+
+        return with_cpu_fallback(self, session, lambda: self._ask(session, query, image, reference, use_jcm, beta,
+                                                                  progress), progress)
+
+    @torch.inference_mode()
+    def _ask(self, session, query, image, reference, use_jcm, beta, progress) -> RoundResult:
         say = progress or (lambda message, fraction: None)
         query = validate_query(query)
         if not isinstance(image, SliceImage):

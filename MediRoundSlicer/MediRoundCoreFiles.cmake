@@ -24,6 +24,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/shapes.py
   MediRoundCore/data/splits.py
   MediRoundCore/data/templates.py
+  MediRoundCore/device.py
   MediRoundCore/engine.py
   MediRoundCore/errors.py
   MediRoundCore/imaging.py
