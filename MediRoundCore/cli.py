@@ -273,5 +273,5 @@ def main(argv=None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m MediRoundCore.cli
     sys.exit(main())

@@ -110,7 +110,9 @@ class Engine:
 
         tokenizer = train_tiny_tokenizer(_SMALL_CORPUS, vocab_size=400)
         torch.manual_seed(seed)
-        model = MediRound(tiny_config(vocab_size=len(tokenizer)), TokenIds.from_tokenizer(tokenizer))
+        config = tiny_config(vocab_size=len(tokenizer))
+        config.max_answer_tokens = 12  # an untrained model rarely stops by itself; keep its babble short
+        model = MediRound(config, TokenIds.from_tokenizer(tokenizer))
         return cls(model, tokenizer, **kwargs)
 
     @property

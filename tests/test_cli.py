@@ -1,0 +1,48 @@
+"""CLI: the demo writes a .seg.nrrd Slicer can read (geometry of the volume), overlays and a session; ask appends."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import slicerio
+
+from MediRoundCore.cli import BUNDLED, main
+from MediRoundCore.imaging import load_volume
+from MediRoundCore.session import Session
+
+
+def test_demo_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--random"]) == 0
+    text = capsys.readouterr().out
+    assert "UNTRAINED" in text and "Dice" in text
+    seg = slicerio.read_segmentation(str(out / "mediround_demo.seg.nrrd"))
+    volume = load_volume(BUNDLED / "demo_abdomen.nrrd")
+    names = [s["name"] for s in seg["segments"]]
+    assert names[0].startswith("R1: ") and len(names) == 4
+    np.testing.assert_allclose(seg["ijkToLPS"], volume.ijk_to_lps(), atol=1e-6)
+    session = Session.load(out / "session", expected_fingerprint=volume.fingerprint())
+    assert [r.reference for r in session.rounds] == [None, 1, 2, 1]
+    for r in session.rounds:
+        assert (out / f"round_{r.number:02d}.png").stat().st_size > 5000
+        voxels = slicerio.extract_segments(seg, [(f"R{r.number}: {r.entity or 'segment'}", 1)])["voxels"]
+        assert voxels.shape == volume.array.shape[::-1]
+        # every voxel of the segment lies in the round's slice (k index in IJK order)
+        ks = np.nonzero(voxels)[2]
+        assert set(ks.tolist()) <= {r.slice_index}
+        assert int(voxels.sum()) == int(r.mask.sum())
+
+
+def test_ask_appends_to_session_and_errors_are_one_line(tmp_path):
+    volume = str(BUNDLED / "demo_abdomen.nrrd")
+    session = tmp_path / "s"
+    cmd = [sys.executable, "-m", "MediRoundCore.cli", "ask", volume, "--slice", "12", "--session", str(session),
+           "--query", "Segment the liver.", "--random"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "round 1:" in done.stdout
+    bad = subprocess.run(cmd[:6] + ["99"] + cmd[7:], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
+    assert "slice index 99 is out of range" in bad.stderr
+    assert len(Session.load(session).rounds) == 1
