@@ -1,0 +1,264 @@
+"""QUALITY.md, the summary CSV and the per-round plot, from the round records of an evaluation run."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import Scores, per_round, summarize
+from .protocol import BASELINE, CONFIGS, RoundRecord
+
+LATE_ROUND = 4  # "rounds ≥ 4" for the JCM target
+TARGET_DICE = 85.0
+TARGET_JCM_GAIN = 1.0
+TARGET_NOREF_DROP = 15.0
+
+
+@dataclass
+class RunInfo:
+    """What the report says about the run (everything but the scores)."""
+
+    command: str
+    date: str
+    model: str
+    device: str
+    cpu: str
+    threads: int
+    versions: str
+    code: str
+    data: str
+    split_sizes: dict
+    wall_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.1f}"
+
+
+def group(records, config: str, where=lambda r: True) -> Scores:
+    return summarize(r.counts for r in records if r.config == config and where(r))
+
+
+def split_sizes(samples) -> dict:
+    """Dialogue and round counts of the evaluated samples."""
+    from .protocol import is_ambiguous
+
+    n_rounds = [s.num_rounds for s in samples]
+    per = {}
+    for n in n_rounds:
+        for k in range(1, n + 1):
+            per[k] = per.get(k, 0) + 1
+    amb = [is_ambiguous(s, k) for s in samples for k in range(s.num_rounds)]
+    return {
+        "dialogues": len(samples),
+        "rounds": int(sum(n_rounds)),
+        "rounds_min": min(n_rounds) if n_rounds else 0,
+        "rounds_max": max(n_rounds) if n_rounds else 0,
+        "rounds_mean": float(np.mean(n_rounds)) if n_rounds else 0.0,
+        "per_round": per,
+        "with_reference": sum(r is not None for s in samples for r in s.ref_indices),
+        "ambiguous": sum(a is True for a in amb),
+        "ambiguity_known": sum(a is not None for a in amb),
+    }
+
+
+def summary_rows(records: list[RoundRecord], configs: list[str]) -> list[dict]:
+    """Long-format rows: config, scope (overall / round / late / ambiguous), round, n, dice, giou, ciou."""
+    rows = []
+    for c in configs:
+        mine = [r for r in records if r.config == c]
+        scopes = [("overall", "", summarize(r.counts for r in mine)),
+                  (f"rounds>={LATE_ROUND}", "", summarize(r.counts for r in mine if r.round >= LATE_ROUND)),
+                  ("ambiguous", "", summarize(r.counts for r in mine if r.ambiguous))]
+        scopes += [("round", k, s) for k, s in per_round(mine).items()]
+        for scope, k, s in scopes:
+            rows.append({"config": c, "scope": scope, "round": k, "n": s.n, "dice": round(s.dice, 3),
+                         "giou": round(s.giou, 3), "ciou": round(s.ciou, 3)})
+    return rows
+
+
+def write_csv(records, configs, path: Path) -> Path:
+    rows = summary_rows(records, configs)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["config"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+RECORD_FIELDS = ["config", "dialogue", "round", "dice", "iou", "intersection", "union", "pred_area", "gt_area",
+                 "gt_reference", "reference", "ambiguous", "relation", "entity_ok", "jcm_score", "corrected",
+                 "seg_forced", "seconds"]
+
+
+def write_records_csv(records, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(RECORD_FIELDS)
+        for r in records:
+            c = r.counts
+            w.writerow([r.config, r.dialogue, r.round, f"{c.dice:.5f}", f"{c.iou:.5f}", c.intersection, c.union,
+                        c.pred_area, c.gt_area, r.gt_reference, r.reference, r.ambiguous, r.relation, r.entity_ok,
+                        "" if r.jcm_score is None else f"{r.jcm_score:.4f}", r.corrected, r.seg_forced,
+                        f"{r.seconds:.4f}"])
+    return path
+
+
+def write_plot(records, configs, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    counts: dict[int, int] = {}
+    for c in configs:
+        per = per_round([r for r in records if r.config == c])
+        if not per:
+            continue
+        counts = counts or {k: s.n for k, s in per.items()}
+        ks = list(per)
+        style = "-" if c == BASELINE else "--" if not CONFIGS[c].jcm else ":"
+        width = 2.2 if c == BASELINE else 1.3
+        for ax, metric in zip(axes, ("dice", "ciou")):
+            ax.plot(ks, [getattr(per[k], metric) for k in ks], style, marker="o", ms=3, lw=width, label=c)
+    for ax, name in zip(axes, ("Dice (%)", "cIoU (%)")):
+        ax.set_xlabel("round (masks)")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(list(counts), [f"{k}\n({n})" for k, n in counts.items()], fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.suptitle(title or "MediRound multi-round evaluation: per-round scores", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def targets(records, configs) -> list[tuple[str, str, str]]:
+    """(target, measured, PASS / FAIL / n/a) for the project's quality targets."""
+    have = set(configs)
+    out = []
+    if BASELINE in have:
+        s = group(records, BASELINE)
+        ok = s.dice >= TARGET_DICE
+        out.append((f"overall Dice ≥ {TARGET_DICE:.0f} with dataset references ({BASELINE})",
+                    f"{_fmt(s.dice)}", "PASS" if ok else "FAIL"))
+    else:
+        out.append((f"overall Dice ≥ {TARGET_DICE:.0f} with dataset references", f"{BASELINE} not run", "n/a"))
+    late = lambda r: r.round >= LATE_ROUND  # noqa: E731
+    if {BASELINE, "ind-nojcm"} <= have:
+        a, b = group(records, BASELINE, late), group(records, "ind-nojcm", late)
+        gain = a.dice - b.dice
+        verdict = "n/a" if math.isnan(gain) else "PASS" if gain >= TARGET_JCM_GAIN else "FAIL"
+        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better than without on rounds ≥ {LATE_ROUND}",
+                    f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(gain)}, n={a.n})", verdict))
+    else:
+        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better on rounds ≥ {LATE_ROUND}", "needs ind+jcm and ind-nojcm", "n/a"))
+    amb = lambda r: r.ambiguous is True  # noqa: E731
+    if {BASELINE, "noref"} <= have:
+        a, b = group(records, BASELINE, amb), group(records, "noref", amb)
+        drop = a.dice - b.dice
+        verdict = "n/a" if math.isnan(drop) else "PASS" if drop >= TARGET_NOREF_DROP else "FAIL"
+        out.append((f"no-reference ablation ≥ {TARGET_NOREF_DROP:.0f} Dice worse on ambiguous rounds",
+                    f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(-drop)}, n={a.n})", verdict))
+    else:
+        out.append((f"no-reference ablation ≥ {TARGET_NOREF_DROP:.0f} Dice worse on ambiguous rounds",
+                    "needs ind+jcm and noref", "n/a"))
+    return out
+
+
+def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, files: dict[str, str]) -> str:
+    sizes = info.split_sizes
+    max_round = max((r.round for r in records), default=0)
+    late = lambda r: r.round >= LATE_ROUND  # noqa: E731
+    amb = lambda r: r.ambiguous is True  # noqa: E731
+    L = ["# MediRound quality (multi-round evaluation)", "",
+         "Written by `mediround eval` (MediRoundCore/evaluate); do not edit by hand. Protocol: each round's predicted "
+         "mask (never the ground truth) feeds the rounds that refer to it; one Session per dialogue and config. "
+         "Dice = mean per-mask Dice, gIoU = mean per-mask IoU, cIoU = Σ intersection / Σ union, in percent "
+         "(an empty prediction of an empty ground truth scores 1).", "",
+         "## Run", "",
+         "| | |", "|---|---|",
+         f"| command | `{info.command}` |",
+         f"| date (UTC) | {info.date} |",
+         f"| code | {info.code} |",
+         f"| model | {info.model} |",
+         f"| device | {info.device} |",
+         f"| machine | CPU {info.cpu}; torch threads {info.threads} |",
+         f"| software | {info.versions} |",
+         f"| wall time | {info.wall_seconds / 60:.1f} min |", ""]
+    L += ["## Data", "",
+          "| | |", "|---|---|",
+          f"| source | {info.data} |",
+          f"| dialogues | {sizes['dialogues']} |",
+          f"| rounds | {sizes['rounds']} ({sizes['rounds_min']}–{sizes['rounds_max']} per dialogue, "
+          f"mean {sizes['rounds_mean']:.1f}) |",
+          f"| rounds with a dataset reference | {sizes['with_reference']} |",
+          f"| rounds ambiguous without their reference | {sizes['ambiguous']}"
+          + ("" if sizes['ambiguity_known'] == sizes['rounds'] else
+             f" (known for {sizes['ambiguity_known']} of {sizes['rounds']} rounds)") + " |",
+          "", "Masks per round: " + ", ".join(f"#{k}: {n}" for k, n in sorted(sizes["per_round"].items())), ""]
+    L += ["## Configurations", "", "| config | what |", "|---|---|"]
+    L += [f"| {c} | {CONFIGS[c].description} |" for c in configs]
+    L += [""]
+    L += ["## Overall", "",
+          f"| config | masks | Dice | gIoU | cIoU | Dice rounds ≥ {LATE_ROUND} | Dice ambiguous | entity acc. | "
+          "JCM corrected | reference = dataset's | s / round |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        mine = [r for r in records if r.config == c]
+        s = summarize(r.counts for r in mine)
+        ents = [r.entity_ok for r in mine if r.entity_ok is not None]
+        refs = [r for r in mine if r.round > 1 and r.gt_reference is not None]
+        corr = [r.corrected for r in mine if r.jcm_score is not None]
+        L.append(f"| {c} | {s.n} | {_fmt(s.dice)} | {_fmt(s.giou)} | {_fmt(s.ciou)} | "
+                 f"{_fmt(group(records, c, late).dice)} | {_fmt(group(records, c, amb).dice)} | "
+                 f"{_fmt(100 * np.mean(ents)) if ents else 'n/a'} | "
+                 f"{_fmt(100 * np.mean(corr)) + ' %' if corr else 'off'} | "
+                 f"{_fmt(100 * np.mean([r.reference == r.gt_reference for r in refs])) + ' %' if refs else 'n/a'} | "
+                 f"{np.mean([r.seconds for r in mine]):.3f} |" if mine else f"| {c} | 0 | | | | | | | | | |")
+    L += ["", "Entity acc.: the answer names the target entity exactly. Reference = dataset's: share of rounds ≥ 2 "
+          "whose reference (given or resolved) is the dataset's. s / round: the first config of each dialogue "
+          "also encodes the slice.", ""]
+    for metric, name in (("dice", "Dice"), ("ciou", "cIoU")):
+        L += [f"## Per-round {name}", "",
+              "| config | " + " | ".join(f"#{k}" for k in range(1, max_round + 1)) + " |",
+              "|---|" + "---|" * max_round]
+        for c in configs:
+            per = per_round([r for r in records if r.config == c])
+            L.append(f"| {c} | " + " | ".join(_fmt(getattr(per[k], metric)) if k in per else "" for k in
+                                               range(1, max_round + 1)) + " |")
+        L.append("")
+    others = [c for c in configs if c != BASELINE]
+    if BASELINE in configs and others:
+        base_all, base_late, base_amb = group(records, BASELINE), group(records, BASELINE, late), group(records, BASELINE, amb)
+        L += [f"## Ablations and variants: difference to {BASELINE}", "",
+              f"| config | Δ Dice | Δ gIoU | Δ cIoU | Δ Dice rounds ≥ {LATE_ROUND} | Δ Dice ambiguous |",
+              "|---|---|---|---|---|---|"]
+        for c in others:
+            s, sl, sa = group(records, c), group(records, c, late), group(records, c, amb)
+            L.append(f"| {c} | {_signed(s.dice - base_all.dice)} | {_signed(s.giou - base_all.giou)} | "
+                     f"{_signed(s.ciou - base_all.ciou)} | {_signed(sl.dice - base_late.dice)} | "
+                     f"{_signed(sa.dice - base_amb.dice)} |")
+        L.append("")
+    L += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
+    L += [f"| {t} | {m} | **{v}** |" for t, m, v in targets(records, configs)]
+    L += [""]
+    if info.notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in info.notes] + [""]
+    L += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in files.items()] + [""]
+    if "plot" in files:
+        L += [f"![per-round scores]({Path(files['plot']).name})", ""]
+    return "\n".join(L)
