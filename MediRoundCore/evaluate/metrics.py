@@ -6,7 +6,8 @@ Definitions, for binary masks P (predicted) and G (ground truth):
 - cIoU = Σ|P∩G| / Σ|P∪G| over all masks (cumulative: large structures weigh more).
 All reported as percentages (× 100).
 
-Empty-vs-empty conventions (as medpy.metric.binary.dc / jc, and the public LISA-style gIoU code):
+Empty-vs-empty conventions (what medpy.metric.binary.dc / jc intend in their ZeroDivisionError branch, though
+with numpy counts they return NaN; and what the public LISA-style gIoU code does):
 - a mask whose prediction and ground truth are both empty scores Dice 1 and IoU 1 (perfect agreement);
 - it adds nothing to the cIoU sums (0 intersection, 0 union); cIoU of a set whose total union is 0 is 1;
 - an empty prediction for a non-empty ground truth (or the reverse) scores 0.

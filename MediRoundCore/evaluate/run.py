@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     set_cpu_threads(args.threads)
     say = print if not args.quiet else (lambda *a, **k: None)
     t_start = time.perf_counter()
+    predictor, model_desc = make_predictor(args)  # first: a bad checkpoint fails before any split is built
     if args.data:
         folder = Path(args.data)
         if not folder.is_dir():
@@ -225,7 +226,6 @@ def main(argv=None) -> int:
     samples, ids = load_samples(folder, args.limit)
     if not samples:
         raise MediRoundError(f"{folder}: no dialogues")
-    predictor, model_desc = make_predictor(args)
     device = getattr(predictor, "device_description", "?")
     n_rounds = sum(s.num_rounds for s in samples)
     say(f"evaluating {len(samples)} dialogues ({n_rounds} rounds) × {len(configs)} configs "
