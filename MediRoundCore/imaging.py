@@ -9,6 +9,7 @@ from the patient's left, anterior on image left. On an oblique volume the voxel 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,10 @@ class SliceImage:
         return np.ascontiguousarray(m)
 
     def normalized(self) -> np.ndarray:
-        return normalize_intensity(self.pixels, self.modality)
+        try:
+            return normalize_intensity(self.pixels, self.modality)
+        except VolumeError as exc:  # name the slice
+            raise VolumeError(f"{self.view} slice {self.index}: {exc}") from None
 
 
 def validate_volume_array(array, name: str = "volume") -> np.ndarray:
@@ -159,7 +163,9 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     """The voxel plane `index` along the axis nearest the view normal, oriented as a radiologist sees it."""
     axis = volume.view_axis(view)
     n = volume.array.shape[2 - axis]
-    if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+        raise VolumeError(f"slice index must be a whole number, got {index!r}")
+    if not 0 <= index < n:
         raise VolumeError(f"slice index {index} is out of range for the {view} view (0..{n - 1})")
     plane = np.take(volume.array, int(index), axis=2 - axis)  # remaining array axes, in array order
     in_plane = [a for a in (2, 1, 0) if a != axis]  # voxel axes of plane rows, cols (array order k,j,i minus axis)
@@ -200,6 +206,8 @@ def load_volume(path: str | Path, modality: str | None = None) -> Volume:
     path = Path(path)
     if not path.exists():
         raise FileFormatError(f"{path}: file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise FileFormatError(f"{path}: the file is empty (0 bytes)")
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -211,9 +219,7 @@ def load_volume(path: str | Path, modality: str | None = None) -> Volume:
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        reason = next((line for line in first if "ERROR" in line or "Unable" in line), first[-1] if first else "")
-        raise FileFormatError(f"{path}: cannot read as a medical image volume ({reason.strip()[:200]})") from None
+        raise FileFormatError(f"{path}: cannot read as a medical image volume: {_read_failure(str(exc))}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or "
                           f"vector image); a scalar volume is needed")
@@ -221,6 +227,18 @@ def load_volume(path: str | Path, modality: str | None = None) -> Volume:
         raise VolumeError(f"{path}: is {image.GetDimension()}D; a 3D volume is needed")
     return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
                   np.asarray(image.GetDirection()).reshape(3, 3), modality=modality, name=path.name)
+
+
+def _read_failure(message: str) -> str:
+    """The cause of a SimpleITK read failure in a few words (truncated data, unknown format, bad header)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    text = " ".join(lines)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a recognised image format (NRRD, NIfTI, MHA, DICOM, …)"
+    if re.search(r"fread got only|expected \d+ bytes but received|premature|unexpected end|truncat", text, re.I):
+        return f"the file is truncated: its voxel data is shorter than its header says ({lines[-1][:160]})"
+    detail = lines[-1] if lines else "unknown reason"
+    return f"corrupt or unsupported file ({detail[:200]})"
 
 
 def to_sitk(volume: Volume, array: np.ndarray | None = None):

@@ -3,6 +3,7 @@ round", an entity named before); else the previous round."""
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Sequence
 
@@ -15,8 +16,9 @@ _ROUND_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\s+(?:round|turn|a
 
 
 def validate_reference(reference: int, num_rounds: int) -> int:
-    if not isinstance(reference, int) or isinstance(reference, bool):
+    if not isinstance(reference, numbers.Integral) or isinstance(reference, bool):  # numpy ints are fine
         raise RoundReferenceError(f"reference must be a round number, got {reference!r}")
+    reference = int(reference)
     if num_rounds == 0:
         raise RoundReferenceError(f"reference to round {reference}, but the session has no rounds yet")
     if not 1 <= reference <= num_rounds:

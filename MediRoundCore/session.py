@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,8 @@ class Session:
                 raise SessionError(f"{path}: unsupported session format {data.get('format')!r}")
             session = cls(data["volume_fingerprint"], folder, data.get("volume_name", ""))
             rounds = data["rounds"]
+            if not isinstance(rounds, list):
+                raise TypeError(f"'rounds' is a {type(rounds).__name__}, not a list")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise SessionError(f"{path}: corrupt session file ({type(exc).__name__}: {exc})") from None
         if expected_fingerprint is not None and session.volume_fingerprint != expected_fingerprint:
@@ -141,8 +144,8 @@ class Session:
                     raise SessionError(f"{folder / MASKS_FILE}: mask of round {item['number']} has shape {mask.shape}, "
                                        f"expected {shape}")
                 session.rounds.append(Round(mask=mask, **item))
-            except TypeError as exc:
-                raise SessionError(f"{path}: corrupt round entry ({exc})") from None
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                raise SessionError(f"{path}: corrupt round entry ({type(exc).__name__}: {exc})") from None
         return session
 
 
@@ -152,8 +155,8 @@ def _read_masks(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k].astype(bool) for k in data.files}
     except FileNotFoundError:
         raise SessionError(f"{path}: masks file missing") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise SessionError(f"{path}: corrupt masks file ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise SessionError(f"{path}: corrupt masks file ({type(exc).__name__}: {exc})") from None
 
 
 def atomic_write(path: Path, payload: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -26,10 +27,15 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own message
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's own text suggests weights_only=False; we never do that: keep only the line naming the object
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
         raise CheckpointError(f"{path}: refused: the file holds objects other than tensors, which could run "
-                              f"code on load ({str(exc).splitlines()[0]})") from None
+                              f"code on load; it was not loaded ({detail[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
