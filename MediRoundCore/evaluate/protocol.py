@@ -53,7 +53,8 @@ class EvalConfig:
 CONFIGS: dict[str, EvalConfig] = {c.name: c for c in (
     EvalConfig("ind+jcm", "dataset", True, description="dataset references, JCM on (the paper's setting)"),
     EvalConfig("ind-nojcm", "dataset", False, description="dataset references, JCM off"),
-    EvalConfig("resolver+jcm", "resolver", True, description="references from the product's resolver (query text), JCM on"),
+    EvalConfig("resolver+jcm", "resolver", True,
+               description="references from the product's resolver (query text), JCM on"),
     EvalConfig("resolver-nojcm", "resolver", False, description="references from the product's resolver, JCM off"),
     EvalConfig("noref", "dataset", True, blank_reference=True,
                description="ablation: reference crop and box replaced by those of a blank mask"),

@@ -165,7 +165,8 @@ def targets(records, configs) -> list[tuple[str, str, str]]:
         out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better than without on rounds ≥ {LATE_ROUND}",
                     f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(gain)}, n={a.n})", verdict))
     else:
-        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better on rounds ≥ {LATE_ROUND}", "needs ind+jcm and ind-nojcm", "n/a"))
+        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better on rounds ≥ {LATE_ROUND}", "needs ind+jcm and ind-nojcm",
+                    "n/a"))
     amb = lambda r: r.ambiguous is True  # noqa: E731
     if {BASELINE, "noref"} <= have:
         a, b = group(records, BASELINE, amb), group(records, "noref", amb)
@@ -215,8 +216,8 @@ def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, file
     L += [""]
     L += ["## Overall", "",
           f"| config | masks | Dice | gIoU | cIoU | Dice rounds ≥ {LATE_ROUND} | Dice ambiguous | entity acc. | "
-          "JCM corrected | reference = dataset's | s / round |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "JCM corrected | reference = dataset's | [SEG] forced | s / round |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         mine = [r for r in records if r.config == c]
         s = summarize(r.counts for r in mine)
@@ -228,9 +229,11 @@ def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, file
                  f"{_fmt(100 * np.mean(ents)) if ents else 'n/a'} | "
                  f"{_fmt(100 * np.mean(corr)) + ' %' if corr else 'off'} | "
                  f"{_fmt(100 * np.mean([r.reference == r.gt_reference for r in refs])) + ' %' if refs else 'n/a'} | "
-                 f"{np.mean([r.seconds for r in mine]):.3f} |" if mine else f"| {c} | 0 | | | | | | | | | |")
+                 f"{_fmt(100 * np.mean([r.seg_forced for r in mine]))} % | "
+                 f"{np.mean([r.seconds for r in mine]):.3f} |" if mine else f"| {c} | 0 |" + " |" * 10)
     L += ["", "Entity acc.: the answer names the target entity exactly. Reference = dataset's: share of rounds ≥ 2 "
-          "whose reference (given or resolved) is the dataset's. s / round: the first config of each dialogue "
+          "whose reference (given or resolved) is the dataset's. [SEG] forced: answers that ended without `[SEG]` "
+          "and were closed with one. s / round: the first config of each dialogue "
           "also encodes the slice.", ""]
     for metric, name in (("dice", "Dice"), ("ciou", "cIoU")):
         L += [f"## Per-round {name}", "",
@@ -241,9 +244,21 @@ def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, file
             L.append(f"| {c} | " + " | ".join(_fmt(getattr(per[k], metric)) if k in per else "" for k in
                                                range(1, max_round + 1)) + " |")
         L.append("")
+    relations = sorted({r.relation for r in records if r.relation})
+    if relations:
+        L += ["## Dice per relation of the round to its reference", "",
+              "| config | " + " | ".join(f"{rel} (n)" for rel in relations) + " |", "|---|" + "---|" * len(relations)]
+        for c in configs:
+            cells = []
+            for rel in relations:
+                s = group(records, c, lambda r, rel=rel: r.relation == rel)
+                cells.append(f"{_fmt(s.dice)} ({s.n})")
+            L.append(f"| {c} | " + " | ".join(cells) + " |")
+        L.append("")
     others = [c for c in configs if c != BASELINE]
     if BASELINE in configs and others:
-        base_all, base_late, base_amb = group(records, BASELINE), group(records, BASELINE, late), group(records, BASELINE, amb)
+        base_all, base_late = group(records, BASELINE), group(records, BASELINE, late)
+        base_amb = group(records, BASELINE, amb)
         L += [f"## Ablations and variants: difference to {BASELINE}", "",
               f"| config | Δ Dice | Δ gIoU | Δ cIoU | Δ Dice rounds ≥ {LATE_ROUND} | Δ Dice ambiguous |",
               "|---|---|---|---|---|---|"]

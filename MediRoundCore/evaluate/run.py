@@ -1,6 +1,6 @@
 """`mediround eval`: the multi-round evaluation, every config on the same dialogues, written to QUALITY.md.
 
-    mediround eval --split hard --limit 100 --out benchmarks               # the bundled model
+    mediround eval --split hard --limit 100 --threads 1 --out benchmarks   # the bundled model
     mediround eval --checkpoint runs/stage2 --split regular --configs ind+jcm,ind-nojcm
     mediround eval --random --split hard --limit 3 --out /tmp/q            # untrained model: a smoke test
     mediround eval --oracle --data path/to/MR-MedSeg --limit 20            # ground truth: must score 100
@@ -9,6 +9,9 @@ A generated split is written once into the cache folder (`--cache`, default ~/.c
 reused; dialogue i of a split and seed is the same whatever the count, so a larger cached build serves a
 smaller --limit. Outputs in --out: QUALITY.md, quality.csv (per config: overall, rounds ≥ 4, ambiguous,
 per round), quality_rounds.png, and with --records quality_records.csv (one row per round and config).
+
+On a CPU shared with other jobs use --threads 1: torch's extra threads then wait on each other (measured on
+2 shared cores: 0.06 s per round with 1 thread, 0.3-1.3 s with 2).
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ def evaluate(predictor, samples, ids, configs, beta: float | None = None, progre
         for run in evaluate_sample(predictor, sample, configs, dialogue_id, beta=beta):
             records += run.records
         bar.update(sample.num_rounds * len(configs))
-        if i == 0 and len(samples) > 1:
+        if progress and i == 0 and len(samples) > 1:
             spent = time.perf_counter() - t_loop
             eta = spent / sample.num_rounds * (n_rounds - sample.num_rounds)
             bar.write(f"first dialogue: {spent:.1f} s for {sample.num_rounds} rounds × {len(configs)} configs; "
@@ -221,8 +224,10 @@ def main(argv=None) -> int:
     else:
         if args.limit <= 0:
             raise MediRoundError("--limit 0 (all) needs --data; a generated split needs a number of dialogues")
-        folder = ensure_split(args.split, args.seed, args.limit, Path(args.cache) if args.cache else default_cache(), say)
-        data_desc = f"generated split `{args.split}`, seed {args.seed}, dialogues 0–{args.limit - 1} (cache `{folder}`)"
+        cache = Path(args.cache) if args.cache else default_cache()
+        folder = ensure_split(args.split, args.seed, args.limit, cache, say)
+        data_desc = (f"generated split `{args.split}`, seed {args.seed}, dialogues 0–{args.limit - 1} "
+                     f"(cache `{folder}`)")
     samples, ids = load_samples(folder, args.limit)
     if not samples:
         raise MediRoundError(f"{folder}: no dialogues")
@@ -248,7 +253,8 @@ def main(argv=None) -> int:
     if args.random:
         notes.append("Random untrained model: the scores are meaningless (a smoke test of the pipeline).")
     info = report.RunInfo(
-        command="mediround eval " + shlex.join(argv), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        command="mediround eval " + shlex.join(argv),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         model=model_desc, device=device, cpu=cpu_model(), threads=torch.get_num_threads(), versions=versions(),
         code=code_version(), data=data_desc, split_sizes=report.split_sizes(samples),
         wall_seconds=time.perf_counter() - t_start, notes=notes)
