@@ -90,6 +90,26 @@ def test_metric_conventions():
         metrics.mask_counts(empty, np.zeros((8, 9), bool))
 
 
+def test_bootstrap_interval_is_paired_over_dialogues():
+    from MediRoundCore.evaluate.protocol import RoundRecord
+    from MediRoundCore.evaluate.report import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    records = []
+    for d in range(30):
+        for k in range(1, 5):
+            inter = int(rng.integers(0, 50))
+            for config, extra in (("a", 10), ("b", 0)):  # a is always 10 pixels better, paired
+                c = metrics.MaskCounts(inter + extra, 100, inter + extra + 20, 80)
+                records.append(RoundRecord(config, str(d), k, c, None, None, None, None, None, None, False, False, 0.0))
+    diffs = [ra.counts.dice - rb.counts.dice for ra, rb in zip(records[::2], records[1::2])]
+    lo, hi = bootstrap_ci(records, "a", "b")
+    assert lo <= 100 * np.mean(diffs) <= hi and hi - lo < 1.0  # paired: the spread of Dice itself cancels
+    lo_a, hi_a = bootstrap_ci(records, "a")
+    assert hi_a - lo_a > hi - lo
+    assert all(math.isnan(x) for x in bootstrap_ci(records, "a", "missing"))
+
+
 # -- protocol -----------------------------------------------------------------------------------------------
 def test_configs_and_references(samples):
     assert [c.name for c in parse_configs(["ind+jcm,noref", "prevround", "noref"])] == ["ind+jcm", "noref", "prevround"]
@@ -233,7 +253,8 @@ def test_eval_cli_oracle(split_dir, tmp_path, capsys):
     text = (out / "QUALITY.md").read_text()
     assert all(s in text for s in SECTIONS)
     assert "| ind+jcm |" in text and "| 100.0 | 100.0 | 100.0 |" in text
-    assert "overall Dice ≥ 85 with dataset references (ind+jcm) | 100.0 | **PASS**" in text
+    assert "overall Dice ≥ 85 with dataset references (ind+jcm) | 100.0 (95 % CI 100.0–100.0, n=" in text
+    assert "| **PASS** |" in text
     assert "| **FAIL** |" in text  # JCM gains nothing on the ground truth
     import csv
 
