@@ -302,3 +302,13 @@ def test_eval_cli_errors(tmp_path):
         eval_run.main(["--oracle", "--configs", "nope", "--data", str(tmp_path)])
     with pytest.raises(MediRoundError, match="no checkpoint"):
         eval_run.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--quiet"])
+
+
+def test_mediround_eval_command(split_dir, tmp_path):
+    from MediRoundCore import cli
+
+    out = tmp_path / "cli"
+    # "--" keeps argparse's REMAINDER from rejecting a leading option (`mediround eval --oracle` needs cli.py's fix)
+    assert cli.main(["eval", "--", "--oracle", "--data", str(split_dir), "--limit", "1", "--configs", "ind+jcm",
+                     "--out", str(out), "--quiet", "--no-plot", "--threads", "1"]) == 0
+    assert "| ind+jcm | " in (out / "QUALITY.md").read_text()
