@@ -17,6 +17,14 @@ from MediRoundCore.evaluate import run as eval_run
 from MediRoundCore.model.processing import reference_inputs
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`mediround eval --threads` sets torch's global thread count; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory):
     from MediRoundCore.data.splits import build_split
