@@ -153,6 +153,9 @@ def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[
         level, width = window
         lo, hi = level - width / 2, level + width / 2
     else:
+        peak = float(np.max(np.abs(x)))
+        if peak > 1e300:  # keep hi - lo finite (±1e308 values): percentiles do not depend on the scale
+            x = x / peak
         lo, hi = np.percentile(x, [0.5, 99.5])
     if hi <= lo:
         return np.zeros(x.shape, np.float32)
