@@ -27,6 +27,11 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/device.py
   MediRoundCore/engine.py
   MediRoundCore/errors.py
+  MediRoundCore/evaluate/__init__.py
+  MediRoundCore/evaluate/metrics.py
+  MediRoundCore/evaluate/protocol.py
+  MediRoundCore/evaluate/report.py
+  MediRoundCore/evaluate/run.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/config.py

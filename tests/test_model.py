@@ -139,3 +139,12 @@ def test_checkpoint_of_wrong_size_names_tensor(tiny_engine, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"shape mismatch for 'language_model\.model\.layers\.0\.mlp"):
         MediRound.from_pretrained(tmp_path / "ckpt")
+
+
+def test_float16_storage_loads_as_float32(tiny_engine, tmp_path):
+    m, tok = tiny_engine.model, tiny_engine.tokenizer
+    m.save_pretrained(tmp_path / "half", tok, storage_dtype=torch.float16)
+    loaded, _ = MediRound.from_pretrained(tmp_path / "half")
+    w = loaded.box_encoder.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, m.box_encoder.weight.half().float())

@@ -16,7 +16,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_pretrained(model, folder, tokenizer=None) -> None:
+def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
+    """Write the folder; `storage_dtype` (e.g. float16 for the shipped weights) casts floating tensors on disk."""
     from safetensors.torch import save_file
 
     from ..model.lora import has_lora
@@ -27,6 +28,8 @@ def save_pretrained(model, folder, tokenizer=None) -> None:
     config["lora_applied"] = has_lora(model)
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "mediround_size": model.config.size})
     tmp.replace(folder / WEIGHTS)

@@ -178,10 +178,10 @@ class MediRound(nn.Module):
         return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, folder, tokenizer=None) -> None:
+    def save_pretrained(self, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
         from ..checkpoints.ours import save_pretrained
 
-        save_pretrained(self, folder, tokenizer)
+        save_pretrained(self, folder, tokenizer, storage_dtype)
 
     @classmethod
     def from_pretrained(cls, folder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
