@@ -9,6 +9,7 @@ once.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Callable, TypeVar
 
 import torch
@@ -100,17 +101,34 @@ def move_engine_to_cpu(engine, reason: str) -> None:
         raise DeviceError(f"{reason}; the model needs about {_gb(need)} of RAM to run on the CPU and only "
                           f"{_gb(available)} is available, so the round was not run (the session is unchanged): "
                           f"{SMALLER_OPTIONS}")
-    for cache in ("_slices", "_ref_features"):  # tensors on the failed device
-        held = getattr(engine, cache, None)
-        if held is not None:
-            held.clear()
+    if hasattr(engine, "forget"):
+        engine.forget()  # per-slice caches (KV cache, embeddings) on the failed device: rebuilt on demand
     try:
         model.to(device="cpu", dtype=torch.float32)
+        for name, value in vars(engine).items():  # other memories (reference features, …): moved, not lost
+            if name not in ("model", "tokenizer", "builder"):
+                _tensors_to_cpu(value)
     except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a quantised model that cannot leave the GPU
         raise DeviceError(f"{reason}; moving the model to the CPU failed ({str(exc).splitlines()[0][:200]}), so "
                           f"the round was not run (the session is unchanged): {SMALLER_OPTIONS}") from None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _tensors_to_cpu(value, depth: int = 0):
+    """`value` with every tensor inside (dicts and lists changed in place, tuples rebuilt) on the CPU in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device="cpu", dtype=torch.float32 if value.is_floating_point() else value.dtype)
+    if depth > 4:
+        return value
+    if isinstance(value, (dict, weakref.WeakKeyDictionary)):
+        for key in list(value.keys()):
+            value[key] = _tensors_to_cpu(value[key], depth + 1)
+    elif isinstance(value, list):
+        value[:] = [_tensors_to_cpu(v, depth + 1) for v in value]
+    elif isinstance(value, tuple):
+        return tuple(_tensors_to_cpu(v, depth + 1) for v in value)
+    return value
 
 
 def with_cpu_fallback(engine, session, attempt: Callable[[], T], progress=None) -> T:
