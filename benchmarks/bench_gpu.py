@@ -116,6 +116,21 @@ def bf16_prompt_encoder_workaround(model) -> str | None:
             f"instance only. MediRoundCore needs the same fix for bf16 inference.")
 
 
+def synchronize_parts(model) -> None:
+    """CUDA runs asynchronously: without a synchronisation the engine's per-part timings (`round.timings`) would
+    charge a part's GPU time to whichever later step waits for it. Wrap the encoders and the mask decoder of this
+    model instance so each call returns only when its GPU work is done (the engine waits soon after anyway)."""
+    for name in ("encode_segmenter_image", "encode_image_tokens", "encode_crops", "decode_masks"):
+        inner = getattr(model, name)
+
+        def synced(*args, _inner=inner, **kwargs):
+            out = _inner(*args, **kwargs)
+            torch.cuda.synchronize()
+            return out
+
+        setattr(model, name, synced)
+
+
 def computed_figures(model) -> dict:
     """Sizes computed from the model's parameters (meta or real): counts per part, bf16 bytes, a 4-bit estimate
     (NF4 with double-quantised block statistics: 0.5 byte + 1/64 byte + 4/(64·256) byte per weight of the decoder's
@@ -218,7 +233,8 @@ def render_section(info: dict, computed: dict, args, measured: dict | None, devi
                  f"2–{1 + args.later} (later rounds).")
         L.append(f"- Random weights never choose to stop: every answer is decoded to {args.answer_tokens} tokens (the "
                  "answer-length limit is set to it; a special token can end one earlier), then closed with `[SEG]`. "
-                 "The time per answer token gives the latency at any other length.")
+                 "The time per answer token gives the latency at any other length. The encoders, the mask decoder "
+                 "and each language-model forward are synchronised with the GPU, so each part's time is its own.")
         L += [f"- {note}" for note in notes or []]
         L.append("")
 
@@ -349,6 +365,7 @@ def run(argv=None) -> dict:
     model = build_full("cuda", TokenIds.from_tokenizer(tokenizer))
     model.config.max_answer_tokens = args.answer_tokens
     workaround = bf16_prompt_encoder_workaround(model)
+    synchronize_parts(model)
     engine = Engine(model, tokenizer)
     say(f"bench_gpu: built on {device_note} in {time.perf_counter() - t:.1f} s; bf16 runs")
     measured["bf16"] = measure(engine, volume, queries, refs, args.runs, args.warmup, args.later, args.growth_rounds)

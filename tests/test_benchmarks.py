@@ -115,14 +115,17 @@ def test_gpu_script_without_cuda_says_pending_and_computes_sizes_on_meta(tmp_pat
     assert "computed" in section
 
 
-def test_gpu_measurement_path_runs_on_a_bf16_tiny_model(tmp_path):
+def test_gpu_measurement_path_runs_on_a_bf16_tiny_model(tmp_path, monkeypatch):
     """The GPU script's measurement and report code, exercised on the CPU with a bf16 tiny model."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
     try:
         _bf16_measurement(tmp_path)
     finally:
         torch.set_num_threads(threads)
+    assert syncs  # the per-part synchronisation wrappers ran
 
 
 def _bf16_measurement(tmp_path):
@@ -133,6 +136,7 @@ def _bf16_measurement(tmp_path):
     engine.model.config.max_answer_tokens = 2
     note = bench_gpu.bf16_prompt_encoder_workaround(engine.model)  # None once the core handles bf16 itself
     assert note is None or "float32" in note
+    bench_gpu.synchronize_parts(engine.model)
     queries, refs, volume, source = bench_cpu.dialogue_and_volume(0, 3, 64)
     measured = bench_gpu.measure(engine, volume, queries, refs, runs=1, warmup=0, later=1, growth_rounds=3)
     assert len(measured["asks"]["first"]) == 1 and measured["growth"]["rows"]["ours"][-1]["round"] == 3
