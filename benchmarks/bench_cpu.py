@@ -351,13 +351,15 @@ def explain_first(recs, target) -> str:
     else:
         per = med["decode_ms_per_token"]
         budget = target - (med["wall_ms"] - med["decode_ms"])
-        text += (f"Without answer decoding it takes {med['wall_ms'] - med['decode_ms']:.0f} ms; the rest is "
-                 f"{med['answer_tokens']:.0f} answer tokens at {per:.1f} ms each. ")
-        if budget > 0 and per == per and per > 0:
+        text += f"Without answer decoding it takes {med['wall_ms'] - med['decode_ms']:.0f} ms"
+        text += (f"; the rest is {med['answer_tokens']:.0f} answer tokens at {per:.1f} ms each. " if per == per
+                 else " (no answer tokens were generated). ")
+        if budget <= 0:
+            text += ("The work besides decoding alone exceeds the target; the encoders, the image prefix and the "
+                     "query forward need to be faster.")
+        elif per == per and per > 0:
             text += (f"At this speed the target allows about {int(budget // per)} answer tokens: shorter answers "
                      f"(a trained model names the entity in a few tokens) or faster decoding steps would reach it.")
-        else:
-            text += "The prompt side alone exceeds the target; the encoders and prefix need to be faster."
     return text
 
 
@@ -367,14 +369,18 @@ def explain_later(recs, target) -> str:
             "language_model_ms")}
     rest = med["wall_ms"] - med["decode_ms"]
     per = med["decode_ms_per_token"]
+    decoding = (f"{med['decode_ms']:.0f} ms ({med['answer_tokens']:.0f} tokens × {per:.1f} ms)" if per == per
+                else "no time (no answer tokens)")
     text = (f"Later rounds: median {med['wall_ms']:.0f} ms against {target:.0f} ms; answer decoding takes "
-            f"{med['decode_ms']:.0f} ms ({med['answer_tokens']:.0f} tokens × {per:.1f} ms), everything else "
+            f"{decoding}, everything else "
             f"{rest:.0f} ms (mask decoder {med['mask_decoder_ms']:.0f} ms, reference crop/box features and "
             f"bookkeeping {med['other_engine_ms']:.0f} ms). ")
     if rest >= target:
         text += ("Even a one-token answer would miss: the fixed per-round work (prompt forward, the reference crop "
                  "through the vision tower, mask decoder) has to get faster first.")
-    elif per == per and per > 0:
+    elif not (per == per and per > 0):
+        text += "No answer tokens were generated in these rounds: the per-round work itself has to get faster."
+    else:
         text += (f"The target leaves {target - rest:.0f} ms for the answer, about {int((target - rest) // per)} "
                  f"tokens at this speed: the answer length decides. A trained model that names the entity and "
                  f"stops (or an answer-length cap) would reach it; so would a faster decoding step.")
