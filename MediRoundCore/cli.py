@@ -255,9 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASS_THROUGH = ("eval", "bench", "data")  # sub-commands with their own argument parsers
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if split < len(argv) and argv[split] in PASS_THROUGH:
+        args = parser.parse_args(argv[: split + 1])
+        args.rest = [a for a in argv[split + 1:]]
+        if args.rest[:1] == ["--"]:
+            args.rest = args.rest[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except MediRoundError as exc:

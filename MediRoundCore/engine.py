@@ -13,6 +13,7 @@ import inspect
 import os
 import time
 import unicodedata
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class _SliceState:
     cache_len: int = 0
     rounds: list[int] = field(default_factory=list)  # session round numbers whose tokens are in the cache
     pending: list[int] = field(default_factory=list)  # tokens decided but not yet fed ([SEG], EOS)
-    session_id: int | None = None
+    session_ref: object = None  # weakref to the session whose rounds the cache holds
 
 
 def validate_query(query) -> str:
@@ -85,8 +86,9 @@ class Engine:
                                      model.config.vision.num_patches)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
         self._max_slices = max_slices
-        self._answer_ids: dict[tuple, list[int]] = {}  # (session id, round number) -> generated answer ids
-        self._ref_features: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per live session (weakly held, so closed sessions free their memory): round number -> generated
+        # answer ids, and round number -> (crop, box) features of its reference.
+        self._memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.forward_log: list[int] = []  # tokens per language-model forward, for tests and benchmarks
 
     # -- construction --------------------------------------------------------------------------------
@@ -174,9 +176,10 @@ class Engine:
                        corrected=bool(out.corrected[0]) if out.corrected is not None else False,
                        seg_forced=forced, lm_tokens=sum(forward_tokens), timings=timings)
         session.add_round(round_)
-        self._answer_ids[(id(session), number)] = answer_ids
+        memory = self._session_memory(session)
+        memory["answers"][number] = answer_ids
         if reference is not None:
-            self._ref_features[(id(session), number)] = (crop_tokens, box_tokens)
+            memory["refs"][number] = (crop_tokens, box_tokens)
         state.rounds.append(number)
         state.pending = [self.model.token_ids.seg, self.model.token_ids.eos]
         say("done", 1.0)
@@ -202,8 +205,8 @@ class Engine:
         self._slices.move_to_end(key)
         # The cache must hold exactly the session's rounds so far, in order; else rebuild it.
         if self.reuse_cache and (state.cache is None or state.rounds != [r.number for r in session.rounds]
-                                 or state.session_id != id(session)):
-            state.session_id = id(session)
+                                 or state.session_ref is None or state.session_ref() is not session):
+            state.session_ref = weakref.ref(session)
             self._rebuild_prefix(session, state, forward_tokens, timings)
         return state
 
@@ -212,16 +215,16 @@ class Engine:
         from transformers import DynamicCache
 
         t = time.perf_counter()
+        memory = self._session_memory(session)
         ids = self.builder.prefix()
         crops, boxes = [], []
         for r in session.rounds:
             if r.reference is not None:
-                crop, box = self._ref_features.get((id(session), r.number)) or \
-                    self._reference_features(session, r.reference, state, None, r)
+                crop, box = memory["refs"].get(r.number) or self._reference_features(session, r.reference, state, None)
                 crops.append(crop)
                 boxes.append(box)
             ids += self.builder.user(r.query, r.reference is not None, first=r.number == 1)
-            answer_ids = self._answer_ids.get((id(session), r.number))
+            answer_ids = memory["answers"].get(r.number)
             if answer_ids is None:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
             ids += answer_ids + [self.model.token_ids.seg, self.model.token_ids.eos]
@@ -229,6 +232,7 @@ class Engine:
         keep = 2 if session.rounds else 0
         feed, state.pending = (ids[:-keep], ids[-keep:]) if keep else (ids, [])
         state.cache = DynamicCache()
+        state.cache_len = 0
         embeds = self.model.embed_inputs(torch.tensor([feed]), state.image_tokens,
                                          torch.cat(crops) if crops else None, torch.cat(boxes) if boxes else None)
         self._lm(embeds, state, forward_tokens)
@@ -236,7 +240,15 @@ class Engine:
         timings["prefix_ms"] = (time.perf_counter() - t) * 1000
         return state
 
-    def _reference_features(self, session, reference, state, image, round_=None):
+    def _session_memory(self, session: Session) -> dict:
+        memory = self._memory.setdefault(session, {"answers": {}, "refs": {}})
+        known = {r.number for r in session.rounds}
+        for table in memory.values():  # forget undone rounds
+            for number in [n for n in table if n not in known]:
+                del table[number]
+        return memory
+
+    def _reference_features(self, session, reference, state, image):
         """Crop (via the vision tower's CLS) and box features of the referenced round's mask, on its own slice."""
         ref = session.round(reference)
         if (ref.view, ref.slice_index) == state.key[1:3]:

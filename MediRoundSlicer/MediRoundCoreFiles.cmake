@@ -45,6 +45,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/session.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
+  MediRoundCore/train/export.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
   )

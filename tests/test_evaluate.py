@@ -173,8 +173,8 @@ def test_predicted_masks_feed_later_rounds(fast_engine, samples):
                 result.round.mask = np.zeros_like(result.round.mask)
             return result
 
-        def _reference_features(self, session, reference, state, image, round_=None):
-            feats = super()._reference_features(session, reference, state, image, round_)
+        def _reference_features(self, session, reference, state, image):
+            feats = super()._reference_features(session, reference, state, image)
             seen.append((reference, session.round(reference).mask.copy(), feats))
             return feats
 

@@ -191,9 +191,9 @@ class EvalEngine(Engine):
             self.blank_reference = self.no_history = False
             self.builder = self._plain_builder
 
-    def _reference_features(self, session, reference, state, image, round_=None):
+    def _reference_features(self, session, reference, state, image):
         if not self.blank_reference:
-            return super()._reference_features(session, reference, state, image, round_)
+            return super()._reference_features(session, reference, state, image)
         if self._blank is None:
             blank = np.zeros((8, 8), np.float32)
             crop, box = reference_inputs(blank, blank.astype(bool), self.model.config)
@@ -202,7 +202,6 @@ class EvalEngine(Engine):
         return self._blank
 
     def _rebuild_prefix(self, session, state, forward_tokens, timings):
-        # A rebuilt cache starts at position 0 (the base engine keeps counting from the old cache's length).
         state.cache_len = 0
         if not self.no_history:
             return super()._rebuild_prefix(session, state, forward_tokens, timings)
@@ -219,10 +218,8 @@ class EvalEngine(Engine):
 
     def end_dialogue(self, sessions) -> None:
         """Drop the per-session entries (answer ids, reference features) of finished sessions."""
-        ids = {id(s) for s in sessions}
-        for store in (self._answer_ids, self._ref_features):
-            for key in [k for k in store if k[0] in ids]:
-                del store[key]
+        for session in sessions:
+            self._memory.pop(session, None)
         self.forward_log.clear()
 
 
