@@ -173,7 +173,8 @@ def cmd_train(args) -> int:
     from .train.run import run_training
 
     folder = run_training(args.out, stage=args.stage, steps=args.steps, batch_size=args.batch_size, init=args.init,
-                          lr=args.lr, lora=args.lora, workers=args.workers, seed=args.seed, save_every=args.save_every)
+                          lr=args.lr, lora=args.lora, workers=args.workers, seed=args.seed, save_every=args.save_every,
+                          loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
 
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--save-every", type=int, default=100)
+    sp.add_argument("--ce-weight", type=float, default=1.0)
+    sp.add_argument("--bce-weight", type=float, default=2.0)
+    sp.add_argument("--dice-weight", type=float, default=0.5,
+                    help="paper: 0.5 (with pretrained MedSAM); the tiny model trained from scratch uses 2.0")
     sp.set_defaults(func=cmd_train)
 
     for name, func, text in (("eval", cmd_eval, "multi-round evaluation (see `mediround eval -h`)"),

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Background training of MediRound-Tiny stage 1 (resumable).
+# Background training of MediRound-Tiny stage 1 (resumable): what produced the shipped model.
+# Phase A (runs/tiny, 450 steps, paper loss weights) collapsed to empty masks: from scratch the segmenter
+# needs a stronger overlap term. Phase B continues from phase A's weights with Dice weight 2.0.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-exec nice -n -10 .venv/bin/python -c "
-import torch; torch.set_num_threads(2)
-from MediRoundCore.train.run import run_training
-run_training('runs/tiny', stage=1, steps=int('${STEPS:-1150}'), batch_size=8, progress=True, save_every=50, corpus_dialogues=600)
-"
+exec nice -n -10 .venv/bin/mediround train --out runs/tiny2 --stage 1 --init runs/tiny/stage1/checkpoint \
+  --steps "${STEPS:-1700}" --batch-size 8 --save-every 50 --dice-weight 2.0

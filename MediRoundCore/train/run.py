@@ -53,7 +53,7 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
 
 def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
-                 save_every: int = 100, corpus_dialogues: int = 3000):
+                 save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
     from ..model.modeling import MediRound
 
@@ -67,6 +67,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)))
+    if loss_weights:
+        cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
     trainer = Trainer(model, tokenizer, cfg, training_stream())
     if workers > 0:
         dataset = _StreamDataset(training_stream(), stream_seed(cfg.seed, trainer.step), batch_size,
