@@ -32,6 +32,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/protocol.py
   MediRoundCore/evaluate/report.py
   MediRoundCore/evaluate/run.py
+  MediRoundCore/evaluate/select_beta.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/config.py
