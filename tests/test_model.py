@@ -148,3 +148,15 @@ def test_float16_storage_loads_as_float32(tiny_engine, tmp_path):
     w = loaded.box_encoder.weight
     assert w.dtype == torch.float32
     assert torch.equal(w, m.box_encoder.weight.half().float())
+
+
+def test_bfloat16_model_decodes_masks(tiny_engine):
+    """The GPU path runs in bf16: SAM's positional encoding must not mix dtypes."""
+    import copy
+
+    model = copy.deepcopy(tiny_engine.model).to(torch.bfloat16)
+    g = model.config.segmenter.embedding_size
+    out = model.decode_with_prompts(torch.randn(2, 256, g, g, dtype=torch.bfloat16), torch.randn(2, 256, dtype=torch.bfloat16))
+    ref = tiny_engine.model.decode_with_prompts(torch.zeros(1, 256, g, g), torch.zeros(1, 256))
+    assert out.dtype == torch.bfloat16 and out.shape[1:] == ref.shape[1:]
+    assert torch.isfinite(out.float()).all()

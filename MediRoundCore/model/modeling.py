@@ -169,13 +169,26 @@ class MediRound(nn.Module):
         out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), prompts.unsqueeze(1).to(out_tokens.dtype)], 1)
         src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        pos_src = pe.get_dense_pe().expand(k, -1, -1, -1)
+        pos_src = self.dense_positional_encoding().to(src.dtype).expand(k, -1, -1, -1)
         hs, src = decoder.transformer(src, pos_src, tokens)
         mask_token_out = hs[:, 1, :]  # the first mask token: SAM's single-mask output
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
         bu, cu, hu, wu = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+
+    def dense_positional_encoding(self) -> torch.Tensor:
+        """SAM's dense positional encoding of the embedding grid, computed in float32 whatever the model's dtype
+        (SAM builds its coordinate grid in float32, which fails against a bf16 Gaussian matrix)."""
+        layer = self.segmenter.prompt_encoder.pe_layer
+        matrix = layer.positional_encoding_gaussian_matrix
+        if matrix.dtype == torch.float32:
+            return self.segmenter.prompt_encoder.get_dense_pe()
+        layer.positional_encoding_gaussian_matrix = matrix.float()
+        try:
+            return self.segmenter.prompt_encoder.get_dense_pe()
+        finally:
+            layer.positional_encoding_gaussian_matrix = matrix
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
