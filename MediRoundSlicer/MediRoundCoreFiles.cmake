@@ -55,4 +55,6 @@ set(MEDIROUND_CORE_RESOURCE_PATTERNS
   MediRoundCore/weights/mediround-tiny/*
   MediRoundCore/checkpoints/manifests/*.json
   MediRoundCore/data/bundled/*
+  MediRoundCore/train/*.json
+  MediRoundCore/train/*.yaml
   )

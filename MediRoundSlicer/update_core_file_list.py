@@ -15,6 +15,8 @@ RESOURCE_PATTERNS = [
     "MediRoundCore/weights/mediround-tiny/*",
     "MediRoundCore/checkpoints/manifests/*.json",
     "MediRoundCore/data/bundled/*",
+    "MediRoundCore/train/*.json",
+    "MediRoundCore/train/*.yaml",
 ]
 
 
