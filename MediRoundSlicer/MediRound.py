@@ -299,17 +299,19 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         """Start (or, with `restore`, resume the autosaved) session of `volume_node`; None clears."""
         if self.busy:
             raise MediRoundError("wait for the running Ask to finish before changing the volume")
-        self.volume_node = volume_node
-        self.session = None
-        self.segmentation_node = None
         if volume_node is None:
+            self.volume_node = self.session = self.segmentation_node = None
             self.volume = self.ijk_to_ras = None
             return None
-        self.volume, self.ijk_to_ras = self._core_volume(volume_node)
-        fingerprint = self.volume.fingerprint()
+        # Validate the new volume (and its saved session) first: a refused volume keeps the current session.
+        volume, ijk_to_ras = self._core_volume(volume_node)
+        fingerprint = volume.fingerprint()
         folder = self.session_folder(fingerprint)
-        if restore:
-            self.session = Session.load(folder, fingerprint)
+        restored = Session.load(folder, fingerprint) if restore else None
+        self.volume_node, self.volume, self.ijk_to_ras = volume_node, volume, ijk_to_ras
+        self.segmentation_node = None
+        if restored is not None:
+            self.session = restored
         else:
             self._archive(folder)
             self.session = Session(fingerprint, folder, volume_node.GetName())

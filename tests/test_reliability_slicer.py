@@ -173,3 +173,17 @@ def test_logic_recovers_after_a_refused_query(tmp_path, tiny_engine):
         assert len(Session.load(ctx.folder).rounds) == 2
     finally:
         ctx.logic.shutdown()
+
+
+def test_refused_volume_keeps_the_current_session(tmp_path):
+    """Choosing an unusable volume node is refused; the radiologist's session and segments stay in place."""
+    import torch  # noqa: F401  (the engine factory is never called here)
+
+    ctx = Ctx(tmp_path, ThresholdEngine(0))
+    session, segmentation = ctx.logic.session, ctx.logic.segmentation_node
+    with pytest.raises(VolumeError, match="colour photo"):
+        ctx.logic.set_volume(rgb_node(ctx))
+    assert ctx.logic.session is session and len(session.rounds) == 1
+    assert ctx.logic.segmentation_node is segmentation and ctx.logic.volume_node is ctx.node
+    ctx.logic.ask("Now the lesion inside it.")
+    assert [r.number for r in ctx.logic.session.rounds] == [1, 2]
