@@ -27,7 +27,7 @@ from MediRoundLib import qt  # noqa: E402
 from MediRoundLib.panel import ChatPanel  # noqa: E402
 from MediRoundLib.testing import add_slice_node, add_volume, show_plane  # noqa: E402
 
-QUERIES = ["Segment the liver.", "Now the lesion inside it.", "Which organ lies left of the aorta? Segment it."]
+QUERIES = ["Segment the left kidney.", "Now the lesion inside it.", "Segment the organ that stores bile."]  # the demo dialogue
 
 
 def main(out=ROOT / "Resources" / "Screenshots" / "panel.png"):
