@@ -27,3 +27,12 @@ def ct_volume():
     array[:, 10:30, 20:40] = 200
     array[0, 0, 0] = -1000
     return Volume(array, (0.8, 0.8, 2.5), (-100.0, 50.0, 20.0), np.diag([1.0, 1.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a shared, busy CPU a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,15 +20,7 @@ from MediRoundCore.session import Round, Session
 SHAPE = (4, 40, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, busy CPU a second thread mostly waits (tens of times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def snapshot(folder):

@@ -27,15 +27,7 @@ ORIGIN = (10.0, -20.0, 33.0)
 GOOD_SLICE, NAN_SLICE = 2, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, busy CPU a second thread mostly waits (tens of times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def phantom(nan=False):
