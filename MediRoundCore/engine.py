@@ -63,6 +63,18 @@ class _SliceState:
     session_ref: object = None  # weakref to the session whose rounds the cache holds
 
 
+def checkpoint_beta(checkpoint: str | Path | None = None) -> float:
+    """The JCM threshold a checkpoint folder was shipped with (chosen on validation), without loading it;
+    the paper's 0.6 when the folder or field is missing."""
+    import json
+
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        return float(json.loads((folder / "config.json").read_text())["jcm"]["beta"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.6
+
+
 def validate_query(query) -> str:
     if not isinstance(query, str):
         raise QueryError(f"query must be text, got {type(query).__name__}")

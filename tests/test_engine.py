@@ -111,3 +111,15 @@ def test_reference_to_missing_or_future_round(tiny_engine, ct_volume, reference)
     with pytest.raises(RoundReferenceError, match=f"round {reference}"):
         tiny_engine.ask(session, "The lesion inside it.", extract_slice(ct_volume, "axial", 2), reference=reference)
     assert len(session.rounds) == 1
+
+
+def test_checkpoint_beta_reads_the_shipped_choice(tmp_path, tiny_engine):
+    from MediRoundCore.engine import checkpoint_beta
+
+    tiny_engine.model.config.jcm.beta = 0.45
+    try:
+        tiny_engine.model.save_pretrained(tmp_path / "ckpt", tiny_engine.tokenizer)
+    finally:
+        tiny_engine.model.config.jcm.beta = 0.6
+    assert checkpoint_beta(tmp_path / "ckpt") == 0.45
+    assert checkpoint_beta(tmp_path / "missing") == 0.6

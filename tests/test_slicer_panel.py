@@ -93,6 +93,8 @@ def test_ask_with_button_and_enter_then_undo(panel):
     assert [combo.itemText(i) for i in range(combo.count())] == ["Auto (named or previous round)", "R1: liver",
                                                                  "R2: lesion"]
     assert "CPU" in chat.ui.deviceLabel.text()
+    from MediRoundCore.engine import checkpoint_beta
+    assert chat.ui.betaSpinBox.value() == pytest.approx(checkpoint_beta(None))  # the bundled model's β
     # pick a reference explicitly, JCM off
     combo.setCurrentIndex(1)
     chat.ui.jcmCheckBox.setChecked(False)

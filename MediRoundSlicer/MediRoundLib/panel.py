@@ -72,7 +72,14 @@ class ChatPanel:
         ui.modelCombo.currentIndexChanged.connect(self.on_model_changed)
         ui.browseButton.clicked.connect(self.on_browse)
         ui.historyBrowser.setOpenLinks(False)
+        self.adopt_model_beta()
         self.refresh()
+
+    def adopt_model_beta(self):
+        """Show the β the chosen model was shipped with (it was chosen on validation data)."""
+        from MediRoundCore.engine import checkpoint_beta
+
+        self.ui.betaSpinBox.setValue(checkpoint_beta(self.logic.checkpoint))
 
     # -- state → widgets ----------------------------------------------------------------------------------
     def refresh(self):
@@ -268,6 +275,7 @@ class ChatPanel:
     def _set_checkpoint(self, folder):
         try:
             self.logic.set_checkpoint(folder)
+            self.adopt_model_beta()
             self.status = "The model loads on the next Ask."
         except Exception as exc:
             self.status = f"Error: {exc}"
