@@ -172,6 +172,19 @@ def _ci(interval) -> str:
     return "" if math.isnan(lo) else f", 95 % CI {lo:+.1f}…{hi:+.1f}"
 
 
+def _paired_target(records, have, title, base, other, where, target, as_drop=False) -> tuple[str, str, str]:
+    """A target on the Dice difference `base − other` over the rounds selected by `where`; `as_drop` shows it
+    as `other − base` (a loss)."""
+    if not {base, other} <= have:
+        return title, f"needs {base} and {other}", "n/a"
+    a, b = group(records, base, where), group(records, other, where)
+    diff = a.dice - b.dice
+    verdict = "n/a" if math.isnan(diff) else "PASS" if diff >= target else "FAIL"
+    ci = bootstrap_ci(records, other, base, where) if as_drop else bootstrap_ci(records, base, other, where)
+    shown = -diff if as_drop else diff
+    return title, f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(shown)}{_ci(ci)}, n={a.n})", verdict
+
+
 def targets(records, configs) -> list[tuple[str, str, str]]:
     """(target, measured, PASS / FAIL / n/a) for the project's quality targets."""
     have = set(configs)
@@ -179,33 +192,17 @@ def targets(records, configs) -> list[tuple[str, str, str]]:
     if BASELINE in have:
         s = group(records, BASELINE)
         ok = s.dice >= TARGET_DICE
+        lo, hi = bootstrap_ci(records, BASELINE)
         out.append((f"overall Dice ≥ {TARGET_DICE:.0f} with dataset references ({BASELINE})",
-                    f"{_fmt(s.dice)} (95 % CI {_fmt(bootstrap_ci(records, BASELINE)[0])}–"
-                    f"{_fmt(bootstrap_ci(records, BASELINE)[1])}, n={s.n})", "PASS" if ok else "FAIL"))
+                    f"{_fmt(s.dice)} (95 % CI {_fmt(lo)}–{_fmt(hi)}, n={s.n})", "PASS" if ok else "FAIL"))
     else:
         out.append((f"overall Dice ≥ {TARGET_DICE:.0f} with dataset references", f"{BASELINE} not run", "n/a"))
-    late = lambda r: r.round >= LATE_ROUND  # noqa: E731
-    if {BASELINE, "ind-nojcm"} <= have:
-        a, b = group(records, BASELINE, late), group(records, "ind-nojcm", late)
-        gain = a.dice - b.dice
-        verdict = "n/a" if math.isnan(gain) else "PASS" if gain >= TARGET_JCM_GAIN else "FAIL"
-        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better than without on rounds ≥ {LATE_ROUND}",
-                    f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(gain)}"
-                    f"{_ci(bootstrap_ci(records, BASELINE, 'ind-nojcm', late))}, n={a.n})", verdict))
-    else:
-        out.append((f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better on rounds ≥ {LATE_ROUND}", "needs ind+jcm and ind-nojcm",
-                    "n/a"))
-    amb = lambda r: r.ambiguous is True  # noqa: E731
-    if {BASELINE, "noref"} <= have:
-        a, b = group(records, BASELINE, amb), group(records, "noref", amb)
-        drop = a.dice - b.dice
-        verdict = "n/a" if math.isnan(drop) else "PASS" if drop >= TARGET_NOREF_DROP else "FAIL"
-        out.append((f"no-reference ablation ≥ {TARGET_NOREF_DROP:.0f} Dice worse on ambiguous rounds",
-                    f"{_fmt(a.dice)} vs {_fmt(b.dice)} ({_signed(-drop)}"
-                    f"{_ci(bootstrap_ci(records, 'noref', BASELINE, amb))}, n={a.n})", verdict))
-    else:
-        out.append((f"no-reference ablation ≥ {TARGET_NOREF_DROP:.0f} Dice worse on ambiguous rounds",
-                    "needs ind+jcm and noref", "n/a"))
+    out.append(_paired_target(records, have, f"JCM ≥ {TARGET_JCM_GAIN:.0f} Dice better than without on rounds ≥ "
+                              f"{LATE_ROUND}", BASELINE, "ind-nojcm", lambda r: r.round >= LATE_ROUND,
+                              TARGET_JCM_GAIN))
+    out.append(_paired_target(records, have, f"no-reference ablation ≥ {TARGET_NOREF_DROP:.0f} Dice worse on "
+                              "ambiguous rounds", BASELINE, "noref", lambda r: r.ambiguous is True,
+                              TARGET_NOREF_DROP, as_drop=True))
     return out
 
 
