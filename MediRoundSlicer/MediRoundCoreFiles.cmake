@@ -47,6 +47,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
   MediRoundCore/train/export.py
+  MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
   )

@@ -8,6 +8,11 @@ Fixed split parameters (`SPLITS`):
 | val     | 2-10   | all (incl. reserved)| 0.5           | 0.35             | 0.35             | 0.0-1.0   | 0.5-1.5   |
 | regular | 2-5    | all                | 0.2            | 0.2              | 0.15             | 0.1-0.4   | 0.85-1.15 |
 | hard    | 6-10   | all                | 0.8            | 0.55             | 0.6              | 0.0-1.0   | 0.5-1.5   |
+| train-long | 4-10 | train only        | 0.8            | 0.55             | 0.6              | 0.0-1.0   | 0.5-1.5   |
+
+`train-long` is training data only: the hard split's dialogue settings with the train templates and its own
+anatomy seeds, so a training mixture (`iter_training_samples(split="train+train-long")`) sees long dialogues,
+reach-backs and distractors as often as the hard test does, never its templates or anatomy.
 
 Anatomy seeds are disjoint per split: split base + seed * 1e6 + index * 8 + attempt.
 CLI: `python -m MediRoundCore.data.splits hard out/hard 500 --seed 0`.
@@ -58,7 +63,9 @@ SPLITS = {
     "val": SplitParams("val", (2, 10), 1_000_000_000, True, 0.5, 0.35, 0.35, (0.0, 1.0), (0.5, 1.5)),
     "regular": SplitParams("regular", (2, 5), 2_000_000_000, True, 0.2, 0.2, 0.15, (0.1, 0.4), (0.85, 1.15)),
     "hard": SplitParams("hard", (6, 10), 3_000_000_000, True, 0.8, 0.55, 0.6, (0.0, 1.0), (0.5, 1.5)),
+    "train-long": SplitParams("train-long", (4, 10), 5_000_000_000, False, 0.8, 0.55, 0.6, (0.0, 1.0), (0.5, 1.5)),
 }
+TRAINING_SPLITS = ("train", "train-long")
 LONG_SEED_BASE = 4_000_000_000
 
 
@@ -135,10 +142,17 @@ def build_split(name: str, out_dir, n_dialogues: int, seed: int = 0) -> Path:
 
 
 def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "train"):
-    """Samples of the train split generated on the fly (no files); endless unless `n` is given."""
+    """Training samples generated on the fly (no files); endless unless `n` is given.
+
+    `split` is one training split or a mixture joined by "+" ("train+train-long"), taken in turn.
+    """
+    names = split.split("+")
+    for name in names:
+        if name not in TRAINING_SPLITS:
+            raise ValueError(f"{name!r} is not a training split; expected one of {TRAINING_SPLITS} joined by '+'")
     index = 0
     while n is None or index < n:
-        yield to_sample(make_dialogue(split, seed, index))
+        yield to_sample(make_dialogue(names[index % len(names)], seed, index // len(names)))
         index += 1
 
 

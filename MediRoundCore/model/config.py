@@ -76,6 +76,10 @@ class JCMConfig:
 
     hidden_dim: int = 512
     beta: float = 0.6
+    # False: the corrected prompt is correction(e), as in the public code (official checkpoints load this way).
+    # True: e + correction(e) with a zero-initialised last layer, so an untrained correction is the identity
+    # and training can only move prompts where that helps (our MediRound-Tiny).
+    residual_correction: bool = False
 
 
 @dataclass

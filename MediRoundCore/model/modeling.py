@@ -89,7 +89,8 @@ class MediRound(nn.Module):
         self.box_encoder = nn.Linear(4, h)
         self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
         self.segmenter = build_segmenter(config.segmenter)
-        self.jcm = JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim)
+        self.jcm = JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim,
+                                      config.jcm.residual_correction)
 
     @property
     def device(self) -> torch.device:

@@ -2,7 +2,8 @@
 
 A sample (see `MediRoundCore.data.dataset.Sample`) has an image in [0,1], and per round a query, an answer in
 the `entity: rationale. [SEG]` form, a ground-truth mask and the index of the round it refers to. References
-use the ground-truth masks of the referenced rounds (teacher forcing), as in the paper.
+use the ground-truth masks of the referenced rounds (teacher forcing), as in the paper; with
+`reference_noise` > 0 a share of them is replaced by a prediction-like perturbation (see `reference_noise`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from ..answers import strip_seg
 from ..model.processing import (PromptBuilder, masks_to_segmenter_frame, reference_inputs, segmenter_pixels,
                                 vision_pixels)
+from .reference_noise import perturb_reference
 
 IGNORE = -100
 
@@ -55,7 +57,11 @@ def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int],
     return ids, labels, seg_positions
 
 
-def make_batch(samples, builder: PromptBuilder, config) -> Batch:
+def make_batch(samples, builder: PromptBuilder, config, reference_noise: float = 0.0,
+               rng: np.random.Generator | None = None) -> Batch:
+    """Tensors of one step; each reference mask is perturbed with probability `reference_noise` (uses `rng`)."""
+    if reference_noise and rng is None:
+        raise ValueError("reference_noise needs a random generator")
     size = config.segmenter.image_size
     rows, seg_pos, seg_px, vis_px, crops, boxes, targets, valid = [], [], [], [], [], [], [], []
     for b, sample in enumerate(samples):
@@ -70,7 +76,10 @@ def make_batch(samples, builder: PromptBuilder, config) -> Batch:
         targets.append(masks_to_segmenter_frame(masks, hw, size))
         for ref in sample.ref_indices:
             if ref is not None:
-                crop, box = reference_inputs(sample.image, masks[ref], config)
+                ref_mask = masks[ref]
+                if reference_noise and rng.uniform() < reference_noise:
+                    ref_mask = perturb_reference(ref_mask, rng)
+                crop, box = reference_inputs(sample.image, ref_mask, config)
                 crops.append(crop)
                 boxes.append(box)
     length = max(len(ids) for ids, _ in rows)

@@ -20,15 +20,20 @@ def training_stream(split: str = "train"):
 class _StreamDataset(torch.utils.data.IterableDataset):
     """Generates dialogues and builds batches in a worker process, overlapping the model's compute."""
 
-    def __init__(self, stream, seed, batch_size, builder, config):
+    def __init__(self, stream, seed, batch_size, builder, config, reference_noise: float = 0.0):
         self.stream, self.seed, self.batch_size, self.builder, self.config = stream, seed, batch_size, builder, config
+        self.reference_noise = reference_noise
 
     def __iter__(self):
+        import numpy as np
+
         from .batching import make_batch
 
         it = self.stream(self.seed)
+        rng = np.random.default_rng(self.seed)
         while True:
-            yield make_batch([next(it) for _ in range(self.batch_size)], self.builder, self.config)
+            yield make_batch([next(it) for _ in range(self.batch_size)], self.builder, self.config,
+                             self.reference_noise, rng)
 
 
 def tokenizer_corpus(n_dialogues: int = 3000, seed: int = 999) -> list[str]:
@@ -51,9 +56,18 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
     return model, tokenizer
 
 
+def use_residual_correction(model) -> None:
+    """Give `model` a fresh JCM whose correction is residual (identity until trained); stage 2 then trains it."""
+    from ..model.jcm import JudgmentCorrection
+
+    model.config.jcm.residual_correction = True
+    model.jcm = JudgmentCorrection(model.config.segmenter.prompt_dim, model.config.jcm.hidden_dim, True)
+
+
 def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
-                 save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None):
+                 save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
+                 data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
     from ..model.modeling import MediRound
 
@@ -63,16 +77,19 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         model, tokenizer = MediRound.from_pretrained(ckpt)  # weights and optimiser state are restored by Trainer
     elif init:
         model, tokenizer = MediRound.from_pretrained(init)
+        if stage == 2 and residual_correction:
+            use_residual_correction(model)
     else:
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
-                      save_every=save_every, warmup_steps=min(100, max(1, steps // 10)))
+                      save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
+                      reference_noise=reference_noise)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
-    trainer = Trainer(model, tokenizer, cfg, training_stream())
+    trainer = Trainer(model, tokenizer, cfg, training_stream(data))
     if workers > 0:
-        dataset = _StreamDataset(training_stream(), stream_seed(cfg.seed, trainer.step), batch_size,
-                                 trainer.builder, model.config)
+        dataset = _StreamDataset(training_stream(data), stream_seed(cfg.seed, trainer.step), batch_size,
+                                 trainer.builder, model.config, reference_noise)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
                                              worker_init_fn=lambda _: torch.set_num_threads(1))
         trainer.batch_source = iter(loader)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +45,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     lora: bool = False
+    reference_noise: float = 0.0  # share of reference masks replaced by a prediction-like perturbation
     loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
 
 
@@ -170,7 +172,9 @@ class Trainer:
         batches = self.batch_source
         if batches is None:
             built = self._batches()
-            batches = (make_batch(samples, self.builder, self.raw_model.config) for samples in built)
+            rng = np.random.default_rng(stream_seed(cfg.seed, self.step))
+            batches = (make_batch(samples, self.builder, self.raw_model.config, cfg.reference_noise, rng)
+                       for samples in built)
         running = None
         t0 = time.perf_counter()
         while self.step < cfg.steps:
