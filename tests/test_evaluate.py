@@ -320,3 +320,16 @@ def test_mediround_eval_command(split_dir, tmp_path):
     assert cli.main(["eval", "--", "--oracle", "--data", str(split_dir), "--limit", "1", "--configs", "ind+jcm",
                      "--out", str(out), "--quiet", "--no-plot", "--threads", "1"]) == 0
     assert "| ind+jcm | " in (out / "QUALITY.md").read_text()
+
+
+def test_beta_sweep_scores_each_threshold_and_picks_the_best(samples):
+    from MediRoundCore.evaluate.select_beta import sweep
+
+    torch.set_num_threads(1)
+    shipped = EvalEngine.from_engine(Engine.load())
+    ids = [str(i) for i in range(len(samples))]
+    best, rows = sweep(shipped, samples, ids, betas=(0.0, 1.0))
+    off, never, always = rows["off"], rows[0.0], rows[1.0]
+    assert (never.dice, never.ciou) == (off.dice, off.ciou)  # a sigmoid score is never ≤ 0: nothing corrected
+    assert (always.dice, always.ciou) != (off.dice, off.ciou)  # every [SEG] embedding is corrected
+    assert best == max((0.0, 1.0), key=lambda b: (round(rows[b].dice, 2), b))

@@ -17,7 +17,7 @@ from .protocol import EvalEngine, parse_configs
 from .report import group
 from .run import default_cache, ensure_split, evaluate, load_samples
 
-BETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+BETAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def sweep(predictor, samples, ids, betas=BETAS) -> tuple[float, dict]:
