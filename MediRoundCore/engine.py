@@ -175,7 +175,7 @@ class Engine:
         out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta)
         logits = logits_to_slice(out.low_res_logits, state.input_hw, self.model.config.segmenter.image_size,
                                  image.pixels.shape)
-        mask = (logits[0] > 0).cpu().numpy()
+        mask = (logits[0] > self.model.segmenter.mask_threshold).cpu().numpy()
         timings["mask_decoder_ms"] = (time.perf_counter() - t2) * 1000
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
         answer = self.builder.decode(answer_ids)

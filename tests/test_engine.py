@@ -123,3 +123,12 @@ def test_checkpoint_beta_reads_the_shipped_choice(tmp_path, tiny_engine):
         tiny_engine.model.config.jcm.beta = 0.6
     assert checkpoint_beta(tmp_path / "ckpt") == 0.45
     assert checkpoint_beta(tmp_path / "missing") == 0.6
+
+
+@pytest.mark.parametrize("threshold, expect", [(-1e9, "full"), (1e9, "empty")])
+def test_mask_follows_the_segmenters_logit_threshold(tiny_engine, ct_volume, monkeypatch, threshold, expect):
+    """The engine binarises at SAM's own `mask_threshold` (0 by default), as SamPredictor does."""
+    monkeypatch.setattr(tiny_engine.model.segmenter, "mask_threshold", threshold)
+    _, results = run_dialogue(tiny_engine, ct_volume, QUERIES[:1])
+    mask = results[0].mask
+    assert mask.all() if expect == "full" else not mask.any()
