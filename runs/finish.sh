@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 M=.venv/bin/mediround
 RUN=${RUN:-runs/tiny3}
-$M train --out "$RUN" --stage 2 --init "$RUN/stage1/checkpoint" --steps "${STAGE2_STEPS:-300}" --batch-size 8 \
+$M train --out "$RUN" --stage 2 --init "$RUN/stage1/checkpoint" --steps "${STAGE2_STEPS:-250}" --batch-size 8 \
   --save-every 50 --residual-correction --reference-noise 0.3 --data train+train-long
-.venv/bin/python -m MediRoundCore.evaluate.select_beta --checkpoint "$RUN/stage2/checkpoint" --limit "${BETA_LIMIT:-100}" | tee runs/beta.log
+.venv/bin/python -m MediRoundCore.evaluate.select_beta --checkpoint "$RUN/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" | tee runs/beta.log
 BETA=$(tail -1 runs/beta.log | awk '{print $3}')
 .venv/bin/python -m MediRoundCore.train.export "$RUN/stage2/checkpoint" --beta "$BETA"
 # Speed (quiet machine), then quality on the hard and regular splits, the panel screenshot and README overlays.
