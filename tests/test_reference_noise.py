@@ -91,3 +91,11 @@ def test_residual_correction_starts_as_identity_and_round_trips(tmp_path):
     loaded, _ = MediRound.from_pretrained(tmp_path / "checkpoint")
     assert loaded.config.jcm.residual_correction
     assert torch.allclose(loaded.jcm.correction(x), engine.model.jcm.correction(x))
+
+
+def test_residual_correction_is_refused_outside_stage_2(tmp_path):
+    from MediRoundCore.train.run import run_training
+
+    with pytest.raises(ValueError, match="belongs to stage 2"):
+        run_training(tmp_path, stage=1, steps=1, residual_correction=True)
+    assert not (tmp_path / "stage1").exists()

@@ -54,3 +54,8 @@ class JudgmentCorrection(nn.Module):
         refined = self.correction(seg_embedding)
         out = torch.where(corrected.unsqueeze(-1), refined, seg_embedding)
         return out, score, corrected
+
+
+def build_jcm(config) -> JudgmentCorrection:
+    """The JCM a `MediRoundConfig` describes (prompt width, hidden width, plain or residual correction)."""
+    return JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim, config.jcm.residual_correction)

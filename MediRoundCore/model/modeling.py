@@ -19,7 +19,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, Mistr
 
 from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .config import MediRoundConfig
-from .jcm import JudgmentCorrection
+from .jcm import build_jcm
 from .processing import SAM_MEAN, SAM_STD
 from .tokenizer import TokenIds
 
@@ -89,8 +89,7 @@ class MediRound(nn.Module):
         self.box_encoder = nn.Linear(4, h)
         self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
         self.segmenter = build_segmenter(config.segmenter)
-        self.jcm = JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim,
-                                      config.jcm.residual_correction)
+        self.jcm = build_jcm(config)
 
     @property
     def device(self) -> torch.device:

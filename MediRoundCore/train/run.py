@@ -58,10 +58,10 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
 
 def use_residual_correction(model) -> None:
     """Give `model` a fresh JCM whose correction is residual (identity until trained); stage 2 then trains it."""
-    from ..model.jcm import JudgmentCorrection
+    from ..model.jcm import build_jcm
 
     model.config.jcm.residual_correction = True
-    model.jcm = JudgmentCorrection(model.config.segmenter.prompt_dim, model.config.jcm.hidden_dim, True)
+    model.jcm = build_jcm(model.config)
 
 
 def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
@@ -71,16 +71,19 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
     from ..model.modeling import MediRound
 
+    if residual_correction and stage != 2:
+        raise ValueError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
     out = Path(output_dir) / f"stage{stage}"
     ckpt = out / "checkpoint"
-    if (ckpt / "config.json").is_file():
+    resuming = (ckpt / "config.json").is_file()
+    if resuming:
         model, tokenizer = MediRound.from_pretrained(ckpt)  # weights and optimiser state are restored by Trainer
     elif init:
         model, tokenizer = MediRound.from_pretrained(init)
-        if stage == 2 and residual_correction:
-            use_residual_correction(model)
     else:
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
+    if residual_correction and not resuming:  # a resumed run's config already says so
+        use_residual_correction(model)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
                       reference_noise=reference_noise)
