@@ -175,7 +175,7 @@ def cmd_train(args) -> int:
     folder = run_training(args.out, stage=args.stage, steps=args.steps, batch_size=args.batch_size, init=args.init,
                           lr=args.lr, lora=args.lora, workers=args.workers, seed=args.seed, save_every=args.save_every,
                           data=args.data, reference_noise=args.reference_noise,
-                          residual_correction=args.residual_correction,
+                          residual_correction=args.residual_correction, correction_focus=args.correction_focus,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of reference masks replaced by a prediction-like perturbation (default 0)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
+    sp.add_argument("--correction-focus", action="store_true",
+                    help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
     sp.add_argument("--ce-weight", type=float, default=1.0)
     sp.add_argument("--bce-weight", type=float, default=2.0)
     sp.add_argument("--dice-weight", type=float, default=0.5,

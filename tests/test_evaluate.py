@@ -118,6 +118,35 @@ def test_bootstrap_interval_is_paired_over_dialogues():
     assert all(math.isnan(x) for x in bootstrap_ci(records, "a", "missing"))
 
 
+def test_size_and_judgment_tables_bin_the_records():
+    from MediRoundCore.evaluate.protocol import RoundRecord
+    from MediRoundCore.evaluate.report import jcm_judgment_table, size_table
+
+    def rec(config, gt_area, inter, score):
+        pred = gt_area  # Dice = inter / gt_area
+        counts = metrics.MaskCounts(inter, gt_area + pred - inter, pred, gt_area)
+        return RoundRecord(config, "0", 1, counts, None, None, None, None, None, score, score is not None and score <= 0.6,
+                           False, 0.0)
+
+    # small targets badly segmented and judged low; large ones well segmented and judged high
+    records = [rec("ind+jcm", 40, 10, 0.3), rec("ind+jcm", 40, 20, 0.4), rec("ind+jcm", 2000, 1900, 0.95),
+               rec("ind+jcm", 0, 0, 0.8), rec("ind-nojcm", 300, 150, None)]
+    sizes = size_table(records, ["ind+jcm", "ind-nojcm"])
+    row = next(line for line in sizes if line.startswith("| ind+jcm"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert cells == ["100.0 (1)", "37.5 (2)", "–", "–", "95.0 (1)"]  # empty, <64, 64–256, 256–1024, ≥1024
+    nojcm = [c.strip() for c in next(line for line in sizes if line.startswith("| ind-nojcm")).strip("|").split("|")][1:]
+    assert nojcm == ["–", "–", "–", "50.0 (1)", "–"]
+
+    judged = jcm_judgment_table(records, ["ind+jcm", "ind-nojcm"])
+    rows = [line for line in judged if line.startswith("| ind")]
+    assert len(rows) == 1  # only the config with scores
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[1]) > 0.8  # scores rank the masks
+    assert cells[2:7] == ["37.5 (2)", "–", "100.0 (1)", "95.0 (1)", "50.0 %"]
+    assert jcm_judgment_table([r for r in records if r.config == "ind-nojcm"], ["ind-nojcm"]) == []
+
+
 # -- protocol -----------------------------------------------------------------------------------------------
 def test_configs_and_references(samples):
     assert [c.name for c in parse_configs(["ind+jcm,noref", "prevround", "noref"])] == ["ind+jcm", "noref", "prevround"]

@@ -99,3 +99,37 @@ def test_residual_correction_is_refused_outside_stage_2(tmp_path):
     with pytest.raises(ValueError, match="belongs to stage 2"):
         run_training(tmp_path, stage=1, steps=1, residual_correction=True)
     assert not (tmp_path / "stage1").exists()
+
+
+def test_correction_focus_weighs_masks_by_how_poor_they_are():
+    from MediRoundCore.model.modeling import masked_bce, masked_dice
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 16, 16)
+    target = (torch.rand(3, 16, 16) > 0.5).float()
+    valid = torch.ones(3, 16, 16)
+    uniform = torch.ones(3)
+    assert torch.allclose(masked_bce(logits, target, valid, sample_weights=uniform), masked_bce(logits, target, valid))
+    assert torch.allclose(masked_dice(logits, target, valid, sample_weights=uniform), masked_dice(logits, target, valid))
+    only_first = torch.tensor([1.0, 0.0, 0.0])
+    assert torch.allclose(masked_bce(logits, target, valid, sample_weights=only_first),
+                          masked_bce(logits[:1], target[:1], valid[:1]))
+    assert torch.allclose(masked_dice(logits, target, valid, sample_weights=only_first),
+                          masked_dice(logits[:1], target[:1], valid[:1]))
+
+
+def test_stage2_with_correction_focus_trains_the_jcm(tmp_path):
+    from MediRoundCore.train.run import run_training
+
+    with pytest.raises(ValueError, match="belongs to stage 2"):
+        run_training(tmp_path, stage=1, steps=1, correction_focus=True)
+    engine = Engine.random_tiny(seed=4)
+    use_residual_correction(engine.model)
+    before = {k: v.clone() for k, v in engine.model.jcm.state_dict().items()}
+    stream = lambda seed: itertools.islice(iter_training_samples(seed=seed), 100)  # noqa: E731
+    cfg = TrainConfig(str(tmp_path / "s2"), stage=2, steps=2, batch_size=2, warmup_steps=1, save_every=100,
+                      correction_focus=True)
+    history = Trainer(engine.model, engine.tokenizer, cfg, stream).train(progress=False)
+    assert all(np.isfinite(row["loss"]) for row in history)
+    after = engine.model.jcm.state_dict()
+    assert not torch.equal(before["correction.fc3.weight"], after["correction.fc3.weight"])  # the correction learned

@@ -206,6 +206,53 @@ def targets(records, configs) -> list[tuple[str, str, str]]:
     return out
 
 
+SIZE_BINS = (1, 64, 256, 1024)  # ground-truth areas in pixels: empty, <64, 64–255, 256–1023, ≥1024
+SCORE_BINS = (0.5, 0.7, 0.9)  # JCM quality scores: <0.5, 0.5–0.7, 0.7–0.9, ≥0.9
+
+
+def _bin_labels(edges, unit: str = "") -> list[str]:
+    labels = [f"< {edges[0]}{unit}"]
+    labels += [f"{lo}–{hi}{unit}" for lo, hi in zip(edges, edges[1:])]
+    return labels + [f"≥ {edges[-1]}{unit}"]
+
+
+def size_table(records, configs) -> list[str]:
+    """Dice by the ground truth's area: small targets are where a coarse mask decoder loses most."""
+    labels = ["empty"] + _bin_labels(SIZE_BINS[1:], " px")
+    which = lambda r: int(np.searchsorted(SIZE_BINS, r.counts.gt_area, side="right"))  # noqa: E731
+    L = ["## Dice per target size (ground-truth pixels)", "",
+         "| config | " + " | ".join(f"{b} (n)" for b in labels) + " |", "|---|" + "---|" * len(labels)]
+    for c in configs:
+        cells = []
+        for i in range(len(labels)):
+            s = group(records, c, lambda r, i=i: which(r) == i)
+            cells.append(f"{_fmt(s.dice)} ({s.n})" if s.n else "–")
+        L.append(f"| {c} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def jcm_judgment_table(records, configs) -> list[str]:
+    """How well the JCM quality score ranks the masks it judges (configs with JCM on)."""
+    judged = [c for c in configs if any(r.config == c and r.jcm_score is not None for r in records)]
+    if not judged:
+        return []
+    labels = _bin_labels(SCORE_BINS)
+    L = ["## JCM judgment: Dice by quality score", "",
+         "| config | corr(score, Dice) | " + " | ".join(f"score {b} (n)" for b in labels) + " | corrected |",
+         "|---|---|" + "---|" * len(labels) + "---|"]
+    for c in judged:
+        mine = [r for r in records if r.config == c and r.jcm_score is not None]
+        scores = np.array([r.jcm_score for r in mine])
+        dice = np.array([r.dice for r in mine])
+        corr = float(np.corrcoef(scores, dice)[0, 1]) if len(mine) > 1 and scores.std() > 0 and dice.std() > 0 else float("nan")
+        bins = np.searchsorted(SCORE_BINS, scores, side="right")
+        cells = [f"{_fmt(100 * dice[bins == i].mean())} ({int((bins == i).sum())})" if (bins == i).any() else "–"
+                 for i in range(len(labels))]
+        L.append(f"| {c} | {_fmt(corr, 2)} | " + " | ".join(cells) + f" | {_fmt(100 * np.mean([r.corrected for r in mine]))} % |")
+    return L + ["", "A useful judgment puts low-Dice masks at low scores (high correlation); the correction can only "
+                "help the masks scored at or below β.", ""]
+
+
 def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, files: dict[str, str]) -> str:
     sizes = info.split_sizes
     max_round = max((r.round for r in records), default=0)
@@ -281,6 +328,8 @@ def markdown(records: list[RoundRecord], configs: list[str], info: RunInfo, file
                 cells.append(f"{_fmt(s.dice)} ({s.n})")
             L.append(f"| {c} | " + " | ".join(cells) + " |")
         L.append("")
+    L += size_table(records, configs)
+    L += jcm_judgment_table(records, configs)
     others = [c for c in configs if c != BASELINE]
     if BASELINE in configs and others:
         base_all, base_late = group(records, BASELINE), group(records, BASELINE, late)

@@ -226,16 +226,23 @@ def valid_region_mask(valid_hw: list[tuple[int, int]], counts: list[int], size: 
     return torch.stack(rows)
 
 
-def masked_bce(logits, targets, weight):
+def masked_bce(logits, targets, weight, sample_weights=None):
+    """Mean BCE over the unpadded pixels; `sample_weights` (K,) weighs each mask's pixels."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    return (loss * weight).sum() / weight.sum().clamp(min=1)
+    if sample_weights is not None:
+        weight = weight * sample_weights.reshape(-1, 1, 1)
+    return (loss * weight).sum() / weight.sum().clamp(min=1e-6 if sample_weights is not None else 1)
 
 
-def masked_dice(logits, targets, weight, eps: float = 1.0):
+def masked_dice(logits, targets, weight, eps: float = 1.0, sample_weights=None):
+    """Mean soft-Dice loss over masks (a weighted mean with `sample_weights`)."""
     probs = (logits.sigmoid() * weight).flatten(1)
     targets = (targets * weight).flatten(1)
     inter = (probs * targets).sum(-1)
-    return (1 - (2 * inter + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
+    per_mask = 1 - (2 * inter + eps) / (probs.sum(-1) + targets.sum(-1) + eps)
+    if sample_weights is None:
+        return per_mask.mean()
+    return (per_mask * sample_weights).sum() / sample_weights.sum().clamp(min=1e-6)
 
 
 def seg_hidden_states(model: "MediRound", batch):

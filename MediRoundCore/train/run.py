@@ -67,12 +67,15 @@ def use_residual_correction(model) -> None:
 def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
-                 data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False):
+                 data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
+                 correction_focus: bool = False):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
     from ..model.modeling import MediRound
 
     if residual_correction and stage != 2:
         raise ValueError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
+    if correction_focus and stage != 2:
+        raise ValueError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
     out = Path(output_dir) / f"stage{stage}"
     ckpt = out / "checkpoint"
     resuming = (ckpt / "config.json").is_file()
@@ -86,7 +89,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         use_residual_correction(model)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
-                      reference_noise=reference_noise)
+                      reference_noise=reference_noise, correction_focus=correction_focus)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
     trainer = Trainer(model, tokenizer, cfg, training_stream(data))

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     lora: bool = False
     reference_noise: float = 0.0  # share of reference masks replaced by a prediction-like perturbation
+    correction_focus: bool = False  # stage 2: weigh the correction loss towards poor masks
     loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
 
 
@@ -83,8 +84,15 @@ def set_trainable(model, stage: int, lora: bool) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def stage2_losses(model, batch) -> dict:
-    """JCM objective on the frozen model with teacher-forced references."""
+FOCUS_FLOOR = 0.05  # with correction focus, the weight of a mask the model already gets right
+
+
+def stage2_losses(model, batch, focus: bool = False) -> dict:
+    """JCM objective on the frozen model with teacher-forced references.
+
+    With `focus`, each mask's correction loss is weighted by 1 − IoU of the unrefined mask (at least
+    FOCUS_FLOOR): the correction then learns from the masks it will be applied to at inference, the poor ones,
+    instead of mostly from masks that need no change."""
     with torch.no_grad():
         _, hidden = seg_hidden_states(model, batch)
         image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
@@ -99,8 +107,9 @@ def stage2_losses(model, batch) -> dict:
     score = model.jcm.quality(prompts)
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
     refined_logits = decode_for_samples(model, image_embeddings, batch, model.jcm.correction(prompts))
-    bce = masked_bce(refined_logits, target, weight)
-    dice = masked_dice(refined_logits, target, weight)
+    sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
+    bce = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
+    dice = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
     return {"loss": 2.0 * judgment + 2.0 * bce + 0.5 * dice, "judgment": judgment, "bce": bce, "dice": dice,
             "iou": iou.mean()}
 
@@ -180,7 +189,8 @@ class Trainer:
         while self.step < cfg.steps:
             batch = next(batches).to(self.accelerator.device)
             with self.accelerator.autocast():
-                terms = losses(self.model, batch) if cfg.stage == 2 else losses(self.model, batch, **cfg.loss_weights)
+                terms = (losses(self.model, batch, focus=cfg.correction_focus) if cfg.stage == 2
+                         else losses(self.model, batch, **cfg.loss_weights))
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(terms["loss"])
             if cfg.grad_clip:
