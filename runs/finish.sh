@@ -7,11 +7,26 @@ cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 M=.venv/bin/mediround
 RUN=${RUN:-runs/tiny3}
-$M train --out "$RUN" --stage 2 --init "$RUN/stage1/checkpoint" --steps "${STAGE2_STEPS:-250}" --batch-size 8 \
-  --save-every 50 --residual-correction --reference-noise 0.3 --data train+train-long
-.venv/bin/python -m MediRoundCore.evaluate.select_beta --checkpoint "$RUN/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" | tee runs/beta.log
+# Stage 2 twice on the same stage-1 weights: the plain correction loss, and --correction-focus (loss weighted by
+# 1 - IoU of the unrefined mask). Each gets its β on val; the one whose JCM gains more on val is shipped.
+S2="--stage 2 --init $RUN/stage1/checkpoint --steps ${STAGE2_STEPS:-250} --batch-size 8 --save-every 50 \
+  --residual-correction --reference-noise 0.3 --data train+train-long"
+$M train --out "$RUN" $S2
+$M train --out "$RUN/focus" $S2 --correction-focus
+SEL=".venv/bin/python -m MediRoundCore.evaluate.select_beta --limit ${BETA_LIMIT:-80}"
+$SEL --checkpoint "$RUN/stage2/checkpoint" --out benchmarks/jcm_beta_val_plain.md | tee runs/beta_plain.log
+$SEL --checkpoint "$RUN/focus/stage2/checkpoint" --out benchmarks/jcm_beta_val_focus.md | tee runs/beta_focus.log
+gain() { grep "^beta $(tail -1 "$1" | awk '{print $3}')" "$1" | sed -E 's/.*Dice ([0-9.]+) \(JCM off ([0-9.]+)\)/\1 \2/' | awk '{print $1 - $2}'; }
+if awk -v f="$(gain runs/beta_focus.log)" -v p="$(gain runs/beta_plain.log)" 'BEGIN{exit !(f > p)}'; then
+  CHOSEN=focus; CKPT="$RUN/focus/stage2/checkpoint"
+else
+  CHOSEN=plain; CKPT="$RUN/stage2/checkpoint"
+fi
+cp "runs/beta_$CHOSEN.log" runs/beta.log
+cp "benchmarks/jcm_beta_val_$CHOSEN.md" benchmarks/jcm_beta_val.md  # the shipped model's sweep
+echo "shipping $CKPT (JCM gain on val: plain $(gain runs/beta_plain.log), focus $(gain runs/beta_focus.log))"
 BETA=$(tail -1 runs/beta.log | awk '{print $3}')
-.venv/bin/python -m MediRoundCore.train.export "$RUN/stage2/checkpoint" --beta "$BETA"
+.venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
 # Speed (quiet machine), then quality on the hard and regular splits, the panel screenshot and README overlays.
 .venv/bin/mediround bench
 .venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks
