@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # After stage 1: stage 2 (JCM), β on val, export the shipped model, then quality and speed measurements.
-# RUN names the training folder (phase C: runs/tiny3); stage 2 there trains a residual correction on the same
+# RUN names the training folder (phase D, the shipped model: runs/tiny4); stage 2 there trains a residual correction on the same
 # mixture and reference noise as stage 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 M=.venv/bin/mediround
-RUN=${RUN:-runs/tiny3}
+RUN=${RUN:-runs/tiny4}
 # Stage 2 twice on the same stage-1 weights: the plain correction loss, and --correction-focus (loss weighted by
 # 1 - IoU of the unrefined mask). Each gets its β on val; the one whose JCM gains more on val is shipped.
 S2="--stage 2 --init $RUN/stage1/checkpoint --steps ${STAGE2_STEPS:-250} --batch-size 8 --save-every 50 \

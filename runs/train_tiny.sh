@@ -5,8 +5,9 @@
 # weight 2.0. Phase C (runs/tiny3) continues from phase B on the train+train-long mixture (long dialogues,
 # reach-backs and distractors as often as in the hard split, train templates only), with 30 % of reference
 # masks perturbed like predictions (grown, shrunk, shifted, cut) so later rounds learn to live with imperfect ones.
-# Phase D (runs/tiny4, started at the end of a session, resumable: rerun to continue) is phase C for longer;
-# then `RUN=runs/tiny4 bash runs/finish.sh`.
+# Phase D (runs/tiny4, 2000 steps from phase C, lr 1.5e-4) is phase C for longer: the shipped model
+# (`RUN=runs/tiny4 bash runs/finish.sh`). Phase E (runs/tiny5, resumable: rerun to continue) continues phase D
+# at lr 1e-4; then `RUN=runs/tiny5 bash runs/finish.sh`.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -17,6 +18,9 @@ case $PHASE in
        --steps "${STEPS:-2500}" --lr 2e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 ;;
   D) exec nice -n -10 .venv/bin/mediround train --out runs/tiny4 --stage 1 --init runs/tiny3/stage1/checkpoint \
-       --steps "${STEPS:-4000}" --lr 1.5e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --steps "${STEPS:-2000}" --lr 1.5e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 ;;
+  E) exec nice -n -10 .venv/bin/mediround train --out runs/tiny5 --stage 1 --init runs/tiny4/stage1/checkpoint \
+       --steps "${STEPS:-3000}" --lr 1e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 ;;
 esac
