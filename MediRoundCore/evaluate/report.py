@@ -244,11 +244,13 @@ def jcm_judgment_table(records, configs) -> list[str]:
         mine = [r for r in records if r.config == c and r.jcm_score is not None]
         scores = np.array([r.jcm_score for r in mine])
         dice = np.array([r.dice for r in mine])
-        corr = float(np.corrcoef(scores, dice)[0, 1]) if len(mine) > 1 and scores.std() > 0 and dice.std() > 0 else float("nan")
+        varied = len(mine) > 1 and scores.std() > 0 and dice.std() > 0
+        corr = float(np.corrcoef(scores, dice)[0, 1]) if varied else float("nan")
         bins = np.searchsorted(SCORE_BINS, scores, side="right")
         cells = [f"{_fmt(100 * dice[bins == i].mean())} ({int((bins == i).sum())})" if (bins == i).any() else "–"
                  for i in range(len(labels))]
-        L.append(f"| {c} | {_fmt(corr, 2)} | " + " | ".join(cells) + f" | {_fmt(100 * np.mean([r.corrected for r in mine]))} % |")
+        corrected = _fmt(100 * np.mean([r.corrected for r in mine]))
+        L.append(f"| {c} | {_fmt(corr, 2)} | " + " | ".join(cells) + f" | {corrected} % |")
     return L + ["", "A useful judgment puts low-Dice masks at low scores (high correlation); the correction can only "
                 "help the masks scored at or below β.", ""]
 
