@@ -125,8 +125,8 @@ def test_size_and_judgment_tables_bin_the_records():
     def rec(config, gt_area, inter, score):
         pred = gt_area  # Dice = inter / gt_area
         counts = metrics.MaskCounts(inter, gt_area + pred - inter, pred, gt_area)
-        return RoundRecord(config, "0", 1, counts, None, None, None, None, None, score, score is not None and score <= 0.6,
-                           False, 0.0)
+        corrected = score is not None and score <= 0.6
+        return RoundRecord(config, "0", 1, counts, None, None, None, None, None, score, corrected, False, 0.0)
 
     # small targets badly segmented and judged low; large ones well segmented and judged high
     records = [rec("ind+jcm", 40, 10, 0.3), rec("ind+jcm", 40, 20, 0.4), rec("ind+jcm", 2000, 1900, 0.95),
@@ -135,7 +135,8 @@ def test_size_and_judgment_tables_bin_the_records():
     row = next(line for line in sizes if line.startswith("| ind+jcm"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert cells == ["100.0 (1)", "37.5 (2)", "–", "–", "95.0 (1)"]  # empty, <64, 64–256, 256–1024, ≥1024
-    nojcm = [c.strip() for c in next(line for line in sizes if line.startswith("| ind-nojcm")).strip("|").split("|")][1:]
+    nojcm_row = next(line for line in sizes if line.startswith("| ind-nojcm"))
+    nojcm = [c.strip() for c in nojcm_row.strip("|").split("|")][1:]
     assert nojcm == ["–", "–", "–", "50.0 (1)", "–"]
 
     judged = jcm_judgment_table(records, ["ind+jcm", "ind-nojcm"])

@@ -231,7 +231,7 @@ def masked_bce(logits, targets, weight, sample_weights=None):
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     if sample_weights is not None:
         weight = weight * sample_weights.reshape(-1, 1, 1)
-    return (loss * weight).sum() / weight.sum().clamp(min=1e-6 if sample_weights is not None else 1)
+    return (loss * weight).sum() / weight.sum().clamp(min=1e-6)  # an all-zero weight gives 0, as before
 
 
 def masked_dice(logits, targets, weight, eps: float = 1.0, sample_weights=None):
