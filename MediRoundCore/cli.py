@@ -176,6 +176,7 @@ def cmd_train(args) -> int:
                           lr=args.lr, lora=args.lora, workers=args.workers, seed=args.seed, save_every=args.save_every,
                           data=args.data, reference_noise=args.reference_noise,
                           residual_correction=args.residual_correction, correction_focus=args.correction_focus,
+                          correction_context=args.correction_context,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of reference masks replaced by a prediction-like perturbation (default 0)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
+    sp.add_argument("--correction-context", action="store_true",
+                    help="with --residual-correction: the correction also sees the prompt's first decode "
+                         "(pooled image embedding under the unrefined mask, and the decoder's mask token)")
     sp.add_argument("--correction-focus", action="store_true",
                     help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
     sp.add_argument("--ce-weight", type=float, default=1.0)

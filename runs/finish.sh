@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # After stage 1: stage 2 (JCM), β on val, export the shipped model, then quality and speed measurements.
-# RUN names the training folder (phase D, the shipped model: runs/tiny4); stage 2 there trains a residual correction on the same
+# RUN names the training folder (phase E, the shipped model: runs/tiny5); stage 2 there trains a residual correction on the same
 # mixture and reference noise as stage 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 M=.venv/bin/mediround
-RUN=${RUN:-runs/tiny4}
-# Stage 2 twice on the same stage-1 weights: the plain correction loss, and --correction-focus (loss weighted by
-# 1 - IoU of the unrefined mask). Each gets its β on val; the one whose JCM gains more on val is shipped.
+RUN=${RUN:-runs/tiny5}
+# Stage 2 three ways on the same stage-1 weights: the plain correction loss; --correction-focus (loss weighted by
+# 1 - IoU of the unrefined mask); and focus with --correction-context (the correction also sees the first decode).
+# Each gets its β on val; the one whose JCM gains most on val is shipped.
 S2="--stage 2 --init $RUN/stage1/checkpoint --steps ${STAGE2_STEPS:-250} --batch-size 8 --save-every 50 \
   --residual-correction --reference-noise 0.3 --data train+train-long"
-$M train --out "$RUN" $S2
-$M train --out "$RUN/focus" $S2 --correction-focus
+declare -A FLAGS=([plain]="" [focus]="--correction-focus" [context]="--correction-focus --correction-context")
+declare -A DIRS=([plain]="$RUN" [focus]="$RUN/focus" [context]="$RUN/context")
+VARIANTS=${VARIANTS:-plain focus context}
+for v in $VARIANTS; do $M train --out "${DIRS[$v]}" $S2 ${FLAGS[$v]}; done
 SEL=".venv/bin/python -m MediRoundCore.evaluate.select_beta --limit ${BETA_LIMIT:-80}"
-$SEL --checkpoint "$RUN/stage2/checkpoint" --out benchmarks/jcm_beta_val_plain.md | tee runs/beta_plain.log
-$SEL --checkpoint "$RUN/focus/stage2/checkpoint" --out benchmarks/jcm_beta_val_focus.md | tee runs/beta_focus.log
+for v in $VARIANTS; do
+  $SEL --checkpoint "${DIRS[$v]}/stage2/checkpoint" --out "benchmarks/jcm_beta_val_$v.md" | tee "runs/beta_$v.log"
+done
 gain() { grep "^beta $(tail -1 "$1" | awk '{print $3}')" "$1" | sed -E 's/.*Dice ([0-9.]+) \(JCM off ([0-9.]+)\)/\1 \2/' | awk '{print $1 - $2}'; }
-if awk -v f="$(gain runs/beta_focus.log)" -v p="$(gain runs/beta_plain.log)" 'BEGIN{exit !(f > p)}'; then
-  CHOSEN=focus; CKPT="$RUN/focus/stage2/checkpoint"
-else
-  CHOSEN=plain; CKPT="$RUN/stage2/checkpoint"
-fi
+CHOSEN=""; BEST=""; GAINS=""
+for v in $VARIANTS; do
+  g=$(gain "runs/beta_$v.log"); GAINS="$GAINS $v $g"
+  if [ -z "$BEST" ] || awk -v a="$g" -v b="$BEST" 'BEGIN{exit !(a > b)}'; then CHOSEN=$v; BEST=$g; fi
+done
+CKPT="${DIRS[$CHOSEN]}/stage2/checkpoint"
 cp "runs/beta_$CHOSEN.log" runs/beta.log
 cp "benchmarks/jcm_beta_val_$CHOSEN.md" benchmarks/jcm_beta_val.md  # the shipped model's sweep
-echo "shipping $CKPT (JCM gain on val: plain $(gain runs/beta_plain.log), focus $(gain runs/beta_focus.log))"
+echo "shipping $CKPT (JCM gain on val:$GAINS)"
 BETA=$(tail -1 runs/beta.log | awk '{print $3}')
 .venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
 # Speed (quiet machine), then quality on the hard and regular splits, the panel screenshot and README overlays.

@@ -80,6 +80,10 @@ class JCMConfig:
     # True: e + correction(e) with a zero-initialised last layer, so an untrained correction is the identity
     # and training can only move prompts where that helps (our MediRound-Tiny).
     residual_correction: bool = False
+    # True (an option of ours, not in the paper): the correction also sees its prompt's first decode, the image
+    # embedding pooled under the unrefined mask and the decoder's mask token, through a zero-initialised
+    # projection added to its input. The MLP keeps the paper's widths.
+    correction_context: bool = False
 
 
 @dataclass

@@ -2,13 +2,17 @@
 
 Quality MLP 256→512→512→1 (GELU, sigmoid); correction MLP 256→512→512→256 (GELU). At inference, a score
 ≤ β sends the embedding through the correction MLP before decoding (paper, Algorithm 1). With
-`residual=True` the correction is added to the embedding (e + MLP(e)) and starts as the identity.
+`residual=True` the correction is added to the embedding (e + MLP(e)) and starts as the identity. With
+`context=True` (our option) the MLP input also receives a projection of the prompt's first decode (the image
+embedding pooled under the unrefined mask, and the decoder's mask token): e + MLP(e + W·context).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+CONTEXT_PARTS = 2  # the context of a correction: pooled image embedding and mask token, each `dim` wide
 
 
 class QualityMLP(nn.Module):
@@ -23,39 +27,55 @@ class QualityMLP(nn.Module):
 
 
 class CorrectionMLP(nn.Module):
-    def __init__(self, dim: int = 256, hidden_dim: int = 512, residual: bool = False):
+    def __init__(self, dim: int = 256, hidden_dim: int = 512, residual: bool = False, context: bool = False):
         super().__init__()
         self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, dim)
         self.act = nn.GELU()
         self.residual = residual
+        self.context = nn.Linear(CONTEXT_PARTS * dim, dim) if context else None
         if residual:
             self.reset_to_identity()
+        if context:
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
 
     def reset_to_identity(self) -> None:
         """Zero the last layer: with `residual`, the correction then returns its input unchanged."""
         nn.init.zeros_(self.fc3.weight)
         nn.init.zeros_(self.fc3.bias)
 
-    def forward(self, seg_embedding: torch.Tensor) -> torch.Tensor:
-        delta = self.fc3(self.act(self.fc2(self.act(self.fc1(seg_embedding)))))
+    def forward(self, seg_embedding: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = seg_embedding
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this correction was built with context=True: pass the first decode's context")
+            x = x + self.context(context.to(x.dtype))
+        delta = self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
         return seg_embedding + delta if self.residual else delta
 
 
 class JudgmentCorrection(nn.Module):
-    def __init__(self, dim: int = 256, hidden_dim: int = 512, residual_correction: bool = False):
+    def __init__(self, dim: int = 256, hidden_dim: int = 512, residual_correction: bool = False,
+                 correction_context: bool = False):
         super().__init__()
         self.quality = QualityMLP(dim, hidden_dim)
-        self.correction = CorrectionMLP(dim, hidden_dim, residual_correction)
+        self.correction = CorrectionMLP(dim, hidden_dim, residual_correction, correction_context)
 
-    def forward(self, seg_embedding: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def uses_context(self) -> bool:
+        return self.correction.context is not None
+
+    def forward(self, seg_embedding: torch.Tensor, beta: float, context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (embedding to decode, quality score, corrected flag) for a batch of embeddings."""
         score = self.quality(seg_embedding)
         corrected = score <= beta
-        refined = self.correction(seg_embedding)
+        refined = self.correction(seg_embedding, context)
         out = torch.where(corrected.unsqueeze(-1), refined, seg_embedding)
         return out, score, corrected
 
 
 def build_jcm(config) -> JudgmentCorrection:
-    """The JCM a `MediRoundConfig` describes (prompt width, hidden width, plain or residual correction)."""
-    return JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim, config.jcm.residual_correction)
+    """The JCM a `MediRoundConfig` describes (prompt width, hidden width, plain or residual correction, context)."""
+    return JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim, config.jcm.residual_correction,
+                              config.jcm.correction_context)

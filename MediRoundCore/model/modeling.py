@@ -151,15 +151,30 @@ class MediRound(nn.Module):
         """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared."""
         scores = corrected = None
         if use_jcm:
-            prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta)
+            context = self.correction_context(image_embeddings, prompts) if self.jcm.uses_context else None
+            prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta, context)
         low_res = self.decode_with_prompts(image_embeddings, prompts)
         return SegOutput(low_res, prompts, scores, corrected)
+
+    def correction_context(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode: the image
+        embedding averaged under the unrefined mask's probabilities, and the decoder's mask token."""
+        low_res, mask_tokens = self._decode(image_embeddings, prompts)
+        if image_embeddings.shape[0] == 1 and prompts.shape[0] > 1:
+            image_embeddings = image_embeddings.expand(prompts.shape[0], -1, -1, -1)
+        weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), image_embeddings.shape[-2:])
+        pooled = (image_embeddings.float() * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp(min=1e-3)
+        return torch.cat([pooled, mask_tokens.float()], -1).to(prompts.dtype)
 
     def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row.
 
         SAM's `MaskDecoder.forward` pairs every prompt with every image; here prompt k meets image row k, in
         one batched pass (the same computation as its `predict_masks`, batched over prompts)."""
+        return self._decode(image_embeddings, prompts)[0]
+
+    def _decode(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
         k = prompts.shape[0]
         if image_embeddings.shape[0] == 1 and k > 1:
             image_embeddings = image_embeddings.expand(k, -1, -1, -1)
@@ -175,7 +190,7 @@ class MediRound(nn.Module):
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
         bu, cu, hu, wu = upscaled.shape
-        return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+        return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu), mask_token_out
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """SAM's dense positional encoding of the embedding grid, computed in float32 whatever the model's dtype

@@ -56,11 +56,13 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
     return model, tokenizer
 
 
-def use_residual_correction(model) -> None:
-    """Give `model` a fresh JCM whose correction is residual (identity until trained); stage 2 then trains it."""
+def use_residual_correction(model, context: bool = False) -> None:
+    """Give `model` a fresh JCM whose correction is residual (identity until trained), and with `context` also
+    sees the prompt's first decode; stage 2 then trains it."""
     from ..model.jcm import build_jcm
 
     model.config.jcm.residual_correction = True
+    model.config.jcm.correction_context = context
     model.jcm = build_jcm(model.config)
 
 
@@ -68,7 +70,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
-                 correction_focus: bool = False):
+                 correction_focus: bool = False, correction_context: bool = False):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
     from ..model.modeling import MediRound
 
@@ -76,6 +78,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         raise ValueError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
     if correction_focus and stage != 2:
         raise ValueError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
+    if correction_context and not residual_correction:
+        raise ValueError("--correction-context comes with --residual-correction (a fresh, identity-started JCM)")
     out = Path(output_dir) / f"stage{stage}"
     ckpt = out / "checkpoint"
     resuming = (ckpt / "config.json").is_file()
@@ -86,7 +90,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
     else:
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
     if residual_correction and not resuming:  # a resumed run's config already says so
-        use_residual_correction(model)
+        use_residual_correction(model, context=correction_context)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
                       reference_noise=reference_noise, correction_focus=correction_focus)

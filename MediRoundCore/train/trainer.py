@@ -98,6 +98,8 @@ def stage2_losses(model, batch, focus: bool = False) -> dict:
         image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
         prompts = model.seg_prompts(hidden)
         raw_logits = decode_for_samples(model, image_embeddings, batch, prompts)
+        context = (model.correction_context(image_embeddings[batch.seg_positions[:, 0]], prompts)
+                   if model.jcm.uses_context else None)
     weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, raw_logits.shape[-1], raw_logits.device)
     target = batch.target_masks
     pred = (raw_logits > 0).float() * weight
@@ -106,7 +108,7 @@ def stage2_losses(model, batch, focus: bool = False) -> dict:
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     score = model.jcm.quality(prompts)
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
-    refined_logits = decode_for_samples(model, image_embeddings, batch, model.jcm.correction(prompts))
+    refined_logits = decode_for_samples(model, image_embeddings, batch, model.jcm.correction(prompts, context))
     sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
     bce = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
     dice = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
