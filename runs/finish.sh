@@ -10,12 +10,13 @@ RUN=${RUN:-runs/tiny5}
 # Stage 2 three ways on the same stage-1 weights: the plain correction loss; --correction-focus (loss weighted by
 # 1 - IoU of the unrefined mask); and focus with --correction-context (the correction also sees the first decode).
 # Each gets its β on val; the one whose JCM gains most on val is shipped.
-S2="--stage 2 --init $RUN/stage1/checkpoint --steps ${STAGE2_STEPS:-250} --batch-size 8 --save-every 50 \
+S2="--stage 2 --init $RUN/stage1/checkpoint --batch-size 8 --save-every 50 \
   --residual-correction --reference-noise 0.3 --data train+train-long"
 declare -A FLAGS=([plain]="" [focus]="--correction-focus" [context]="--correction-focus --correction-context")
+declare -A STEPS=([plain]=250 [focus]=250 [context]=500)  # the context projection starts from zero: more steps
 declare -A DIRS=([plain]="$RUN" [focus]="$RUN/focus" [context]="$RUN/context")
 VARIANTS=${VARIANTS:-plain focus context}
-for v in $VARIANTS; do $M train --out "${DIRS[$v]}" $S2 ${FLAGS[$v]}; done
+for v in $VARIANTS; do $M train --out "${DIRS[$v]}" $S2 --steps "${STAGE2_STEPS:-${STEPS[$v]}}" ${FLAGS[$v]}; done
 SEL=".venv/bin/python -m MediRoundCore.evaluate.select_beta --limit ${BETA_LIMIT:-80}"
 for v in $VARIANTS; do
   $SEL --checkpoint "${DIRS[$v]}/stage2/checkpoint" --out "benchmarks/jcm_beta_val_$v.md" | tee "runs/beta_$v.log"
