@@ -70,6 +70,13 @@ def test_decode_masks_corrects_with_the_context(tmp_path, ct_volume):
     assert bool(out.corrected.all()) and torch.allclose(out.prompts, expected, atol=1e-6)
     assert not torch.allclose(out.prompts, prompts)
     assert torch.equal(kept.prompts[~kept.corrected], prompts[~kept.corrected])
+    scores = model.jcm.quality(prompts).detach()
+    with torch.no_grad():
+        mixed = model.decode_masks(embedding, prompts, use_jcm=True, beta=float(scores.min()))  # the lowest only
+    low = int(scores.argmin())
+    assert mixed.corrected.tolist() == [k == low for k in range(2)]
+    assert torch.allclose(mixed.prompts[low], out.prompts[low], atol=1e-6)  # the same context as in a full batch
+    assert torch.equal(mixed.prompts[1 - low], prompts[1 - low])
 
     loaded, tokenizer = MediRound.from_pretrained(tmp_path / "checkpoint")
     assert loaded.config.jcm.correction_context

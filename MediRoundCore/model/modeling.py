@@ -151,10 +151,24 @@ class MediRound(nn.Module):
         """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared."""
         scores = corrected = None
         if use_jcm:
-            context = self.correction_context(image_embeddings, prompts) if self.jcm.uses_context else None
-            prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta, context)
+            prompts, scores, corrected = self._judge_and_correct(image_embeddings, prompts,
+                                                                 self.config.jcm.beta if beta is None else beta)
         low_res = self.decode_with_prompts(image_embeddings, prompts)
         return SegOutput(low_res, prompts, scores, corrected)
+
+    def _judge_and_correct(self, image_embeddings, prompts, beta: float):
+        """The JCM on K prompts. A context-aware correction decodes first only the prompts it will correct."""
+        if not self.jcm.uses_context:
+            return self.jcm(prompts, beta)
+        scores = self.jcm.quality(prompts)
+        corrected = scores <= beta
+        if not bool(corrected.any()):
+            return prompts, scores, corrected
+        rows = corrected.nonzero().squeeze(-1)
+        embeddings = image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[rows]
+        refined = prompts.clone()
+        refined[rows] = self.jcm.correction(prompts[rows], self.correction_context(embeddings, prompts[rows]))
+        return refined, scores, corrected
 
     def correction_context(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode: the image
