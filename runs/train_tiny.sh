@@ -5,9 +5,9 @@
 # weight 2.0. Phase C (runs/tiny3) continues from phase B on the train+train-long mixture (long dialogues,
 # reach-backs and distractors as often as in the hard split, train templates only), with 30 % of reference
 # masks perturbed like predictions (grown, shrunk, shifted, cut) so later rounds learn to live with imperfect ones.
-# Phase D (runs/tiny4, 2000 steps from phase C, lr 1.5e-4) is phase C for longer: the shipped model
-# (`RUN=runs/tiny4 bash runs/finish.sh`). Phase E (runs/tiny5, resumable: rerun to continue) continues phase D
-# at lr 1e-4; then `RUN=runs/tiny5 bash runs/finish.sh`.
+# Phase D (runs/tiny4, 2000 steps from phase C, lr 1.5e-4) is phase C for longer. Phase E (runs/tiny5,
+# resumable: rerun to continue) continues phase D at lr 1e-4 for 3000 steps: the shipped model
+# (`RUN=runs/tiny5 bash runs/finish.sh`).
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
