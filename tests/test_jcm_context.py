@@ -10,8 +10,8 @@ from MediRoundCore.engine import Engine
 from MediRoundCore.imaging import extract_slice
 from MediRoundCore.model.jcm import JudgmentCorrection
 from MediRoundCore.model.modeling import MediRound
-from MediRoundCore.train.run import run_training, use_residual_correction
 from MediRoundCore.session import Session
+from MediRoundCore.train.run import run_training, use_residual_correction
 from MediRoundCore.train.trainer import TrainConfig, Trainer
 
 
@@ -39,7 +39,7 @@ def test_context_pools_the_image_embedding_under_the_first_decode():
     prompts = torch.randn(3, 256)
     with torch.no_grad():
         context = model.correction_context(constant, prompts)
-        _, mask_tokens = model._decode(constant, prompts)
+        _, mask_tokens = model.decode_with_tokens(constant, prompts)
     assert context.shape == (3, 512)
     # a weighted mean of a constant map is that constant, whatever the mask
     assert torch.allclose(context[:, :256], channel_values.expand(3, -1), atol=1e-4)

@@ -9,6 +9,8 @@ embedding pooled under the unrefined mask, and the decoder's mask token): e + ML
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -65,13 +67,21 @@ class JudgmentCorrection(nn.Module):
     def uses_context(self) -> bool:
         return self.correction.context is not None
 
-    def forward(self, seg_embedding: torch.Tensor, beta: float, context: torch.Tensor | None = None
+    def forward(self, seg_embedding: torch.Tensor, beta: float,
+                context_of: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (embedding to decode, quality score, corrected flag) for a batch of embeddings."""
+        """Returns (embedding to decode, quality score, corrected flag) for a batch of embeddings.
+
+        Only the embeddings scored ≤ β go through the correction; a context-aware one gets their context from
+        `context_of(rows)`, so the first decode it needs runs for those rows alone."""
         score = self.quality(seg_embedding)
         corrected = score <= beta
-        refined = self.correction(seg_embedding, context)
-        out = torch.where(corrected.unsqueeze(-1), refined, seg_embedding)
+        if not bool(corrected.any()):
+            return seg_embedding, score, corrected
+        rows = corrected.nonzero().squeeze(-1)
+        context = context_of(rows) if self.uses_context else None
+        out = seg_embedding.clone()
+        out[rows] = self.correction(seg_embedding[rows], context)
         return out, score, corrected
 
 

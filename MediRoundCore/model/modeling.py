@@ -151,43 +151,37 @@ class MediRound(nn.Module):
         """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared."""
         scores = corrected = None
         if use_jcm:
-            prompts, scores, corrected = self._judge_and_correct(image_embeddings, prompts,
-                                                                 self.config.jcm.beta if beta is None else beta)
+            def context_of(rows):  # for a context-aware correction: the first decode of the rows it corrects
+                embeddings = image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[rows]
+                return self.correction_context(embeddings, prompts[rows])
+
+            prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta, context_of)
         low_res = self.decode_with_prompts(image_embeddings, prompts)
         return SegOutput(low_res, prompts, scores, corrected)
 
-    def _judge_and_correct(self, image_embeddings, prompts, beta: float):
-        """The JCM on K prompts. A context-aware correction decodes first only the prompts it will correct."""
-        if not self.jcm.uses_context:
-            return self.jcm(prompts, beta)
-        scores = self.jcm.quality(prompts)
-        corrected = scores <= beta
-        if not bool(corrected.any()):
-            return prompts, scores, corrected
-        rows = corrected.nonzero().squeeze(-1)
-        embeddings = image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[rows]
-        refined = prompts.clone()
-        refined[rows] = self.jcm.correction(prompts[rows], self.correction_context(embeddings, prompts[rows]))
-        return refined, scores, corrected
-
     def correction_context(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode: the image
-        embedding averaged under the unrefined mask's probabilities, and the decoder's mask token."""
-        low_res, mask_tokens = self._decode(image_embeddings, prompts)
-        if image_embeddings.shape[0] == 1 and prompts.shape[0] > 1:
-            image_embeddings = image_embeddings.expand(prompts.shape[0], -1, -1, -1)
+        """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode."""
+        return self.context_from_decode(image_embeddings, *self.decode_with_tokens(image_embeddings, prompts))
+
+    @staticmethod
+    def context_from_decode(image_embeddings: torch.Tensor, low_res: torch.Tensor, mask_tokens: torch.Tensor
+                            ) -> torch.Tensor:
+        """The image embedding averaged under the decoded mask's probabilities, and the decoder's mask token."""
+        if image_embeddings.shape[0] == 1 and low_res.shape[0] > 1:
+            image_embeddings = image_embeddings.expand(low_res.shape[0], -1, -1, -1)
         weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), image_embeddings.shape[-2:])
         pooled = (image_embeddings.float() * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp(min=1e-3)
-        return torch.cat([pooled, mask_tokens.float()], -1).to(prompts.dtype)
+        return torch.cat([pooled, mask_tokens.float()], -1).to(mask_tokens.dtype)
 
     def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row.
 
         SAM's `MaskDecoder.forward` pairs every prompt with every image; here prompt k meets image row k, in
         one batched pass (the same computation as its `predict_masks`, batched over prompts)."""
-        return self._decode(image_embeddings, prompts)[0]
+        return self.decode_with_tokens(image_embeddings, prompts)[0]
 
-    def _decode(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_with_tokens(self, image_embeddings: torch.Tensor, prompts: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
         k = prompts.shape[0]
         if image_embeddings.shape[0] == 1 and k > 1:
@@ -290,9 +284,13 @@ def seg_hidden_states(model: "MediRound", batch):
 def decode_for_samples(model: "MediRound", image_embeddings, batch, prompts):
     """Upsampled (K,S,S) mask logits of each [SEG] prompt on its own sample's image embedding."""
     rows = batch.seg_positions[:, 0]
-    low = model.decode_with_prompts(image_embeddings[rows], prompts)
+    return upsample_logits(model, model.decode_with_prompts(image_embeddings[rows], prompts))
+
+
+def upsample_logits(model: "MediRound", low_res: torch.Tensor) -> torch.Tensor:
+    """(K,1,h,w) low-res mask logits → (K,S,S) at the segmenter's input size."""
     size = model.config.segmenter.image_size
-    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def stage1_losses(model: "MediRound", batch, ce=1.0, bce=2.0, dice=0.5) -> dict:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.modeling import (decode_for_samples, masked_bce, masked_dice, seg_hidden_states, stage1_losses,
-                              valid_region_mask)
+                              upsample_logits, valid_region_mask)
 from ..model.processing import PromptBuilder
 from .batching import make_batch
 
@@ -97,9 +97,11 @@ def stage2_losses(model, batch, focus: bool = False) -> dict:
         _, hidden = seg_hidden_states(model, batch)
         image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
         prompts = model.seg_prompts(hidden)
-        raw_logits = decode_for_samples(model, image_embeddings, batch, prompts)
-        context = (model.correction_context(image_embeddings[batch.seg_positions[:, 0]], prompts)
-                   if model.jcm.uses_context else None)
+        sample_embeddings = image_embeddings[batch.seg_positions[:, 0]]
+        low_res, mask_tokens = model.decode_with_tokens(sample_embeddings, prompts)
+        raw_logits = upsample_logits(model, low_res)
+        context = (model.context_from_decode(sample_embeddings, low_res, mask_tokens) if model.jcm.uses_context
+                   else None)
     weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, raw_logits.shape[-1], raw_logits.device)
     target = batch.target_masks
     pred = (raw_logits > 0).float() * weight
