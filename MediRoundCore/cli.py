@@ -177,6 +177,7 @@ def cmd_train(args) -> int:
                           data=args.data, reference_noise=args.reference_noise,
                           residual_correction=args.residual_correction, correction_focus=args.correction_focus,
                           correction_context=args.correction_context,
+                          correction_attention=args.correction_attention, features=args.features,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -257,8 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--correction-context", action="store_true",
                     help="with --residual-correction: the correction also sees the prompt's first decode "
                          "(pooled image embedding under the unrefined mask, and the decoder's mask token)")
+    sp.add_argument("--correction-attention", action="store_true",
+                    help="with --correction-context: the context also holds what the first decode's mask token "
+                         "reads from the image embedding, each location marked inside/outside the unrefined mask")
     sp.add_argument("--correction-focus", action="store_true",
                     help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
+    sp.add_argument("--features", help="stage 2 on cached features of the frozen --init model (one .safetensors "
+                    "file or several joined by commas; build them with python -m MediRoundCore.train.jcm_features)")
     sp.add_argument("--ce-weight", type=float, default=1.0)
     sp.add_argument("--bce-weight", type=float, default=2.0)
     sp.add_argument("--dice-weight", type=float, default=0.5,

@@ -303,6 +303,13 @@ class Engine:
             logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
         return hidden, answer, True
 
+    def slice_embedding(self, session: Session, image: SliceImage) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The cached segmenter image embedding (1,C,g,g) of a slice asked on, and its unpadded extent."""
+        state = self._slices.get((session.volume_fingerprint, image.view, image.index, image.pixels.shape))
+        if state is None:
+            raise KeyError("this slice has not been asked on (or its cache was dropped)")
+        return state.seg_embedding, state.input_hw
+
     def forget(self) -> None:
         """Drop every cache (e.g. after loading another model)."""
         self._slices.clear()

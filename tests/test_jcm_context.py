@@ -93,3 +93,31 @@ def test_context_correction_needs_a_fresh_residual_jcm(tmp_path):
     with pytest.raises(ValueError, match="--residual-correction"):
         run_training(tmp_path, stage=2, steps=1, correction_context=True)
     assert not (tmp_path / "stage2").exists()
+
+
+def test_attending_correction_reads_the_mask_surroundings(ct_volume):
+    engine = Engine.random_tiny(seed=3)
+    use_residual_correction(engine.model, context=True, attention=True)
+    model = engine.model.eval()
+    assert model.jcm.correction.context.in_features == 3 * 256
+    grid = model.config.segmenter.embedding_size
+    embedding, prompts = torch.randn(1, 256, grid, grid), torch.randn(3, 256)
+    with torch.no_grad():
+        context = model.correction_context(embedding, prompts)
+        assert torch.equal(model.jcm.correction(prompts, context), prompts)  # identity until trained
+        low_res, tokens = model.decode_with_tokens(embedding, prompts)
+        marked = model.context_from_decode(embedding, low_res, tokens)
+        flipped = model.context_from_decode(embedding, -low_res, tokens)  # inside and outside swapped
+    assert context.shape == (3, 768) and torch.allclose(marked, context)
+    assert torch.allclose(flipped[:, 256:512], marked[:, 256:512])  # same mask token ...
+    assert not torch.allclose(flipped[:, 512:], marked[:, 512:], atol=1e-4)  # ... another reading of the image
+    with pytest.raises(ValueError, match="context=True"):
+        JudgmentCorrection(correction_attention=True)
+    result = engine.ask(Session(ct_volume.fingerprint()), "Segment the liver.", extract_slice(ct_volume, "axial", 2),
+                        beta=1.0)
+    assert result.round.corrected  # a whole Ask runs through the attending correction
+
+
+def test_attending_correction_needs_the_context(tmp_path):
+    with pytest.raises(ValueError, match="--correction-context"):
+        run_training(tmp_path, stage=2, steps=1, residual_correction=True, correction_attention=True)

@@ -84,6 +84,9 @@ class JCMConfig:
     # embedding pooled under the unrefined mask and the decoder's mask token, through a zero-initialised
     # projection added to its input. The MLP keeps the paper's widths.
     correction_context: bool = False
+    # True (ours, with correction_context): the context also holds what the first decode's mask token reads
+    # from the whole image embedding, every location marked inside/outside the unrefined mask (jcm.MaskAttention).
+    correction_attention: bool = False
 
 
 @dataclass

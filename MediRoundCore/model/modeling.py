@@ -163,15 +163,21 @@ class MediRound(nn.Module):
         """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode."""
         return self.context_from_decode(image_embeddings, *self.decode_with_tokens(image_embeddings, prompts))
 
-    @staticmethod
-    def context_from_decode(image_embeddings: torch.Tensor, low_res: torch.Tensor, mask_tokens: torch.Tensor
+    def context_from_decode(self, image_embeddings: torch.Tensor, low_res: torch.Tensor, mask_tokens: torch.Tensor
                             ) -> torch.Tensor:
-        """The image embedding averaged under the decoded mask's probabilities, and the decoder's mask token."""
+        """The image embedding averaged under the decoded mask's probabilities, the decoder's mask token, and
+        (an attending correction) what the mask token reads from the marked image embedding."""
         if image_embeddings.shape[0] == 1 and low_res.shape[0] > 1:
             image_embeddings = image_embeddings.expand(low_res.shape[0], -1, -1, -1)
         weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), image_embeddings.shape[-2:])
         pooled = (image_embeddings.float() * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp(min=1e-3)
-        return torch.cat([pooled, mask_tokens.float()], -1).to(mask_tokens.dtype)
+        parts = [pooled, mask_tokens.float()]
+        attention = self.jcm.correction.attention
+        if attention is not None:
+            dtype = next(attention.parameters()).dtype
+            parts.append(attention(mask_tokens.to(dtype), image_embeddings.to(dtype),
+                                   self.dense_positional_encoding().to(dtype), weights.to(dtype)).float())
+        return torch.cat(parts, -1).to(mask_tokens.dtype)
 
     def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row.

@@ -56,28 +56,45 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
     return model, tokenizer
 
 
-def use_residual_correction(model, context: bool = False) -> None:
-    """Give `model` a fresh JCM whose correction is residual (identity until trained), and with `context` also
-    sees the prompt's first decode; stage 2 then trains it."""
+def use_residual_correction(model, context: bool = False, attention: bool = False) -> None:
+    """Give `model` a fresh JCM whose correction is residual (identity until trained); with `context` it also
+    sees the prompt's first decode, with `attention` also what the mask token reads around the mask. Stage 2
+    then trains it."""
     from ..model.jcm import build_jcm
 
     model.config.jcm.residual_correction = True
     model.config.jcm.correction_context = context
+    model.config.jcm.correction_attention = attention
     model.jcm = build_jcm(model.config)
+
+
+def check_features_match(features, model) -> None:
+    """Cached features fit this model: the same segmenter frame and prompt width."""
+    size, dim = model.config.segmenter.image_size, model.config.segmenter.prompt_dim
+    if features.size != size or features.prompts.shape[-1] != dim:
+        raise ValueError(f"features of a {features.size}² segmenter with {features.prompts.shape[-1]}-d prompts do "
+                         f"not fit this model ({size}², {dim}-d): collect them with the --init model")
 
 
 def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int = 8, init: str | None = None,
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
-                 correction_focus: bool = False, correction_context: bool = False):
-    """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder."""
+                 correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False, features=None):
+    """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
+
+    `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
+    generated stream; `data` and `reference_noise` then belong to how the features were collected."""
     from ..model.modeling import MediRound
 
     if residual_correction and stage != 2:
         raise ValueError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
     if correction_focus and stage != 2:
         raise ValueError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
+    if features and stage != 2:
+        raise ValueError("--features belongs to stage 2 (cached rounds of the frozen model)")
+    if correction_attention and not correction_context:
+        raise ValueError("--correction-attention comes with --correction-context (it reads the first decode)")
     if correction_context and not residual_correction:
         raise ValueError("--correction-context comes with --residual-correction (a fresh, identity-started JCM)")
     out = Path(output_dir) / f"stage{stage}"
@@ -90,14 +107,20 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
     else:
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
     if residual_correction and not resuming:  # a resumed run's config already says so
-        use_residual_correction(model, context=correction_context)
+        use_residual_correction(model, context=correction_context, attention=correction_attention)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
                       reference_noise=reference_noise, correction_focus=correction_focus)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
     trainer = Trainer(model, tokenizer, cfg, training_stream(data))
-    if workers > 0:
+    if features:
+        from .jcm_features import FeatureSet
+
+        cached = FeatureSet.load(features)
+        check_features_match(cached, model)
+        trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
+    elif workers > 0:
         dataset = _StreamDataset(training_stream(data), stream_seed(cfg.seed, trainer.step), batch_size,
                                  trainer.builder, model.config, reference_noise)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.modeling import (decode_for_samples, masked_bce, masked_dice, seg_hidden_states, stage1_losses,
+from ..model.modeling import (masked_bce, masked_dice, seg_hidden_states, stage1_losses,
                               upsample_logits, valid_region_mask)
 from ..model.processing import PromptBuilder
 from .batching import make_batch
+from .jcm_features import FeatureBatch
 
 STATE_FILE = "trainer_state.pt"
 
@@ -88,29 +89,35 @@ FOCUS_FLOOR = 0.05  # with correction focus, the weight of a mask the model alre
 
 
 def stage2_losses(model, batch, focus: bool = False) -> dict:
-    """JCM objective on the frozen model with teacher-forced references.
-
-    With `focus`, each mask's correction loss is weighted by 1 − IoU of the unrefined mask (at least
-    FOCUS_FLOOR): the correction then learns from the masks it will be applied to at inference, the poor ones,
-    instead of mostly from masks that need no change."""
+    """JCM objective on the frozen model with teacher-forced references (see `jcm_losses`)."""
     with torch.no_grad():
         _, hidden = seg_hidden_states(model, batch)
         image_embeddings = model.encode_segmenter_image(batch.seg_pixels)
         prompts = model.seg_prompts(hidden)
-        sample_embeddings = image_embeddings[batch.seg_positions[:, 0]]
-        low_res, mask_tokens = model.decode_with_tokens(sample_embeddings, prompts)
+    weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, batch.target_masks.shape[-1],
+                               prompts.device)
+    return jcm_losses(model, image_embeddings[batch.seg_positions[:, 0]], prompts, batch.target_masks, weight, focus)
+
+
+def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False) -> dict:
+    """Stage 2 on prompts of the frozen model: prompt k decodes on image embedding row k against target k.
+
+    Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: 2·BCE +
+    0.5·Dice of the refined mask, on every sample. With `focus`, each mask's correction loss is weighted by
+    1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction then learns from the masks it will be
+    applied to at inference, the poor ones, instead of mostly from masks that need no change."""
+    with torch.no_grad():
+        low_res, mask_tokens = model.decode_with_tokens(embeddings, prompts)
         raw_logits = upsample_logits(model, low_res)
-        context = (model.context_from_decode(sample_embeddings, low_res, mask_tokens) if model.jcm.uses_context
-                   else None)
-    weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, raw_logits.shape[-1], raw_logits.device)
-    target = batch.target_masks
+    # outside no_grad: an attending correction's context has weights of its own
+    context = model.context_from_decode(embeddings, low_res, mask_tokens) if model.jcm.uses_context else None
     pred = (raw_logits > 0).float() * weight
     inter = (pred * target).flatten(1).sum(-1)
     union = ((pred + target) > 0).float().flatten(1).sum(-1)
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     score = model.jcm.quality(prompts)
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
-    refined_logits = decode_for_samples(model, image_embeddings, batch, model.jcm.correction(prompts, context))
+    refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, model.jcm.correction(prompts, context)))
     sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
     bce = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
     dice = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
@@ -178,7 +185,6 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        losses = stage1_losses if cfg.stage == 1 else stage2_losses
         log_path = self.out / f"log_stage{cfg.stage}.csv"
         history: list[dict] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
@@ -193,8 +199,7 @@ class Trainer:
         while self.step < cfg.steps:
             batch = next(batches).to(self.accelerator.device)
             with self.accelerator.autocast():
-                terms = (losses(self.model, batch, focus=cfg.correction_focus) if cfg.stage == 2
-                         else losses(self.model, batch, **cfg.loss_weights))
+                terms = self._losses(batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(terms["loss"])
             if cfg.grad_clip:
@@ -216,6 +221,14 @@ class Trainer:
                 raise FloatingPointError(f"loss became {row['loss']} at step {self.step}")
         bar.close()
         return history
+
+    def _losses(self, batch) -> dict:
+        if self.cfg.stage == 1:
+            return stage1_losses(self.model, batch, **self.cfg.loss_weights)
+        if isinstance(batch, FeatureBatch):  # cached stage 2 (see jcm_features)
+            return jcm_losses(self.model, batch.embeddings, batch.prompts, batch.targets, batch.weight,
+                              self.cfg.correction_focus)
+        return stage2_losses(self.model, batch, focus=self.cfg.correction_focus)
 
     def _log(self, path: Path, row: dict) -> None:
         new = not path.exists()

@@ -1,0 +1,278 @@
+"""Cached stage-2 features: the frozen model runs once per round, so the JCM can train for many steps cheaply.
+
+Stage 2 trains only the two JCM MLPs; everything they see is the frozen model's output. Running the language
+model and the image encoder once per round and keeping the results turns a stage-2 step into a mask-decoder
+pass. Two sources of rounds:
+
+- `predicted` (on-policy): the multi-round protocol on training dialogues, JCM off, dataset references, each
+  round's *predicted* mask feeding the rounds that refer to it: the prompts the JCM meets at inference.
+- `teacher`: teacher-forced batches (reference masks from the ground truth, a share perturbed like
+  predictions), the inputs of the streaming stage 2 (`trainer.stage2_losses`).
+
+A `FeatureSet` keeps, per round, the 256-d [SEG] prompt before JCM and the ground-truth mask in the segmenter
+frame; per dialogue, the segmenter image embedding and the unpadded extent. One safetensors file, no pickles.
+
+    python -m MediRoundCore.train.jcm_features --checkpoint MediRoundCore/weights/mediround-tiny \
+        --split train-long --start 0 --dialogues 800 --out runs/jcm/features_0.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.processing import masks_to_segmenter_frame
+
+SOURCES = ("predicted", "teacher")
+
+
+@dataclass
+class FeatureBatch:
+    """One cached stage-2 step: prompt k decodes on image embedding row k against target mask k."""
+
+    embeddings: torch.Tensor  # (K,C,g,g)
+    prompts: torch.Tensor  # (K,256) before JCM
+    targets: torch.Tensor  # (K,S,S) in the segmenter frame
+    weight: torch.Tensor  # (K,S,S) 1 inside each image's unpadded extent
+
+    def to(self, device):
+        for name, value in vars(self).items():
+            setattr(self, name, value.to(device))
+        return self
+
+
+class FeatureSet:
+    """Rounds (prompt, target) over dialogues (image embedding, unpadded extent)."""
+
+    def __init__(self, prompts, dialogue, targets_packed, embeddings, valid_hw, size: int, meta: dict | None = None):
+        self.prompts = prompts.float()
+        self.dialogue = dialogue.long()
+        self.targets_packed = targets_packed  # (N, S*S/8) uint8, np.packbits of the (S,S) target
+        self.embeddings = embeddings  # (D,C,g,g) float16
+        self.valid_hw = valid_hw.long()
+        self.size = int(size)
+        self.meta = dict(meta or {})
+        if not (len(self.prompts) == len(self.dialogue) == len(self.targets_packed)):
+            raise ValueError("prompts, dialogue indices and targets differ in length")
+        if len(self.dialogue) and int(self.dialogue.max()) >= len(self.embeddings):
+            raise ValueError("a round refers to a dialogue with no image embedding")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_dialogues(self) -> int:
+        return len(self.embeddings)
+
+    # -- building ------------------------------------------------------------------------------------
+    @staticmethod
+    def pack(targets: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.packbits(targets.bool().flatten(1).numpy(), axis=1))
+
+    def targets(self, rows: torch.Tensor) -> torch.Tensor:
+        bits = np.unpackbits(self.targets_packed[rows].numpy(), axis=1, count=self.size * self.size)
+        return torch.from_numpy(bits).float().reshape(-1, self.size, self.size)
+
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(rows), self.size, self.size)
+        for i, (h, w) in enumerate(self.valid_hw[self.dialogue[rows]].tolist()):
+            out[i, :h, :w] = 1
+        return out
+
+    def batch(self, rows: torch.Tensor) -> FeatureBatch:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return FeatureBatch(self.embeddings[self.dialogue[rows]].float(), self.prompts[rows], self.targets(rows),
+                            self.weights(rows))
+
+    def batches(self, batch_size: int, seed: int = 0):
+        """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs."""
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.batch(order[start:start + batch_size])
+
+    def split(self, val_dialogues: int) -> tuple["FeatureSet", "FeatureSet"]:
+        """(train, held out): the last `val_dialogues` dialogues held out whole."""
+        cut = self.num_dialogues - val_dialogues
+        if not 0 < cut < self.num_dialogues:
+            raise ValueError(f"cannot hold out {val_dialogues} of {self.num_dialogues} dialogues")
+        head, tail = self.dialogue < cut, self.dialogue >= cut
+        return (FeatureSet(self.prompts[head], self.dialogue[head], self.targets_packed[head], self.embeddings[:cut],
+                           self.valid_hw[:cut], self.size, self.meta),
+                FeatureSet(self.prompts[tail], self.dialogue[tail] - cut, self.targets_packed[tail],
+                           self.embeddings[cut:], self.valid_hw[cut:], self.size, self.meta))
+
+    # -- files ---------------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"prompts": self.prompts.contiguous(), "dialogue": self.dialogue.contiguous(),
+                   "targets_packed": self.targets_packed.contiguous(), "embeddings": self.embeddings.contiguous(),
+                   "valid_hw": self.valid_hw.contiguous()}, str(tmp),
+                  metadata={"size": str(self.size), "meta": json.dumps(self.meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, paths) -> "FeatureSet":
+        """One file, or several (a list, or names joined by commas) concatenated in order."""
+        from safetensors import safe_open
+
+        if isinstance(paths, (str, Path)):
+            paths = [p for p in str(paths).split(",") if p]
+        parts = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no feature file (build one with python -m "
+                                        "MediRoundCore.train.jcm_features)")
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+                info = handle.metadata() or {}
+            parts.append(cls(tensors["prompts"], tensors["dialogue"], tensors["targets_packed"],
+                             tensors["embeddings"], tensors["valid_hw"], int(info["size"]),
+                             json.loads(info.get("meta", "{}"))))
+        return cls.concat(parts)
+
+    @classmethod
+    def concat(cls, parts: list["FeatureSet"]) -> "FeatureSet":
+        if not parts:
+            raise ValueError("no feature sets to join")
+        if len({p.size for p in parts}) != 1:
+            raise ValueError("feature sets of different segmenter sizes")
+        offsets = np.cumsum([0] + [p.num_dialogues for p in parts[:-1]])
+        meta = dict(parts[0].meta, parts=[p.meta for p in parts]) if len(parts) > 1 else parts[0].meta
+        return cls(torch.cat([p.prompts for p in parts]), torch.cat([p.dialogue + int(o) for p, o in zip(parts, offsets)]),
+                   torch.cat([p.targets_packed for p in parts]), torch.cat([p.embeddings for p in parts]),
+                   torch.cat([p.valid_hw for p in parts]), parts[0].size, meta)
+
+
+class _Accumulator:
+    """Collects rounds and dialogues into a FeatureSet."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.prompts, self.dialogue, self.targets, self.embeddings, self.valid_hw = [], [], [], [], []
+
+    def add_dialogue(self, embedding: torch.Tensor, valid_hw, prompts: torch.Tensor, targets: torch.Tensor) -> None:
+        d = len(self.embeddings)
+        self.embeddings.append(embedding.detach().float().cpu().to(torch.float16).reshape(1, *embedding.shape[-3:]))
+        self.valid_hw.append(torch.tensor([list(valid_hw)]))
+        self.prompts.append(prompts.detach().float().cpu())
+        self.targets.append(FeatureSet.pack(targets.cpu()))
+        self.dialogue.append(torch.full((len(prompts),), d, dtype=torch.long))
+
+    def build(self, meta: dict) -> FeatureSet:
+        return FeatureSet(torch.cat(self.prompts), torch.cat(self.dialogue), torch.cat(self.targets),
+                          torch.cat(self.embeddings), torch.cat(self.valid_hw), self.size, meta)
+
+
+# -- collection ----------------------------------------------------------------------------------------------
+def collect_predicted(engine, samples, progress=None) -> FeatureSet:
+    """On-policy rounds: the protocol with dataset references and JCM off, predicted masks fed forward."""
+    from ..evaluate.protocol import CONFIGS, config_reference, sample_fingerprint, sample_image
+    from ..session import Session
+
+    config = CONFIGS["ind-nojcm"]
+    size = engine.model.config.segmenter.image_size
+    acc = _Accumulator(size)
+    for i, sample in enumerate(samples):
+        image = sample_image(sample)
+        session = Session(sample_fingerprint(sample), volume_name=f"features-{i}")
+        prompts = []
+        for k, query in enumerate(sample.queries):
+            result = engine.ask(session, query, image, reference=config_reference(config, sample, k), use_jcm=False)
+            prompts.append(result.raw_prompt)
+        embedding, valid_hw = engine.slice_embedding(session, image)
+        targets = masks_to_segmenter_frame(np.asarray(sample.masks, bool), valid_hw, size)
+        acc.add_dialogue(embedding, valid_hw, torch.stack(prompts), targets)
+        engine.forget()
+        if progress:
+            progress(i + 1)
+    return acc.build({"source": "predicted"})
+
+
+@torch.no_grad()
+def collect_teacher(model, tokenizer, samples, reference_noise: float = 0.3, batch_size: int = 8, seed: int = 0,
+                    progress=None) -> FeatureSet:
+    """Teacher-forced rounds, as streaming stage 2 sees them (ground-truth references, a share perturbed)."""
+    from ..model.modeling import seg_hidden_states
+    from ..model.processing import PromptBuilder
+    from .batching import make_batch
+
+    builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template, model.config.vision.num_patches)
+    rng = np.random.default_rng(seed)
+    acc = _Accumulator(model.config.segmenter.image_size)
+    it = iter(samples)
+    done = 0
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        if not chunk:
+            break
+        batch = make_batch(chunk, builder, model.config, reference_noise, rng).to(model.device)
+        _, hidden = seg_hidden_states(model, batch)
+        prompts = model.seg_prompts(hidden)
+        embeddings = model.encode_segmenter_image(batch.seg_pixels)
+        first = 0
+        for b, n in enumerate(batch.rounds_per_sample):
+            acc.add_dialogue(embeddings[b], batch.valid_hw[b], prompts[first:first + n],
+                             batch.target_masks[first:first + n])
+            first += n
+        done += len(chunk)
+        if progress:
+            progress(done)
+    return acc.build({"source": "teacher", "reference_noise": reference_noise})
+
+
+def main(argv=None) -> int:
+    from ..data.splits import make_dialogue, to_sample
+    from ..engine import DEFAULT_CHECKPOINT, Engine
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the frozen (stage-1) model")
+    p.add_argument("--source", choices=SOURCES, default="predicted")
+    p.add_argument("--split", default="train-long", help="training split(s) joined by '+' (default train-long)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", type=int, default=0, help="first dialogue index (shards run in parallel)")
+    p.add_argument("--dialogues", type=int, default=500)
+    p.add_argument("--reference-noise", type=float, default=0.3, help="teacher source: share of perturbed references")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.split.split("+")
+    samples = (to_sample(make_dialogue(names[i % len(names)], args.seed, i // len(names)))
+               for i in range(args.start, args.start + args.dialogues))
+    t0 = time.perf_counter()
+
+    def say(done):
+        if done % 50 == 0 or done == args.dialogues:
+            rate = done / (time.perf_counter() - t0)
+            print(f"{done}/{args.dialogues} dialogues ({rate:.2f}/s)", flush=True)
+
+    engine = Engine.load(args.checkpoint, device="cpu")
+    if args.source == "predicted":
+        features = collect_predicted(engine, samples, say)
+    else:
+        features = collect_teacher(engine.model, engine.tokenizer, samples, args.reference_noise, seed=args.seed,
+                                   progress=say)
+    features.meta.update(split=args.split, seed=args.seed, start=args.start, dialogues=args.dialogues,
+                         checkpoint=str(args.checkpoint))
+    features.save(args.out)
+    print(f"{len(features)} rounds of {features.num_dialogues} dialogues -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

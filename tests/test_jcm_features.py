@@ -1,0 +1,146 @@
+"""Cached stage 2: features of the frozen model (on-policy and teacher-forced), training on them, and the
+offline JCM table."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from MediRoundCore.data.splits import iter_training_samples
+from MediRoundCore.engine import Engine
+from MediRoundCore.evaluate.jcm_offline import offline_jcm
+from MediRoundCore.evaluate.metrics import mask_counts
+from MediRoundCore.evaluate.protocol import EvalEngine, sample_fingerprint, sample_image
+from MediRoundCore.model.processing import PromptBuilder, masks_to_segmenter_frame
+from MediRoundCore.session import Session
+from MediRoundCore.train.batching import make_batch
+from MediRoundCore.train.jcm_features import FeatureSet, collect_predicted, collect_teacher
+from MediRoundCore.train.run import run_training, use_residual_correction
+from MediRoundCore.train.trainer import TrainConfig, Trainer, jcm_losses, stage2_losses
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return list(itertools.islice(iter_training_samples(seed=11, split="train-long"), 3))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return EvalEngine.from_engine(Engine.random_tiny(seed=4))
+
+
+@pytest.fixture(scope="module")
+def predicted(engine, samples):
+    return collect_predicted(engine, samples)
+
+
+def test_predicted_features_are_the_protocols_rounds(engine, samples, predicted):
+    assert len(predicted) == sum(s.num_rounds for s in samples) and predicted.num_dialogues == len(samples)
+    size = engine.model.config.segmenter.image_size
+    sample = samples[1]
+    rows = (predicted.dialogue == 1).nonzero().squeeze(-1)
+    # the prompts are the ones a fresh session gets round by round (dataset references, JCM off)
+    session, image = Session(sample_fingerprint(sample)), sample_image(sample)
+    raw = []
+    for k, query in enumerate(sample.queries):
+        ref = sample.ref_indices[k]
+        raw.append(engine.ask(session, query, image, reference=None if ref is None else ref + 1, use_jcm=False).raw_prompt)
+    assert torch.allclose(predicted.prompts[rows], torch.stack(raw), atol=1e-4)
+    embedding, hw = engine.slice_embedding(session, image)
+    assert torch.allclose(predicted.embeddings[1].float(), embedding[0].float(), atol=1e-2)  # stored as float16
+    assert tuple(predicted.valid_hw[1].tolist()) == hw
+    expected = masks_to_segmenter_frame(np.asarray(sample.masks, bool), hw, size)
+    batch = predicted.batch(rows)
+    assert torch.equal(batch.targets, expected)
+    assert batch.weight[:, : hw[0], : hw[1]].min() == 1 and batch.weight.sum() == len(rows) * hw[0] * hw[1]
+
+
+def test_features_save_load_concat_and_split(tmp_path, predicted):
+    path = predicted.save(tmp_path / "a.safetensors")
+    loaded = FeatureSet.load(path)
+    for name in ("prompts", "dialogue", "targets_packed", "embeddings", "valid_hw"):
+        assert torch.equal(getattr(loaded, name), getattr(predicted, name))
+    assert loaded.meta == {"source": "predicted"} and loaded.size == predicted.size
+    both = FeatureSet.load(f"{path},{path}")
+    assert len(both) == 2 * len(predicted) and both.num_dialogues == 2 * predicted.num_dialogues
+    second = both.batch(torch.arange(len(predicted), 2 * len(predicted)))
+    first = predicted.batch(torch.arange(len(predicted)))
+    assert torch.equal(second.embeddings, first.embeddings) and torch.equal(second.targets, first.targets)
+    train, held = predicted.split(1)
+    assert held.num_dialogues == 1 and len(train) + len(held) == len(predicted)
+    assert torch.equal(held.prompts, predicted.prompts[predicted.dialogue == predicted.num_dialogues - 1])
+    assert torch.equal(held.batch([0]).embeddings, predicted.batch([len(train)]).embeddings)
+    with pytest.raises(ValueError, match="hold out"):
+        predicted.split(predicted.num_dialogues)
+    with pytest.raises(FileNotFoundError, match="no feature file"):
+        FeatureSet.load(tmp_path / "missing.safetensors")
+
+
+def test_cached_losses_equal_the_streaming_stage2(engine, samples):
+    model = engine.model
+    use_residual_correction(model, context=True)
+    torch.manual_seed(0)
+    for p in model.jcm.correction.parameters():  # a correction that is not the identity
+        torch.nn.init.normal_(p, std=0.02)
+    builder = PromptBuilder(engine.tokenizer, model.token_ids, model.config.chat_template,
+                            model.config.vision.num_patches)
+    features = collect_teacher(model, engine.tokenizer, samples, reference_noise=0.0, batch_size=2)
+    batch = make_batch(samples, builder, model.config)
+    with torch.no_grad():
+        streaming = stage2_losses(model, batch, focus=True)
+        cached_batch = features.batch(torch.arange(len(features)))
+        cached = jcm_losses(model, cached_batch.embeddings, cached_batch.prompts, cached_batch.targets,
+                            cached_batch.weight, focus=True)
+    for name in ("loss", "judgment", "bce", "dice", "iou"):
+        assert abs(float(streaming[name]) - float(cached[name])) < 2e-3, name
+
+
+def test_cached_stage2_trains_and_its_loss_falls(tmp_path, predicted):
+    path = predicted.save(tmp_path / "f.safetensors")
+    engine = Engine.random_tiny(seed=4)  # the model the features came from
+    engine.model.save_pretrained(tmp_path / "init", engine.tokenizer)
+    out = run_training(tmp_path / "run", stage=2, steps=30, batch_size=8, init=str(tmp_path / "init"), lr=2e-3,
+                       residual_correction=True, correction_context=True, correction_attention=True,
+                       features=str(path), progress=False, save_every=30)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "stage2" / "log_stage2.csv")))
+    assert len(rows) == 3 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    from MediRoundCore.model.modeling import MediRound
+
+    trained, _ = MediRound.from_pretrained(out)
+    assert trained.config.jcm.correction_attention
+    base, _ = MediRound.from_pretrained(tmp_path / "init")
+    trained_params = dict(trained.named_parameters())
+    for name, p in base.named_parameters():  # stage 2 moved nothing outside the JCM
+        if not name.startswith("jcm."):
+            assert torch.equal(p, trained_params[name]), name
+    with pytest.raises(ValueError, match="stage 2"):
+        run_training(tmp_path / "bad", stage=1, steps=1, features=str(path))
+    small = FeatureSet(predicted.prompts, predicted.dialogue, predicted.targets_packed, predicted.embeddings,
+                       predicted.valid_hw, size=128)
+    small.save(tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match="do not fit"):
+        run_training(tmp_path / "bad2", stage=2, steps=1, init=str(tmp_path / "init"),
+                     features=str(tmp_path / "small.safetensors"))
+
+
+def test_offline_jcm_scores_each_round(engine, predicted):
+    model = engine.model
+    use_residual_correction(model)  # an identity correction: JCM changes nothing at any β
+    result = offline_jcm(model.eval(), predicted, batch_size=5)
+    assert len(result.dice_raw) == len(predicted)
+    for beta in (0.0, 0.5, 1.0):
+        dice, share = result.at(beta)
+        assert dice == pytest.approx(result.dice_raw.mean()) and share == float((result.scores <= beta).mean())
+    # its Dice is the evaluator's Dice of the thresholded decode over the unpadded extent
+    batch = predicted.batch([0])
+    from MediRoundCore.model.modeling import upsample_logits
+
+    with torch.no_grad():
+        logits = upsample_logits(model, model.decode_with_prompts(batch.embeddings, batch.prompts))[0]
+    h, w = predicted.valid_hw[predicted.dialogue[0]].tolist()
+    counts = mask_counts((logits[:h, :w] > 0).numpy(), batch.targets[0, :h, :w].numpy().astype(bool))
+    assert result.dice_raw[0] == pytest.approx(counts.dice, abs=1e-6)
+    assert "| 0.6 |" in result.table()
