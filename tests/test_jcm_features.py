@@ -50,6 +50,8 @@ def test_predicted_features_are_the_protocols_rounds(engine, samples, predicted)
     embedding, hw = engine.slice_embedding(session, image)
     assert torch.allclose(predicted.embeddings[1].float(), embedding[0].float(), atol=1e-2)  # stored as float16
     assert tuple(predicted.valid_hw[1].tolist()) == hw
+    with pytest.raises(KeyError, match="not been asked"):
+        engine.slice_embedding(Session("another volume"), image)
     expected = masks_to_segmenter_frame(np.asarray(sample.masks, bool), hw, size)
     batch = predicted.batch(rows)
     assert torch.equal(batch.targets, expected)
@@ -144,3 +146,16 @@ def test_offline_jcm_scores_each_round(engine, predicted):
     counts = mask_counts((logits[:h, :w] > 0).numpy(), batch.targets[0, :h, :w].numpy().astype(bool))
     assert result.dice_raw[0] == pytest.approx(counts.dice, abs=1e-6)
     assert "| 0.6 |" in result.table()
+
+
+@pytest.mark.parametrize("source", ["predicted", "teacher"])
+def test_features_command_writes_a_loadable_file(tmp_path, source, capsys):
+    from MediRoundCore.train.jcm_features import main
+
+    out = tmp_path / f"{source}.safetensors"
+    assert main(["--source", source, "--split", "train", "--start", "5", "--dialogues", "2", "--out", str(out)]) == 0
+    features = FeatureSet.load(out)
+    samples = list(itertools.islice(iter_training_samples(seed=0, split="train"), 5, 7))
+    assert len(features) == sum(s.num_rounds for s in samples) and features.num_dialogues == 2
+    assert features.meta["source"] == source and features.meta["start"] == 5
+    assert f"{len(features)} rounds of 2 dialogues" in capsys.readouterr().out

@@ -46,7 +46,7 @@ def demo_dialogue(vol: GeneratedVolume, k: int) -> list[dict]:
     rounds = [("Segment the left kidney.", None, "left kidney"),
               ("Now the lesion inside it.", 0, lesion),
               ("Segment the organ that stores bile.", 1, "gallbladder"),
-              ("Now the organ that removes old red blood cells, on the same side as the kidney.", 0, "spleen")]
+              ("Now segment the organ that removes old red blood cells on the same side as it.", 0, "spleen")]
     return [{"query": q, "slice_index": k, "refers_to": ref, "expected_entity": ent,
              "expected_label": vol.label_of(ent)} for q, ref, ent in rounds]
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Cached stage 2 (JCM) on the shipped stage-1 weights: collect the frozen model's rounds once, train the JCM
+# for many steps on them, rank the variants offline on val rounds, then sweep β on val with the multi-round protocol.
+#   bash runs/jcm_cached.sh collect   # on-policy rounds of 2000 train-long dialogues (two shards) + 200 val ones
+#   bash runs/jcm_cached.sh train     # the variants (resumable), each with its offline table on the val rounds
+#   bash runs/jcm_cached.sh sweep V   # β on val (80 dialogues, multi-round) for variant V
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE
+PY=.venv/bin/python
+INIT=${INIT:-MediRoundCore/weights/mediround-tiny}
+OUT=${OUT:-runs/jcm}
+FEATURES=$OUT/pred_0.safetensors,$OUT/pred_1.safetensors
+VAL=$OUT/val_0.safetensors,$OUT/val_1.safetensors
+STEPS=${STEPS:-3000}
+declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--correction-context --correction-attention")
+case "${1:-}" in
+  collect)
+    for i in 0 1; do
+      $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split train-long --start $((i * 1000)) \
+        --dialogues 1000 --out "$OUT/pred_$i.safetensors" > "$OUT/collect_$i.log" 2>&1 &
+    done
+    wait
+    for i in 0 1; do  # val dialogues 100-299: the β sweep uses 0-79
+      $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split val --start $((100 + i * 100)) \
+        --dialogues 100 --out "$OUT/val_$i.safetensors" > "$OUT/collect_val_$i.log" 2>&1 &
+    done
+    wait ;;
+  train)
+    for v in ${VARIANTS:-plain context attention}; do
+      .venv/bin/mediround train --out "$OUT/$v" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
+        --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction --correction-focus \
+        ${FLAGS[$v]} 2> "$OUT/$v.train.log"
+      $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v/stage2/checkpoint" --features "$VAL" \
+        | tee "$OUT/$v.offline.md"
+    done ;;
+  sweep)
+    $PY -m MediRoundCore.evaluate.select_beta --checkpoint "$OUT/$2/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" \
+      --out "benchmarks/jcm_beta_val_cached_$2.md" | tee "$OUT/beta_$2.log" ;;
+  *) echo "usage: $0 collect | train | sweep VARIANT" >&2; exit 2 ;;
+esac
