@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ce-weight", type=float, default=1.0)
     sp.add_argument("--bce-weight", type=float, default=2.0)
     sp.add_argument("--dice-weight", type=float, default=0.5,
-                    help="paper: 0.5 (with pretrained MedSAM); the tiny model trained from scratch uses 2.0")
+                    help="Dice weight of the mask loss, stage 1 and the stage-2 correction (paper: 0.5, with "
+                         "pretrained MedSAM); the tiny model trained from scratch uses 2.0")
     sp.set_defaults(func=cmd_train)
 
     for name, func, text in (("eval", cmd_eval, "multi-round evaluation (see `mediround eval -h`)"),

@@ -94,6 +94,13 @@ def write_seg_nrrd(path: str | Path, volume: Volume, segments: list[Segment]) ->
     return path
 
 
+def wrap_caption(text: str, width: int = 60) -> str:
+    """Each line of a caption wrapped to `width` characters (matplotlib's own wrap clips at the figure edge)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) if line else line for line in text.split("\n"))
+
+
 def overlay_png(path: str | Path, slice01: np.ndarray, masks: list[tuple[np.ndarray, tuple, str]], title: str = "",
                 spacing: tuple[float, float] = (1.0, 1.0)) -> Path:
     """A PNG of the slice with coloured, outlined masks and a caption (matplotlib, no screen needed)."""
@@ -114,13 +121,13 @@ def overlay_png(path: str | Path, slice01: np.ndarray, masks: list[tuple[np.ndar
         ax.plot([], [], color=color, linewidth=6, label=label)
     if masks:
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False, ncol=1)
-    ax.set_title(title, fontsize=9, wrap=True)
+    ax.set_title(wrap_caption(title), fontsize=9)
     ax.text(0.01, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=10, va="center")
     ax.text(0.97, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=10, va="center")
     ax.axis("off")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@
 # for many steps on them, rank the variants offline on val rounds, then sweep β on val with the multi-round protocol.
 #   bash runs/jcm_cached.sh collect   # on-policy rounds of 2000 train-long dialogues (two shards) + 200 val ones
 #   bash runs/jcm_cached.sh train     # the variants (resumable), each with its offline table on the val rounds
+#                                     # (VARIANTS, STEPS, LR, BATCH, DICE: the correction's Dice weight; TAG: folder suffix)
 #   bash runs/jcm_cached.sh sweep V   # β on val (80 dialogues, multi-round) for variant V
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +29,11 @@ case "${1:-}" in
     wait ;;
   train)
     for v in ${VARIANTS:-plain context attention}; do
-      .venv/bin/mediround train --out "$OUT/$v" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
+      .venv/bin/mediround train --out "$OUT/$v${TAG:-}" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
         --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction --correction-focus \
-        ${FLAGS[$v]} 2> "$OUT/$v.train.log"
-      $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v/stage2/checkpoint" --features "$VAL" \
-        | tee "$OUT/$v.offline.md"
+        --dice-weight "${DICE:-2.0}" ${FLAGS[$v]} 2> "$OUT/$v${TAG:-}.train.log"
+      $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v${TAG:-}/stage2/checkpoint" --features "$VAL" \
+        | tee "$OUT/$v${TAG:-}.offline.md"
     done ;;
   sweep)
     $PY -m MediRoundCore.evaluate.select_beta --checkpoint "$OUT/$2/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" \

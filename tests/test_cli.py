@@ -46,3 +46,13 @@ def test_ask_appends_to_session_and_errors_are_one_line(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
     assert "slice index 99 is out of range" in bad.stderr
     assert len(Session.load(session).rounds) == 1
+
+
+def test_overlay_captions_wrap_inside_the_figure():
+    from MediRoundCore.segio import wrap_caption
+
+    query = "Now segment the organ that removes old red blood cells on the same side as it."
+    caption = wrap_caption(f"Round 4 (axial slice 12): {query}\nspleen: the spleen filters blood.")
+    lines = caption.split("\n")
+    assert len(lines) == 3 and max(map(len, lines)) <= 60
+    assert " ".join(lines[:2]) == f"Round 4 (axial slice 12): {query}" and lines[2] == "spleen: the spleen filters blood."

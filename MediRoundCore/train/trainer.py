@@ -88,7 +88,7 @@ def set_trainable(model, stage: int, lora: bool) -> list[torch.nn.Parameter]:
 FOCUS_FLOOR = 0.05  # with correction focus, the weight of a mask the model already gets right
 
 
-def stage2_losses(model, batch, focus: bool = False) -> dict:
+def stage2_losses(model, batch, focus: bool = False, bce: float = 2.0, dice: float = 0.5) -> dict:
     """JCM objective on the frozen model with teacher-forced references (see `jcm_losses`)."""
     with torch.no_grad():
         _, hidden = seg_hidden_states(model, batch)
@@ -96,14 +96,16 @@ def stage2_losses(model, batch, focus: bool = False) -> dict:
         prompts = model.seg_prompts(hidden)
     weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, batch.target_masks.shape[-1],
                                prompts.device)
-    return jcm_losses(model, image_embeddings[batch.seg_positions[:, 0]], prompts, batch.target_masks, weight, focus)
+    return jcm_losses(model, image_embeddings[batch.seg_positions[:, 0]], prompts, batch.target_masks, weight, focus,
+                      bce, dice)
 
 
-def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False) -> dict:
+def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, bce: float = 2.0,
+               dice: float = 0.5) -> dict:
     """Stage 2 on prompts of the frozen model: prompt k decodes on image embedding row k against target k.
 
-    Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: 2·BCE +
-    0.5·Dice of the refined mask, on every sample. With `focus`, each mask's correction loss is weighted by
+    Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: `bce`·BCE +
+    `dice`·Dice of the refined mask (the paper's 2 and 0.5 by default), on every sample. With `focus`, each mask's correction loss is weighted by
     1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction then learns from the masks it will be
     applied to at inference, the poor ones, instead of mostly from masks that need no change."""
     with torch.no_grad():
@@ -119,10 +121,13 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False) 
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
     refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, model.jcm.correction(prompts, context)))
     sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
-    bce = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
-    dice = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
-    return {"loss": 2.0 * judgment + 2.0 * bce + 0.5 * dice, "judgment": judgment, "bce": bce, "dice": dice,
-            "iou": iou.mean()}
+    bce_term = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
+    dice_term = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
+    with torch.no_grad():  # the same terms for the unrefined masks: what the correction has to beat
+        bce_raw = masked_bce(raw_logits, target, weight, sample_weights=sample_weights)
+        dice_raw = masked_dice(raw_logits, target, weight, sample_weights=sample_weights)
+    return {"loss": 2.0 * judgment + bce * bce_term + dice * dice_term, "judgment": judgment, "bce": bce_term,
+            "dice": dice_term, "bce_unrefined": bce_raw, "dice_unrefined": dice_raw, "iou": iou.mean()}
 
 
 class Trainer:
@@ -225,10 +230,11 @@ class Trainer:
     def _losses(self, batch) -> dict:
         if self.cfg.stage == 1:
             return stage1_losses(self.model, batch, **self.cfg.loss_weights)
+        weights = {"bce": self.cfg.loss_weights["bce"], "dice": self.cfg.loss_weights["dice"]}
         if isinstance(batch, FeatureBatch):  # cached stage 2 (see jcm_features)
             return jcm_losses(self.model, batch.embeddings, batch.prompts, batch.targets, batch.weight,
-                              self.cfg.correction_focus)
-        return stage2_losses(self.model, batch, focus=self.cfg.correction_focus)
+                              self.cfg.correction_focus, **weights)
+        return stage2_losses(self.model, batch, focus=self.cfg.correction_focus, **weights)
 
     def _log(self, path: Path, row: dict) -> None:
         new = not path.exists()
