@@ -28,6 +28,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/engine.py
   MediRoundCore/errors.py
   MediRoundCore/evaluate/__init__.py
+  MediRoundCore/evaluate/jcm_offline.py
   MediRoundCore/evaluate/metrics.py
   MediRoundCore/evaluate/protocol.py
   MediRoundCore/evaluate/report.py
@@ -47,6 +48,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
   MediRoundCore/train/export.py
+  MediRoundCore/train/jcm_features.py
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py

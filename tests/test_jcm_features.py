@@ -159,3 +159,25 @@ def test_features_command_writes_a_loadable_file(tmp_path, source, capsys):
     assert len(features) == sum(s.num_rounds for s in samples) and features.num_dialogues == 2
     assert features.meta["source"] == source and features.meta["start"] == 5
     assert f"{len(features)} rounds of 2 dialogues" in capsys.readouterr().out
+
+
+def test_offline_report_compares_checkpoints(tmp_path, predicted):
+    from MediRoundCore.evaluate.jcm_offline import main
+
+    engine = Engine.random_tiny(seed=4)
+    use_residual_correction(engine.model)
+    engine.model.save_pretrained(tmp_path / "identity", engine.tokenizer)
+    for p in engine.model.jcm.correction.fc3.parameters():  # a correction that moves every prompt
+        torch.nn.init.normal_(p, std=0.5)
+    engine.model.save_pretrained(tmp_path / "moved", engine.tokenizer)
+    predicted.save(tmp_path / "f.safetensors")
+    out = tmp_path / "report.md"
+    assert main(["--checkpoint", str(tmp_path / "identity"), str(tmp_path / "moved"), "--features",
+                 str(tmp_path / "f.safetensors"), "--out", str(out), "--threads", "1"]) == 0
+    text = out.read_text()
+    rows = {name: [line for line in text.splitlines() if line.startswith(f"| {tmp_path / name} |")]
+            for name in ("identity", "moved")}
+    assert len(rows["identity"]) == len(rows["moved"]) == 1 and f"| {len(predicted)} |" in rows["identity"][0]
+    cells = lambda row: row.split(" | ")[4:]  # noqa: E731  the Δ Dice cells
+    assert all(c.startswith("+0.00") for c in cells(rows["identity"][0]))  # an identity correction changes no mask
+    assert not cells(rows["moved"][0])[-1].startswith("+0.00")  # at β 1 every prompt moved

@@ -77,18 +77,51 @@ def offline_jcm(model, features, batch_size: int = 64) -> OfflineJCM:
     return OfflineJCM(len(features), cat(raw), cat(corrected), cat(scores))
 
 
+def report(results: dict[str, OfflineJCM], features_desc: str, command: str, betas=(0.6, 0.8, 1.0)) -> str:
+    """Markdown: one row per checkpoint, the JCM's change of Dice at a few β and its judgment."""
+    head = " | ".join(f"Δ Dice β {b:.1f} (corrected)" for b in betas)
+    lines = ["# JCM on cached rounds (offline)", "",
+             f"Written by `{command}`; do not edit by hand. {features_desc}. Each round's prompt came from the "
+             "predicted earlier masks; rounds are scored one by one (no effect on later rounds). Dice in percent, "
+             "in the segmenter frame.", "",
+             f"| checkpoint | rounds | Dice, JCM off | corr(score, Dice) | {head} |",
+             "|---" * (4 + len(betas)) + "|"]
+    for name, r in results.items():
+        cells = []
+        for b in betas:
+            dice, share = r.at(b)
+            cells.append(f"{100 * (dice - r.dice_raw.mean()):+.2f} ({100 * share:.0f} %)")
+        lines.append(f"| {name} | {r.rounds} | {100 * r.dice_raw.mean():.2f} | {r.correlation:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
+    from pathlib import Path
+
     from ..model.modeling import MediRound
     from ..train.jcm_features import FeatureSet
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoint folders")
     p.add_argument("--features", required=True, help="feature file(s), joined by commas")
+    p.add_argument("--out", help="also write a Markdown comparison of the checkpoints here")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, _ = MediRound.from_pretrained(args.checkpoint)
-    print(offline_jcm(model.eval(), FeatureSet.load(args.features)).table())
+    features = FeatureSet.load(args.features)
+    results = {}
+    for folder in args.checkpoint:
+        model, _ = MediRound.from_pretrained(folder)
+        results[folder] = offline_jcm(model.eval(), features)
+        print(f"## {folder}\n{results[folder].table()}\n", flush=True)
+    if args.out:
+        meta = features.meta
+        desc = (f"{len(features)} rounds of {features.num_dialogues} dialogues ({meta.get('source', '?')} rounds, "
+                f"split {meta.get('split', '?')})")
+        command = "python -m MediRoundCore.evaluate.jcm_offline " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report(results, desc, command))
     return 0
 
 
