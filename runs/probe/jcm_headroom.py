@@ -6,6 +6,9 @@
 2. Binarisation thresholds: mean Dice at a few logit thresholds, and with the best threshold chosen per mask
    using the ground truth (an upper bound for any "shrink or grow" fix).
 3. Climbing the quality score: Adam steps on the prompt that raise the JCM score, and the Dice that follows.
+4. With --teacher (the same dialogues collected teacher-forced, --reference-noise 0): Dice when every reference
+   and the history are the ground truth's, against the on-policy rounds: all that undoing the accumulated
+   errors of earlier rounds could give.
 """
 
 from __future__ import annotations
@@ -28,10 +31,29 @@ def hard_dice(logits, targets, weight, threshold=0.0):
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
+def round_dice(model, features) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(features), 64):
+            b = features.batch(torch.arange(start, min(start + 64, len(features))))
+            out.append(hard_dice(upsample_logits(model, model.decode_with_prompts(b.embeddings, b.prompts)),
+                                 b.targets, b.weight))
+    return torch.cat(out).numpy()
+
+
+def round_numbers(features) -> np.ndarray:
+    """1-based round number of each cached round within its dialogue."""
+    dialogue = features.dialogue.numpy()
+    first = np.r_[True, dialogue[1:] != dialogue[:-1]]
+    starts = np.flatnonzero(first)
+    return np.arange(len(dialogue)) - np.repeat(starts, np.diff(np.r_[starts, len(dialogue)])) + 1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="MediRoundCore/weights/mediround-tiny")
     p.add_argument("--features", required=True)
+    p.add_argument("--teacher", help="the same dialogues' teacher-forced feature file(s)")
     p.add_argument("--score-below", type=float, default=0.7, help="masks studied in parts 2 and 3")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -75,6 +97,14 @@ def main() -> None:
                 logits = upsample_logits(model, model.decode_with_prompts(b.embeddings, prompt))
                 print(f"quality ascent step {step}: score {model.jcm.quality(prompt).mean():.2f}, "
                       f"Dice {100 * hard_dice(logits, b.targets, b.weight).mean():.1f}")
+    if args.teacher:
+        teacher = FeatureSet.load(args.teacher)
+        if not torch.equal(teacher.targets_packed, features.targets_packed):
+            raise SystemExit("--teacher holds other rounds than --features")
+        on_policy, forced, numbers = dice, round_dice(model, teacher), round_numbers(features)
+        for name, sel in (("all rounds", numbers >= 1), ("rounds >= 4", numbers >= 4)):
+            print(f"{name} ({sel.sum()}): Dice on-policy {100 * on_policy[sel].mean():.2f}, ground-truth "
+                  f"references and history {100 * forced[sel].mean():.2f}")
 
 
 if __name__ == "__main__":
