@@ -45,7 +45,8 @@ def test_predicted_features_are_the_protocols_rounds(engine, samples, predicted)
     raw = []
     for k, query in enumerate(sample.queries):
         ref = sample.ref_indices[k]
-        raw.append(engine.ask(session, query, image, reference=None if ref is None else ref + 1, use_jcm=False).raw_prompt)
+        reference = None if ref is None else ref + 1
+        raw.append(engine.ask(session, query, image, reference=reference, use_jcm=False).raw_prompt)
     assert torch.allclose(predicted.prompts[rows], torch.stack(raw), atol=1e-4)
     embedding, hw = engine.slice_embedding(session, image)
     assert torch.allclose(predicted.embeddings[1].float(), embedding[0].float(), atol=1e-2)  # stored as float16

@@ -153,7 +153,8 @@ class FeatureSet:
             raise ValueError("feature sets of different segmenter sizes")
         offsets = np.cumsum([0] + [p.num_dialogues for p in parts[:-1]])
         meta = dict(parts[0].meta, parts=[p.meta for p in parts]) if len(parts) > 1 else parts[0].meta
-        return cls(torch.cat([p.prompts for p in parts]), torch.cat([p.dialogue + int(o) for p, o in zip(parts, offsets)]),
+        dialogue = torch.cat([p.dialogue + int(o) for p, o in zip(parts, offsets)])
+        return cls(torch.cat([p.prompts for p in parts]), dialogue,
                    torch.cat([p.targets_packed for p in parts]), torch.cat([p.embeddings for p in parts]),
                    torch.cat([p.valid_hw for p in parts]), parts[0].size, meta)
 

@@ -80,7 +80,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  lr: float = 3e-4, lora: bool = False, workers: int = 1, progress: bool = True, seed: int = 0,
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
-                 correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False, features=None):
+                 correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
+                 features=None):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the

@@ -105,9 +105,10 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, 
     """Stage 2 on prompts of the frozen model: prompt k decodes on image embedding row k against target k.
 
     Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: `bce`·BCE +
-    `dice`·Dice of the refined mask (the paper's 2 and 0.5 by default), on every sample. With `focus`, each mask's correction loss is weighted by
-    1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction then learns from the masks it will be
-    applied to at inference, the poor ones, instead of mostly from masks that need no change."""
+    `dice`·Dice of the refined mask (the paper's 2 and 0.5 by default), on every sample. With `focus`, each
+    mask's correction loss is weighted by 1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction
+    then learns from the masks it will be applied to at inference, the poor ones, instead of mostly from masks
+    that need no change."""
     with torch.no_grad():
         low_res, mask_tokens = model.decode_with_tokens(embeddings, prompts)
         raw_logits = upsample_logits(model, low_res)
@@ -119,7 +120,8 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, 
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     score = model.jcm.quality(prompts)
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
-    refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, model.jcm.correction(prompts, context)))
+    refined = model.jcm.correction(prompts, context)
+    refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, refined))
     sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
     bce_term = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
     dice_term = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
