@@ -14,6 +14,9 @@ frame; per dialogue, the segmenter image embedding and the unpadded extent. One 
 
     python -m MediRoundCore.train.jcm_features --checkpoint MediRoundCore/weights/mediround-tiny \
         --split train-long --start 0 --dialogues 800 --out runs/jcm/features_0.safetensors
+
+Shards (`--start`, `--dialogues`) run in parallel, one process per core (dialogue generation is CPU work), and
+are joined by `FeatureSet.load("a.safetensors,b.safetensors")`; on a GPU the model runs in bf16.
 """
 
 from __future__ import annotations
@@ -249,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--dialogues", type=int, default=500)
     p.add_argument("--reference-noise", type=float, default=0.3, help="teacher source: share of perturbed references")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default cuda if present; bf16 there)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
             rate = done / (time.perf_counter() - t0)
             print(f"{done}/{args.dialogues} dialogues ({rate:.2f}/s)", flush=True)
 
-    engine = Engine.load(args.checkpoint, device="cpu")
+    engine = Engine.load(args.checkpoint, device=args.device)
     if args.source == "predicted":
         features = collect_predicted(engine, samples, say)
     else:
