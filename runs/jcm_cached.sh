@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY=PASSIVE
 PY=.venv/bin/python
 INIT=${INIT:-MediRoundCore/weights/mediround-tiny}
 OUT=${OUT:-runs/jcm}
-FEATURES=$OUT/pred_0.safetensors,$OUT/pred_1.safetensors
+FEATURES=${FEATURES:-$OUT/pred_0.safetensors,$OUT/pred_1.safetensors}
 VAL=$OUT/val_0.safetensors,$OUT/val_1.safetensors
 STEPS=${STEPS:-3000}
 declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--correction-context --correction-attention")

@@ -74,6 +74,11 @@ def test_features_save_load_concat_and_split(tmp_path, predicted):
     assert held.num_dialogues == 1 and len(train) + len(held) == len(predicted)
     assert torch.equal(held.prompts, predicted.prompts[predicted.dialogue == predicted.num_dialogues - 1])
     assert torch.equal(held.batch([0]).embeddings, predicted.batch([len(train)]).embeddings)
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        next(held.batches(len(held) + 1))
+    epoch = list(itertools.islice(predicted.batches(4, seed=1), len(predicted) // 4))
+    rows = [tuple(row) for b in epoch for row in b.prompts.tolist()]
+    assert len(set(rows)) == len(rows) == 4 * (len(predicted) // 4)  # within an epoch no round comes twice
     with pytest.raises(ValueError, match="hold out"):
         predicted.split(predicted.num_dialogues)
     with pytest.raises(FileNotFoundError, match="no feature file"):

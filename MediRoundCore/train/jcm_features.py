@@ -75,7 +75,7 @@ class FeatureSet:
     def num_dialogues(self) -> int:
         return len(self.embeddings)
 
-    # -- building ------------------------------------------------------------------------------------
+    # -- rows ----------------------------------------------------------------------------------------
     @staticmethod
     def pack(targets: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.packbits(targets.bool().flatten(1).numpy(), axis=1))
@@ -97,6 +97,8 @@ class FeatureSet:
 
     def batches(self, batch_size: int, seed: int = 0):
         """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs."""
+        if len(self) < batch_size:
+            raise ValueError(f"{len(self)} cached rounds cannot fill a batch of {batch_size}")
         generator = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(self), generator=generator)
