@@ -24,6 +24,7 @@ import torch
 from .answers import parse_entity
 from .errors import DeviceError, MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
+from .references import refer_as_it
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
 from .session import Round, Session
@@ -162,7 +163,8 @@ class Engine:
         crop_tokens = box_tokens = None
         if reference is not None:
             crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
-        user_ids = self.builder.user(query, reference is not None, first=not session.rounds)
+        user_ids = self.builder.user(self._model_text(session, query, reference), reference is not None,
+                                     first=not session.rounds)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
         new_tokens = list(state.pending) + user_ids
@@ -235,7 +237,8 @@ class Engine:
                 crop, box = memory["refs"].get(r.number) or self._reference_features(session, r.reference, state, None)
                 crops.append(crop)
                 boxes.append(box)
-            ids += self.builder.user(r.query, r.reference is not None, first=r.number == 1)
+            ids += self.builder.user(self._model_text(session, r.query, r.reference), r.reference is not None,
+                                     first=r.number == 1)
             answer_ids = memory["answers"].get(r.number)
             if answer_ids is None:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
@@ -251,6 +254,13 @@ class Engine:
         state.rounds = [r.number for r in session.rounds]
         timings["prefix_ms"] = (time.perf_counter() - t) * 1000
         return state
+
+    @staticmethod
+    def _model_text(session: Session, query: str, reference: int | None) -> str:
+        """What the model reads of a query: its mention of the referenced round's entity said as "it"."""
+        if reference is None:
+            return query
+        return refer_as_it(query, session.round(reference).entity)
 
     def _session_memory(self, session: Session) -> dict:
         memory = self._memory.setdefault(session, {"answers": {}, "refs": {}})

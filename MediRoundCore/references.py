@@ -54,3 +54,18 @@ def resolve_reference(query: str, entities: Sequence[str | None], explicit: int 
     if not entities:
         return None
     return named_round(query, entities) or len(entities)
+
+
+def refer_as_it(query: str, entity: str | None) -> str:
+    """The query as the model reads it: "the <entity of the referenced round>" becomes "it", as in every
+    training dialogue, where the reference travels in the crop and box tokens and the text says "it"
+    ("Now the lesion inside the left kidney." → "Now the lesion inside it."). Only the whole name, and only where
+    it ends a phrase (before punctuation or the end): "the kidney of the same density" after "left kidney" names
+    another structure, and "the artery that carries blood from the heart to the body" is a description, not a
+    reference. Without such a mention the query is kept as it is."""
+    if not entity or not query:
+        return query
+    words = r"\s+".join(map(re.escape, re.sub(r"[^a-z0-9]+", " ", entity.lower()).split()))
+    if not words:
+        return query
+    return re.sub(r"\bthe\s+" + words + r"(?=\s*(?:[.,;:!?]|$))", "it", query, flags=re.IGNORECASE)

@@ -132,3 +132,34 @@ def test_mask_follows_the_segmenters_logit_threshold(tiny_engine, ct_volume, mon
     _, results = run_dialogue(tiny_engine, ct_volume, QUERIES[:1])
     mask = results[0].mask
     assert mask.all() if expect == "full" else not mask.any()
+
+
+def test_a_named_reference_reads_as_it(tiny_engine, ct_volume):
+    """"the <entity of the referenced round>" reaches the model as "it", as in training; the round keeps the
+    user's words, and the cached and the re-run conversation read the same tokens."""
+    from MediRoundCore.references import refer_as_it
+    from MediRoundCore.session import Round
+
+    image = extract_slice(ct_volume, "axial", 2)
+    prompts = {}
+    for reuse in (True, False):
+        engine = Engine(tiny_engine.model, tiny_engine.tokenizer, reuse_cache=reuse)
+        for query in ("Now the lesion inside the left kidney.", "Now the lesion inside it."):
+            session = Session(ct_volume.fingerprint())
+            session.add_round(Round(1, "axial", 2, "Segment the left kidney.", "left kidney: a kidney.",
+                                    "left kidney", None, np.zeros(image.pixels.shape, bool)))
+            result = engine.ask(session, query, image)
+            assert result.round.reference == 1 and result.round.query == query
+            later = engine.ask(session, "Segment the liver.", image)  # its history holds round 2
+            prompts[reuse, query] = (result.raw_prompt, later.raw_prompt)
+    named, plain = "Now the lesion inside the left kidney.", "Now the lesion inside it."
+    for reuse in (True, False):
+        for k in (0, 1):
+            assert torch.allclose(prompts[reuse, named][k], prompts[reuse, plain][k], atol=1e-5)
+    assert torch.allclose(prompts[True, named][1], prompts[False, named][1], atol=1e-4)
+    assert refer_as_it("Segment the kidney of similar density to it.", "left kidney") == \
+        "Segment the kidney of similar density to it."  # another structure, not the reference
+    assert refer_as_it("Show the artery that carries blood from the heart to the body.", "heart") == \
+        "Show the artery that carries blood from the heart to the body."  # a description, not a reference
+    assert refer_as_it("What lies next to The Liver, anterior?", "liver") == "What lies next to it, anterior?"
+    assert refer_as_it("Segment the liver.", None) == "Segment the liver."
