@@ -50,8 +50,10 @@ class OfflineJCM:
         return "\n".join(lines)
 
 
-def _dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    pred = (logits > 0).float() * weight
+def hard_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, threshold: float = 0.0
+              ) -> torch.Tensor:
+    """(K,) Dice of each mask binarised at `threshold` over its unpadded extent (1 for empty on empty)."""
+    pred = (logits > threshold).float() * weight
     inter = (pred * target).flatten(1).sum(-1)
     total = pred.flatten(1).sum(-1) + target.flatten(1).sum(-1)
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
@@ -70,8 +72,8 @@ def offline_jcm(model, features, batch_size: int = 64) -> OfflineJCM:
         context = (model.context_from_decode(batch.embeddings, low_res, mask_tokens) if model.jcm.uses_context
                    else None)
         fixed = model.decode_with_prompts(batch.embeddings, model.jcm.correction(batch.prompts, context))
-        raw.append(_dice(upsample_logits(model, low_res), batch.targets, batch.weight))
-        corrected.append(_dice(upsample_logits(model, fixed), batch.targets, batch.weight))
+        raw.append(hard_dice(upsample_logits(model, low_res), batch.targets, batch.weight))
+        corrected.append(hard_dice(upsample_logits(model, fixed), batch.targets, batch.weight))
         scores.append(model.jcm.quality(batch.prompts))
     cat = lambda parts: torch.cat(parts).float().cpu().numpy()  # noqa: E731
     return OfflineJCM(len(features), cat(raw), cat(corrected), cat(scores))

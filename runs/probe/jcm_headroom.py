@@ -18,27 +18,11 @@ import argparse
 import numpy as np
 import torch
 
+from MediRoundCore.evaluate.jcm_offline import hard_dice, offline_jcm
 from MediRoundCore.model.modeling import MediRound, upsample_logits
 from MediRoundCore.train.jcm_features import FeatureSet
 
 THRESHOLDS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0)
-
-
-def hard_dice(logits, targets, weight, threshold=0.0):
-    pred = (logits > threshold).float() * weight
-    inter = (pred * targets).flatten(1).sum(-1)
-    total = pred.flatten(1).sum(-1) + targets.flatten(1).sum(-1)
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
-
-
-def round_dice(model, features) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(features), 64):
-            b = features.batch(torch.arange(start, min(start + 64, len(features))))
-            out.append(hard_dice(upsample_logits(model, model.decode_with_prompts(b.embeddings, b.prompts)),
-                                 b.targets, b.weight))
-    return torch.cat(out).numpy()
 
 
 def round_numbers(features) -> np.ndarray:
@@ -101,7 +85,7 @@ def main() -> None:
         teacher = FeatureSet.load(args.teacher)
         if not torch.equal(teacher.targets_packed, features.targets_packed):
             raise SystemExit("--teacher holds other rounds than --features")
-        on_policy, forced, numbers = dice, round_dice(model, teacher), round_numbers(features)
+        on_policy, forced, numbers = dice, offline_jcm(model, teacher).dice_raw, round_numbers(features)
         for name, sel in (("all rounds", numbers >= 1), ("rounds >= 4", numbers >= 4)):
             print(f"{name} ({sel.sum()}): Dice on-policy {100 * on_policy[sel].mean():.2f}, ground-truth "
                   f"references and history {100 * forced[sel].mean():.2f}")
