@@ -24,9 +24,9 @@ import torch
 from .answers import parse_entity
 from .errors import DeviceError, MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .references import refer_as_it
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
+from .references import refer_as_it
 from .session import Round, Session
 
 MAX_QUERY_CHARS = 2000

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.modeling import valid_region_mask
 from ..model.processing import masks_to_segmenter_frame
 
 SOURCES = ("predicted", "teacher")
@@ -85,10 +86,8 @@ class FeatureSet:
         return torch.from_numpy(bits).float().reshape(-1, self.size, self.size)
 
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(len(rows), self.size, self.size)
-        for i, (h, w) in enumerate(self.valid_hw[self.dialogue[rows]].tolist()):
-            out[i, :h, :w] = 1
-        return out
+        extents = [tuple(hw) for hw in self.valid_hw[self.dialogue[rows]].tolist()]
+        return valid_region_mask(extents, [1] * len(extents), self.size, "cpu")
 
     def batch(self, rows: torch.Tensor) -> FeatureBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
