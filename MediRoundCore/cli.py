@@ -177,7 +177,8 @@ def cmd_train(args) -> int:
                           data=args.data, reference_noise=args.reference_noise,
                           residual_correction=args.residual_correction, correction_focus=args.correction_focus,
                           correction_context=args.correction_context,
-                          correction_attention=args.correction_attention, features=args.features,
+                          correction_attention=args.correction_attention,
+                          correction_refiner=args.correction_refiner, features=args.features,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--correction-attention", action="store_true",
                     help="with --correction-context: the context also holds what the first decode's mask token "
                          "reads from the image embedding, each location marked inside/outside the unrefined mask")
+    sp.add_argument("--correction-refiner", action="store_true",
+                    help="with --residual-correction: corrected masks are also redrawn at the segmenter's full "
+                         "resolution around themselves, from the slice and their logits (a small conv net)")
     sp.add_argument("--correction-focus", action="store_true",
                     help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
     sp.add_argument("--features", help="stage 2 on cached features of the frozen --init model (one .safetensors "

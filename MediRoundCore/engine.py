@@ -57,6 +57,7 @@ class _SliceState:
     seg_embedding: torch.Tensor
     input_hw: tuple[int, int]
     image_tokens: torch.Tensor
+    seg_pixels: torch.Tensor  # (3,S,S) segmenter input (a refining JCM correction looks at it)
     cache: object = None  # transformers DynamicCache
     cache_len: int = 0
     rounds: list[int] = field(default_factory=list)  # session round numbers whose tokens are in the cache
@@ -174,8 +175,9 @@ class Engine:
         say("decoding the mask", 0.8)
         t2 = time.perf_counter()
         raw = self.model.seg_prompts(hidden[None].to(self.model.dtype))
-        out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta)
-        logits = logits_to_slice(out.low_res_logits, state.input_hw, self.model.config.segmenter.image_size,
+        out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta,
+                                      pixels=state.seg_pixels[None])
+        logits = logits_to_slice(out.logits, state.input_hw, self.model.config.segmenter.image_size,
                                  image.pixels.shape)
         mask = (logits[0] > self.model.segmenter.mask_threshold).cpu().numpy()
         timings["mask_decoder_ms"] = (time.perf_counter() - t2) * 1000
@@ -212,7 +214,7 @@ class Engine:
             t = time.perf_counter()
             image_tokens = self.model.encode_image_tokens(vision_pixels(pixels01, self.model.config)[None])
             timings["vision_tower_ms"] = (time.perf_counter() - t) * 1000
-            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens)
+            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens, seg_pixels)
             self._slices[key] = state
             while len(self._slices) > self._max_slices:
                 self._slices.popitem(last=False)
@@ -319,6 +321,13 @@ class Engine:
         if state is None:
             raise KeyError("this slice has not been asked on (or its cache was dropped)")
         return state.seg_embedding, state.input_hw
+
+    def slice_pixels(self, session: Session, image: SliceImage) -> torch.Tensor:
+        """The cached (3,S,S) segmenter input of a slice asked on."""
+        state = self._slices.get((session.volume_fingerprint, image.view, image.index, image.pixels.shape))
+        if state is None:
+            raise KeyError("this slice has not been asked on (or its cache was dropped)")
+        return state.seg_pixels
 
     def forget(self) -> None:
         """Drop every cache (e.g. after loading another model)."""

@@ -71,9 +71,14 @@ def offline_jcm(model, features, batch_size: int = 64) -> OfflineJCM:
         low_res, mask_tokens = model.decode_with_tokens(batch.embeddings, batch.prompts)
         context = (model.context_from_decode(batch.embeddings, low_res, mask_tokens) if model.jcm.uses_context
                    else None)
-        fixed = model.decode_with_prompts(batch.embeddings, model.jcm.correction(batch.prompts, context))
+        fixed = upsample_logits(model, model.decode_with_prompts(batch.embeddings,
+                                                                 model.jcm.correction(batch.prompts, context)))
+        if model.jcm.refiner is not None:
+            if batch.images is None:
+                raise ValueError("this JCM has a refiner: the features need images (jcm_features --add-images)")
+            fixed = model.jcm.refiner(batch.images, fixed)
         raw.append(hard_dice(upsample_logits(model, low_res), batch.targets, batch.weight))
-        corrected.append(hard_dice(upsample_logits(model, fixed), batch.targets, batch.weight))
+        corrected.append(hard_dice(fixed, batch.targets, batch.weight))
         scores.append(model.jcm.quality(batch.prompts))
     cat = lambda parts: torch.cat(parts).float().cpu().numpy()  # noqa: E731
     return OfflineJCM(len(features), cat(raw), cat(corrected), cat(scores))

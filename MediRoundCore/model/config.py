@@ -87,6 +87,9 @@ class JCMConfig:
     # True (ours, with correction_context): the context also holds what the first decode's mask token reads
     # from the whole image embedding, every location marked inside/outside the unrefined mask (jcm.MaskAttention).
     correction_attention: bool = False
+    # True (ours): a corrected mask is also redrawn at the segmenter's full input resolution around itself, from
+    # the slice and its logits (jcm.MaskRefiner, identity until trained); SAM's decoder draws at a quarter of it.
+    correction_refiner: bool = False
 
 
 @dataclass

@@ -7,7 +7,9 @@ Quality MLP 256→512→512→1 (GELU, sigmoid); correction MLP 256→512→512�
 embedding pooled under the unrefined mask, and the decoder's mask token): e + MLP(e + W·context). With
 `attention=True` as well, the context also holds what the mask token reads from the whole image embedding
 (`MaskAttention`: every location marked by the first decode's mask probability), so the correction can see
-what lies around the mask, not only its mean.
+what lies around the mask, not only its mean. With `refiner=True` (our option) a corrected mask is also
+redrawn at the segmenter's full input resolution around itself (`MaskRefiner`): SAM's decoder draws at a
+quarter of it, too coarse for lesions a few pixels wide.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONTEXT_PARTS = 2  # the context of a correction: pooled image embedding and mask token, each `dim` wide
@@ -40,6 +43,73 @@ class MaskAttention(nn.Module):
         keys = self.norm_keys(tokens) + marks * self.inside + (1 - marks) * self.outside
         out, _ = self.attention(self.norm_query(query)[:, None], keys, keys, need_weights=False)
         return out[:, 0]
+
+
+class MaskRefiner(nn.Module):
+    """Redraws a mask at the segmenter's full resolution, around itself, from the slice and its logits.
+
+    SAM's decoder draws masks at a quarter of the input resolution (64² for a 256² input), so a lesion a few
+    pixels wide spans a handful of cells and comes out blurred and over-drawn. The refiner takes a square
+    around the mask (its box grown by half, plus a margin), resamples the slice and the logits to crop² (small
+    masks are magnified), runs a small dilated convolution net and adds its output to the logits inside the
+    square. The last layer starts at zero: an untrained refiner is the identity."""
+
+    def __init__(self, channels: int = 32, crop: int = 48, margin: float = 8.0, min_side: float = 24.0,
+                 dilations: tuple[int, ...] = (1, 2, 4, 1)):
+        super().__init__()
+        self.crop, self.margin, self.min_side = crop, margin, min_side
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in dilations)
+        self.head = nn.Conv2d(channels, 1, 1)
+        self.act = nn.GELU()
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def squares(self, logits: torch.Tensor) -> torch.Tensor:
+        """(K,S,S) logits → (K,3) centre x, centre y and half side (pixels) of the square each mask is redrawn
+        in; an empty mask gets a square of the minimum side around its highest logit."""
+        k, h, w = logits.shape
+        inside = logits > 0
+        xs = torch.arange(w, device=logits.device, dtype=torch.float32)
+        ys = torch.arange(h, device=logits.device, dtype=torch.float32)
+        cols, rows = inside.any(1), inside.any(2)
+        big = float(max(h, w))
+        x0 = torch.where(cols, xs, big).amin(1)
+        x1 = torch.where(cols, xs + 1, -big).amax(1)
+        y0 = torch.where(rows, ys, big).amin(1)
+        y1 = torch.where(rows, ys + 1, -big).amax(1)
+        peak = logits.flatten(1).argmax(1)
+        empty = ~inside.flatten(1).any(1)
+        px, py = (peak % w).float() + 0.5, (peak // w).float() + 0.5
+        cx = torch.where(empty, px, (x0 + x1) / 2)
+        cy = torch.where(empty, py, (y0 + y1) / 2)
+        side = torch.where(empty, torch.zeros_like(cx), torch.maximum(x1 - x0, y1 - y0))
+        half = (0.75 * side + self.margin).clamp(min=self.min_side / 2)
+        return torch.stack([cx, cy, half], 1)
+
+    def forward(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """image (K,S,S) segmenter input, logits (K,S,S) at the same resolution → refined logits (K,S,S)."""
+        k, size = logits.shape[0], logits.shape[-1]
+        squares = self.squares(logits.detach())
+        cx, cy, half = squares.unbind(1)
+        scale = 2 * half / size  # crop → frame (normalised coordinates, align_corners=False)
+        zero = torch.zeros_like(scale)
+        theta = torch.stack([torch.stack([scale, zero, 2 * cx / size - 1], 1),
+                             torch.stack([zero, scale, 2 * cy / size - 1], 1)], 1)
+        grid = F.affine_grid(theta, (k, 1, self.crop, self.crop), align_corners=False)
+        image_crop = F.grid_sample(image[:, None].float(), grid, align_corners=False)
+        mean = image_crop.mean((2, 3), keepdim=True)
+        std = image_crop.std((2, 3), keepdim=True).clamp(min=1e-3)
+        logit_crop = F.grid_sample(logits[:, None].float(), grid, align_corners=False, padding_mode="border")
+        magnification = torch.log(self.crop / (2 * half)).reshape(k, 1, 1, 1).expand_as(logit_crop)
+        x = self.act(self.stem(torch.cat([(image_crop - mean) / std, logit_crop.sigmoid(), magnification], 1)))
+        for block in self.blocks:
+            x = x + self.act(block(x))
+        delta = self.head(x)
+        inverse = torch.stack([torch.stack([1 / scale, zero, (size / 2 - cx) / half], 1),
+                               torch.stack([zero, 1 / scale, (size / 2 - cy) / half], 1)], 1)
+        back = F.affine_grid(inverse, (k, 1, logits.shape[-2], size), align_corners=False)
+        return logits + F.grid_sample(delta, back, align_corners=False)[:, 0].to(logits.dtype)
 
 
 class QualityMLP(nn.Module):
@@ -87,11 +157,13 @@ class CorrectionMLP(nn.Module):
 
 class JudgmentCorrection(nn.Module):
     def __init__(self, dim: int = 256, hidden_dim: int = 512, residual_correction: bool = False,
-                 correction_context: bool = False, correction_attention: bool = False):
+                 correction_context: bool = False, correction_attention: bool = False,
+                 correction_refiner: bool = False):
         super().__init__()
         self.quality = QualityMLP(dim, hidden_dim)
         self.correction = CorrectionMLP(dim, hidden_dim, residual_correction, correction_context,
                                         correction_attention)
+        self.refiner = MaskRefiner() if correction_refiner else None
 
     @property
     def uses_context(self) -> bool:
@@ -117,6 +189,7 @@ class JudgmentCorrection(nn.Module):
 
 def build_jcm(config) -> JudgmentCorrection:
     """The JCM a `MediRoundConfig` describes (prompt width, hidden width, plain or residual correction, context,
-    attention)."""
+    attention, full-resolution refiner)."""
     return JudgmentCorrection(config.segmenter.prompt_dim, config.jcm.hidden_dim, config.jcm.residual_correction,
-                              config.jcm.correction_context, config.jcm.correction_attention)
+                              config.jcm.correction_context, config.jcm.correction_attention,
+                              config.jcm.correction_refiner)

@@ -5,7 +5,7 @@ Module names (the keys of our checkpoints):
   language_model.*   transformers MistralForCausalLM       vision_tower.*  transformers CLIPVisionModel
   mm_projector.{0,2} Linear–GELU–Linear (LLaVA mlp2x_gelu)  box_encoder     Linear(4, hidden)
   seg_projection.{0,2} Linear(h,h)–ReLU–Linear(h,256)     segmenter.*     segment_anything Sam (MedSAM)
-  jcm.quality.fc{1,2,3}, jcm.correction.fc{1,2,3}
+  jcm.quality.fc{1,2,3}, jcm.correction.fc{1,2,3}       (ours, optional) jcm.correction.{context,attention}.*, jcm.refiner.*
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ class SegOutput:
     prompts: torch.Tensor  # (K,256) the embeddings actually decoded
     scores: torch.Tensor | None  # (K,) quality scores, or None when JCM is off
     corrected: torch.Tensor | None  # (K,) bool
+    refined_logits: torch.Tensor | None = None  # (K,1,S,S) full-resolution logits, when a JCM refiner redrew masks
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The mask logits to use: the refiner's full-resolution ones if it ran, else the decoder's low-res ones."""
+        return self.low_res_logits if self.refined_logits is None else self.refined_logits
 
 
 class MediRound(nn.Module):
@@ -147,8 +153,9 @@ class MediRound(nn.Module):
         return self.seg_projection(hidden)
 
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor, use_jcm: bool = False,
-                     beta: float | None = None) -> SegOutput:
-        """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared."""
+                     beta: float | None = None, pixels: torch.Tensor | None = None) -> SegOutput:
+        """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared. `pixels`, the
+        segmenter input (K or 1,3,S,S), is needed when the JCM has a refiner and corrects a mask."""
         scores = corrected = None
         if use_jcm:
             def context_of(rows):  # for a context-aware correction: the first decode of the rows it corrects
@@ -157,7 +164,17 @@ class MediRound(nn.Module):
 
             prompts, scores, corrected = self.jcm(prompts, self.config.jcm.beta if beta is None else beta, context_of)
         low_res = self.decode_with_prompts(image_embeddings, prompts)
-        return SegOutput(low_res, prompts, scores, corrected)
+        refined = None
+        if use_jcm and self.jcm.refiner is not None and bool(corrected.any()):
+            if pixels is None:
+                raise ValueError("this JCM redraws corrected masks from the slice: pass the segmenter pixels")
+            rows = corrected.nonzero().squeeze(-1)
+            full = upsample_logits(self, low_res)
+            images = pixels.float().mean(-3)
+            images = images.expand(len(full), -1, -1) if images.shape[0] == 1 else images
+            full[rows] = self.jcm.refiner(images[rows].to(full.dtype), full[rows])
+            refined = full[:, None]
+        return SegOutput(low_res, prompts, scores, corrected, refined)
 
     def correction_context(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """(K,2·256) what the context-aware JCM correction sees of each prompt's first decode."""

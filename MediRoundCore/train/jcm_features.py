@@ -10,7 +10,10 @@ pass. Two sources of rounds:
   predictions), the inputs of the streaming stage 2 (`trainer.stage2_losses`).
 
 A `FeatureSet` keeps, per round, the 256-d [SEG] prompt before JCM and the ground-truth mask in the segmenter
-frame; per dialogue, the segmenter image embedding and the unpadded extent. One safetensors file, no pickles.
+frame; per dialogue, the segmenter image embedding, the unpadded extent and the segmenter input image itself
+(what a refining correction, `jcm.MaskRefiner`, looks at). One safetensors file, no pickles. Files collected
+before images were kept get them with `--add-images FILE` (the dialogues are regenerated from the file's split,
+seed and range; no model runs).
 
     python -m MediRoundCore.train.jcm_features --checkpoint MediRoundCore/weights/mediround-tiny \
         --split train-long --start 0 --dialogues 800 --out runs/jcm/features_0.safetensors
@@ -46,17 +49,20 @@ class FeatureBatch:
     prompts: torch.Tensor  # (K,256) before JCM
     targets: torch.Tensor  # (K,S,S) in the segmenter frame
     weight: torch.Tensor  # (K,S,S) 1 inside each image's unpadded extent
+    images: torch.Tensor | None = None  # (K,S,S) segmenter input (channel mean), if the set keeps images
 
     def to(self, device):
         for name, value in vars(self).items():
-            setattr(self, name, value.to(device))
+            if value is not None:
+                setattr(self, name, value.to(device))
         return self
 
 
 class FeatureSet:
     """Rounds (prompt, target) over dialogues (image embedding, unpadded extent)."""
 
-    def __init__(self, prompts, dialogue, targets_packed, embeddings, valid_hw, size: int, meta: dict | None = None):
+    def __init__(self, prompts, dialogue, targets_packed, embeddings, valid_hw, size: int, meta: dict | None = None,
+                 images=None):
         self.prompts = prompts.float()
         self.dialogue = dialogue.long()
         self.targets_packed = targets_packed  # (N, S*S/8) uint8, np.packbits of the (S,S) target
@@ -64,6 +70,10 @@ class FeatureSet:
         self.valid_hw = valid_hw.long()
         self.size = int(size)
         self.meta = dict(meta or {})
+        self.images = images  # (D,S,S) float16 segmenter input of each dialogue, or None
+        if images is not None and tuple(images.shape) != (len(embeddings), self.size, self.size):
+            raise ValueError(f"images of shape {tuple(images.shape)} do not fit {len(embeddings)} dialogues of a "
+                             f"{self.size}² segmenter")
         if not (len(self.prompts) == len(self.dialogue) == len(self.targets_packed)):
             raise ValueError("prompts, dialogue indices and targets differ in length")
         if len(self.dialogue) and int(self.dialogue.max()) >= len(self.embeddings):
@@ -91,8 +101,9 @@ class FeatureSet:
 
     def batch(self, rows: torch.Tensor) -> FeatureBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
+        images = None if self.images is None else self.images[self.dialogue[rows]].float()
         return FeatureBatch(self.embeddings[self.dialogue[rows]].float(), self.prompts[rows], self.targets(rows),
-                            self.weights(rows))
+                            self.weights(rows), images)
 
     def batches(self, batch_size: int, seed: int = 0):
         """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs."""
@@ -110,10 +121,11 @@ class FeatureSet:
         if not 0 < cut < self.num_dialogues:
             raise ValueError(f"cannot hold out {val_dialogues} of {self.num_dialogues} dialogues")
         head, tail = self.dialogue < cut, self.dialogue >= cut
+        images = (None, None) if self.images is None else (self.images[:cut], self.images[cut:])
         return (FeatureSet(self.prompts[head], self.dialogue[head], self.targets_packed[head], self.embeddings[:cut],
-                           self.valid_hw[:cut], self.size, self.meta),
+                           self.valid_hw[:cut], self.size, self.meta, images[0]),
                 FeatureSet(self.prompts[tail], self.dialogue[tail] - cut, self.targets_packed[tail],
-                           self.embeddings[cut:], self.valid_hw[cut:], self.size, self.meta))
+                           self.embeddings[cut:], self.valid_hw[cut:], self.size, self.meta, images[1]))
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -122,9 +134,11 @@ class FeatureSet:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"prompts": self.prompts.contiguous(), "dialogue": self.dialogue.contiguous(),
-                   "targets_packed": self.targets_packed.contiguous(), "embeddings": self.embeddings.contiguous(),
-                   "valid_hw": self.valid_hw.contiguous()}, str(tmp),
+        tensors = {"prompts": self.prompts, "dialogue": self.dialogue, "targets_packed": self.targets_packed,
+                   "embeddings": self.embeddings, "valid_hw": self.valid_hw}
+        if self.images is not None:
+            tensors["images"] = self.images
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"size": str(self.size), "meta": json.dumps(self.meta)})
         tmp.replace(path)
         return path
@@ -146,7 +160,7 @@ class FeatureSet:
                 info = handle.metadata() or {}
             parts.append(cls(tensors["prompts"], tensors["dialogue"], tensors["targets_packed"],
                              tensors["embeddings"], tensors["valid_hw"], int(info["size"]),
-                             json.loads(info.get("meta", "{}"))))
+                             json.loads(info.get("meta", "{}")), tensors.get("images")))
         return cls.concat(parts)
 
     @classmethod
@@ -158,9 +172,13 @@ class FeatureSet:
         offsets = np.cumsum([0] + [p.num_dialogues for p in parts[:-1]])
         meta = dict(parts[0].meta, parts=[p.meta for p in parts]) if len(parts) > 1 else parts[0].meta
         dialogue = torch.cat([p.dialogue + int(o) for p, o in zip(parts, offsets)])
+        with_images = [p.images is not None for p in parts]
+        if any(with_images) and not all(with_images):
+            raise ValueError("some feature sets keep images and some do not (add them with --add-images)")
+        images = torch.cat([p.images for p in parts]) if all(with_images) else None
         return cls(torch.cat([p.prompts for p in parts]), dialogue,
                    torch.cat([p.targets_packed for p in parts]), torch.cat([p.embeddings for p in parts]),
-                   torch.cat([p.valid_hw for p in parts]), parts[0].size, meta)
+                   torch.cat([p.valid_hw for p in parts]), parts[0].size, meta, images)
 
 
 class _Accumulator:
@@ -169,9 +187,12 @@ class _Accumulator:
     def __init__(self, size: int):
         self.size = size
         self.prompts, self.dialogue, self.targets, self.embeddings, self.valid_hw = [], [], [], [], []
+        self.images = []
 
-    def add_dialogue(self, embedding: torch.Tensor, valid_hw, prompts: torch.Tensor, targets: torch.Tensor) -> None:
+    def add_dialogue(self, embedding: torch.Tensor, valid_hw, prompts: torch.Tensor, targets: torch.Tensor,
+                     seg_pixels: torch.Tensor) -> None:
         d = len(self.embeddings)
+        self.images.append(segmenter_image(seg_pixels)[None])
         self.embeddings.append(embedding.detach().float().cpu().to(torch.float16).reshape(1, *embedding.shape[-3:]))
         self.valid_hw.append(torch.tensor([list(valid_hw)]))
         self.prompts.append(prompts.detach().float().cpu())
@@ -180,7 +201,35 @@ class _Accumulator:
 
     def build(self, meta: dict) -> FeatureSet:
         return FeatureSet(torch.cat(self.prompts), torch.cat(self.dialogue), torch.cat(self.targets),
-                          torch.cat(self.embeddings), torch.cat(self.valid_hw), self.size, meta)
+                          torch.cat(self.embeddings), torch.cat(self.valid_hw), self.size, meta,
+                          torch.cat(self.images))
+
+
+def segmenter_image(seg_pixels: torch.Tensor) -> torch.Tensor:
+    """(3,S,S) segmenter input → (S,S) float16 channel mean: the image a refining correction looks at."""
+    return seg_pixels.detach().float().mean(-3).cpu().to(torch.float16)
+
+
+def add_images(path, config) -> FeatureSet:
+    """Give a feature file collected without images its segmenter input images, regenerated from its split, seed
+    and dialogue range (`config`: the model's, for the segmenter frame); checks each extent against the file's."""
+    from ..data.splits import make_dialogue, to_sample
+    from ..evaluate.protocol import sample_image
+    from ..model.processing import segmenter_pixels
+
+    features = FeatureSet.load(path)
+    meta = features.meta
+    names = meta["split"].split("+")
+    images = []
+    for i in range(meta["start"], meta["start"] + features.num_dialogues):
+        sample = to_sample(make_dialogue(names[i % len(names)], meta["seed"], i // len(names)))
+        pixels, valid_hw = segmenter_pixels(sample_image(sample).normalized(), config)
+        if tuple(valid_hw) != tuple(features.valid_hw[len(images)].tolist()):
+            raise ValueError(f"{path}: dialogue {i} regenerates with another extent: not the file's dialogues")
+        images.append(segmenter_image(pixels)[None])
+    features.images = torch.cat(images)
+    features.save(path)
+    return features
 
 
 # -- collection ----------------------------------------------------------------------------------------------
@@ -201,7 +250,7 @@ def collect_predicted(engine, samples, progress=None) -> FeatureSet:
             prompts.append(result.raw_prompt)
         embedding, valid_hw = engine.slice_embedding(session, image)
         targets = masks_to_segmenter_frame(np.asarray(sample.masks, bool), valid_hw, size)
-        acc.add_dialogue(embedding, valid_hw, torch.stack(prompts), targets)
+        acc.add_dialogue(embedding, valid_hw, torch.stack(prompts), targets, engine.slice_pixels(session, image))
         engine.forget()
         if progress:
             progress(i + 1)
@@ -232,7 +281,7 @@ def collect_teacher(model, tokenizer, samples, reference_noise: float = 0.3, bat
         first = 0
         for b, n in enumerate(batch.rounds_per_sample):
             acc.add_dialogue(embeddings[b], batch.valid_hw[b], prompts[first:first + n],
-                             batch.target_masks[first:first + n])
+                             batch.target_masks[first:first + n], batch.seg_pixels[b])
             first += n
         done += len(chunk)
         if progress:
@@ -254,9 +303,21 @@ def main(argv=None) -> int:
     p.add_argument("--reference-noise", type=float, default=0.3, help="teacher source: share of perturbed references")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default cuda if present; bf16 there)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="the feature file to write")
+    p.add_argument("--add-images", metavar="FILE", help="instead: add the segmenter input images to FILE")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.add_images:
+        from ..model.config import MediRoundConfig
+
+        data = json.loads((Path(args.checkpoint) / "config.json").read_text())
+        data.pop("lora_applied", None)  # a checkpoint's note, not a config field
+        config = MediRoundConfig.from_dict(data, source=args.checkpoint)
+        features = add_images(args.add_images, config)
+        print(f"images of {features.num_dialogues} dialogues -> {args.add_images}")
+        return 0
+    if not args.out:
+        p.error("--out is required (or --add-images FILE)")
     names = args.split.split("+")
     samples = (to_sample(make_dialogue(names[i % len(names)], args.seed, i // len(names)))
                for i in range(args.start, args.start + args.dialogues))

@@ -56,15 +56,16 @@ def new_tiny_model(vocab_size: int = 1024, seed: int = 0, corpus_dialogues: int 
     return model, tokenizer
 
 
-def use_residual_correction(model, context: bool = False, attention: bool = False) -> None:
+def use_residual_correction(model, context: bool = False, attention: bool = False, refiner: bool = False) -> None:
     """Give `model` a fresh JCM whose correction is residual (identity until trained); with `context` it also
-    sees the prompt's first decode, with `attention` also what the mask token reads around the mask. Stage 2
-    then trains it."""
+    sees the prompt's first decode, with `attention` also what the mask token reads around the mask, with
+    `refiner` corrected masks are redrawn at full resolution. Stage 2 then trains it."""
     from ..model.jcm import build_jcm
 
     model.config.jcm.residual_correction = True
     model.config.jcm.correction_context = context
     model.config.jcm.correction_attention = attention
+    model.config.jcm.correction_refiner = refiner
     model.jcm = build_jcm(model.config)
 
 
@@ -81,7 +82,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
                  correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
-                 features=None):
+                 correction_refiner: bool = False, features=None):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
@@ -96,6 +97,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         raise ValueError("--features belongs to stage 2 (cached rounds of the frozen model)")
     if correction_attention and not correction_context:
         raise ValueError("--correction-attention comes with --correction-context (it reads the first decode)")
+    if correction_refiner and not residual_correction:
+        raise ValueError("--correction-refiner comes with --residual-correction (a fresh, identity-started JCM)")
     if correction_context and not residual_correction:
         raise ValueError("--correction-context comes with --residual-correction (a fresh, identity-started JCM)")
     out = Path(output_dir) / f"stage{stage}"
@@ -108,7 +111,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
     else:
         model, tokenizer = new_tiny_model(seed=seed, corpus_dialogues=corpus_dialogues)
     if residual_correction and not resuming:  # a resumed run's config already says so
-        use_residual_correction(model, context=correction_context, attention=correction_attention)
+        use_residual_correction(model, context=correction_context, attention=correction_attention,
+                                refiner=correction_refiner)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
                       reference_noise=reference_noise, correction_focus=correction_focus)

@@ -96,19 +96,20 @@ def stage2_losses(model, batch, focus: bool = False, bce: float = 2.0, dice: flo
         prompts = model.seg_prompts(hidden)
     weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, batch.target_masks.shape[-1],
                                prompts.device)
-    return jcm_losses(model, image_embeddings[batch.seg_positions[:, 0]], prompts, batch.target_masks, weight, focus,
-                      bce, dice)
+    rows = batch.seg_positions[:, 0]
+    return jcm_losses(model, image_embeddings[rows], prompts, batch.target_masks, weight, focus, bce, dice,
+                      images=batch.seg_pixels[rows].float().mean(1))
 
 
 def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, bce: float = 2.0,
-               dice: float = 0.5) -> dict:
+               dice: float = 0.5, images: torch.Tensor | None = None) -> dict:
     """Stage 2 on prompts of the frozen model: prompt k decodes on image embedding row k against target k.
 
     Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: `bce`·BCE +
     `dice`·Dice of the refined mask (the paper's 2 and 0.5 by default), on every sample. With `focus`, each
     mask's correction loss is weighted by 1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction
     then learns from the masks it will be applied to at inference, the poor ones, instead of mostly from masks
-    that need no change."""
+    that need no change. A JCM with a refiner redraws the refined masks from `images` (K,S,S), the segmenter input."""
     with torch.no_grad():
         low_res, mask_tokens = model.decode_with_tokens(embeddings, prompts)
         raw_logits = upsample_logits(model, low_res)
@@ -122,6 +123,11 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, 
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
     refined = model.jcm.correction(prompts, context)
     refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, refined))
+    if model.jcm.refiner is not None:
+        if images is None:
+            raise ValueError("this JCM has a refiner: stage 2 needs the segmenter images (collect features with "
+                             "images, or add them with jcm_features --add-images)")
+        refined_logits = model.jcm.refiner(images, refined_logits)
     sample_weights = (1 - iou).clamp(min=FOCUS_FLOOR) if focus else None
     bce_term = masked_bce(refined_logits, target, weight, sample_weights=sample_weights)
     dice_term = masked_dice(refined_logits, target, weight, sample_weights=sample_weights)
@@ -235,7 +241,7 @@ class Trainer:
         weights = {"bce": self.cfg.loss_weights["bce"], "dice": self.cfg.loss_weights["dice"]}
         if isinstance(batch, FeatureBatch):  # cached stage 2 (see jcm_features)
             return jcm_losses(self.model, batch.embeddings, batch.prompts, batch.targets, batch.weight,
-                              self.cfg.correction_focus, **weights)
+                              self.cfg.correction_focus, images=batch.images, **weights)
         return stage2_losses(self.model, batch, focus=self.cfg.correction_focus, **weights)
 
     def _log(self, path: Path, row: dict) -> None:
