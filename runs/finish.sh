@@ -27,15 +27,5 @@ for v in $VARIANTS; do
   g=$(gain "runs/beta_$v.log"); GAINS="$GAINS $v $g"
   if [ -z "$BEST" ] || awk -v a="$g" -v b="$BEST" 'BEGIN{exit !(a > b)}'; then CHOSEN=$v; BEST=$g; fi
 done
-CKPT="${DIRS[$CHOSEN]}/stage2/checkpoint"
-cp "runs/beta_$CHOSEN.log" runs/beta.log
-cp "benchmarks/jcm_beta_val_$CHOSEN.md" benchmarks/jcm_beta_val.md  # the shipped model's sweep
-echo "shipping $CKPT (JCM gain on val:$GAINS)"
-BETA=$(tail -1 runs/beta.log | awk '{print $3}')
-.venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
-# Speed (quiet machine), then quality on the hard and regular splits, the panel screenshot and README overlays.
-.venv/bin/mediround bench
-.venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks
-.venv/bin/mediround eval --split regular --limit "${REGULAR_LIMIT:-150}" --threads 2 --configs ind+jcm,ind-nojcm,resolver+jcm --out benchmarks/regular
-QT_QPA_PLATFORM=offscreen .venv/bin/python MediRoundSlicer/make_screenshot.py
-.venv/bin/mediround demo --out demo_output
+echo "chosen: $CHOSEN (JCM gain on val:$GAINS)"
+bash runs/ship.sh "${DIRS[$CHOSEN]}/stage2/checkpoint" "$CHOSEN"

@@ -2,8 +2,10 @@
 # Cached stage 2 (JCM) on the shipped stage-1 weights: collect the frozen model's rounds once, train the JCM
 # for many steps on them, rank the variants offline on val rounds, then sweep β on val with the multi-round protocol.
 #   bash runs/jcm_cached.sh collect   # on-policy rounds of 2000 train-long dialogues (two shards) + 200 val ones
+#   bash runs/jcm_cached.sh images    # add the segmenter images to feature files collected without them
 #   bash runs/jcm_cached.sh train     # the variants (resumable), each with its offline table on the val rounds
-#                                     # (VARIANTS, STEPS, LR, BATCH, DICE: the correction's Dice weight; TAG: folder suffix)
+#                                     # (VARIANTS, STEPS, LR, BATCH, DICE: the correction's Dice weight; TAG: folder suffix;
+#                                     #  FOCUS= for the plain, unweighted correction loss)
 #   bash runs/jcm_cached.sh sweep V   # β on val (80 dialogues, multi-round) for variant V
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,8 @@ OUT=${OUT:-runs/jcm}
 FEATURES=${FEATURES:-$OUT/pred_0.safetensors,$OUT/pred_1.safetensors}
 VAL=$OUT/val_0.safetensors,$OUT/val_1.safetensors
 STEPS=${STEPS:-3000}
-declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--correction-context --correction-attention")
+declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--correction-context --correction-attention"
+                 [refiner]="--correction-refiner")
 case "${1:-}" in
   collect)
     for i in 0 1; do
@@ -27,10 +30,16 @@ case "${1:-}" in
         --dialogues 100 --out "$OUT/val_$i.safetensors" > "$OUT/collect_val_$i.log" 2>&1 &
     done
     wait ;;
+  images)  # two at a time (dialogue generation is CPU work)
+    for f in ${FILES:-$OUT/val_0 $OUT/val_1 $OUT/pred_0 $OUT/pred_1}; do
+      $PY -m MediRoundCore.train.jcm_features --add-images "$f.safetensors" &
+      (( $(jobs -r | wc -l) >= 2 )) && wait -n
+    done
+    wait ;;
   train)
     for v in ${VARIANTS:-plain context attention}; do
       .venv/bin/mediround train --out "$OUT/$v${TAG:-}" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
-        --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction --correction-focus \
+        --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction ${FOCUS---correction-focus} \
         --dice-weight "${DICE:-2.0}" ${FLAGS[$v]} 2> "$OUT/$v${TAG:-}.train.log"
       $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v${TAG:-}/stage2/checkpoint" --features "$VAL" \
         | tee "$OUT/$v${TAG:-}.offline.md"
