@@ -62,6 +62,18 @@ def test_refiner_starts_as_the_identity_and_redraws_only_around_the_mask():
     assert ys.max() <= int(cy + half) and changed.sum() > (1.5 * 10) ** 2  # the whole grown square, nothing else
 
 
+def test_refiner_runs_in_bfloat16_like_a_gpu_model():
+    torch.manual_seed(0)
+    refiner = MaskRefiner()
+    torch.nn.init.normal_(refiner.head.weight, std=0.1)
+    images, targets = small_lesions(2)
+    logits = coarse_logits(targets)
+    expected = refiner(images, logits)
+    half = refiner.to(torch.bfloat16)(images, logits.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == logits.shape
+    assert torch.allclose(half.float(), expected, atol=0.1)
+
+
 def test_refiner_learns_to_redraw_small_lesions_sharper_than_the_coarse_decoder():
     torch.manual_seed(0)
     images, targets = small_lesions(48)

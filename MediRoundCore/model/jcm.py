@@ -88,7 +88,8 @@ class MaskRefiner(nn.Module):
         return torch.stack([cx, cy, half], 1)
 
     def forward(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """image (K,S,S) segmenter input, logits (K,S,S) at the same resolution → refined logits (K,S,S)."""
+        """image (K,S,S) segmenter input, logits (K,S,S) at the same resolution → refined logits (K,S,S), in the
+        logits' dtype (the crops are resampled in float32 whatever the model's dtype)."""
         k, size = logits.shape[0], logits.shape[-1]
         squares = self.squares(logits.detach())
         cx, cy, half = squares.unbind(1)
@@ -102,10 +103,11 @@ class MaskRefiner(nn.Module):
         std = image_crop.std((2, 3), keepdim=True).clamp(min=1e-3)
         logit_crop = F.grid_sample(logits[:, None].float(), grid, align_corners=False, padding_mode="border")
         magnification = torch.log(self.crop / (2 * half)).reshape(k, 1, 1, 1).expand_as(logit_crop)
-        x = self.act(self.stem(torch.cat([(image_crop - mean) / std, logit_crop.sigmoid(), magnification], 1)))
+        inputs = torch.cat([(image_crop - mean) / std, logit_crop.sigmoid(), magnification], 1)
+        x = self.act(self.stem(inputs.to(self.stem.weight.dtype)))
         for block in self.blocks:
             x = x + self.act(block(x))
-        delta = self.head(x)
+        delta = self.head(x).float()  # resampled back in float32, like the crops
         inverse = torch.stack([torch.stack([1 / scale, zero, (size / 2 - cx) / half], 1),
                                torch.stack([zero, 1 / scale, (size / 2 - cy) / half], 1)], 1)
         back = F.affine_grid(inverse, (k, 1, logits.shape[-2], size), align_corners=False)

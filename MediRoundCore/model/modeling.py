@@ -170,9 +170,9 @@ class MediRound(nn.Module):
                 raise ValueError("this JCM redraws corrected masks from the slice: pass the segmenter pixels")
             rows = corrected.nonzero().squeeze(-1)
             full = upsample_logits(self, low_res)
-            images = pixels.float().mean(-3)
+            images = pixels.to(full.device, torch.float32).mean(-3)
             images = images.expand(len(full), -1, -1) if images.shape[0] == 1 else images
-            full[rows] = self.jcm.refiner(images[rows].to(full.dtype), full[rows])
+            full[rows] = self.jcm.refiner(images[rows], full[rows])
             refined = full[:, None]
         return SegOutput(low_res, prompts, scores, corrected, refined)
 
