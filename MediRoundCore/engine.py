@@ -203,7 +203,7 @@ class Engine:
 
     # -- pieces --------------------------------------------------------------------------------------
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
-        key = (session.volume_fingerprint, image.view, image.index, image.pixels.shape)
+        key = _slice_key(session, image)
         state = self._slices.get(key)
         if state is None:
             t = time.perf_counter()
@@ -315,23 +315,29 @@ class Engine:
             logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
         return hidden, answer, True
 
-    def slice_embedding(self, session: Session, image: SliceImage) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The cached segmenter image embedding (1,C,g,g) of a slice asked on, and its unpadded extent."""
-        state = self._slices.get((session.volume_fingerprint, image.view, image.index, image.pixels.shape))
+    def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:
+        state = self._slices.get(_slice_key(session, image))
         if state is None:
             raise KeyError("this slice has not been asked on (or its cache was dropped)")
+        return state
+
+    def slice_embedding(self, session: Session, image: SliceImage) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The cached segmenter image embedding (1,C,g,g) of a slice asked on, and its unpadded extent."""
+        state = self._asked_state(session, image)
         return state.seg_embedding, state.input_hw
 
     def slice_pixels(self, session: Session, image: SliceImage) -> torch.Tensor:
         """The cached (3,S,S) segmenter input of a slice asked on."""
-        state = self._slices.get((session.volume_fingerprint, image.view, image.index, image.pixels.shape))
-        if state is None:
-            raise KeyError("this slice has not been asked on (or its cache was dropped)")
-        return state.seg_pixels
+        return self._asked_state(session, image).seg_pixels
 
     def forget(self) -> None:
         """Drop every cache (e.g. after loading another model)."""
         self._slices.clear()
+
+
+def _slice_key(session: Session, image: SliceImage) -> tuple:
+    """What identifies a slice's caches: the session's volume, the view, the slice index and its shape."""
+    return (session.volume_fingerprint, image.view, image.index, image.pixels.shape)
 
 
 def _strip_note(answer: str) -> str:

@@ -39,12 +39,8 @@ def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | 
         tokenizer.save_pretrained(str(folder))
 
 
-def from_pretrained(folder, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from one of our folders; errors name the file and the key."""
-    from ..model.lora import apply_lora
-    from ..model.modeling import MediRound
-    from ..model.tokenizer import TokenIds, load_tokenizer
-
+def read_config(folder) -> tuple[MediRoundConfig, bool]:
+    """(config, whether the language model carries LoRA) of one of our folders, without loading weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
@@ -58,9 +54,19 @@ def from_pretrained(folder, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{folder / CONFIG}: expected a JSON object")
     lora = bool(data.pop("lora_applied", False))
     try:
-        config = MediRoundConfig.from_dict(data, source=str(folder / CONFIG))
+        return MediRoundConfig.from_dict(data, source=str(folder / CONFIG)), lora
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+
+
+def from_pretrained(folder, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from one of our folders; errors name the file and the key."""
+    from ..model.lora import apply_lora
+    from ..model.modeling import MediRound
+    from ..model.tokenizer import TokenIds, load_tokenizer
+
+    folder = Path(folder)
+    config, lora = read_config(folder)
     tokenizer = load_tokenizer(folder)
     ids = TokenIds.from_tokenizer(tokenizer)
     if len(tokenizer) > config.text.vocab_size:

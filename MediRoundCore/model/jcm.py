@@ -45,6 +45,11 @@ class MaskAttention(nn.Module):
         return out[:, 0]
 
 
+def refiner_image(seg_pixels: torch.Tensor) -> torch.Tensor:
+    """(…,3,S,S) segmenter input → (…,S,S) float32: the one-channel image a `MaskRefiner` looks at."""
+    return seg_pixels.float().mean(-3)
+
+
 class MaskRefiner(nn.Module):
     """Redraws a mask at the segmenter's full resolution, around itself, from the slice and its logits.
 

@@ -19,7 +19,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, Mistr
 
 from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .config import MediRoundConfig
-from .jcm import build_jcm
+from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
 from .tokenizer import TokenIds
 
@@ -170,7 +170,7 @@ class MediRound(nn.Module):
                 raise ValueError("this JCM redraws corrected masks from the slice: pass the segmenter pixels")
             rows = corrected.nonzero().squeeze(-1)
             full = upsample_logits(self, low_res)
-            images = pixels.to(full.device, torch.float32).mean(-3)
+            images = refiner_image(pixels.to(full.device))
             images = images.expand(len(full), -1, -1) if images.shape[0] == 1 else images
             full[rows] = self.jcm.refiner(images[rows], full[rows])
             refined = full[:, None]

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.jcm import refiner_image
 from ..model.modeling import valid_region_mask
 from ..model.processing import masks_to_segmenter_frame
 
@@ -206,8 +207,8 @@ class _Accumulator:
 
 
 def segmenter_image(seg_pixels: torch.Tensor) -> torch.Tensor:
-    """(3,S,S) segmenter input → (S,S) float16 channel mean: the image a refining correction looks at."""
-    return seg_pixels.detach().float().mean(-3).cpu().to(torch.float16)
+    """(3,S,S) segmenter input → (S,S) float16 on the CPU: the image a refining correction looks at, stored."""
+    return refiner_image(seg_pixels.detach()).cpu().to(torch.float16)
 
 
 def add_images(path, config) -> FeatureSet:
@@ -308,12 +309,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.add_images:
-        from ..model.config import MediRoundConfig
+        from ..checkpoints.ours import read_config
 
-        data = json.loads((Path(args.checkpoint) / "config.json").read_text())
-        data.pop("lora_applied", None)  # a checkpoint's note, not a config field
-        config = MediRoundConfig.from_dict(data, source=args.checkpoint)
-        features = add_images(args.add_images, config)
+        features = add_images(args.add_images, read_config(args.checkpoint)[0])
         print(f"images of {features.num_dialogues} dialogues -> {args.add_images}")
         return 0
     if not args.out:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.jcm import refiner_image
 from ..model.modeling import (masked_bce, masked_dice, seg_hidden_states, stage1_losses,
                               upsample_logits, valid_region_mask)
 from ..model.processing import PromptBuilder
@@ -97,8 +98,9 @@ def stage2_losses(model, batch, focus: bool = False, bce: float = 2.0, dice: flo
     weight = valid_region_mask(batch.valid_hw, batch.rounds_per_sample, batch.target_masks.shape[-1],
                                prompts.device)
     rows = batch.seg_positions[:, 0]
+    images = refiner_image(batch.seg_pixels[rows]) if model.jcm.refiner is not None else None
     return jcm_losses(model, image_embeddings[rows], prompts, batch.target_masks, weight, focus, bce, dice,
-                      images=batch.seg_pixels[rows].float().mean(1))
+                      images=images)
 
 
 def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, bce: float = 2.0,
