@@ -17,6 +17,10 @@ class SessionError(MediRoundError):
     """A session cannot be used as asked (wrong volume, missing round, corrupt file)."""
 
 
+class SessionBusyError(SessionError):
+    """Another program (or task) is writing the session; names the holder."""
+
+
 class RoundReferenceError(MediRoundError):
     """A round refers to a round that does not exist (missing or in the future)."""
 
