@@ -202,7 +202,7 @@ def mask_into_volume(volume: Volume, slice_image: SliceImage, mask: np.ndarray) 
 
 
 # -- files ----------------------------------------------------------------------------------------------
-def load_volume(path: str | Path, modality: str | None = None) -> Volume:
+def load_volume(path: str | Path, modality: str | None = None, series: str | None = None) -> Volume:
     """NRRD / NIfTI / MHA file, or a DICOM series folder, through SimpleITK."""
     import SimpleITK as sitk
 
