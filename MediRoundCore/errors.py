@@ -37,6 +37,10 @@ class ConfigError(MediRoundError):
     """A model configuration is incomplete or inconsistent."""
 
 
+class OptionError(MediRoundError, ValueError):
+    """Command options (or the arguments of the function behind them) that are invalid or conflict."""
+
+
 class DatasetError(MediRoundError):
     """A dataset file breaks the MR-MedSeg format."""
 
