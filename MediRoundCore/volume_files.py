@@ -146,8 +146,8 @@ def _data_bytes(path: Path, gz: bool) -> int:
             while chunk := handle.read(1 << 16):
                 total += len(chunk)
     except EOFError:
-        raise FileFormatError(f"{path}: the file is truncated: its gzip stream ends after {total} bytes "
-                              f"(an interrupted copy or download?); copy the file again") from None
+        raise FileFormatError(f"{path}: the file is truncated: its gzip stream ends early (an interrupted copy "
+                              f"or download?); copy the file again") from None
     except (OSError, zlib.error) as exc:
         raise FileFormatError(f"{path}: the gzip stream is corrupt after {total} bytes ({exc})") from None
     return total
@@ -306,6 +306,9 @@ def _read_failure(message: str, stderr: str = "") -> str:
     if re.search(r"fread got only|expected \d+ bytes but received|premature|unexpected end|truncat|"
                  r"data not read completely", text, re.I):
         return f"the file is truncated: its voxel data is shorter than its header says ({_summary(message)[:160]})"
+    if re.search(r"Cannot open data file|ElementDataFile|nrrdIoStateDataFileIterNext", text):
+        return ("the voxel data file its header names (e.g. the .raw of an .mhd, the data file of an .nhdr) is "
+                "missing or unreadable; keep the two files together")
     if re.search(r"determinant is 0|Bad direction", text):
         return ("the header's direction matrix (the axes' orientation, e.g. NRRD 'space directions') is singular: "
                 "two axes point the same way or one has zero length, so the voxels have no valid position in "

@@ -88,6 +88,37 @@ def nifti_claiming_slices(root: Path, slices: int) -> Path:
     return path
 
 
+def written(path: Path, payload: bytes) -> Path:
+    path.write_bytes(payload)
+    return path
+
+
+def write_gz_nrrd(path: Path) -> Path:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(ct_array()), str(path), useCompression=True)
+    return path
+
+
+def nrrd_claiming_slices(root: Path) -> Path:
+    import SimpleITK as sitk
+
+    path = root / "claims.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(ct_array()), str(path), useCompression=False)
+    path.write_bytes(path.read_bytes().replace(b"sizes: 48 40 6", b"sizes: 48 40 60", 1))
+    return path
+
+
+def detached(root: Path, name: str, data_suffix: str) -> Path:
+    """A header-and-data pair (.mhd + .raw, .nhdr + .raw) whose data file went missing."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(ct_array()), str(root / name))
+    for data in root.glob(f"{Path(name).stem}{data_suffix}"):
+        data.unlink()
+    return root / name
+
+
 def singular_direction(root: Path) -> Path:
     path = write_volume(root / "sheared.nrrd", ct_array().astype(np.float32))
     path.write_bytes(path.read_bytes())  # uncompressed header we edit below
@@ -148,6 +179,15 @@ FILE_CASES = [
              ("claims.nii", "truncated", "60", "6 of its 60 slices")),
     FileCase("mha-truncated", lambda r: truncate(write_volume(r / "cut.mha"), 0.7), FileFormatError,
              ("cut.mha", "truncated", "bytes")),
+    FileCase("nrrd-gz-truncated", lambda r: truncate(write_gz_nrrd(r / "cut.nrrd"), 0.6), FileFormatError,
+             ("cut.nrrd", "truncated")),
+    FileCase("nrrd-header-claims-more-slices", nrrd_claiming_slices, FileFormatError, ("claims.nrrd", "truncated")),
+    FileCase("mhd-data-file-missing", lambda r: detached(r, "scan.mhd", ".raw"), FileFormatError,
+             ("scan.mhd", "voxel data file", "missing")),
+    FileCase("nhdr-data-file-missing", lambda r: detached(r, "scan.nhdr", ".raw"), FileFormatError,
+             ("scan.nhdr", "voxel data file", "missing")),
+    FileCase("nifti-gz-not-gzip", lambda r: written(r / "noise.nii.gz", b"\x1f\x8b" + bytes(range(256))),
+             FileFormatError, ("noise.nii.gz", "gzip stream is corrupt")),
     FileCase("nrrd-singular-direction", singular_direction, FileFormatError,
              ("sheared.nrrd", "direction", "singular")),
     FileCase("dicom-missing-slice", lambda r: write_dicom_series(r / "dicom_gap", ct_array(), skip=(3,)), VolumeError,
