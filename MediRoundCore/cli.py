@@ -330,6 +330,13 @@ def cmd_data(args) -> int:
     return 0
 
 
+def folder_path(text: str) -> str:
+    """An argparse type: a non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder")
+    return text
+
+
 def unit_interval(text: str) -> float:
     """An argparse type: a finite number in [0, 1]."""
     try:
@@ -391,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("volume", help="NRRD / NIfTI / MHA file or DICOM folder")
         sp.add_argument("--slice", type=int, required=True)
         sp.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
-        sp.add_argument("--session", required=True, help="session folder (created if missing)")
+        sp.add_argument("--session", required=True, type=folder_path, help="session folder (created if missing)")
         sp.add_argument("--modality", choices=["CT", "MR"])
         sp.add_argument("--series", help="DICOM folder with several series: the series to use (its number in the "
                                          "listing, or its SeriesInstanceUID)")

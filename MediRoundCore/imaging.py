@@ -40,6 +40,7 @@ class Volume:
     def __post_init__(self):
         self.array = validate_volume_array(self.array, self.name)
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        self.spacing, self.origin = validate_geometry(self.spacing, self.origin, self.direction, self.name)
         if self.modality is None:
             self.modality = guess_modality(self.array)
 
@@ -120,6 +121,24 @@ def validate_volume_array(array, name: str = "volume") -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
         raise VolumeError(f"{name}: unsupported voxel type {array.dtype}")
     return array
+
+
+def validate_geometry(spacing, origin, direction: np.ndarray, name: str = "volume"):
+    """(spacing, origin) as float tuples, or a VolumeError: spacing finite and > 0, origin finite, direction
+    finite and not singular."""
+    try:
+        spacing = tuple(float(v) for v in spacing)
+        origin = tuple(float(v) for v in origin)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{name}: spacing and origin must be three numbers each, got {spacing!r}, {origin!r}") from None
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise VolumeError(f"{name}: voxel spacing {spacing} is not three positive numbers (mm); fix the spacing")
+    if len(origin) != 3 or not all(np.isfinite(origin)):
+        raise VolumeError(f"{name}: origin {origin} is not three finite numbers (mm)")
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise VolumeError(f"{name}: the direction matrix (axis orientation) is singular or not finite "
+                          f"({np.round(direction, 4).tolist()}): two axes point the same way or one has zero length")
+    return spacing, origin
 
 
 def guess_modality(array: np.ndarray) -> str:

@@ -18,6 +18,42 @@ from pathlib import Path
 from .errors import MediRoundError
 
 
+STAGING_PREFIX = ".mediround-out."
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive flock on `folder` held while it is staged (POSIX); the kernel drops it if we are killed."""
+    if os.name == "nt":
+        return None
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_orphans(out: Path) -> None:
+    """Remove staging folders that no running command holds (left by a command that was killed)."""
+    if os.name == "nt":
+        return
+    import fcntl
+
+    for folder in out.glob(STAGING_PREFIX + "*"):
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # in use
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 class OutputError(MediRoundError):
     """An output folder or file cannot be written."""
 
@@ -38,6 +74,7 @@ class StagedOutputs:
     def __init__(self, out: str | Path, replace_folders: bool = False):
         self.out = Path(out)
         self.replace_folders = replace_folders  # a staged folder may replace an existing one (an explicit flag)
+        self._lock = None
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"{self.out}: is a file; --out needs a folder (it is created when missing)")
         self._created = []
@@ -47,10 +84,12 @@ class StagedOutputs:
             p = p.parent
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix=".mediround-out.", dir=self.out))
+            remove_orphans(self.out)
+            self.folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
         except OSError as exc:
             self._remove_created()
             raise OutputError(describe_output_error(self.out, exc)) from None
+        self._lock = _lock_folder(self.folder)  # marks it in use: another command's cleanup leaves it alone
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -87,6 +126,9 @@ class StagedOutputs:
     def discard(self) -> None:
         if self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         self._remove_created()
 
     def _remove_created(self) -> None:

@@ -229,6 +229,12 @@ def check_dicom_slices(folder: Path, names: list[str], in_series: list[str]) -> 
     positions = [_floats(h.get("0020|0032"), 3) for h in headers]
     if orientation is None or any(p is None for p in positions):
         return  # no geometry to check (e.g. secondary capture): SimpleITK stacks them
+    for name, h in zip(names, headers):
+        other = _floats(h.get("0020|0037"), 6)
+        if other is not None and np.max(np.abs(other - orientation)) > 1e-3:
+            raise VolumeError(f"{folder}: the slices are not parallel: {Path(name).name} has orientation "
+                              f"{np.round(other, 3).tolist()}, {Path(names[0]).name} "
+                              f"{np.round(orientation, 3).tolist()}; a volume needs one orientation")
     normal = np.cross(orientation[:3], orientation[3:])
     z = np.asarray([float(p @ normal) for p in positions])
     order = np.argsort(z)
@@ -309,6 +315,12 @@ def _read_failure(message: str, stderr: str = "") -> str:
     if re.search(r"Cannot open data file|ElementDataFile|nrrdIoStateDataFileIterNext", text):
         return ("the voxel data file its header names (e.g. the .raw of an .mhd, the data file of an .nhdr) is "
                 "missing or unreadable; keep the two files together")
+    if re.search(r"Zero-valued spacing", text):
+        return ("the header gives a voxel spacing of 0 (or one that is not a number) along an axis, so the voxels "
+                "have no size; fix the spacing in the header")
+    if re.search(r"Failed to allocate memory|bad_alloc|MemoryError", text):
+        return ("its header describes more voxels than this machine's memory holds (a wrong size in the header, "
+                "or a volume to crop or resample first)")
     if re.search(r"determinant is 0|Bad direction", text):
         return ("the header's direction matrix (the axes' orientation, e.g. NRRD 'space directions') is singular: "
                 "two axes point the same way or one has zero length, so the voxels have no valid position in "

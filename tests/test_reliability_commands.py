@@ -291,3 +291,22 @@ def test_ctrl_c_at_any_instant(world):
         if queries == ["Segment the liver."]:
             assert everything(world.root) == base
     assert outcomes.count("interrupted") >= 5, outcomes
+
+
+def test_killed_command_leaves_no_stray_files(world):
+    """kill -9 while `ask --out` runs (its outputs staged, the lock held): the next `ask` proceeds at once,
+    removes the killed command's staging folder and temporary files, and adds its round once."""
+    out = world.root / "out"
+    command = [sys.executable, "-m", "MediRoundCore.cli"] + ask_args(world, "--out", str(out)) + ["--random"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=world.root)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".mediround-out.*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert list(out.glob(".mediround-out.*")), "the kill should have landed while outputs were staged"
+    code, stdout, err = run_ask(world, "--out", str(out), "--wait", "0")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["round_01.png", "round_02.png", "segments.seg.nrrd"]
+    assert sorted(p.name for p in world.session_dir.iterdir()) == ["masks.npz", "session.json"]
+    assert rounds(world.session_dir) == ["Segment the liver."] * 2

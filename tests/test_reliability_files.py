@@ -119,6 +119,39 @@ def detached(root: Path, name: str, data_suffix: str) -> Path:
     return root / name
 
 
+def edited_mha(root: Path, old: bytes, new: bytes) -> Path:
+    import SimpleITK as sitk
+
+    path = root / "spacing.mha"
+    image = sitk.GetImageFromArray(ct_array())
+    image.SetSpacing((1, 1, 3))
+    sitk.WriteImage(image, str(path), useCompression=False)
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    return path
+
+
+def tilted_series(root: Path) -> Path:
+    """A series whose fifth slice is tilted (another ImageOrientationPatient)."""
+    import SimpleITK as sitk
+
+    folder = write_dicom_series(root / "dicom_tilted", ct_array())
+    path = sorted(folder.iterdir())[4]
+    image = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    for key in reader.GetMetaDataKeys():
+        image.SetMetaData(key, reader.GetMetaData(key))
+    image.SetMetaData("0020|0037", "1\\0\\0\\0\\0.8\\0.6")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(image)
+    return folder
+
+
 def singular_direction(root: Path) -> Path:
     path = write_volume(root / "sheared.nrrd", ct_array().astype(np.float32))
     path.write_bytes(path.read_bytes())  # uncompressed header we edit below
@@ -188,6 +221,11 @@ FILE_CASES = [
              ("scan.nhdr", "voxel data file", "missing")),
     FileCase("nifti-gz-not-gzip", lambda r: written(r / "noise.nii.gz", b"\x1f\x8b" + bytes(range(256))),
              FileFormatError, ("noise.nii.gz", "gzip stream is corrupt")),
+    FileCase("mha-zero-spacing", lambda r: edited_mha(r, b"ElementSpacing = 1 1 3", b"ElementSpacing = 0 1 3"),
+             FileFormatError, ("spacing.mha", "spacing of 0")),
+    FileCase("mha-header-beyond-memory", lambda r: edited_mha(r, b"DimSize = 48 40 6", b"DimSize = 90000 90000 90000"),
+             FileFormatError, ("spacing.mha", "more voxels than this machine's memory")),
+    FileCase("dicom-slices-not-parallel", tilted_series, VolumeError, ("dicom_tilted", "not parallel", "1_004.dcm")),
     FileCase("nrrd-singular-direction", singular_direction, FileFormatError,
              ("sheared.nrrd", "direction", "singular")),
     FileCase("dicom-missing-slice", lambda r: write_dicom_series(r / "dicom_gap", ct_array(), skip=(3,)), VolumeError,
@@ -335,3 +373,17 @@ def test_unreadable_file_says_permission(tmp_path):
     done = subprocess.run(prefix + [sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert done.stdout.startswith("FileFormatError") and "permission denied" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("spacing, origin, direction, words", [
+    ((0.0, 1.0, 1.0), (0, 0, 0), np.eye(3), ("flat", "spacing", "positive")),
+    ((1.0, -2.0, 1.0), (0, 0, 0), np.eye(3), ("flat", "spacing", "-2.0")),
+    ((1.0, float("nan"), 1.0), (0, 0, 0), np.eye(3), ("flat", "spacing", "nan")),
+    ((1.0, 1.0, 1.0), (0, float("inf"), 0), np.eye(3), ("flat", "origin", "finite")),
+    ((1.0, 1.0, 1.0), (0, 0, 0), np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1.0]]), ("flat", "direction", "singular")),
+])
+def test_volume_geometry_that_lies(spacing, origin, direction, words):
+    """In-memory volumes (the Slicer module's, a script's) get the same geometry checks as files."""
+    with pytest.raises(VolumeError) as info:
+        Volume(ct_array(), spacing, origin, direction, name="flat")
+    check_message(info.value, words)

@@ -42,6 +42,9 @@ def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | 
 def read_config(folder) -> tuple[MediRoundConfig, bool]:
     """(config, whether the language model carries LoRA) of one of our folders, without loading weights."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: is a file; --checkpoint takes a MediRound checkpoint folder (config.json, "
+                              f"model.safetensors and the tokenizer files)")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not (folder / CONFIG).is_file():
