@@ -1,7 +1,7 @@
 """One writer per session folder, across processes (CLI, Slicer) and threads.
 
-The lock is an exclusive `flock` on the session folder itself (POSIX; on Windows an `msvcrt` lock on
-`.mediround.lock` in it). The kernel drops it when its holder dies, so a killed writer never blocks the next.
+The lock is an exclusive `flock` on the session folder itself (POSIX; where a folder cannot be flocked, as on
+some network file systems, and on Windows, a lock on `.mediround.lock` in it). The kernel drops it when its holder dies, so a killed writer never blocks the next.
 While held, `.mediround-writer` in the folder names the holder (pid, host, command, since) for the message a
 second writer gets; it is removed on release (and, left by a killed holder, on the next acquisition).
 
@@ -14,6 +14,7 @@ saved while a command's transaction holds its folder does not wait for itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 from .errors import SessionBusyError, SessionError
 
 HOLDER_FILE = ".mediround-writer"
-WINDOWS_LOCK_FILE = ".mediround.lock"
+LOCK_FILE = ".mediround.lock"
 ORPHAN_PATTERNS = (".session.json.*.tmp", ".masks.npz.*.tmp", ".mediround-probe.*.tmp")  # temporary files
 DEFAULT_WAIT_S = float(os.environ.get("MEDIROUND_SESSION_WAIT", "30"))
 _POLL_S = 0.05
@@ -63,7 +64,7 @@ def describe_holder(folder: Path) -> str:
 def _os_lock(folder: Path) -> int:
     """An open handle of `folder` (or its Windows lock file) to lock."""
     if os.name == "nt":
-        return os.open(folder / WINDOWS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        return os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
@@ -98,6 +99,37 @@ def _unlock(fd: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+_NO_LOCKING = {errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)}
+
+
+def _acquire(folder: Path, deadline: float) -> int | None:
+    """The locked handle of `folder`. Where a folder cannot be flocked (some network file systems), a lock file
+    in it is; where nothing can be locked, None (the save's check of session.json still refuses to overwrite
+    another writer's rounds)."""
+    for use_file in ((False, True) if os.name != "nt" else (True,)):
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666) if use_file \
+                else _os_lock(folder)
+        except OSError as exc:
+            raise SessionError(f"{folder}: cannot open the session folder ({exc.strerror})") from None
+        try:
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise SessionBusyError(
+                        f"{folder}: session in use by {describe_holder(folder)}; one program at a time writes a "
+                        f"session: wait for it to finish (or close the session there), then try again")
+                time.sleep(_POLL_S)
+            return fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKING:
+                raise SessionError(f"{folder}: cannot lock the session folder ({exc.strerror})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+    return None
 
 
 def clean_orphans(folder: Path) -> list[str]:
@@ -148,22 +180,7 @@ def hold(folder: str | Path, wait: float | None = None, command: str | None = No
                                f"wait for it to finish, then try again")
     try:
         if held.depth == 0:
-            try:
-                fd = _os_lock(folder)
-            except OSError as exc:
-                raise SessionError(f"{folder}: cannot open the session folder ({exc.strerror})") from None
-            try:
-                while not _try_lock(fd):
-                    if time.monotonic() >= deadline:
-                        raise SessionBusyError(
-                            f"{folder}: session in use by {describe_holder(folder)}; one program at a time "
-                            f"writes a session: wait for it to finish (or close the session there), then try "
-                            f"again")
-                    time.sleep(_POLL_S)
-            except BaseException:
-                os.close(fd)
-                raise
-            held.fd = fd
+            held.fd = _acquire(folder, deadline)
             clean_orphans(folder)
             _write_holder(folder, command)
         held.depth += 1
@@ -174,7 +191,8 @@ def hold(folder: str | Path, wait: float | None = None, command: str | None = No
             if held.depth == 0:
                 _remove_holder(folder)
                 fd, held.fd = held.fd, None
-                _unlock(fd)
+                if fd is not None:
+                    _unlock(fd)
     finally:
         held.thread_lock.release()
 
