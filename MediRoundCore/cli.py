@@ -330,6 +330,17 @@ def cmd_data(args) -> int:
     return 0
 
 
+def training_data(text: str) -> str:
+    """An argparse type: training splits joined by '+' (checked before any model is built)."""
+    from .data.splits import TRAINING_SPLITS
+
+    unknown = [name for name in text.split("+") if name not in TRAINING_SPLITS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a training split; use {', '.join(TRAINING_SPLITS)} "
+                                         f"or both joined by '+'")
+    return text
+
+
 def folder_path(text: str) -> str:
     """An argparse type: a non-empty path."""
     if not text.strip():
@@ -423,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=non_negative(int), default=1)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--save-every", type=positive(int), default=100)
-    sp.add_argument("--data", default="train",
+    sp.add_argument("--data", default="train", type=training_data,
                     help="training split or mixture: train, train-long, or train+train-long (default train)")
     sp.add_argument("--reference-noise", type=unit_interval, default=0.0,
                     help="share of reference masks replaced by a prediction-like perturbation (default 0)")
