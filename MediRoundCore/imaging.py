@@ -130,7 +130,8 @@ def validate_geometry(spacing, origin, direction: np.ndarray, name: str = "volum
         spacing = tuple(float(v) for v in spacing)
         origin = tuple(float(v) for v in origin)
     except (TypeError, ValueError):
-        raise VolumeError(f"{name}: spacing and origin must be three numbers each, got {spacing!r}, {origin!r}") from None
+        raise VolumeError(f"{name}: spacing and origin must be three numbers each, got {spacing!r}, "
+                          f"{origin!r}") from None
     if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise VolumeError(f"{name}: voxel spacing {spacing} is not three positive numbers (mm); fix the spacing")
     if len(origin) != 3 or not all(np.isfinite(origin)):
@@ -208,7 +209,8 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     spacing = (float(volume.spacing[row_axis]), float(volume.spacing[col_axis]))
     # float32 pixels, unless finite values beyond float32's range (±3.4e38) would turn into infinities
     wide = plane.dtype == np.float64 and bool(np.any(np.abs(plane[np.isfinite(plane)]) > np.finfo(np.float32).max))
-    return SliceImage(np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32), view, int(index), axis, bool(transpose),
+    pixels = np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32)
+    return SliceImage(pixels, view, int(index), axis, bool(transpose),
                       bool(flip_rows), bool(flip_cols), volume.modality, spacing)
 
 

@@ -1,9 +1,10 @@
 """One writer per session folder, across processes (CLI, Slicer) and threads.
 
 The lock is an exclusive `flock` on the session folder itself (POSIX; where a folder cannot be flocked, as on
-some network file systems, and on Windows, a lock on `.mediround.lock` in it). The kernel drops it when its holder dies, so a killed writer never blocks the next.
-While held, `.mediround-writer` in the folder names the holder (pid, host, command, since) for the message a
-second writer gets; it is removed on release (and, left by a killed holder, on the next acquisition).
+some network file systems, and on Windows, a lock on `.mediround.lock` in it). The kernel drops it when its
+holder dies, so a killed writer never blocks the next. While held, `.mediround-writer` in the folder names the
+holder (pid, host, command, since) for the message a second writer gets; it is removed on release (and, left by
+a killed holder, on the next acquisition).
 
 Within one process a folder's lock is re-entrant (a registry keyed by the folder's real path), so a session
 saved while a command's transaction holds its folder does not wait for itself.

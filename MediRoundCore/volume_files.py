@@ -104,7 +104,8 @@ def check_nifti(path: Path) -> None:
     if not single_file:
         return  # .hdr/.img pair: the data is in another file
     if not 1 <= dims[0] <= 7 or any(n < 1 for n in dims[1:dims[0] + 1]):
-        raise FileFormatError(f"{path}: corrupt NIfTI header (dimensions {list(dims[:dims[0] + 1]) if 0 <= dims[0] <= 7 else dims})")
+        shown = list(dims[:dims[0] + 1]) if 0 <= dims[0] <= 7 else list(dims)
+        raise FileFormatError(f"{path}: corrupt NIfTI header (dimensions {shown})")
     sizes = dims[1:dims[0] + 1]
     needed = int(np.prod(sizes, dtype=np.int64)) * bytes_per_voxel
     held = _data_bytes(path, gz) - offset

@@ -268,8 +268,9 @@ def load_trainer_state(path: Path) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
             AttributeError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = ("it holds pickled objects other than tensors, which are refused for safety"
-                  if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Unsupported global" in str(exc)
+        pickled = isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) \
+            or "Unsupported global" in str(exc)
+        reason = ("it holds pickled objects other than tensors, which are refused for safety" if pickled
                   else f"unreadable: {first[:160]}")
         raise CheckpointError(f"{path}: cannot resume training from this state ({reason}); remove "
                               f"{path.name} to start this stage afresh from the saved weights, or train into "
