@@ -7,19 +7,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .errors import MediRoundError
+from .errors import DeviceError, MediRoundError
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 
 
 # -- shared pieces --------------------------------------------------------------------------------------
+def check_device(device: str | None) -> None:
+    """Refuse a --device this machine cannot run, before the model is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {device!r}: not a device name; use cpu or cuda (cuda:0, cuda:1, …)") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise DeviceError(f"--device {device!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: no CUDA GPU is usable here (torch finds none); leave out --device "
+                          f"or use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
 def load_engine(checkpoint: str | None, device: str | None, random_model: bool = False, quiet: bool = False):
     from .engine import DEFAULT_CHECKPOINT, Engine
+
+    check_device(device)
 
     if random_model or (checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file()):
         if not quiet:
@@ -29,18 +53,63 @@ def load_engine(checkpoint: str | None, device: str | None, random_model: bool =
 
 
 def open_session(folder: Path | None, volume):
+    """The session of `folder` for `volume` (a new one when the folder holds none); each change saves."""
     from .session import Session
 
-    if folder is not None and (folder / "session.json").is_file():
-        session = Session.load(folder, expected_fingerprint=volume.fingerprint())
-    else:
-        session = Session(volume.fingerprint(), folder, volume.name)
+    session = Session.open(folder, volume.fingerprint(), volume.name) if folder is not None \
+        else Session(volume.fingerprint(), None, volume.name)
     session.volume = volume
     return session
 
 
+def command_line(argv) -> str:
+    """How the lock holder is named to a second writer."""
+    text = "mediround " + " ".join(argv)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def say(text: str) -> None:
+    """Print and flush; a closed standard output is an error (the caller has not committed anything yet)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        _silence_stdout()
+        raise MediRoundError("standard output is closed (the program reading it has exited); nothing was "
+                             "saved") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def write_outputs(out: Path, volume, session, stem: str = "segments") -> Path:
-    """`.seg.nrrd` of all rounds (geometry of the volume) and one PNG overlay per round."""
+    """`.seg.nrrd` of all rounds and one PNG overlay per round into `out`, all or nothing."""
+    from .outputs import StagedOutputs
+
+    with StagedOutputs(out) as staged:
+        path = render_outputs(staged.folder, volume, session, stem)
+        staged.publish()
+    return out / path.name
+
+
+def render_outputs(out: Path, volume, session, stem: str = "segments") -> Path:
+    """`.seg.nrrd` of all rounds (geometry of the volume) and one PNG overlay per round, written in `out`."""
+    from .outputs import OutputError, describe_output_error
+
+    try:
+        return _render_outputs(out, volume, session, stem)
+    except OSError as exc:
+        raise OutputError(describe_output_error(out.parent, exc)) from None
+
+
+def _render_outputs(out: Path, volume, session, stem: str) -> Path:
     from .imaging import extract_slice, mask_into_volume
     from .segio import Segment, overlay_png, round_color, segment_name, write_seg_nrrd
 
@@ -73,39 +142,57 @@ def print_table(session, truth: dict[int, float] | None = None) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .imaging import extract_slice, load_volume
+    """The scripted dialogue on the bundled volume; outputs and the session appear in --out only when it ran
+    to the end. An existing --out/session is replaced only with --overwrite."""
+    import numpy as np
 
+    from .imaging import extract_slice, load_volume
+    from .outputs import OutputError, StagedOutputs
+    from .session import Session
+    from .session_lock import hold
+
+    out = Path(args.out)
+    existing = out / "session"
+    if os.path.lexists(existing) and not args.overwrite and not (existing.is_dir() and not any(existing.iterdir())):
+        raise OutputError(f"{existing}: already exists (a session from an earlier run?); pass --overwrite to "
+                          f"replace it, or choose another --out folder")
     volume = load_volume(BUNDLED / "demo_abdomen.nrrd")
     labels = load_volume(BUNDLED / "demo_abdomen_labels.nrrd").array
     script = json.loads((BUNDLED / "demo_dialogue.json").read_text())
-    engine = load_engine(args.checkpoint, args.device, args.random)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import shutil
-
-    shutil.rmtree(out / "session", ignore_errors=True)
-    session = open_session(out / "session", volume)
-    print(f"MediRound demo on {volume.name} {volume.array.shape[::-1]} ({volume.modality}), device {engine.device_description}")
-    truth = {}
-    for step in script:
-        image = extract_slice(volume, "axial", step["slice_index"])
-        ref = None if step.get("refers_to") is None else step["refers_to"] + 1
-        result = engine.ask(session, step["query"], image, reference=ref, use_jcm=not args.no_jcm)
-        if step.get("expected_label") is not None:
-            plane = np.take(labels, step["slice_index"], axis=0)
-
-            gt_display = _display_like(image, plane == step["expected_label"])
-            truth[result.round.number] = _dice(result.mask, gt_display)
-        print(f"  round {result.round.number}: {step['query']}\n    -> {result.round.answer}")
-    seg_path = write_outputs(out, volume, session, "mediround_demo")
+    with StagedOutputs(out, replace_folders=True) as staged:
+        engine = load_engine(args.checkpoint, args.device, args.random)
+        session = Session(volume.fingerprint(), None, volume.name)
+        session.volume = volume
+        print(f"MediRound demo on {volume.name} {volume.array.shape[::-1]} ({volume.modality}), "
+              f"device {engine.device_description}")
+        truth = {}
+        for step in script:
+            image = extract_slice(volume, "axial", step["slice_index"])
+            ref = None if step.get("refers_to") is None else step["refers_to"] + 1
+            result = engine.ask(session, step["query"], image, reference=ref, use_jcm=not args.no_jcm)
+            if step.get("expected_label") is not None:
+                plane = np.take(labels, step["slice_index"], axis=0)
+                gt_display = _display_like(image, plane == step["expected_label"])
+                truth[result.round.number] = _dice(result.mask, gt_display)
+            print(f"  round {result.round.number}: {step['query']}\n    -> {result.round.answer}")
+        seg_path = out / render_outputs(staged.folder, volume, session, "mediround_demo").name
+        session.save(staged.folder / "session")
+        staged.check()
+        if existing.is_dir():
+            with hold(existing, wait=0, command=command_line(args.argv)):  # nobody is writing the old session
+                staged.publish()
+        else:
+            staged.publish()
     print()
     print_table(session, truth)
-    print(f"\nwrote {seg_path}, {len(session.rounds)} overlay PNG(s) and the session in {out / 'session'}")
+    print(f"\nwrote {seg_path}, {len(session.rounds)} overlay PNG(s) and the session in {existing}")
     return 0
 
 
-def _display_like(image, plane_mask: np.ndarray) -> np.ndarray:
+def _display_like(image, plane_mask):
     """An array-plane mask oriented like `image` (inverse of SliceImage.to_plane)."""
+    import numpy as np
+
     m = plane_mask.T if image.transpose else plane_mask
     if image.flip_rows:
         m = m[::-1, :]
@@ -114,33 +201,56 @@ def _display_like(image, plane_mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def _dice(a, b) -> float:
+    import numpy as np
+
     denom = a.sum() + b.sum()
     return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
 
 
 def cmd_ask(args) -> int:
+    """One round, all or nothing: the volume, slice, outputs and model are checked first; the round is committed
+    to the session (under its lock) only after its outputs are written and its report printed."""
+    from .engine import validate_query
     from .imaging import extract_slice, load_volume
+    from .outputs import StagedOutputs
+    from .session import Session
 
-    volume = load_volume(args.volume, modality=args.modality)
-    session = open_session(Path(args.session), volume)
-    engine = load_engine(args.checkpoint, args.device, args.random)
+    volume = load_volume(args.volume, modality=args.modality, series=args.series)
     image = extract_slice(volume, args.view, args.slice)
-    result = engine.ask(session, args.query, image, reference=args.reference, use_jcm=not args.no_jcm, beta=args.beta)
-    r = result.round
-    print(f"round {r.number}: {r.answer}")
-    print(f"  entity: {r.entity}  reference: {r.reference}  JCM score: {r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}"
-          f"  corrected: {r.corrected}  pixels: {int(r.mask.sum())}  {r.timings['total_ms']:.0f} ms")
-    if args.out:
-        path = write_outputs(Path(args.out), volume, session)
-        print(f"wrote {path}")
+    validate_query(args.query)
+    staged = StagedOutputs(Path(args.out)) if args.out else None
+    try:
+        engine = load_engine(args.checkpoint, args.device, args.random)
+        with Session.writing(Path(args.session), volume.fingerprint(), volume.name, wait=args.wait,
+                             command=command_line(args.argv)) as session:
+            session.volume = volume
+            result = engine.ask(session, args.query, image, reference=args.reference, use_jcm=not args.no_jcm,
+                                beta=args.beta)
+            r = result.round
+            lines = [f"round {r.number}: {r.answer}",
+                     f"  entity: {r.entity}  reference: {r.reference}  JCM score: "
+                     f"{r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}  corrected: {r.corrected}  "
+                     f"pixels: {int(r.mask.sum())}  {r.timings['total_ms']:.0f} ms"]
+            if staged is not None:
+                path = render_outputs(staged.folder, volume, session)
+                staged.check()
+                lines.append(f"wrote {staged.out / path.name}")
+            say("\n".join(lines))
+            session.commit()
+            if staged is not None:
+                staged.publish()
+    finally:
+        if staged is not None:
+            staged.discard()
     return 0
 
 
 def cmd_chat(args) -> int:
     from .imaging import extract_slice, load_volume
 
-    volume = load_volume(args.volume, modality=args.modality)
+    volume = load_volume(args.volume, modality=args.modality, series=args.series)
+    extract_slice(volume, args.view, args.slice)
     session = open_session(Path(args.session), volume)
     engine = load_engine(args.checkpoint, args.device, args.random)
     index = args.slice
@@ -154,18 +264,30 @@ def cmd_chat(args) -> int:
             if line in (":q", ":quit", ":exit"):
                 break
             if line.startswith(":slice"):
-                index = int(line.split()[1])
-                extract_slice(volume, args.view, index)
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise MediRoundError("usage: :slice N (a whole slice number)")
+                extract_slice(volume, args.view, int(parts[1]))  # refused: stay where we are
+                index = int(parts[1])
                 print(f"on slice {index}")
             elif line == ":undo":
                 print(f"undid round {session.undo().number}")
             elif line.startswith(":save"):
-                print(f"wrote {write_outputs(Path(line.split(maxsplit=1)[1]), volume, session)}")
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2:
+                    raise MediRoundError("usage: :save DIR (the folder for the .seg.nrrd and overlays)")
+                print(f"wrote {write_outputs(Path(parts[1]), volume, session)}")
+            elif line.startswith(":"):
+                raise MediRoundError(f"unknown command {line.split()[0]!r}; commands: :slice N, :undo, :save DIR, "
+                                     f":quit")
             else:
-                r = engine.ask(session, line, extract_slice(volume, args.view, index)).round
-                print(f"R{r.number} (ref {r.reference or '-'}, JCM {r.jcm_score:.2f}{', corrected' if r.corrected else ''}): {r.answer}")
-        except (MediRoundError, ValueError, IndexError) as exc:
+                r = engine.ask(session, line, extract_slice(volume, args.view, index), use_jcm=not args.no_jcm).round
+                score = "off" if r.jcm_score is None else f"{r.jcm_score:.2f}"
+                print(f"R{r.number} (ref {r.reference or '-'}, JCM {score}{', corrected' if r.corrected else ''}): "
+                      f"{r.answer}")
+        except MediRoundError as exc:
             print(f"error: {exc}")
+        sys.stdout.flush()
     return 0
 
 
@@ -208,6 +330,63 @@ def cmd_data(args) -> int:
     return 0
 
 
+def training_data(text: str) -> str:
+    """An argparse type: training splits joined by '+' (checked before any model is built)."""
+    from .data.splits import TRAINING_SPLITS
+
+    unknown = [name for name in text.split("+") if name not in TRAINING_SPLITS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a training split; use {', '.join(TRAINING_SPLITS)} "
+                                         f"or both joined by '+'")
+    return text
+
+
+def folder_path(text: str) -> str:
+    """An argparse type: a non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder")
+    return text
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number from 0 to 1")
+    return value
+
+
+def positive(kind):
+    """An argparse type: a finite number (int or float) above 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def non_negative(kind):
+    """An argparse type: a finite number (int or float) of at least 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mediround", description="MediRound: multi-round reasoning segmentation")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -221,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="scripted multi-round session on the bundled volume")
     sp.add_argument("--out", default="demo_output")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/session")
     model_args(sp)
     sp.set_defaults(func=cmd_demo)
 
@@ -229,30 +409,34 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("volume", help="NRRD / NIfTI / MHA file or DICOM folder")
         sp.add_argument("--slice", type=int, required=True)
         sp.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
-        sp.add_argument("--session", required=True, help="session folder (created if missing)")
+        sp.add_argument("--session", required=True, type=folder_path, help="session folder (created if missing)")
         sp.add_argument("--modality", choices=["CT", "MR"])
+        sp.add_argument("--series", help="DICOM folder with several series: the series to use (its number in the "
+                                         "listing, or its SeriesInstanceUID)")
         if name == "ask":
             sp.add_argument("--query", required=True)
             sp.add_argument("--reference", type=int, help="round number this query refers to (default: auto)")
-            sp.add_argument("--beta", type=float, help="JCM threshold (default 0.6)")
+            sp.add_argument("--beta", type=unit_interval, help="JCM threshold, 0 to 1 (default: the checkpoint's)")
             sp.add_argument("--out", help="also write .seg.nrrd and overlays here")
+            sp.add_argument("--wait", type=non_negative(float), default=None,
+                            help="seconds to wait while another program writes the session (default 30)")
         model_args(sp)
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("train", help="train stage 1 or 2")
     sp.add_argument("--out", default="runs/tiny")
     sp.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    sp.add_argument("--steps", type=int, default=1000)
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--steps", type=positive(int), default=1000)
+    sp.add_argument("--batch-size", type=positive(int), default=8)
     sp.add_argument("--init", help="start from this checkpoint folder (stage 2: the stage-1 model)")
-    sp.add_argument("--lr", type=float, default=3e-4)
+    sp.add_argument("--lr", type=positive(float), default=3e-4)
     sp.add_argument("--lora", action="store_true")
-    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--workers", type=non_negative(int), default=1)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--save-every", type=int, default=100)
-    sp.add_argument("--data", default="train",
+    sp.add_argument("--save-every", type=positive(int), default=100)
+    sp.add_argument("--data", default="train", type=training_data,
                     help="training split or mixture: train, train-long, or train+train-long (default train)")
-    sp.add_argument("--reference-noise", type=float, default=0.0,
+    sp.add_argument("--reference-noise", type=unit_interval, default=0.0,
                     help="share of reference masks replaced by a prediction-like perturbation (default 0)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
@@ -269,9 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
     sp.add_argument("--features", help="stage 2 on cached features of the frozen --init model (one .safetensors "
                     "file or several joined by commas; build them with python -m MediRoundCore.train.jcm_features)")
-    sp.add_argument("--ce-weight", type=float, default=1.0)
-    sp.add_argument("--bce-weight", type=float, default=2.0)
-    sp.add_argument("--dice-weight", type=float, default=0.5,
+    sp.add_argument("--ce-weight", type=non_negative(float), default=1.0)
+    sp.add_argument("--bce-weight", type=non_negative(float), default=2.0)
+    sp.add_argument("--dice-weight", type=non_negative(float), default=0.5,
                     help="Dice weight of the mask loss, stage 1 and the stage-2 correction (paper: 0.5, with "
                          "pretrained MedSAM); the tiny model trained from scratch uses 2.0")
     sp.set_defaults(func=cmd_train)
@@ -289,6 +473,26 @@ PASS_THROUGH = ("eval", "bench", "data")  # sub-commands with their own argument
 
 
 def main(argv=None) -> int:
+    """Run one command. Every error a user can cause is one "error: …" line and a non-zero exit; Ctrl-C at any
+    point is one "interrupted" line and exit 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving adds no traceback
+    try:
+        print("interrupted", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+    return 130
+
+
+def _main(argv) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
@@ -299,19 +503,36 @@ def main(argv=None) -> int:
             args.rest = args.rest[1:]
     else:
         args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except MediRoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except BrokenPipeError:
+        _silence_stdout()
+        _error_line("error: standard output is closed (the program reading it has exited)")
+        return 2
+    except OSError as exc:  # the file system said no: name the file and the reason
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error_line(f"error: {where}{exc.strerror or exc}")
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one clear line, no traceback
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        _error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
         return 1
+
+
+def _error_line(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # python -m MediRoundCore.cli

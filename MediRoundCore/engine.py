@@ -85,9 +85,12 @@ def validate_query(query) -> str:
         raise QueryError("the query is empty: type what to segment, e.g. 'Segment the liver.'")
     if len(text) > MAX_QUERY_CHARS:
         raise QueryError(f"the query is {len(text)} characters long; at most {MAX_QUERY_CHARS} are accepted")
-    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") and c not in "\t\n\r"]
+    # Control characters only: format characters (the zero-width joiners of Persian or Hindi text, direction
+    # marks), emoji and characters newer than this Python's Unicode tables are ordinary text.
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r"]
     if bad:
-        raise QueryError(f"the query contains {len(bad)} unprintable character(s) (first: U+{ord(bad[0]):04X})")
+        raise QueryError(f"the query contains {len(bad)} unprintable control character(s) "
+                         f"(first: U+{ord(bad[0]):04X}); remove them and ask again")
     return " ".join(text.split())
 
 
@@ -152,6 +155,8 @@ class Engine:
     def _ask(self, session, query, image, reference, use_jcm, beta, progress) -> RoundResult:
         say = progress or (lambda message, fraction: None)
         query = validate_query(query)
+        if beta is not None and not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):  # NaN fails too
+            raise MediRoundError(f"the JCM threshold beta must be a number from 0 to 1, got {beta!r}")
         if not isinstance(image, SliceImage):
             raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
         reference = session.resolve_reference(query, reference)

@@ -17,6 +17,10 @@ class SessionError(MediRoundError):
     """A session cannot be used as asked (wrong volume, missing round, corrupt file)."""
 
 
+class SessionBusyError(SessionError):
+    """Another program (or task) is writing the session; names the holder."""
+
+
 class RoundReferenceError(MediRoundError):
     """A round refers to a round that does not exist (missing or in the future)."""
 
@@ -31,6 +35,10 @@ class CheckpointError(MediRoundError):
 
 class ConfigError(MediRoundError):
     """A model configuration is incomplete or inconsistent."""
+
+
+class OptionError(MediRoundError, ValueError):
+    """Command options (or the arguments of the function behind them) that are invalid or conflict."""
 
 
 class DatasetError(MediRoundError):

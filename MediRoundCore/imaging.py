@@ -9,7 +9,6 @@ from the patient's left, anterior on image left. On an oblique volume the voxel 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ class Volume:
     def __post_init__(self):
         self.array = validate_volume_array(self.array, self.name)
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        self.spacing, self.origin = validate_geometry(self.spacing, self.origin, self.direction, self.name)
         if self.modality is None:
             self.modality = guess_modality(self.array)
 
@@ -83,7 +83,7 @@ class Volume:
 class SliceImage:
     """One voxel plane of a volume, oriented for display. `pixels` are raw values (HU for CT)."""
 
-    pixels: np.ndarray  # (rows, cols) float32 display orientation
+    pixels: np.ndarray  # (rows, cols) float32 (float64 beyond float32's range) in display orientation
     view: str
     index: int  # voxel index along `axis`
     axis: int  # voxel axis 0=i, 1=j, 2=k
@@ -121,6 +121,25 @@ def validate_volume_array(array, name: str = "volume") -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
         raise VolumeError(f"{name}: unsupported voxel type {array.dtype}")
     return array
+
+
+def validate_geometry(spacing, origin, direction: np.ndarray, name: str = "volume"):
+    """(spacing, origin) as float tuples, or a VolumeError: spacing finite and > 0, origin finite, direction
+    finite and not singular."""
+    try:
+        spacing = tuple(float(v) for v in spacing)
+        origin = tuple(float(v) for v in origin)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{name}: spacing and origin must be three numbers each, got {spacing!r}, "
+                          f"{origin!r}") from None
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise VolumeError(f"{name}: voxel spacing {spacing} is not three positive numbers (mm); fix the spacing")
+    if len(origin) != 3 or not all(np.isfinite(origin)):
+        raise VolumeError(f"{name}: origin {origin} is not three finite numbers (mm)")
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise VolumeError(f"{name}: the direction matrix (axis orientation) is singular or not finite "
+                          f"({np.round(direction, 4).tolist()}): two axes point the same way or one has zero length")
+    return spacing, origin
 
 
 def guess_modality(array: np.ndarray) -> str:
@@ -188,7 +207,10 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     if flip_cols:
         plane = plane[:, ::-1]
     spacing = (float(volume.spacing[row_axis]), float(volume.spacing[col_axis]))
-    return SliceImage(np.ascontiguousarray(plane, dtype=np.float32), view, int(index), axis, bool(transpose),
+    # float32 pixels, unless finite values beyond float32's range (±3.4e38) would turn into infinities
+    wide = plane.dtype == np.float64 and bool(np.any(np.abs(plane[np.isfinite(plane)]) > np.finfo(np.float32).max))
+    pixels = np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32)
+    return SliceImage(pixels, view, int(index), axis, bool(transpose),
                       bool(flip_rows), bool(flip_cols), volume.modality, spacing)
 
 
@@ -202,46 +224,22 @@ def mask_into_volume(volume: Volume, slice_image: SliceImage, mask: np.ndarray) 
 
 
 # -- files ----------------------------------------------------------------------------------------------
-def load_volume(path: str | Path, modality: str | None = None) -> Volume:
-    """NRRD / NIfTI / MHA file, or a DICOM series folder, through SimpleITK."""
-    import SimpleITK as sitk
+def load_volume(path: str | Path, modality: str | None = None, series: str | None = None) -> Volume:
+    """NRRD / NIfTI / MHA file, or a DICOM series folder, through SimpleITK. A volume loads exactly as its file
+    describes it, or a FileFormatError / VolumeError says what is wrong with it (volume_files.py)."""
+    from .volume_files import read_image
 
     path = Path(path)
-    if not path.exists():
-        raise FileFormatError(f"{path}: file not found")
-    if path.is_file() and path.stat().st_size == 0:
-        raise FileFormatError(f"{path}: the file is empty (0 bytes)")
-    try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            names = reader.GetGDCMSeriesFileNames(str(path))
-            if not names:
-                raise FileFormatError(f"{path}: folder holds no DICOM series")
-            reader.SetFileNames(names)
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise FileFormatError(f"{path}: cannot read as a medical image volume: {_read_failure(str(exc))}") from None
+    image = read_image(path, series)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or "
                           f"vector image); a scalar volume is needed")
     if image.GetDimension() != 3:
         raise VolumeError(f"{path}: is {image.GetDimension()}D; a 3D volume is needed")
+    import SimpleITK as sitk
+
     return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
                   np.asarray(image.GetDirection()).reshape(3, 3), modality=modality, name=path.name)
-
-
-def _read_failure(message: str) -> str:
-    """The cause of a SimpleITK read failure in a few words (truncated data, unknown format, bad header)."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    text = " ".join(lines)
-    if "Unable to determine ImageIO reader" in text:
-        return "not a recognised image format (NRRD, NIfTI, MHA, DICOM, …)"
-    if re.search(r"fread got only|expected \d+ bytes but received|premature|unexpected end|truncat", text, re.I):
-        return f"the file is truncated: its voxel data is shorter than its header says ({lines[-1][:160]})"
-    detail = lines[-1] if lines else "unknown reason"
-    return f"corrupt or unsupported file ({detail[:200]})"
 
 
 def to_sitk(volume: Volume, array: np.ndarray | None = None):

@@ -117,7 +117,8 @@ def overlay_png(path: str | Path, slice01: np.ndarray, masks: list[tuple[np.ndar
             rgba = np.zeros(mask.shape + (4,))
             rgba[mask] = (*color, 0.45)
             ax.imshow(rgba, aspect=aspect, interpolation="nearest")
-            ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.2)
+            if min(mask.shape) >= 2:  # a contour needs a 2×2 grid (a one-voxel-thin slice has only the fill)
+                ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.2)
         ax.plot([], [], color=color, linewidth=6, label=label)
     if masks:
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False, ncol=1)

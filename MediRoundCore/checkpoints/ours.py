@@ -42,6 +42,9 @@ def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | 
 def read_config(folder) -> tuple[MediRoundConfig, bool]:
     """(config, whether the language model carries LoRA) of one of our folders, without loading weights."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: is a file; --checkpoint takes a MediRound checkpoint folder (config.json, "
+                              f"model.safetensors and the tokenizer files)")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not (folder / CONFIG).is_file():
@@ -54,9 +57,65 @@ def read_config(folder) -> tuple[MediRoundConfig, bool]:
         raise CheckpointError(f"{folder / CONFIG}: expected a JSON object")
     lora = bool(data.pop("lora_applied", False))
     try:
-        return MediRoundConfig.from_dict(data, source=str(folder / CONFIG)), lora
+        config = MediRoundConfig.from_dict(data, source=str(folder / CONFIG))
+        check_sizes(config, str(folder / CONFIG))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    return config, lora
+
+
+# Whole-number fields that may be 0 or negative (everything else that is a whole number must be positive).
+_SIGNED_FIELDS = {"select_layer"}
+
+
+def check_sizes(config: MediRoundConfig, source: str) -> None:
+    """Sizes a model can be built with: positive widths, depths, heads and image sizes that divide as the
+    layers need, finite positive constants; a ConfigError names the field."""
+    import dataclasses
+    import math
+
+    for part in ("text", "vision", "segmenter", "jcm", None):
+        obj = config if part is None else getattr(config, part)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            name = f.name if part is None else f"{part}.{f.name}"
+            kind = str(f.type)
+            if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                             or (kind == "int" and not isinstance(value, int))):
+                raise ConfigError(f"{source}: {name} must be a {'whole ' if kind == 'int' else ''}number, "
+                                  f"got {value!r}")
+            if kind == "int" and value <= 0 and f.name not in _SIGNED_FIELDS:
+                raise ConfigError(f"{source}: {name} must be a positive whole number, got {value}")
+            if kind == "float" and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{source}: {name} must be a finite number of 0 or more, got {value}")
+    pairs = [("text.hidden_size", config.text.hidden_size, "text.num_attention_heads", config.text.num_attention_heads),
+             ("text.num_attention_heads", config.text.num_attention_heads, "text.num_key_value_heads",
+              config.text.num_key_value_heads),
+             ("vision.hidden_size", config.vision.hidden_size, "vision.num_attention_heads",
+              config.vision.num_attention_heads),
+             ("vision.image_size", config.vision.image_size, "vision.patch_size", config.vision.patch_size),
+             ("segmenter.image_size", config.segmenter.image_size, "segmenter.patch_size", config.segmenter.patch_size),
+             ("segmenter.embed_dim", config.segmenter.embed_dim, "segmenter.num_heads", config.segmenter.num_heads)]
+    for a_name, a, b_name, b in pairs:
+        if a % b:
+            raise ConfigError(f"{source}: {a_name} ({a}) must be a multiple of {b_name} ({b})")
+    depth = config.segmenter.depth
+    bad = [i for i in config.segmenter.global_attn_indexes if not (isinstance(i, int) and 0 <= i < depth)]
+    if bad:
+        raise ConfigError(f"{source}: segmenter.global_attn_indexes {bad} lie outside the {depth} layers")
+    if not -config.vision.num_hidden_layers - 1 <= config.vision.select_layer <= config.vision.num_hidden_layers:
+        raise ConfigError(f"{source}: vision.select_layer {config.vision.select_layer} is not a layer of the "
+                          f"{config.vision.num_hidden_layers}-layer vision tower")
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged run, a damaged file), naming the tensor."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of "
+                                  f"{tensor.numel()}; the checkpoint is damaged (a diverged training run?) and "
+                                  f"would give meaningless masks")
 
 
 def from_pretrained(folder, device="cpu", dtype=torch.float32):
@@ -76,6 +135,7 @@ def from_pretrained(folder, device="cpu", dtype=torch.float32):
     if lora:
         apply_lora(model)
     state = load_tensors(folder / WEIGHTS)
+    check_finite(state, str(folder / WEIGHTS))
     load_strict(model, state, str(folder / WEIGHTS))
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer

@@ -149,7 +149,9 @@ def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "tra
     names = split.split("+")
     for name in names:
         if name not in TRAINING_SPLITS:
-            raise ValueError(f"{name!r} is not a training split; expected one of {TRAINING_SPLITS} joined by '+'")
+            from ..errors import OptionError
+
+            raise OptionError(f"{name!r} is not a training split; expected one of {TRAINING_SPLITS} joined by '+'")
     index = 0
     while n is None or index < n:
         yield to_sample(make_dialogue(names[index % len(names)], seed, index // len(names)))

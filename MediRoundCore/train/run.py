@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OptionError
 from .trainer import TrainConfig, Trainer, stream_seed
 
 
@@ -73,7 +74,7 @@ def check_features_match(features, model) -> None:
     """Cached features fit this model: the same segmenter frame and prompt width."""
     size, dim = model.config.segmenter.image_size, model.config.segmenter.prompt_dim
     if features.size != size or features.prompts.shape[-1] != dim:
-        raise ValueError(f"features of a {features.size}² segmenter with {features.prompts.shape[-1]}-d prompts do "
+        raise OptionError(f"features of a {features.size}² segmenter with {features.prompts.shape[-1]}-d prompts do "
                          f"not fit this model ({size}², {dim}-d): collect them with the --init model")
 
 
@@ -90,17 +91,17 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
     from ..model.modeling import MediRound
 
     if residual_correction and stage != 2:
-        raise ValueError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
+        raise OptionError("--residual-correction belongs to stage 2 (it gives the JCM a fresh residual correction)")
     if correction_focus and stage != 2:
-        raise ValueError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
+        raise OptionError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
     if features and stage != 2:
-        raise ValueError("--features belongs to stage 2 (cached rounds of the frozen model)")
+        raise OptionError("--features belongs to stage 2 (cached rounds of the frozen model)")
     if correction_attention and not correction_context:
-        raise ValueError("--correction-attention comes with --correction-context (it reads the first decode)")
+        raise OptionError("--correction-attention comes with --correction-context (it reads the first decode)")
     if correction_refiner and not residual_correction:
-        raise ValueError("--correction-refiner comes with --residual-correction (a fresh, identity-started JCM)")
+        raise OptionError("--correction-refiner comes with --residual-correction (a fresh, identity-started JCM)")
     if correction_context and not residual_correction:
-        raise ValueError("--correction-context comes with --residual-correction (a fresh, identity-started JCM)")
+        raise OptionError("--correction-context comes with --residual-correction (a fresh, identity-started JCM)")
     out = Path(output_dir) / f"stage{stage}"
     ckpt = out / "checkpoint"
     resuming = (ckpt / "config.json").is_file()

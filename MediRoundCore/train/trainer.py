@@ -171,7 +171,7 @@ class Trainer:
             return
         from ..checkpoints.safety import load_strict, load_tensors
 
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_trainer_state(state_path)
         weights = load_tensors(self.out / "checkpoint" / "model.safetensors")
         load_strict(self.raw_model, weights, str(self.out / "checkpoint"))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -253,3 +253,29 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The optimiser, scheduler and step of a run to resume, read with torch.load(weights_only=True) only: a
+    pickle carrying code (or anything but tensors and plain values) is refused, never run."""
+    import pickle
+    import zipfile
+
+    from ..errors import CheckpointError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
+            AttributeError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        pickled = isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) \
+            or "Unsupported global" in str(exc)
+        reason = ("it holds pickled objects other than tensors, which are refused for safety" if pickled
+                  else f"unreadable: {first[:160]}")
+        raise CheckpointError(f"{path}: cannot resume training from this state ({reason}); remove "
+                              f"{path.name} to start this stage afresh from the saved weights, or train into "
+                              f"another --out folder") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= set(state):
+        raise CheckpointError(f"{path}: not a MediRound training state (needs optimizer, scheduler and step); "
+                              f"remove it to start this stage afresh, or train into another --out folder")
+    return state
