@@ -75,14 +75,49 @@ def test_round_numbers_must_follow(tmp_path):
     assert not (tmp_path / "session.json").exists()
 
 
-def test_crash_between_files_keeps_earlier_rounds(tmp_path):
-    """Masks are written first on add: a masks file one round ahead of the JSON still loads."""
-    s = Session("abc", tmp_path)
-    s.add_round(make_round(1))
-    json_before = (tmp_path / "session.json").read_bytes()
-    s.add_round(make_round(2))
-    (tmp_path / "session.json").write_bytes(json_before)  # as if the process died before the JSON rename
-    assert [r.number for r in Session.load(tmp_path).rounds] == [1]
+KILL_BETWEEN_FILES = """
+import os, signal, sys
+import numpy as np
+from MediRoundCore import session as session_module
+from MediRoundCore.session import Round, Session
+
+folder, action = sys.argv[1], sys.argv[2]
+def round_(n):
+    mask = np.zeros((8, 10), bool)
+    mask[n, : n + 1] = True
+    return Round(n, "axial", 3, f"query {n}", "liver: x.", "liver", None, mask)
+s = Session("abc", folder)
+s.add_round(round_(1))
+s.add_round(round_(2))
+real_write = session_module.atomic_write
+def write_then_die(path, payload):  # the first file of the save is written for real, then the process dies
+    real_write(path, payload)
+    print(os.path.basename(path), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+session_module.atomic_write = write_then_die
+s.add_round(round_(3)) if action == "add" else s.undo()
+"""
+
+
+@pytest.mark.parametrize("action, survivors", [("add", [1, 2]), ("undo", [1])])
+def test_crash_between_files_keeps_a_consistent_session(tmp_path, action, survivors):
+    """A process killed (SIGKILL) between the two file writes of a save: adding writes the masks first (the JSON
+    still lists the rounds before), undoing writes the JSON first (it lists the remaining rounds, whose masks are
+    all there). The folder loads, with exactly the rounds of before the add or after the undo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", KILL_BETWEEN_FILES, str(tmp_path), action], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == -9, done.stderr  # it really died there
+    first = done.stdout.split()
+    assert first == (["masks.npz"] if action == "add" else ["session.json"])
+    loaded = Session.load(tmp_path)
+    assert [r.number for r in loaded.rounds] == survivors
+    for r in loaded.rounds:
+        assert r.mask[r.number].sum() == r.number + 1
 
 
 # -- precedence of the reference (DESIGN "Sessions and references"): picked > named > previous ----------------
