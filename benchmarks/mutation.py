@@ -140,6 +140,19 @@ MUTANTS = [
            "        img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]\n"
            "    return _resize_longest(img, config.segmenter.image_size)",
            "the segmenter's padding added after normalisation (a grey band)"),
+    Mutant("vision-padding-grey", "padding", PROCESSING,
+           "    img = _resize_longest(img, config.vision.image_size)[0].expand(3, -1, -1)\n"
+           "    return (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]",
+           "    img = (img.expand(3, -1, -1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]\n"
+           "    return _resize_longest(img, config.vision.image_size)[0]",
+           "the vision tower's padding added after normalisation (a grey band)"),
+    Mutant("mr-percentiles", "intensity", IMAGING,
+           "lo, hi = np.percentile(x, [0.5, 99.5])", "lo, hi = np.percentile(x, [2.0, 98.0])",
+           "MR scaled by other percentiles than the training renderer's"),
+    Mutant("reference-crop-unmasked", "reference", PROCESSING,
+           "crop = (slice01 * (mask > 0))[y0:y1, x0:x1].astype(np.float32)",
+           "crop = slice01[y0:y1, x0:x1].astype(np.float32)",
+           "the reference crop not masked by the referenced round's mask"),
     Mutant("box-by-slice-size", "box", PROCESSING,
            "    return [(x0 + ox) / side, (y0 + oy) / side, (x1 + ox) / side, (y1 + oy) / side]",
            "    return [x0 / w, y0 / h, x1 / w, y1 / h]", "the reference box normalised by the slice, not the frame"),
@@ -192,7 +205,8 @@ def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[str, str, flo
     except subprocess.TimeoutExpired:
         return "timeout", "", time.perf_counter() - t0
     seconds = time.perf_counter() - t0
-    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
     if done.returncode == 0:
         return "passed", "", seconds
     return "failed", failed[0] if failed else f"pytest exit {done.returncode}", seconds

@@ -65,10 +65,12 @@ def test_pixels_targets_and_box_share_one_placement(shape):
     assert abs(vys.mean() / vsize - ys.mean() / size) < 0.03 and abs(vxs.mean() / vsize - xs.mean() / size) < 0.03
 
 
-def test_padding_is_black_and_centred():
+@pytest.mark.parametrize("normalization", ["minmax", "sam_mean_std"])  # the tiny model's and MedSAM's
+def test_padding_is_black_and_centred(normalization):
     """A wide slice of uniform grey: the rows above and below it in the frame hold the value of black (0 in
     [0,1]), not the normalisation's zero (the channel mean); the slice is centred."""
     cfg = tiny_config()
+    cfg.segmenter_normalization = normalization
     seg, hw = segmenter_pixels(np.full((64, 256), 0.5, np.float32), cfg)
     black, _ = segmenter_pixels(np.zeros((256, 256), np.float32), cfg)
     assert hw == (64, 256) and pad_offsets(hw, 256) == (96, 0)
@@ -82,3 +84,18 @@ def test_padding_is_black_and_centred():
 def test_frame_box_of_square_slice_is_the_papers_box():
     assert frame_box((10, 20, 30, 40), (100, 100)) == [0.1, 0.2, 0.3, 0.4]
     assert frame_box((0, 0, 50, 100), (100, 50)) == [0.25, 0.0, 0.75, 1.0]  # tall: centred horizontally
+
+
+def test_reference_crop_shows_only_the_referenced_mask():
+    """DESIGN: the referenced round's mask crops the image *masked*, cropped to its box, padded square. A
+    uniformly bright slice under a triangular mask gives the crop of the triangle itself, not of its box."""
+    cfg = tiny_config()
+    h, w = 60, 90
+    yy, xx = np.mgrid[:h, :w]
+    triangle = (xx >= 20) & (xx < 60) & (yy >= 10) & (yy < 50) & (xx - 20 >= yy - 10)
+    bright = np.ones((h, w), np.float32)
+    crop, box = reference_inputs(bright, triangle, cfg)
+    as_drawn, _ = reference_inputs(triangle.astype(np.float32), triangle, cfg)
+    assert torch.allclose(crop, as_drawn, atol=1e-6)
+    box_only, _ = reference_inputs(bright, (xx >= 20) & (xx < 60) & (yy >= 10) & (yy < 50), cfg)
+    assert (crop - box_only).abs().max() > 1.0  # half the box is black in the crop

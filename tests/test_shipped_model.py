@@ -107,3 +107,15 @@ def test_the_model_sees_a_ct_slice_as_it_was_trained():
     np.testing.assert_allclose(shown.normalized(), window(shown.pixels, "CT", "abdomen"), atol=1e-6)
     assert 0.05 < float((shown.normalized() == 0).mean()) < 0.95  # the window clips air and bone both
     assert float((shown.normalized() == 1).mean()) > 0.0005
+
+
+def test_an_mr_slice_is_scaled_as_the_training_renderer_does():
+    """MR slices: the engine's 0.5-99.5 percentile scaling equals the training renderer's (data/anatomy.py)."""
+    from MediRoundCore.data.anatomy import window
+    from MediRoundCore.imaging import Volume
+
+    rng = np.random.default_rng(4)
+    array = rng.gamma(2.0, 150.0, size=(3, 40, 56)).astype(np.float32)  # MR-like: positive, long tail
+    volume = Volume(array, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), modality="MR")
+    shown = extract_slice(volume, "axial", 1)
+    np.testing.assert_allclose(shown.normalized(), window(shown.pixels, "MR", "brain"), atol=1e-6)
