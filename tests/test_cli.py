@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import slicerio
 
 from MediRoundCore.cli import BUNDLED, main
@@ -56,3 +57,25 @@ def test_overlay_captions_wrap_inside_the_figure():
     lines = caption.split("\n")
     assert len(lines) == 3 and max(map(len, lines)) <= 60
     assert " ".join(lines[:2]) == f"Round 4 (axial slice 12): {query}" and lines[2] == "spleen: the spleen filters blood."
+
+
+def test_slice_range_boundary_on_the_24_slice_demo(tmp_path, capsys):
+    """The last slice (23) is asked; one past it (24) gets the range message, not an internal error; every view
+    checks its own number of slices at both ends."""
+    from MediRoundCore.errors import VolumeError
+    from MediRoundCore.imaging import extract_slice
+
+    volume = str(BUNDLED / "demo_abdomen.nrrd")
+    ask = ["ask", volume, "--session", str(tmp_path / "s"), "--query", "Segment the liver.", "--random"]
+    assert main(ask + ["--slice", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "slice index 24 is out of range for the axial view (0..23)" in err and "internal error" not in err
+    assert main(ask + ["--slice", "23"]) == 0
+    assert "round 1:" in capsys.readouterr().out
+    demo = load_volume(BUNDLED / "demo_abdomen.nrrd")
+    for view, n in (("axial", 24), ("coronal", 256), ("sagittal", 256)):
+        assert demo.num_slices(view) == n
+        assert extract_slice(demo, view, n - 1).index == n - 1 and extract_slice(demo, view, 0).index == 0
+        for bad in (n, -1):
+            with pytest.raises(VolumeError, match=f"slice index {bad} is out of range for the {view} view \\(0..{n - 1}\\)"):
+                extract_slice(demo, view, bad)

@@ -55,7 +55,8 @@ def test_reference_crop_and_box():
     mask[10:20, 40:70] = True
     crop, box = reference_inputs(img, mask, cfg)
     assert crop.shape == (3, cfg.vision.image_size, cfg.vision.image_size)
-    assert torch.allclose(box, torch.tensor([40 / 80, 10 / 60, 70 / 80, 20 / 60]))
+    # normalised in the square frame the model sees the 60x80 slice in: centred in 80x80, 10 rows above it
+    assert torch.allclose(box, torch.tensor([40 / 80, 20 / 80, 70 / 80, 30 / 80]))
     empty_crop, empty_box = reference_inputs(img, np.zeros_like(mask), cfg)
     assert torch.equal(empty_box, torch.zeros(4))
 

@@ -75,11 +75,102 @@ def test_round_numbers_must_follow(tmp_path):
     assert not (tmp_path / "session.json").exists()
 
 
-def test_crash_between_files_keeps_earlier_rounds(tmp_path):
-    """Masks are written first on add: a masks file one round ahead of the JSON still loads."""
-    s = Session("abc", tmp_path)
+KILL_BETWEEN_FILES = """
+import os, signal, sys
+import numpy as np
+from MediRoundCore import session as session_module
+from MediRoundCore.session import Round, Session
+
+folder, action = sys.argv[1], sys.argv[2]
+def round_(n):
+    mask = np.zeros((8, 10), bool)
+    mask[n, : n + 1] = True
+    return Round(n, "axial", 3, f"query {n}", "liver: x.", "liver", None, mask)
+s = Session("abc", folder)
+s.add_round(round_(1))
+s.add_round(round_(2))
+real_write = session_module.atomic_write
+def write_then_die(path, payload):  # the first file of the save is written for real, then the process dies
+    real_write(path, payload)
+    print(os.path.basename(path), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+session_module.atomic_write = write_then_die
+s.add_round(round_(3)) if action == "add" else s.undo()
+"""
+
+
+@pytest.mark.parametrize("action, survivors", [("add", [1, 2]), ("undo", [1])])
+def test_crash_between_files_keeps_a_consistent_session(tmp_path, action, survivors):
+    """A process killed (SIGKILL) between the two file writes of a save: adding writes the masks first (the JSON
+    still lists the rounds before), undoing writes the JSON first (it lists the remaining rounds, whose masks are
+    all there). The folder loads, with exactly the rounds of before the add or after the undo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", KILL_BETWEEN_FILES, str(tmp_path), action], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == -9, done.stderr  # it really died there
+    first = done.stdout.split()
+    assert first == (["masks.npz"] if action == "add" else ["session.json"])
+    loaded = Session.load(tmp_path)
+    assert [r.number for r in loaded.rounds] == survivors
+    for r in loaded.rounds:
+        assert r.mask[r.number].sum() == r.number + 1
+
+
+# -- precedence of the reference (DESIGN "Sessions and references"): picked > named > previous ----------------
+@pytest.mark.parametrize("query, entities, explicit, expected", [
+    # 1. the user's pick wins over a round number and over an entity the query names
+    ("go back to round 1", ["liver", "spleen", "kidney"], 2, 2),
+    ("now the lesion inside the liver", ["liver", "spleen", "kidney"], 3, 3),
+    ("the first mask, again", ["liver", "spleen"], 2, 2),
+    # 2. a round the query names wins over the previous round: by number, by ordinal, by entity
+    ("the cyst in round 1", ["liver", "spleen", "kidney"], None, 1),
+    ("the second round's organ", ["liver", "spleen", "kidney"], None, 2),
+    ("now the lesion inside the liver", ["liver", "spleen", "kidney"], None, 1),
+    # a number named wins over an entity named in the same query
+    ("the spleen of round 1", ["liver", "spleen", "kidney"], None, 1),
+    # ties between rounds of the same entity go to the most recent of them (the one the user last saw)
+    ("now the lesion inside the liver", ["liver", "spleen", "liver", "kidney"], None, 3),
+    ("the liver again", ["liver", "liver", "spleen"], None, 2),
+    # 3. nothing named: the previous round
+    ("segment the gallbladder", ["liver", "spleen", "kidney"], None, 3),
+])
+def test_reference_precedence(query, entities, explicit, expected):
+    assert resolve_reference(query, entities, explicit) == expected
+
+
+def test_session_resolves_with_the_same_precedence(tmp_path):
+    s = Session("abc")
+    for n, entity in enumerate(["liver", "spleen", "liver", "kidney"], start=1):
+        s.add_round(make_round(n, entity=entity))
+    assert s.resolve_reference("now the lesion inside the liver") == 3
+    assert s.resolve_reference("now the lesion inside the liver", explicit=1) == 1
+    assert s.resolve_reference("segment the aorta") == 4
+
+
+def test_fingerprint_covers_geometry_and_a_session_refuses_a_moved_copy(tmp_path):
+    """Same voxels with another spacing, origin or direction is another volume for a session: its masks would
+    land elsewhere in the patient."""
+    from MediRoundCore.imaging import Volume
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1000, 400, size=(5, 12, 16)).astype(np.int16)
+    base = dict(spacing=(0.8, 0.8, 2.5), origin=(-10.0, 20.0, 30.0), direction=np.eye(3))
+    fp = Volume(array.copy(), **base).fingerprint()
+    assert Volume(array.copy(), **base).fingerprint() == fp
+    flipped = np.diag([-1.0, 1.0, 1.0])
+    rotated = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    copies = {"spacing": dict(base, spacing=(0.8, 0.8, 1.25)), "in-plane spacing": dict(base, spacing=(0.9, 0.8, 2.5)),
+              "origin": dict(base, origin=(-10.0, 20.0, 35.0)), "direction flip": dict(base, direction=flipped),
+              "direction rotation": dict(base, direction=rotated)}
+    s = Session(fp, tmp_path / "s")
     s.add_round(make_round(1))
-    json_before = (tmp_path / "session.json").read_bytes()
-    s.add_round(make_round(2))
-    (tmp_path / "session.json").write_bytes(json_before)  # as if the process died before the JSON rename
-    assert [r.number for r in Session.load(tmp_path).rounds] == [1]
+    for what, geometry in copies.items():
+        other = Volume(array.copy(), **geometry).fingerprint()
+        assert other != fp, what
+        with pytest.raises(SessionError, match="another volume"):
+            Session.load(tmp_path / "s", expected_fingerprint=other)
+    assert len(Session.load(tmp_path / "s", expected_fingerprint=fp).rounds) == 1

@@ -264,10 +264,13 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def valid_region_mask(valid_hw: list[tuple[int, int]], counts: list[int], size: int, device) -> torch.Tensor:
     """(K,S,S) weights: 1 inside each sample's unpadded extent, 0 on the padding."""
+    from .processing import pad_offsets
+
     rows = []
     for (h, w), n in zip(valid_hw, counts):
         m = torch.zeros(size, size, device=device)
-        m[:h, :w] = 1
+        top, left = pad_offsets((h, w), size)
+        m[top:top + h, left:left + w] = 1
         rows += [m] * n
     return torch.stack(rows)
 

@@ -18,28 +18,50 @@ SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 
 
+def pad_offsets(input_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """(top, left) of a resized slice of `input_hw` inside the size×size model frame: centred, so a slice whose
+    field of view was cropped in one direction keeps its anatomy where a square slice would have it (the model
+    was trained on square slices, where the offsets are 0; see docs/design-notes.md, "Non-square slices")."""
+    return (size - int(input_hw[0])) // 2, (size - int(input_hw[1])) // 2
+
+
 def _resize_longest(img: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize (C,H,W) so its longest side is `size`, then zero-pad to size×size at bottom/right."""
+    """Resize (C,H,W) so its longest side is `size`, then zero-pad to size×size, centred (`pad_offsets`)."""
     h, w = img.shape[-2:]
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)[0]
-    return F.pad(img, (0, size - nw, 0, size - nh)), (nh, nw)
+    top, left = pad_offsets((nh, nw), size)
+    return F.pad(img, (left, size - nw - left, top, size - nh - top)), (nh, nw)
+
+
+def frame_box(box: tuple[int, int, int, int], slice_hw: tuple[int, int]) -> list[float]:
+    """A pixel box (x0, y0, x1, y1) of a slice of `slice_hw` normalised to the square frame the model sees the
+    slice in (the slice centred in a square of its longest side): [x0/W, y0/H, x1/W, y1/H] of that square."""
+    h, w = slice_hw
+    side = max(h, w)
+    oy, ox = (side - h) / 2, (side - w) / 2
+    x0, y0, x1, y1 = box
+    return [(x0 + ox) / side, (y0 + oy) / side, (x1 + ox) / side, (y1 + oy) / side]
 
 
 def segmenter_pixels(slice01: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(3,S,S) segmenter input from a [0,1] slice, and the resized size before padding."""
-    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None].expand(3, -1, -1)
+    """(3,S,S) segmenter input from a [0,1] slice, and the resized size before padding. The padding is black
+    (0 in [0,1], what lies outside a body) and normalised with the image, not a zero after normalisation (the
+    channel mean, a grey band the model never saw)."""
+    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None]
+    img, input_hw = _resize_longest(img, config.segmenter.image_size)
+    img = img.expand(3, -1, -1)
     if config.segmenter_normalization == "sam_mean_std":
         img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]
-    return _resize_longest(img, config.segmenter.image_size)
+    return img, input_hw
 
 
 def vision_pixels(slice01: np.ndarray, config: MediRoundConfig) -> torch.Tensor:
-    """(3,S,S) vision-tower input (CLIP normalisation) from a [0,1] image."""
-    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None].expand(3, -1, -1)
-    img = (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-    return _resize_longest(img, config.vision.image_size)[0]
+    """(3,S,S) vision-tower input (CLIP normalisation) from a [0,1] image, padded black like `segmenter_pixels`."""
+    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None]
+    img = _resize_longest(img, config.vision.image_size)[0].expand(3, -1, -1)
+    return (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -52,7 +74,8 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The referenced round's crop (masked, cropped to its box, padded square; vision-tower pixels) and its
-    normalised box [x0/W, y0/H, x1/W, y1/H]. An empty mask gives a blank crop and a zero box."""
+    box normalised in the square frame the model sees the slice in (`frame_box`; [x0/W, y0/H, x1/W, y1/H] for a
+    square slice). An empty mask gives a blank crop and a zero box."""
     h, w = slice01.shape
     box = mask_box(mask)
     if box is None:
@@ -63,21 +86,23 @@ def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundCon
     square = np.zeros((side, side), np.float32)
     oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
     square[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
-    return vision_pixels(square, config), torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)
+    return vision_pixels(square, config), torch.tensor(frame_box(box, (h, w)), dtype=torch.float32)
 
 
 def masks_to_segmenter_frame(masks: np.ndarray, input_hw: tuple[int, int], size: int) -> torch.Tensor:
     """(R,H,W) bool masks → (R,S,S) float targets in the padded segmenter frame."""
     t = torch.as_tensor(masks.astype(np.float32))[:, None]
     t = F.interpolate(t, size=input_hw, mode="bilinear", align_corners=False) if t.shape[-2:] != input_hw else t
-    t = F.pad(t, (0, size - input_hw[1], 0, size - input_hw[0]))
+    top, left = pad_offsets(input_hw, size)
+    t = F.pad(t, (left, size - input_hw[1] - left, top, size - input_hw[0] - top))
     return (t[:, 0] > 0.5).float()
 
 
 def logits_to_slice(low_res: torch.Tensor, input_hw: tuple[int, int], size: int, out_hw: tuple[int, int]) -> torch.Tensor:
     """(K,1,h,w) mask logits → (K,H,W) logits at slice resolution (upsample, unpad, resize)."""
     x = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
-    x = x[..., : input_hw[0], : input_hw[1]]
+    top, left = pad_offsets(input_hw, size)
+    x = x[..., top:top + input_hw[0], left:left + input_hw[1]]
     return F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)[:, 0]
 
 

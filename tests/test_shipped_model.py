@@ -1,0 +1,121 @@
+"""What a user sees from the shipped model (MediRoundCore/weights/mediround-tiny): the demo dialogue's masks,
+scored against the generator's labels, on the bundled volume and on copies of it that keep the anatomy —
+re-oriented (axis permutations), flipped, cropped, non-square (tests/demo_variants.py, made with SimpleITK's own
+filters). Same anatomy, same answer.
+
+Each round is scored twice: on the displayed slice (the mask against the labels' same displayed slice) and in the
+volume (the mask put back into the voxels, `mask_into_volume`, against the label volume), so a mask drawn right
+but written back to the wrong voxels fails as well. Deterministic on CPU (greedy decoding, float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from demo_variants import DEMO_VARIANTS, FLOORS, MEASURED, demo_variant, dice
+from MediRoundCore.engine import DEFAULT_CHECKPOINT, Engine
+from MediRoundCore.imaging import extract_slice, mask_into_volume
+from MediRoundCore.session import Session
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(),
+                                reason="the shipped model's weights are not in this checkout")
+
+SAME_ANSWER = 0.05  # per-round Dice of a variant within this of the original's
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy shared CPU: one thread is faster here
+    yield Engine.load(device="cpu")
+    torch.set_num_threads(threads)
+
+
+def _dialogue(engine, name):
+    """Dice per round on the display and in the volume, and the session."""
+    volume, labels, index, script = demo_variant(name)
+    session = Session(volume.fingerprint())
+    session.volume = volume
+    image = extract_slice(volume, "axial", index)
+    truth = extract_slice(labels, "axial", index).pixels
+    shown, voxels = [], []
+    for step in script:
+        ref = None if step.get("refers_to") is None else step["refers_to"] + 1
+        mask = engine.ask(session, step["query"], image, reference=ref).mask
+        label = step["expected_label"]
+        shown.append(dice(mask, truth == label))
+        in_volume = mask_into_volume(volume, image, mask).astype(bool)
+        plane = np.zeros_like(in_volume)
+        plane[tuple(slice(None) if a != 2 - image.axis else index for a in range(3))] = True
+        voxels.append(dice(in_volume, (labels.array == label) & plane))
+    return shown, voxels, session
+
+
+@pytest.fixture(scope="module")
+def original(shipped):
+    return _dialogue(shipped, "original")
+
+
+def test_demo_dialogue_on_the_bundled_volume(original):
+    shown, voxels, session = original
+    assert [r.entity for r in session.rounds] == ["left kidney", "lesion in the left kidney", "gallbladder", "spleen"]
+    assert [r.reference for r in session.rounds] == [None, 1, 2, 1]
+    assert not any(r.seg_forced for r in session.rounds)  # the trained model ends each answer with [SEG] itself
+    for n, (d, v, floor) in enumerate(zip(shown, voxels, FLOORS), start=1):
+        assert d >= floor, f"round {n}: Dice {d:.3f} < {floor} (measured {MEASURED[n - 1]})"
+        assert v == pytest.approx(d, abs=1e-9), f"round {n}: the mask went back to other voxels"
+
+
+@pytest.mark.parametrize("name", [n for n in DEMO_VARIANTS if n != "original"])
+def test_same_anatomy_same_answer(shipped, original, name):
+    shown, voxels, session = _dialogue(shipped, name)
+    assert [r.entity for r in session.rounds] == [r.entity for r in original[2].rounds]
+    for n, (d, v, d0, floor) in enumerate(zip(shown, voxels, original[0], FLOORS), start=1):
+        assert d >= floor, f"{name} round {n}: Dice {d:.3f} < {floor}"
+        assert abs(d - d0) <= SAME_ANSWER, f"{name} round {n}: Dice {d:.3f}, original {d0:.3f}"
+        assert v == pytest.approx(d, abs=1e-9), f"{name} round {n}: the mask went back to other voxels"
+
+
+def test_a_session_refuses_a_moved_copy_of_its_volume(tmp_path, shipped):
+    """A session saved on the demo volume does not open on a flipped or cropped copy (its masks would land on
+    other voxels of the patient), and opens again on the volume itself."""
+    volume, _, index, script = demo_variant("original")
+    session = Session(volume.fingerprint(), tmp_path / "s", volume.name)
+    session.volume = volume
+    shipped.ask(session, script[0]["query"], extract_slice(volume, "axial", index))
+    from MediRoundCore.cli import open_session
+    from MediRoundCore.errors import SessionError
+
+    for name in ("flipped_ij", "permuted_jik", "crop_176x256"):
+        with pytest.raises(SessionError, match="another volume"):
+            open_session(tmp_path / "s", demo_variant(name)[0])
+    assert len(open_session(tmp_path / "s", volume).rounds) == 1
+
+
+def test_the_model_sees_a_ct_slice_as_it_was_trained():
+    """The demo's CT slice as the engine gives it to the model equals the training renderer's windowing of the
+    same HU values (data/anatomy.py: `window`, the abdomen window every CT training slice of the shipped model
+    went through): a wider or shifted window shows the model other images than it learnt on."""
+    from MediRoundCore.data.anatomy import window
+
+    volume, _, index, _ = demo_variant("original")
+    assert volume.modality == "CT"
+    shown = extract_slice(volume, "axial", index)
+    np.testing.assert_allclose(shown.normalized(), window(shown.pixels, "CT", "abdomen"), atol=1e-6)
+    assert 0.05 < float((shown.normalized() == 0).mean()) < 0.95  # the window clips air and bone both
+    assert float((shown.normalized() == 1).mean()) > 0.0005
+
+
+def test_an_mr_slice_is_scaled_as_the_training_renderer_does():
+    """MR slices: the engine's 0.5-99.5 percentile scaling equals the training renderer's (data/anatomy.py)."""
+    from MediRoundCore.data.anatomy import window
+    from MediRoundCore.imaging import Volume
+
+    rng = np.random.default_rng(4)
+    array = rng.gamma(2.0, 150.0, size=(3, 40, 56)).astype(np.float32)  # MR-like: positive, long tail
+    volume = Volume(array, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), modality="MR")
+    shown = extract_slice(volume, "axial", 1)
+    np.testing.assert_allclose(shown.normalized(), window(shown.pixels, "MR", "brain"), atol=1e-6)
