@@ -50,20 +50,73 @@ class VisionConfig:
 
 
 @dataclass
+class TinyViTConfig:
+    """LiteMedSAM's TinyViT image encoder (`model/tiny_vit.py`): widths and depths per stage; the defaults are
+    LiteMedSAM's (5.7 M encoder parameters, 256² input, 64² embedding)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)  # the first stage is convolutional: its entry is unused
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    merge_strides: tuple[int, ...] = (2, 2, 1)  # stride of the patch merge after stages 0, 1, 2
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+
+    def __post_init__(self):
+        for name in ("embed_dims", "depths", "num_heads", "window_sizes", "merge_strides"):
+            setattr(self, name, tuple(getattr(self, name)))
+        stages = len(self.embed_dims)
+        if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == stages
+                and len(self.merge_strides) == stages - 1):
+            raise ConfigError("tiny_vit: one entry per stage in embed_dims, depths, num_heads, window_sizes, and "
+                              "one merge stride fewer")
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per embedding cell (4 for LiteMedSAM: 256² → 64²)."""
+        out = 1
+        for s in self.merge_strides:
+            out *= s
+        return out
+
+
+@dataclass
 class SegmenterConfig:
-    """The MedSAM (SAM ViT) image encoder, prompt encoder and mask decoder."""
+    """The segmenter: an image encoder (MedSAM's SAM ViT, or LiteMedSAM's TinyViT), SAM's prompt encoder and
+    mask decoder. The ViT fields describe `encoder="vit"` only; `encoder="tiny_vit"` reads `tiny_vit`, and its
+    `patch_size` is the encoder's stride (input pixels per embedding cell)."""
 
     image_size: int
     patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    global_attn_indexes: tuple[int, ...] = ()
+    window_size: int | None = None
     prompt_dim: int = 256
     decoder_depth: int = 2
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
+    encoder: str = "vit"  # "vit" (SAM/MedSAM) or "tiny_vit" (LiteMedSAM)
+    tiny_vit: TinyViTConfig | None = None
+
+    def __post_init__(self):
+        self.global_attn_indexes = tuple(self.global_attn_indexes)
+        if isinstance(self.tiny_vit, dict):
+            self.tiny_vit = _build(TinyViTConfig, self.tiny_vit, "segmenter: tiny_vit")
+        if self.encoder == "vit":
+            missing = [n for n in ("embed_dim", "depth", "num_heads", "window_size") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(f"segmenter: the ViT encoder needs {', '.join(missing)}")
+        elif self.encoder == "tiny_vit":
+            if self.tiny_vit is None:
+                self.tiny_vit = TinyViTConfig()
+            if self.patch_size != self.tiny_vit.stride:
+                raise ConfigError(f"segmenter: patch_size {self.patch_size} must equal the TinyViT stride "
+                                  f"{self.tiny_vit.stride}")
+        else:
+            raise ConfigError(f"segmenter.encoder must be 'vit' or 'tiny_vit', got {self.encoder!r}")
 
     @property
     def embedding_size(self) -> int:
@@ -209,6 +262,12 @@ def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
         segmenter_normalization="minmax",
         chat_template="plain",
     )
+
+
+def lite_segmenter_config() -> SegmenterConfig:
+    """LiteMedSAM: TinyViT encoder at 256² (64² embedding), SAM's prompt encoder and mask decoder (as MedSAM's)."""
+    return SegmenterConfig(image_size=256, patch_size=4, encoder="tiny_vit", tiny_vit=TinyViTConfig(),
+                           decoder_depth=2, decoder_mlp_dim=2048, decoder_heads=8)
 
 
 PRESETS = {"full": full_config, "tiny": tiny_config}

@@ -21,6 +21,7 @@ from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTrans
 from .config import MediRoundConfig
 from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
+from .tiny_vit import build_tiny_vit
 from .tokenizer import TokenIds
 
 
@@ -46,14 +47,9 @@ def build_vision_tower(cfg) -> CLIPVisionModel:
 
 
 def build_segmenter(cfg) -> Sam:
-    """SAM/MedSAM (ViT image encoder, prompt encoder, mask decoder) at the configured size."""
+    """SAM/MedSAM (ViT image encoder, prompt encoder, mask decoder) at the configured size; with
+    `encoder="tiny_vit"`, LiteMedSAM (TinyViT image encoder, the same prompt encoder and mask decoder)."""
     grid = cfg.embedding_size
-    encoder = ImageEncoderViT(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
-        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
-        window_size=cfg.window_size,
-    )
     prompt = PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
                            input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=16)
     decoder = MaskDecoder(
@@ -61,8 +57,20 @@ def build_segmenter(cfg) -> Sam:
                                                                  mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
         transformer_dim=cfg.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256,
     )
-    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder, pixel_mean=list(SAM_MEAN),
-               pixel_std=list(SAM_STD))
+    return Sam(image_encoder=build_image_encoder(cfg), prompt_encoder=prompt, mask_decoder=decoder,
+               pixel_mean=list(SAM_MEAN), pixel_std=list(SAM_STD))
+
+
+def build_image_encoder(cfg) -> nn.Module:
+    """The segmenter's image encoder: (B,3,S,S) → (B,256,S/p,S/p)."""
+    if cfg.encoder == "tiny_vit":
+        return build_tiny_vit(cfg.tiny_vit, cfg.image_size, cfg.prompt_dim)
+    return ImageEncoderViT(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+    )
 
 
 @dataclass
