@@ -6,19 +6,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .processing import logits_to_slice, mask_box
+from .processing import logits_to_slice, mask_box, masks_to_segmenter_frame
 
 
-def box_in_segmenter_frame(box: tuple[int, int, int, int], slice_hw: tuple[int, int], size: int,
-                           margin: int = 0) -> torch.Tensor:
-    """Pixel box (x0, y0, x1, y1; exclusive ends) of a slice → (1,4) box in the resized segmenter frame,
-    grown by `margin` slice pixels on every side (MedSAM's `bbox_shift`)."""
-    h, w = slice_hw
+def label_box_in_frame(label: np.ndarray, input_hw: tuple[int, int], size: int, margin: float = 0.0
+                       ) -> torch.Tensor | None:
+    """(1,4) box (x0, y0, x1, y1) in segmenter-frame pixels around a slice label, placed in the frame exactly as
+    the slice is (`masks_to_segmenter_frame`), grown by `margin` frame pixels (MedSAM's `bbox_shift`);
+    None for an empty label."""
+    frame = masks_to_segmenter_frame(np.asarray(label, bool)[None], input_hw, size)[0].numpy() > 0
+    box = mask_box(frame)
+    if box is None:
+        return None
     x0, y0, x1, y1 = box
-    x0, y0 = max(0, x0 - margin), max(0, y0 - margin)
-    x1, y1 = min(w, x1 + margin), min(h, y1 + margin)
-    scale = size / max(h, w)
-    return torch.tensor([[x0 * scale, y0 * scale, x1 * scale, y1 * scale]], dtype=torch.float32)
+    return torch.tensor([[max(0.0, x0 - margin), max(0.0, y0 - margin), min(size, x1 + margin),
+                          min(size, y1 + margin)]], dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -32,12 +34,11 @@ def box_prompted_logits(segmenter, image_embedding: torch.Tensor, box: torch.Ten
 
 
 def segment_in_box(segmenter, image_embedding: torch.Tensor, input_hw: tuple[int, int], label: np.ndarray,
-                   margin: int = 0) -> np.ndarray:
+                   margin: float = 0.0) -> np.ndarray:
     """The segmenter's mask (slice resolution) for the box around `label` (a 2D mask of the same slice)."""
-    box = mask_box(label)
+    size = segmenter.image_encoder.img_size
+    box = label_box_in_frame(label, input_hw, size, margin)
     if box is None:
         raise ValueError("the label is empty on this slice")
-    size = segmenter.image_encoder.img_size
-    prompt = box_in_segmenter_frame(box, label.shape, size, margin)
-    logits = box_prompted_logits(segmenter, image_embedding, prompt)
+    logits = box_prompted_logits(segmenter, image_embedding, box)
     return (logits_to_slice(logits, input_hw, size, label.shape)[0] > 0).cpu().numpy()

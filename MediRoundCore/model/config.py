@@ -160,8 +160,18 @@ class MediRoundConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # The CT windows (level, width) per body region the model was trained with; the engine shows a CT slice
+    # through its region's (imaging.SliceImage.ct_window). The generator's windows (data/anatomy.py CT_WINDOWS).
+    ct_windows: dict = field(default_factory=lambda: {"abdomen": (40.0, 400.0), "chest": (-350.0, 1400.0),
+                                                      "brain": (40.0, 100.0)})
 
     def __post_init__(self):
+        try:
+            self.ct_windows = {str(k): (float(v[0]), float(v[1])) for k, v in dict(self.ct_windows).items()}
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ConfigError(f"ct_windows must map a region to (level, width), got {self.ct_windows!r}") from None
+        if any(width <= 0 for _, width in self.ct_windows.values()):
+            raise ConfigError(f"ct_windows: every width must be positive, got {self.ct_windows!r}")
         if self.segmenter_normalization not in ("minmax", "sam_mean_std"):
             raise ConfigError(f"segmenter_normalization must be 'minmax' or 'sam_mean_std', got {self.segmenter_normalization!r}")
         if self.chat_template not in ("plain", "llava_mistral"):
