@@ -30,6 +30,7 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    tie_word_embeddings: bool = False  # the lite preset ties them (its vocabulary is MiniLM's 30.5 k words)
 
 
 @dataclass
@@ -164,6 +165,9 @@ class MediRoundConfig:
     # through its region's (imaging.SliceImage.ct_window). The generator's windows (data/anatomy.py CT_WINDOWS).
     ct_windows: dict = field(default_factory=lambda: {"abdomen": (40.0, 400.0), "chest": (-350.0, 1400.0),
                                                       "brain": (40.0, 100.0)})
+    # Key prefix of ours → pinned base weights (checkpoints/base_weights.py) that fill it: such tensors are frozen,
+    # come from the registry package on load and are not stored in our checkpoint (the lite preset).
+    base_weights: dict = field(default_factory=dict)
 
     def __post_init__(self):
         try:
@@ -280,4 +284,29 @@ def lite_segmenter_config() -> SegmenterConfig:
                            decoder_depth=2, decoder_mlp_dim=2048, decoder_heads=8)
 
 
-PRESETS = {"full": full_config, "tiny": tiny_config}
+# Vocabulary of all-MiniLM-L6-v2's WordPiece tokenizer; the lite language model's rows 0..30521 start from its
+# word embeddings, our four tokens follow.
+MINILM_VOCAB = 30522
+LITE_BASE_WEIGHTS = {"segmenter.image_encoder.": "lite_medsam", "segmenter.prompt_encoder.": "lite_medsam"}
+
+
+def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
+    """MediRound-Lite, the default model: the paper's architecture on pretrained medical and language parts.
+    Segmenter LiteMedSAM (TinyViT 256² → 64², SAM prompt encoder and mask decoder; encoder and prompt encoder
+    frozen), language model a small Mistral decoder (4 × 384, the width of MiniLM) reading MiniLM's WordPiece
+    tokens with embeddings initialised from MiniLM's (tied input/output), vision tower as the tiny preset's."""
+    tiny = tiny_config()
+    return MediRoundConfig(
+        size="lite",
+        text=TextConfig(vocab_size=vocab_size, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
+                        rope_theta=10_000.0, tie_word_embeddings=True),
+        vision=tiny.vision,
+        segmenter=lite_segmenter_config(),
+        segmenter_normalization="minmax",
+        chat_template="plain",
+        base_weights=dict(LITE_BASE_WEIGHTS),
+    )
+
+
+PRESETS = {"full": full_config, "tiny": tiny_config, "lite": lite_config}
