@@ -90,3 +90,33 @@ def test_checkpoint_stores_only_what_we_train(lite, tmp_path):
     assert tok.convert_tokens_to_ids("[SEG]") == 30522
     with torch.no_grad():
         model.segmenter.mask_decoder.iou_token.weight.sub_(0.5)
+
+
+def test_query_states_reach_exactly_the_query_tokens(lite):
+    from MediRoundCore.model.processing import PromptBuilder
+
+    model, tokenizer = lite
+    builder = PromptBuilder(tokenizer, model.token_ids, "plain", model.config.vision.num_patches)
+    first = builder.user("Segment the right lung.", False, True)
+    second = builder.user("Now the lesion inside it.", True, False)
+    ids = torch.tensor([builder.prefix() + first + builder.answer("right lung: the lung.") + second])
+    spans = model.query_spans(ids)
+    words = [tokenizer.decode(ids[0, s:e].tolist()) for _, s, e in spans]
+    assert words == ["segment the right lung.", "now the lesion inside it."]
+    inside = torch.zeros(ids.shape[1], dtype=torch.bool)
+    for _, s, e in spans:
+        inside[s:e] = True
+    # the projection starts at zero: the untrained model reads the plain word embeddings
+    with torch.no_grad():
+        plain = model.language_model.get_input_embeddings()(ids)
+        filled = model.embed_inputs(ids, torch.zeros(1, 64, 384), torch.zeros(1, 384), torch.zeros(1, 384))
+        assert torch.equal(filled[0, inside], plain[0, inside])
+        model.query_projection.weight.normal_(0, 0.02)
+        states = model.query_states(ids)
+        model.query_projection.weight.zero_()
+    assert (states[0, inside].abs().sum(-1) > 0).all() and (states[0, ~inside] == 0).all()
+    # training mode leaves the frozen base parts (BatchNorm statistics, dropout) as published
+    model.train()
+    assert not model.segmenter.image_encoder.training and not model.query_encoder.training
+    assert model.segmenter.mask_decoder.training
+    model.eval()

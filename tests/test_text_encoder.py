@@ -87,3 +87,12 @@ def test_real_minilm_paraphrases_are_closer(minilm):
         across = [float(sim[i, j]) for i in range(a, b) for j in range(len(texts)) if not a <= j < b]
         assert min(inside) > max(across) + 0.1, (texts[a], inside, max(across))
     assert float(sim[:-1, -1].max()) < 0.2  # the weather sentence is unrelated to every request
+
+
+def test_built_in_architecture_is_the_files(minilm):
+    """A lite model builds its query encoder before the weights arrive: from MINILM_CONFIG, which must be
+    the pinned config.json's architecture."""
+    from MediRoundCore.model.text_encoder import MINILM_CONFIG
+
+    data = json.loads((minilm.folder / "config.json").read_text())
+    assert {k: data[k] for k in MINILM_CONFIG} == MINILM_CONFIG

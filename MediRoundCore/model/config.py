@@ -168,6 +168,12 @@ class MediRoundConfig:
     # Key prefix of ours → pinned base weights (checkpoints/base_weights.py) that fill it: such tensors are frozen,
     # come from the registry package on load and are not stored in our checkpoint (the lite preset).
     base_weights: dict = field(default_factory=dict)
+    # "minilm" (ours, the lite preset): each user query is also read by the frozen all-MiniLM-L6-v2 encoder and
+    # its contextual states, through a zero-initialised Linear(384, hidden), are added to the query's own token
+    # embeddings (the language model shares MiniLM's WordPiece vocabulary, so positions match one to one).
+    # `query_markers` are the token ids that open ("start") and close ("end") a user query in the template.
+    query_encoder: str | None = None
+    query_markers: dict = field(default_factory=dict)
 
     def __post_init__(self):
         try:
@@ -287,14 +293,18 @@ def lite_segmenter_config() -> SegmenterConfig:
 # Vocabulary of all-MiniLM-L6-v2's WordPiece tokenizer; the lite language model's rows 0..30521 start from its
 # word embeddings, our four tokens follow.
 MINILM_VOCAB = 30522
-LITE_BASE_WEIGHTS = {"segmenter.image_encoder.": "lite_medsam", "segmenter.prompt_encoder.": "lite_medsam"}
+LITE_BASE_WEIGHTS = {"segmenter.image_encoder.": "lite_medsam", "segmenter.prompt_encoder.": "lite_medsam",
+                     "query_encoder.": "minilm"}
+# The plain template's "user:" and "\nassistant:" in MiniLM's WordPiece (the newline is whitespace to BERT).
+LITE_QUERY_MARKERS = {"start": [5310, 1024], "end": [3353, 1024]}
 
 
 def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
     """MediRound-Lite, the default model: the paper's architecture on pretrained medical and language parts.
     Segmenter LiteMedSAM (TinyViT 256² → 64², SAM prompt encoder and mask decoder; encoder and prompt encoder
     frozen), language model a small Mistral decoder (4 × 384, the width of MiniLM) reading MiniLM's WordPiece
-    tokens with embeddings initialised from MiniLM's (tied input/output), vision tower as the tiny preset's."""
+    tokens with embeddings initialised from MiniLM's (tied input/output) and, added to each query's tokens, the
+    query's states from the frozen all-MiniLM-L6-v2 encoder; vision tower as the tiny preset's."""
     tiny = tiny_config()
     return MediRoundConfig(
         size="lite",
@@ -306,6 +316,8 @@ def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
         segmenter_normalization="minmax",
         chat_template="plain",
         base_weights=dict(LITE_BASE_WEIGHTS),
+        query_encoder="minilm",
+        query_markers={k: list(v) for k, v in LITE_QUERY_MARKERS.items()},
     )
 
 

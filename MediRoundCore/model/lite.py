@@ -5,7 +5,8 @@
   tokenizer        all-MiniLM-L6-v2's WordPiece (30,522 words, lower-cased) + [SEG], <crop>, <box>, <image>;
                    [CLS]/[SEP]/[PAD] serve as BOS/EOS/PAD
   language model   a 4 × 384 Mistral decoder; its (tied) word embeddings start from MiniLM's, our four tokens
-                   from their mean
+                   from their mean; each query's tokens also get the frozen MiniLM encoder's contextual states
+                   of the query (through a zero-initialised projection: `MediRound.query_states`)
   vision tower,    as the tiny preset (trained by us)
   projector, box encoder, [SEG] projection, JCM
 
@@ -39,16 +40,24 @@ def lite_tokenizer(minilm_folder: str | Path | None = None):
     return tokenizer
 
 
-def load_base_weights(model, lite_medsam_path: str | Path | None = None) -> None:
+def load_base_weights(model, lite_medsam_path: str | Path | None = None, minilm_folder=None) -> None:
     """Fill the parts `config.base_weights` names from the pinned packages, and freeze them."""
     from ..checkpoints.lite_medsam import load_lite_medsam
 
+    from ..checkpoints import base_weights
+    from .text_encoder import load_minilm_weights
+
     names = set(model.config.base_weights.values())
-    unknown = names - {"lite_medsam"}
+    unknown = names - {"lite_medsam", "minilm"}
     if unknown:
         raise CheckpointError(f"config names unknown base weights {sorted(unknown)}")
     if "lite_medsam" in names:
         load_lite_medsam(model, lite_medsam_path)
+    if "minilm" in names:
+        if model.query_encoder is None:
+            raise CheckpointError("config names minilm base weights but has no query encoder")
+        load_minilm_weights(model.query_encoder, base_weights.locate("minilm", minilm_folder) / "model.safetensors")
+        model.query_encoder.eval()
     prefixes = tuple(model.config.base_weights)
     for name, param in model.named_parameters():
         if name.startswith(prefixes):
@@ -79,6 +88,6 @@ def build_lite(config: MediRoundConfig | None = None, lite_medsam_path=None, min
     config = config or lite_config(len(tokenizer))
     torch.manual_seed(seed)
     model = MediRound(config, TokenIds.from_tokenizer(tokenizer))
-    load_base_weights(model, lite_medsam_path)
+    load_base_weights(model, lite_medsam_path, minilm_folder)
     init_word_embeddings(model, minilm_folder)
     return model, tokenizer

@@ -105,6 +105,27 @@ class MediRound(nn.Module):
         self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
         self.segmenter = build_segmenter(config.segmenter)
         self.jcm = build_jcm(config)
+        self.query_encoder = self.query_projection = None
+        if config.query_encoder == "minilm":
+            from .text_encoder import build_bert
+
+            self.query_encoder = build_bert()
+            self.query_projection = nn.Linear(self.query_encoder.config.hidden_size, h)
+            nn.init.zeros_(self.query_projection.weight)
+            nn.init.zeros_(self.query_projection.bias)
+        elif config.query_encoder is not None:
+            raise ValueError(f"unknown query_encoder {config.query_encoder!r}")
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but frozen base parts (`config.base_weights`) stay in eval mode: LiteMedSAM's
+        BatchNorm statistics and MiniLM's dropout are as published whatever the rest of the model does."""
+        super().train(mode)
+        for prefix in self.config.base_weights:
+            try:
+                self.get_submodule(prefix.rstrip(".")).eval()
+            except AttributeError:  # a parameter prefix, not a module
+                pass
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +163,8 @@ class MediRound(nn.Module):
         `<crop>`/`<box>` by the rows of crop_tokens / box_tokens (K,h) in reading order (batch-major)."""
         ids = input_ids.to(self.device)
         embeds = self.language_model.get_input_embeddings()(ids)
+        if self.query_encoder is not None:
+            embeds = embeds + self.query_states(ids).to(embeds.dtype)
         fills = ((self.token_ids.image, image_tokens), (self.token_ids.crop, crop_tokens), (self.token_ids.box, box_tokens))
         for token, values in fills:
             where = ids == token
@@ -155,6 +178,51 @@ class MediRound(nn.Module):
                 raise ValueError(f"{count} placeholder(s) of token {token} but {flat.shape[0]} feature rows")
             embeds = embeds.masked_scatter(where.unsqueeze(-1), flat)
         return embeds
+
+    def query_spans(self, ids: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every user query in a batch of token ids: the tokens after a start marker
+        ("user:", then any <crop>/<box>) up to the end marker ("assistant:")."""
+        start, end = self.config.query_markers["start"], self.config.query_markers["end"]
+        skip = {self.token_ids.crop, self.token_ids.box}
+        spans = []
+        for row, seq in enumerate(ids.tolist()):
+            i = 0
+            while i <= len(seq) - len(start):
+                if seq[i:i + len(start)] != start:
+                    i += 1
+                    continue
+                s = i + len(start)
+                while s < len(seq) and seq[s] in skip:
+                    s += 1
+                e = s
+                while e < len(seq) and seq[e:e + len(end)] != end:
+                    e += 1
+                if e > s:
+                    spans.append((row, s, e))
+                i = e
+        return spans
+
+    def query_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,T,h): at each query token, the frozen query encoder's state of it (the query read alone, between
+        [CLS] and [SEP]) through `query_projection`; zero elsewhere."""
+        out = torch.zeros(*ids.shape, self.config.text.hidden_size, device=ids.device,
+                          dtype=self.query_projection.weight.dtype)
+        spans = self.query_spans(ids)
+        if not spans:
+            return out
+        cls, sep, pad = 101, 102, 0  # MiniLM's [CLS], [SEP], [PAD]
+        length = max(e - s for _, s, e in spans) + 2
+        batch = torch.full((len(spans), length), pad, dtype=torch.long, device=ids.device)
+        mask = torch.zeros_like(batch)
+        for k, (row, s, e) in enumerate(spans):
+            batch[k, : e - s + 2] = torch.cat([ids.new_tensor([cls]), ids[row, s:e], ids.new_tensor([sep])])
+            mask[k, : e - s + 2] = 1
+        with torch.no_grad():
+            states = self.query_encoder(input_ids=batch, attention_mask=mask).last_hidden_state
+        projected = self.query_projection(states.to(self.query_projection.weight.dtype))
+        for k, (row, s, e) in enumerate(spans):
+            out[row, s:e] = projected[k, 1: e - s + 1]
+        return out
 
     # -- segmentation --------------------------------------------------------------------------------
     def seg_prompts(self, hidden: torch.Tensor) -> torch.Tensor:

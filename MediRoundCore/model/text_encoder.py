@@ -23,6 +23,11 @@ from ..errors import CheckpointError
 
 MAX_TOKENS = 256  # sentence_bert_config.json max_seq_length
 _IGNORED = ("pooler.", "embeddings.position_ids")
+# all-MiniLM-L6-v2's config.json (the architecture fields), so a model can be built before its weights arrive.
+MINILM_CONFIG = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+                 "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+                 "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 
 
 @dataclass
@@ -80,13 +85,17 @@ def load_tokenizer(folder: Path):
                                    cls_token="[CLS]", mask_token="[MASK]", model_max_length=MAX_TOKENS)
 
 
-def build_bert(config_path: Path) -> nn.Module:
+def build_bert(config_path: Path | None = None) -> nn.Module:
+    """BertModel (no pooler) from a config.json, or at MiniLM's architecture (`MINILM_CONFIG`)."""
     from transformers import BertConfig, BertModel
 
-    try:
-        data = json.loads(Path(config_path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not a readable config ({exc})") from None
+    if config_path is None:
+        data = dict(MINILM_CONFIG)
+    else:
+        try:
+            data = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not a readable config ({exc})") from None
     if data.get("model_type") != "bert":
         raise CheckpointError(f"{config_path}: expected a BERT config, got model_type {data.get('model_type')!r}")
     config = BertConfig(**{k: v for k, v in data.items() if not k.startswith("_")})
@@ -98,11 +107,17 @@ def load_minilm(path: str | Path | None = None, check_hash: bool = True) -> Mini
     """all-MiniLM-L6-v2 from `path` (a folder with model.safetensors, config.json, tokenizer.json) or the pinned
     package (see `base_weights.locate`). `check_hash=False` admits another folder of the same layout."""
     from ..checkpoints import base_weights
-    from ..checkpoints.safety import load_strict, load_tensors
 
     folder = Path(path) if (path is not None and not check_hash) else base_weights.locate("minilm", path)
     model = build_bert(folder / "config.json")
-    state = load_tensors(folder / "model.safetensors")
-    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED)}
-    load_strict(model, state, str(folder / "model.safetensors"))
+    load_minilm_weights(model, folder / "model.safetensors")
     return MiniLM(model.eval(), load_tokenizer(folder), folder)
+
+
+def load_minilm_weights(model: nn.Module, path: Path) -> None:
+    """Strictly load a sentence-transformers BERT model.safetensors into `model` (a BertModel without pooler)."""
+    from ..checkpoints.safety import load_strict, load_tensors
+
+    state = load_tensors(path)
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED)}
+    load_strict(model, state, str(path))
