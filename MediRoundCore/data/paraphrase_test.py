@@ -16,7 +16,7 @@ FRAMES = (
     "Kindly shade in the {target}.", "Point out the {target} and colour it in.", "Paint the {target} for me.",
     "I'm looking for the {target} - can you circle it?", "Bring up the {target}.",
     "Segmentation request: {target}.", "Could we see the {target} coloured?", "Make the {target} stand out.",
-    "Pull out the {target}, if you would.", "Fill in the {target}.", "Identify and mask the {target}.",
+    "Pull out the {target}, if you would.", "Fill in the {target}.", "Single out the {target}.",
     "Carve out the {target} on this picture.", "Would you be able to pick the {target}?",
     "Colour the {target} please", "Let me see the {target} on its own.",
 )
