@@ -115,6 +115,7 @@ class MediRound(nn.Module):
             nn.init.zeros_(self.query_projection.bias)
         elif config.query_encoder is not None:
             raise ValueError(f"unknown query_encoder {config.query_encoder!r}")
+        self.embedding_cache = None  # train/embedding_cache.py: a frozen encoder's embeddings kept on disk
 
     def train(self, mode: bool = True):
         """As nn.Module.train, but frozen base parts (`config.base_weights`) stay in eval mode: LiteMedSAM's
@@ -137,7 +138,9 @@ class MediRound(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------
     def encode_segmenter_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) → (B,256,g,g) dense image embedding (MedSAM encoder)."""
+        """(B,3,S,S) → (B,256,g,g) dense image embedding (MedSAM encoder; through `embedding_cache` if set)."""
+        if self.embedding_cache is not None:
+            return self.embedding_cache.encode(self.segmenter.image_encoder, pixels.to(self.device, self.dtype))
         return self.segmenter.image_encoder(pixels.to(self.device, self.dtype))
 
     def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
