@@ -24,13 +24,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--splits", nargs="*", default=["hard", "regular", "val"])
+    parser.add_argument("--heldout", action="store_true", help="the held-out paraphrase wording of the same rounds")
     args = parser.parse_args()
     old = main_resolver()
     for split in args.splits:
         total = agree_new = agree_old = 0
         changed = []
         for i in range(args.n):
-            sample = to_sample(make_dialogue(split, 0, i))
+            if args.heldout:
+                from MediRoundCore.data.paraphrase_test import paraphrase_sample
+
+                sample = paraphrase_sample(split, 0, i)
+            else:
+                sample = to_sample(make_dialogue(split, 0, i))
             for k in range(1, sample.num_rounds):
                 truth = sample.ref_indices[k]
                 truth = None if truth is None else truth + 1
