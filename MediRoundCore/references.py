@@ -17,7 +17,8 @@ _ROUND_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\s+(?:round|turn|a
 # "the first structure", "the first one", "the second segmentation": an ordinal of a generic noun counts the
 # rounds. Ordinals of anatomical nouns are anatomy ("the first rib", "the first lumbar vertebra"), never rounds.
 _GENERIC_NOUNS = (r"one|structure|structures|organ|thing|object|item|segmentation|selection|"
-                  r"finding|target|outline|contour|question|request|query|step|mask|answer|result|round|turn")  # not "segment": liver segments
+                  r"finding|target|outline|contour|question|request|query|step|mask|answer|result|round|turn")
+# (not "segment": "the fourth segment" is a liver segment)
 _GENERIC_ORDINAL = re.compile(r"\bthe\s+(" + "|".join(_ORDINALS) + r"|very\s+first|last|previous|latest|"
                               r"penultimate|second[\s-]+to[\s-]+last)\s+(?:" + _GENERIC_NOUNS + r")\b", re.IGNORECASE)
 _HEAD_STOP = re.compile(r"\b(?:in|inside|within|of|on|at|near|next|beside|around|along|behind|from|to|with|"
@@ -67,8 +68,8 @@ def _round_by_head_noun(text: str, entities: Sequence[str | None]) -> int | None
     best = None
     for number, entity in enumerate(entities, start=1):
         noun = head_noun(entity)
-        if noun and re.search(r"\bthe\s+" + re.escape(noun) + r"s?(?=\s*(?:[.,;:!?]|$|\s+(?:again|please|once more)\b))",
-                              lowered):
+        phrase_end = r"s?(?=\s*(?:[.,;:!?]|$|\s+(?:again|please|once more)\b))"
+        if noun and re.search(r"\bthe\s+" + re.escape(noun) + phrase_end, lowered):
             best = number  # ties go to the most recent round
     return best
 
@@ -77,7 +78,8 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
     """The round (1-based) the query names by number, by ordinal, or by an earlier entity, or None."""
     n = len(entities)
     text = query or ""
-    for pattern, value in ((_ROUND_NUMBER, lambda m: int(m.group(1))), (_ROUND_ORDINAL, lambda m: _ORDINALS[m.group(1).lower()]),
+    for pattern, value in ((_ROUND_NUMBER, lambda m: int(m.group(1))),
+                           (_ROUND_ORDINAL, lambda m: _ORDINALS[m.group(1).lower()]),
                            (_GENERIC_ORDINAL, lambda m: _ordinal_value(m.group(1), n))):
         match = pattern.search(text)
         if match:

@@ -22,7 +22,8 @@ def _small_folder(folder, drop: str | None = None, extra: dict | None = None):
     core = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     core.normalizer = normalizers.BertNormalizer(lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     core.save(str(folder / "tokenizer.json"))
     config = dict(model_type="bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=64, type_vocab_size=2)
@@ -49,7 +50,8 @@ def test_small_folder_loads_strictly_and_pools_over_real_tokens(tmp_path):
 def test_errors_name_file_and_key(tmp_path):
     (tmp_path / "a").mkdir()
     _small_folder(tmp_path / "a", drop="encoder.layer.0.attention.self.query.weight")
-    with pytest.raises(CheckpointError, match=r"a/model.safetensors: missing key 'encoder\.layer\.0\.attention\.self\.query\.weight'"):
+    missing = r"a/model.safetensors: missing key 'encoder\.layer\.0\.attention\.self\.query\.weight'"
+    with pytest.raises(CheckpointError, match=missing):
         load_minilm(tmp_path / "a", check_hash=False)
     (tmp_path / "b").mkdir()
     _small_folder(tmp_path / "b", extra={"encoder.layer.1.output.dense.weight": torch.zeros(16, 32)})
@@ -71,7 +73,8 @@ def minilm():
 
 def test_real_minilm_paraphrases_are_closer(minilm):
     groups = [
-        ["Segment the left kidney.", "Outline the kidney on the patient's left side.", "Show me the left kidney please."],
+        ["Segment the left kidney.", "Outline the kidney on the patient's left side.",
+         "Show me the left kidney please."],
         ["Go back to the first structure.", "Return to the structure from the first round."],
         ["Where is the liver?", "Highlight the liver."],
     ]

@@ -24,7 +24,8 @@ CATALOGUE = {
     "brain": ("left hemisphere", "right hemisphere", "left lateral ventricle", "right lateral ventricle", "skull"),
 }
 NOUNS = {"inferior vena cava": "vein", "descending aorta": "aorta", "left psoas muscle": "psoas muscle",
-         "right psoas muscle": "psoas muscle", "left renal pelvis": "renal pelvis", "right renal pelvis": "renal pelvis",
+         "right psoas muscle": "psoas muscle", "left renal pelvis": "renal pelvis",
+         "right renal pelvis": "renal pelvis",
          "left lateral ventricle": "lateral ventricle", "right lateral ventricle": "lateral ventricle"}
 
 

@@ -23,7 +23,8 @@ FRAMES = (
 INSIDE = ("{lesion} that's in {ref}", "{lesion} found within the borders of {ref}", "{lesion} inside of {ref}",
           "{lesion} hiding in {ref}")
 PART_OF = ("{ref}'s {part}", "{part} portion of {ref}", "{part} component of {ref}")
-SIDE = {"left": "lying on the patient's left-hand side of {ref}", "right": "lying on the patient's right-hand side of {ref}",
+SIDE = {"left": "lying on the patient's left-hand side of {ref}",
+        "right": "lying on the patient's right-hand side of {ref}",
         "anterior": "sitting ahead of {ref}", "posterior": "sitting at the back of {ref}",
         "adjacent": "right up against {ref}", "above": "higher up than {ref} on the picture",
         "below": "lower down than {ref} on the picture"}
@@ -51,7 +52,8 @@ def _side_key(rel: str) -> str:
     for key in ("left", "right", "adjacent", "next", "touching", "front", "anterior", "behind", "posterior",
                 "above", "below"):
         if key in rel:
-            return {"next": "adjacent", "touching": "adjacent", "front": "anterior", "behind": "posterior"}.get(key, key)
+            aliases = {"next": "adjacent", "touching": "adjacent", "front": "anterior", "behind": "posterior"}
+            return aliases.get(key, key)
     raise ValueError(f"unknown spatial phrase {rel!r}")
 
 

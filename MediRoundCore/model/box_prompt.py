@@ -27,7 +27,8 @@ def label_box_in_frame(label: np.ndarray, input_hw: tuple[int, int], size: int, 
 def box_prompted_logits(segmenter, image_embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """(1,1,h,w) low-res logits of SAM's single-mask output for one box (1,4) in the segmenter frame."""
     sparse, dense = segmenter.prompt_encoder(points=None, boxes=box.to(image_embedding.device), masks=None)
-    logits, _ = segmenter.mask_decoder(image_embeddings=image_embedding, image_pe=segmenter.prompt_encoder.get_dense_pe(),
+    logits, _ = segmenter.mask_decoder(image_embeddings=image_embedding,
+                                       image_pe=segmenter.prompt_encoder.get_dense_pe(),
                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                        multimask_output=False)
     return logits
