@@ -48,3 +48,24 @@ def test_inserted_rounds_keep_the_dialogue():
         assert not out.masks[k].any() and out.ref_indices[k] is None
         assert is_absent_answer(out.answers[k]) and parse_entity(out.answers[k]) == out.entities[k]
         assert out.entities[k] not in {i.name for i in dlg.slice.instances}
+
+
+def test_batches_teach_absent_rounds_to_end_without_seg():
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.model.processing import PromptBuilder
+    from MediRoundCore.train.batching import IGNORE, make_batch
+
+    engine = Engine.random_tiny(seed=0)
+    model, tokenizer = engine.model, engine.tokenizer
+    builder = PromptBuilder(tokenizer, model.token_ids, "plain", model.config.vision.num_patches)
+    dlg = make_dialogue("train", 0, 7)
+    sample = with_absent_rounds(to_sample(dlg), dlg.slice, np.random.default_rng(0), p=1.0)
+    present = [k for k, f in enumerate(sample.meta["absent"]) if not f]
+    batch = make_batch([sample], builder, model.config)
+    assert batch.rounds_per_sample == [len(present)] and batch.target_masks.shape[0] == len(present)
+    labels = batch.labels[0][batch.labels[0] != IGNORE].tolist()
+    assert labels.count(model.token_ids.seg) == len(present)
+    assert labels.count(model.token_ids.eos) == sample.num_rounds  # every answer ends; absent ones without [SEG]
+    # each present round's target is its own mask (absent rounds' empty masks are not targets)
+    for row, k in enumerate(present):
+        assert batch.target_masks[row].sum() > 0

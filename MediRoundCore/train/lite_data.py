@@ -4,7 +4,8 @@ encoded once (train/embedding_cache.py), and on each view as many fresh dialogue
 A pool entry is (slice index, view): the slice of generated training dialogue `index` (train split, seed 0)
 and, for view > 0, one domain-randomised view of it (data/augment.py: window, resolution, blur, noise, field
 of view; masks follow). Each draw builds a new dialogue on the entry (the generator's relations, train
-templates) and re-words its queries with the paraphrase grammar (data/paraphrase.py). The image of an entry
+templates), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
+absent-target rounds (data/absent.py). The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
 """
 
@@ -16,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..data.absent import with_absent_rounds
 from ..data.augment import Randomization, randomize
 from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
@@ -28,6 +30,7 @@ class PoolConfig:
     slices: int = 2000  # distinct generated slices
     views: int = 2  # views per slice: the plain one and views-1 randomised ones
     paraphrase: float = 0.7  # share of rounds re-worded by the grammar (the rest keep their train template)
+    absent: float = 0.1  # chance of an absent-target round after each round (data/absent.py)
     split: str = "train"
     seed: int = 0
 
@@ -58,10 +61,11 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     except ValueError:
         return None
     queries = rephrase_dialogue(dlg, rng, cfg.paraphrase)
-    return Sample(image=image.astype(np.float32) / 255.0, queries=queries, answers=[r.answer for r in dlg.rounds],
-                  masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
-                  ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
-                  meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality})
+    sample = Sample(image=image.astype(np.float32) / 255.0, queries=queries, answers=[r.answer for r in dlg.rounds],
+                    masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
+                    ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
+                    meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality})
+    return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
 
 
 def pool_stream(cfg: PoolConfig):
