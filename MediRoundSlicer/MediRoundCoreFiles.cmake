@@ -26,6 +26,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/mrmedseg.py
   MediRoundCore/data/paraphrase.py
   MediRoundCore/data/paraphrase_test.py
+  MediRoundCore/data/real_validation.py
   MediRoundCore/data/scene.py
   MediRoundCore/data/shapes.py
   MediRoundCore/data/splits.py
