@@ -31,3 +31,4 @@ ImageEncoderViT = _modeling.ImageEncoderViT
 PromptEncoder = _modeling.PromptEncoder
 MaskDecoder = _modeling.MaskDecoder
 TwoWayTransformer = _modeling.TwoWayTransformer
+LayerNorm2d = importlib.import_module("segment_anything.modeling.common").LayerNorm2d

@@ -208,11 +208,11 @@ class Engine:
 
     # -- pieces --------------------------------------------------------------------------------------
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
-        key = _slice_key(session, image)
+        key = _slice_key(session, image, self.model.config.ct_windows)
         state = self._slices.get(key)
         if state is None:
             t = time.perf_counter()
-            pixels01 = image.normalized()
+            pixels01 = image.normalized(self.model.config.ct_windows)
             seg_pixels, input_hw = segmenter_pixels(pixels01, self.model.config)
             seg_embedding = self.model.encode_segmenter_image(seg_pixels[None])
             timings["segmenter_encoder_ms"] = (time.perf_counter() - t) * 1000
@@ -283,7 +283,7 @@ class Engine:
         if (ref.view, ref.slice_index) == state.key[1:3]:
             pixels01 = state.pixels01
         elif session.volume is not None:
-            pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized()
+            pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
         else:
             raise SessionError(f"round {reference} lies on another slice ({ref.view} {ref.slice_index}); attach "
                                f"the volume to the session (session.volume) to refer to it")
@@ -321,7 +321,7 @@ class Engine:
         return hidden, answer, True
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:
-        state = self._slices.get(_slice_key(session, image))
+        state = self._slices.get(_slice_key(session, image, self.model.config.ct_windows))
         if state is None:
             raise KeyError("this slice has not been asked on (or its cache was dropped)")
         return state
@@ -340,9 +340,11 @@ class Engine:
         self._slices.clear()
 
 
-def _slice_key(session: Session, image: SliceImage) -> tuple:
-    """What identifies a slice's caches: the session's volume, the view, the slice index and its shape."""
-    return (session.volume_fingerprint, image.view, image.index, image.pixels.shape)
+def _slice_key(session: Session, image: SliceImage, windows: dict | None = None) -> tuple:
+    """What identifies a slice's caches: everything that changes its encoding (the session's volume, the view
+    and voxel plane, the slice index and shape, the modality and the CT window the model sees it through)."""
+    return (session.volume_fingerprint, image.view, image.index, image.pixels.shape, image.axis, image.modality,
+            image.ct_window(windows))
 
 
 def _strip_note(answer: str) -> str:

@@ -23,7 +23,11 @@ _VIEW_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}
 _VIEW_COLUMNS = {"axial": (0, +1), "coronal": (0, +1), "sagittal": (1, +1)}
 _VIEW_ROWS = {"axial": (1, +1), "coronal": (2, -1), "sagittal": (2, -1)}
 MAX_SLICE_PIXELS = 4096 * 4096
-CT_WINDOW = (40.0, 400.0)
+CT_WINDOW = (40.0, 400.0)  # the fallback window (level, width) of a CT slice whose region is unknown
+# The windows training slices are shown with, per body region (the generator's, data/anatomy.py CT_WINDOWS; a
+# model's config carries its own copy, `ct_windows`). A CT volume's region is guessed from its values.
+CT_REGION_WINDOWS = {"abdomen": (40.0, 400.0), "chest": (-350.0, 1400.0), "brain": (40.0, 100.0)}
+_SAMPLE_VOXELS = 1 << 21
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Volume:
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns: i, j, k axes in LPS
     modality: str | None = None
     name: str = "volume"
+    region: str | None = None  # CT body region ("chest", "abdomen", "brain"): picks the window; guessed if None
+    window: tuple[float, float] | None = None  # an explicit CT window (level, width) for every slice
 
     def __post_init__(self):
         self.array = validate_volume_array(self.array, self.name)
@@ -43,6 +49,8 @@ class Volume:
         self.spacing, self.origin = validate_geometry(self.spacing, self.origin, self.direction, self.name)
         if self.modality is None:
             self.modality = guess_modality(self.array)
+        if self.modality == "CT" and self.region is None and self.window is None:
+            self.region = guess_ct_region(self.array)
 
     @classmethod
     def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray, **kwargs) -> "Volume":
@@ -92,6 +100,8 @@ class SliceImage:
     flip_cols: bool
     modality: str = "CT"
     spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) mm
+    region: str | None = None  # CT body region of the volume (picks the window)
+    window: tuple[float, float] | None = None  # explicit CT window (level, width); wins over the region's
 
     def to_plane(self, mask: np.ndarray) -> np.ndarray:
         """A display-oriented 2D mask back into the array plane (order of the remaining array axes)."""
@@ -104,9 +114,20 @@ class SliceImage:
             m = m.T
         return np.ascontiguousarray(m)
 
-    def normalized(self) -> np.ndarray:
+    def ct_window(self, windows: dict | None = None) -> tuple[float, float] | None:
+        """The (level, width) this slice is shown with: the explicit window, else its region's in `windows`
+        (a model's training windows; default CT_REGION_WINDOWS), else CT_WINDOW; None unless CT."""
+        if self.modality != "CT":
+            return None
+        if self.window is not None:
+            return tuple(map(float, self.window))
+        table = CT_REGION_WINDOWS if windows is None else windows
+        return tuple(map(float, table.get(self.region, CT_WINDOW) if self.region else CT_WINDOW))
+
+    def normalized(self, windows: dict | None = None) -> np.ndarray:
+        """The slice in [0,1]: CT through `ct_window(windows)`, MR by percentiles."""
         try:
-            return normalize_intensity(self.pixels, self.modality)
+            return normalize_intensity(self.pixels, self.modality, self.ct_window(windows) or CT_WINDOW)
         except VolumeError as exc:  # name the slice
             raise VolumeError(f"{self.view} slice {self.index}: {exc}") from None
 
@@ -142,13 +163,54 @@ def validate_geometry(spacing, origin, direction: np.ndarray, name: str = "volum
     return spacing, origin
 
 
+def _sample(array: np.ndarray) -> np.ndarray:
+    """Up to ~2 M voxels of the volume (an even stride), as float64."""
+    flat = np.asarray(array).ravel()
+    step = max(1, flat.size // _SAMPLE_VOXELS)
+    return flat[::step].astype(np.float64)
+
+
+def _without_fill(x: np.ndarray) -> np.ndarray | None:
+    """The voxels of a CT-like sample without scanner fill: values below -1100 HU occur in a CT only as
+    padding outside the reconstructed field of view (-3024, -2048, -2000, ...), a few distinct values.
+    None when the values below -1100 are many distinct ones (not a fill: not Hounsfield units)."""
+    below = x < -1100
+    if not below.any():
+        return x
+    if np.unique(x[below]).size > 3:
+        return None
+    return x[~below]
+
+
 def guess_modality(array: np.ndarray) -> str:
-    """HU-range integer data is CT; anything else MR."""
-    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
-        lo, hi = int(array.min()), int(array.max())
-        if lo >= -1100 and hi <= 4000 and lo < -200:
-            return "CT"
-    return "MR"
+    """CT when the values look like Hounsfield units whatever the scanner's fill value: apart from the fill,
+    ≥ 99 % of voxels in [-1100, 4000] HU, ≥ 1 % air or lung (≤ -500 HU: outside the body, lungs, bowel
+    gas) and ≥ 5 % fat or soft tissue ([-200, 300] HU). Otherwise MR (bool and uint8 arrays are never HU)."""
+    array = np.asarray(array)
+    if array.dtype == bool or array.dtype == np.uint8:
+        return "MR"
+    x = _without_fill(_sample(array))
+    if x is None or x.size == 0 or not np.all(np.isfinite(x)):
+        return "MR"
+    in_range = np.mean((x >= -1100) & (x <= 4000))
+    air = np.mean(x <= -500)
+    tissue = np.mean((x >= -200) & (x <= 300))
+    return "CT" if in_range >= 0.99 and air >= 0.01 and tissue >= 0.05 else "MR"
+
+
+def guess_ct_region(array: np.ndarray) -> str:
+    """The body region of a CT volume, for its window: "chest" when lung ([-950, -600] HU) is ≥ 5 % of the
+    voxels (fill excluded); "brain" when the body (> -500 HU) holds ≥ 3 % bone (> 300 HU) and < 5 % fat
+    ([-200, -30] HU): a skull around brain; else "abdomen"."""
+    x = _without_fill(_sample(array))
+    if x is None or x.size == 0:
+        return "abdomen"
+    if np.mean((x > -950) & (x < -600)) >= 0.05:
+        return "chest"
+    body = x[x > -500]
+    if body.size and np.mean(body > 300) >= 0.03 and np.mean((body >= -200) & (body < -30)) < 0.05:
+        return "brain"
+    return "abdomen"
 
 
 def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
@@ -211,7 +273,7 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     wide = plane.dtype == np.float64 and bool(np.any(np.abs(plane[np.isfinite(plane)]) > np.finfo(np.float32).max))
     pixels = np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32)
     return SliceImage(pixels, view, int(index), axis, bool(transpose),
-                      bool(flip_rows), bool(flip_cols), volume.modality, spacing)
+                      bool(flip_rows), bool(flip_cols), volume.modality, spacing, volume.region, volume.window)
 
 
 def mask_into_volume(volume: Volume, slice_image: SliceImage, mask: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Which earlier round a query refers to: the one given; else one the query names ("round 2", "the second
-round", an entity named before); else the previous round."""
+round", "the first structure", "the first one", an entity named before, "back to the kidney" for an earlier
+"left kidney"); else the previous round."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixt
              "eighth": 8, "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12}
 _ROUND_NUMBER = re.compile(r"\b(?:round|r|turn)\s*#?\s*(\d{1,4})\b", re.IGNORECASE)
 _ROUND_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\s+(?:round|turn|answer|mask|result)\b", re.IGNORECASE)
+# "the first structure", "the first one", "the second segmentation": an ordinal of a generic noun counts the
+# rounds. Ordinals of anatomical nouns are anatomy ("the first rib", "the first lumbar vertebra"), never rounds.
+_GENERIC_NOUNS = (r"one|structure|structures|organ|thing|object|item|segmentation|selection|"
+                  r"finding|target|outline|contour|question|request|query|step|mask|answer|result|round|turn")
+# (not "segment": "the fourth segment" is a liver segment)
+_GENERIC_ORDINAL = re.compile(r"\bthe\s+(" + "|".join(_ORDINALS) + r"|very\s+first|last|previous|latest|"
+                              r"penultimate|second[\s-]+to[\s-]+last)\s+(?:" + _GENERIC_NOUNS + r")\b", re.IGNORECASE)
+_HEAD_STOP = re.compile(r"\b(?:in|inside|within|of|on|at|near|next|beside|around|along|behind|from|to|with|"
+                        r"adjacent|between|under|over|above|below)\b")
 
 
 def validate_reference(reference: int, num_rounds: int) -> int:
@@ -27,11 +37,50 @@ def validate_reference(reference: int, num_rounds: int) -> int:
     return reference
 
 
+def _ordinal_value(word: str, n: int) -> int:
+    word = re.sub(r"[\s-]+", " ", word.lower())
+    if word in ("last", "previous", "latest"):
+        return n
+    if word in ("penultimate", "second to last"):
+        return n - 1
+    return _ORDINALS[word.replace("very ", "")]
+
+
+def head_noun(entity: str | None) -> str | None:
+    """The noun an entity is called by for short: the last word before its first preposition ("left kidney" →
+    "kidney", "lesion inside the left kidney" → "lesion", "right lobe of the liver" → "lobe")."""
+    words = re.sub(r"[^a-z0-9]+", " ", (entity or "").lower()).split()
+    cut = next((i for i, w in enumerate(words) if _HEAD_STOP.fullmatch(w)), len(words))
+    return words[cut - 1] if cut > 0 else None
+
+
+_BACK = re.compile(r"\b(?:back\s+to|return\s+to|revisit|again|once\s+more)\b", re.IGNORECASE)
+
+
+def _round_by_head_noun(text: str, entities: Sequence[str | None]) -> int | None:
+    """In a query that goes back ("go back to the kidney", "the kidney again"), the latest round whose entity's
+    head noun it names as a whole phrase: "the <noun>" right before punctuation or the end. Without such a cue a
+    bare noun is what the query asks for ("Which part of it is the nodule?" after "nodule in the right lung"
+    asks for another nodule), and "the kidney with the same density" describes another structure."""
+    lowered = text.lower()
+    if not _BACK.search(lowered):
+        return None
+    best = None
+    for number, entity in enumerate(entities, start=1):
+        noun = head_noun(entity)
+        phrase_end = r"s?(?=\s*(?:[.,;:!?]|$|\s+(?:again|please|once more)\b))"
+        if noun and re.search(r"\bthe\s+" + re.escape(noun) + phrase_end, lowered):
+            best = number  # ties go to the most recent round
+    return best
+
+
 def named_round(query: str, entities: Sequence[str | None]) -> int | None:
-    """The round (1-based) the query names by number or by an earlier entity, or None."""
+    """The round (1-based) the query names by number, by ordinal, or by an earlier entity, or None."""
     n = len(entities)
     text = query or ""
-    for pattern, value in ((_ROUND_NUMBER, lambda m: int(m.group(1))), (_ROUND_ORDINAL, lambda m: _ORDINALS[m.group(1).lower()])):
+    for pattern, value in ((_ROUND_NUMBER, lambda m: int(m.group(1))),
+                           (_ROUND_ORDINAL, lambda m: _ORDINALS[m.group(1).lower()]),
+                           (_GENERIC_ORDINAL, lambda m: _ordinal_value(m.group(1), n))):
         match = pattern.search(text)
         if match:
             number = value(match)
@@ -44,7 +93,7 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
         name = " " + re.sub(r"[^a-z0-9]+", " ", entity.lower()).strip() + " "
         if name.strip() and name in lowered and (best is None or len(name) >= best[0]):
             best = (len(name), number)
-    return best[1] if best else None
+    return best[1] if best else _round_by_head_noun(text, entities)
 
 
 def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None) -> int | None:

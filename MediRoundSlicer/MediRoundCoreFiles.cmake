@@ -6,7 +6,9 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/checkpoints/__init__.py
   MediRoundCore/checkpoints/_common.py
   MediRoundCore/checkpoints/_manifests.py
+  MediRoundCore/checkpoints/base_weights.py
   MediRoundCore/checkpoints/full.py
+  MediRoundCore/checkpoints/lite_medsam.py
   MediRoundCore/checkpoints/llava_med.py
   MediRoundCore/checkpoints/medsam.py
   MediRoundCore/checkpoints/official.py
@@ -14,12 +16,17 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/checkpoints/safety.py
   MediRoundCore/cli.py
   MediRoundCore/data/__init__.py
+  MediRoundCore/data/absent.py
   MediRoundCore/data/anatomy.py
+  MediRoundCore/data/augment.py
   MediRoundCore/data/contact_sheet.py
   MediRoundCore/data/dataset.py
   MediRoundCore/data/demo.py
   MediRoundCore/data/dialogues.py
   MediRoundCore/data/mrmedseg.py
+  MediRoundCore/data/paraphrase.py
+  MediRoundCore/data/paraphrase_test.py
+  MediRoundCore/data/real_validation.py
   MediRoundCore/data/scene.py
   MediRoundCore/data/shapes.py
   MediRoundCore/data/splits.py
@@ -36,19 +43,26 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/select_beta.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
+  MediRoundCore/model/box_prompt.py
   MediRoundCore/model/config.py
   MediRoundCore/model/jcm.py
+  MediRoundCore/model/lite.py
   MediRoundCore/model/lora.py
   MediRoundCore/model/modeling.py
   MediRoundCore/model/processing.py
+  MediRoundCore/model/text_encoder.py
+  MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py
   MediRoundCore/references.py
   MediRoundCore/segio.py
   MediRoundCore/session.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
+  MediRoundCore/train/embedding_cache.py
   MediRoundCore/train/export.py
   MediRoundCore/train/jcm_features.py
+  MediRoundCore/train/lite.py
+  MediRoundCore/train/lite_data.py
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py

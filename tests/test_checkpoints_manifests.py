@@ -6,7 +6,7 @@ from MediRoundCore.checkpoints import _manifests
 from MediRoundCore.checkpoints._common import load_manifest
 
 NAMES = {"llava_med_v15_mistral": _manifests.llava_med_manifest, "medsam_vit_b": _manifests.medsam_manifest,
-         "mediround_official": _manifests.official_manifest}
+         "mediround_official": _manifests.official_manifest, "lite_medsam": _manifests.lite_medsam_manifest}
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

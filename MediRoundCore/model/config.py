@@ -30,6 +30,7 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    tie_word_embeddings: bool = False  # the lite preset ties them (its vocabulary is MiniLM's 30.5 k words)
 
 
 @dataclass
@@ -50,20 +51,73 @@ class VisionConfig:
 
 
 @dataclass
+class TinyViTConfig:
+    """LiteMedSAM's TinyViT image encoder (`model/tiny_vit.py`): widths and depths per stage; the defaults are
+    LiteMedSAM's (5.7 M encoder parameters, 256² input, 64² embedding)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)  # the first stage is convolutional: its entry is unused
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    merge_strides: tuple[int, ...] = (2, 2, 1)  # stride of the patch merge after stages 0, 1, 2
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+
+    def __post_init__(self):
+        for name in ("embed_dims", "depths", "num_heads", "window_sizes", "merge_strides"):
+            setattr(self, name, tuple(getattr(self, name)))
+        stages = len(self.embed_dims)
+        if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == stages
+                and len(self.merge_strides) == stages - 1):
+            raise ConfigError("tiny_vit: one entry per stage in embed_dims, depths, num_heads, window_sizes, and "
+                              "one merge stride fewer")
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per embedding cell (4 for LiteMedSAM: 256² → 64²)."""
+        out = 1
+        for s in self.merge_strides:
+            out *= s
+        return out
+
+
+@dataclass
 class SegmenterConfig:
-    """The MedSAM (SAM ViT) image encoder, prompt encoder and mask decoder."""
+    """The segmenter: an image encoder (MedSAM's SAM ViT, or LiteMedSAM's TinyViT), SAM's prompt encoder and
+    mask decoder. The ViT fields describe `encoder="vit"` only; `encoder="tiny_vit"` reads `tiny_vit`, and its
+    `patch_size` is the encoder's stride (input pixels per embedding cell)."""
 
     image_size: int
     patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    global_attn_indexes: tuple[int, ...] = ()
+    window_size: int | None = None
     prompt_dim: int = 256
     decoder_depth: int = 2
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
+    encoder: str = "vit"  # "vit" (SAM/MedSAM) or "tiny_vit" (LiteMedSAM)
+    tiny_vit: TinyViTConfig | None = None
+
+    def __post_init__(self):
+        self.global_attn_indexes = tuple(self.global_attn_indexes)
+        if isinstance(self.tiny_vit, dict):
+            self.tiny_vit = _build(TinyViTConfig, self.tiny_vit, "segmenter: tiny_vit")
+        if self.encoder == "vit":
+            missing = [n for n in ("embed_dim", "depth", "num_heads", "window_size") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(f"segmenter: the ViT encoder needs {', '.join(missing)}")
+        elif self.encoder == "tiny_vit":
+            if self.tiny_vit is None:
+                self.tiny_vit = TinyViTConfig()
+            if self.patch_size != self.tiny_vit.stride:
+                raise ConfigError(f"segmenter: patch_size {self.patch_size} must equal the TinyViT stride "
+                                  f"{self.tiny_vit.stride}")
+        else:
+            raise ConfigError(f"segmenter.encoder must be 'vit' or 'tiny_vit', got {self.encoder!r}")
 
     @property
     def embedding_size(self) -> int:
@@ -107,8 +161,27 @@ class MediRoundConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # The CT windows (level, width) per body region the model was trained with; the engine shows a CT slice
+    # through its region's (imaging.SliceImage.ct_window). The generator's windows (data/anatomy.py CT_WINDOWS).
+    ct_windows: dict = field(default_factory=lambda: {"abdomen": (40.0, 400.0), "chest": (-350.0, 1400.0),
+                                                      "brain": (40.0, 100.0)})
+    # Key prefix of ours → pinned base weights (checkpoints/base_weights.py) that fill it: such tensors are frozen,
+    # come from the registry package on load and are not stored in our checkpoint (the lite preset).
+    base_weights: dict = field(default_factory=dict)
+    # "minilm" (ours, the lite preset): each user query is also read by the frozen all-MiniLM-L6-v2 encoder and
+    # its contextual states, through a zero-initialised Linear(384, hidden), are added to the query's own token
+    # embeddings (the language model shares MiniLM's WordPiece vocabulary, so positions match one to one).
+    # `query_markers` are the token ids that open ("start") and close ("end") a user query in the template.
+    query_encoder: str | None = None
+    query_markers: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        try:
+            self.ct_windows = {str(k): (float(v[0]), float(v[1])) for k, v in dict(self.ct_windows).items()}
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ConfigError(f"ct_windows must map a region to (level, width), got {self.ct_windows!r}") from None
+        if any(width <= 0 for _, width in self.ct_windows.values()):
+            raise ConfigError(f"ct_windows: every width must be positive, got {self.ct_windows!r}")
         if self.segmenter_normalization not in ("minmax", "sam_mean_std"):
             raise ConfigError(f"segmenter_normalization must be 'minmax' or 'sam_mean_std', got {self.segmenter_normalization!r}")
         if self.chat_template not in ("plain", "llava_mistral"):
@@ -211,4 +284,41 @@ def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
     )
 
 
-PRESETS = {"full": full_config, "tiny": tiny_config}
+def lite_segmenter_config() -> SegmenterConfig:
+    """LiteMedSAM: TinyViT encoder at 256² (64² embedding), SAM's prompt encoder and mask decoder (as MedSAM's)."""
+    return SegmenterConfig(image_size=256, patch_size=4, encoder="tiny_vit", tiny_vit=TinyViTConfig(),
+                           decoder_depth=2, decoder_mlp_dim=2048, decoder_heads=8)
+
+
+# Vocabulary of all-MiniLM-L6-v2's WordPiece tokenizer; the lite language model's rows 0..30521 start from its
+# word embeddings, our four tokens follow.
+MINILM_VOCAB = 30522
+LITE_BASE_WEIGHTS = {"segmenter.image_encoder.": "lite_medsam", "segmenter.prompt_encoder.": "lite_medsam",
+                     "query_encoder.": "minilm"}
+# The plain template's "user:" and "\nassistant:" in MiniLM's WordPiece (the newline is whitespace to BERT).
+LITE_QUERY_MARKERS = {"start": [5310, 1024], "end": [3353, 1024]}
+
+
+def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
+    """MediRound-Lite, the default model: the paper's architecture on pretrained medical and language parts.
+    Segmenter LiteMedSAM (TinyViT 256² → 64², SAM prompt encoder and mask decoder; encoder and prompt encoder
+    frozen), language model a small Mistral decoder (4 × 384, the width of MiniLM) reading MiniLM's WordPiece
+    tokens with embeddings initialised from MiniLM's (tied input/output) and, added to each query's tokens, the
+    query's states from the frozen all-MiniLM-L6-v2 encoder; vision tower as the tiny preset's."""
+    tiny = tiny_config()
+    return MediRoundConfig(
+        size="lite",
+        text=TextConfig(vocab_size=vocab_size, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
+                        rope_theta=10_000.0, tie_word_embeddings=True),
+        vision=tiny.vision,
+        segmenter=lite_segmenter_config(),
+        segmenter_normalization="minmax",
+        chat_template="plain",
+        base_weights=dict(LITE_BASE_WEIGHTS),
+        query_encoder="minilm",
+        query_markers={k: list(v) for k, v in LITE_QUERY_MARKERS.items()},
+    )
+
+
+PRESETS = {"full": full_config, "tiny": tiny_config, "lite": lite_config}

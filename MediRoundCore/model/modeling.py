@@ -21,6 +21,7 @@ from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTrans
 from .config import MediRoundConfig
 from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
+from .tiny_vit import build_tiny_vit
 from .tokenizer import TokenIds
 
 
@@ -30,7 +31,8 @@ def build_language_model(cfg) -> MistralForCausalLM:
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, sliding_window=cfg.sliding_window,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     config._attn_implementation = "sdpa"
     return MistralForCausalLM(config)
@@ -46,14 +48,9 @@ def build_vision_tower(cfg) -> CLIPVisionModel:
 
 
 def build_segmenter(cfg) -> Sam:
-    """SAM/MedSAM (ViT image encoder, prompt encoder, mask decoder) at the configured size."""
+    """SAM/MedSAM (ViT image encoder, prompt encoder, mask decoder) at the configured size; with
+    `encoder="tiny_vit"`, LiteMedSAM (TinyViT image encoder, the same prompt encoder and mask decoder)."""
     grid = cfg.embedding_size
-    encoder = ImageEncoderViT(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
-        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
-        window_size=cfg.window_size,
-    )
     prompt = PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
                            input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=16)
     decoder = MaskDecoder(
@@ -61,8 +58,20 @@ def build_segmenter(cfg) -> Sam:
                                                                  mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
         transformer_dim=cfg.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256,
     )
-    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder, pixel_mean=list(SAM_MEAN),
-               pixel_std=list(SAM_STD))
+    return Sam(image_encoder=build_image_encoder(cfg), prompt_encoder=prompt, mask_decoder=decoder,
+               pixel_mean=list(SAM_MEAN), pixel_std=list(SAM_STD))
+
+
+def build_image_encoder(cfg) -> nn.Module:
+    """The segmenter's image encoder: (B,3,S,S) → (B,256,S/p,S/p)."""
+    if cfg.encoder == "tiny_vit":
+        return build_tiny_vit(cfg.tiny_vit, cfg.image_size, cfg.prompt_dim)
+    return ImageEncoderViT(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+        norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+    )
 
 
 @dataclass
@@ -96,6 +105,28 @@ class MediRound(nn.Module):
         self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
         self.segmenter = build_segmenter(config.segmenter)
         self.jcm = build_jcm(config)
+        self.query_encoder = self.query_projection = None
+        if config.query_encoder == "minilm":
+            from .text_encoder import build_bert
+
+            self.query_encoder = build_bert()
+            self.query_projection = nn.Linear(self.query_encoder.config.hidden_size, h)
+            nn.init.zeros_(self.query_projection.weight)
+            nn.init.zeros_(self.query_projection.bias)
+        elif config.query_encoder is not None:
+            raise ValueError(f"unknown query_encoder {config.query_encoder!r}")
+        self.embedding_cache = None  # train/embedding_cache.py: a frozen encoder's embeddings kept on disk
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but frozen base parts (`config.base_weights`) stay in eval mode: LiteMedSAM's
+        BatchNorm statistics and MiniLM's dropout are as published whatever the rest of the model does."""
+        super().train(mode)
+        for prefix in self.config.base_weights:
+            try:
+                self.get_submodule(prefix.rstrip(".")).eval()
+            except AttributeError:  # a parameter prefix, not a module
+                pass
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +138,9 @@ class MediRound(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------
     def encode_segmenter_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) → (B,256,g,g) dense image embedding (MedSAM encoder)."""
+        """(B,3,S,S) → (B,256,g,g) dense image embedding (MedSAM encoder; through `embedding_cache` if set)."""
+        if self.embedding_cache is not None:
+            return self.embedding_cache.encode(self.segmenter.image_encoder, pixels.to(self.device, self.dtype))
         return self.segmenter.image_encoder(pixels.to(self.device, self.dtype))
 
     def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -133,6 +166,8 @@ class MediRound(nn.Module):
         `<crop>`/`<box>` by the rows of crop_tokens / box_tokens (K,h) in reading order (batch-major)."""
         ids = input_ids.to(self.device)
         embeds = self.language_model.get_input_embeddings()(ids)
+        if self.query_encoder is not None:
+            embeds = embeds + self.query_states(ids).to(embeds.dtype)
         fills = ((self.token_ids.image, image_tokens), (self.token_ids.crop, crop_tokens), (self.token_ids.box, box_tokens))
         for token, values in fills:
             where = ids == token
@@ -146,6 +181,51 @@ class MediRound(nn.Module):
                 raise ValueError(f"{count} placeholder(s) of token {token} but {flat.shape[0]} feature rows")
             embeds = embeds.masked_scatter(where.unsqueeze(-1), flat)
         return embeds
+
+    def query_spans(self, ids: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every user query in a batch of token ids: the tokens after a start marker
+        ("user:", then any <crop>/<box>) up to the end marker ("assistant:")."""
+        start, end = self.config.query_markers["start"], self.config.query_markers["end"]
+        skip = {self.token_ids.crop, self.token_ids.box}
+        spans = []
+        for row, seq in enumerate(ids.tolist()):
+            i = 0
+            while i <= len(seq) - len(start):
+                if seq[i:i + len(start)] != start:
+                    i += 1
+                    continue
+                s = i + len(start)
+                while s < len(seq) and seq[s] in skip:
+                    s += 1
+                e = s
+                while e < len(seq) and seq[e:e + len(end)] != end:
+                    e += 1
+                if e > s:
+                    spans.append((row, s, e))
+                i = e
+        return spans
+
+    def query_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,T,h): at each query token, the frozen query encoder's state of it (the query read alone, between
+        [CLS] and [SEP]) through `query_projection`; zero elsewhere."""
+        out = torch.zeros(*ids.shape, self.config.text.hidden_size, device=ids.device,
+                          dtype=self.query_projection.weight.dtype)
+        spans = self.query_spans(ids)
+        if not spans:
+            return out
+        cls, sep, pad = 101, 102, 0  # MiniLM's [CLS], [SEP], [PAD]
+        length = max(e - s for _, s, e in spans) + 2
+        batch = torch.full((len(spans), length), pad, dtype=torch.long, device=ids.device)
+        mask = torch.zeros_like(batch)
+        for k, (row, s, e) in enumerate(spans):
+            batch[k, : e - s + 2] = torch.cat([ids.new_tensor([cls]), ids[row, s:e], ids.new_tensor([sep])])
+            mask[k, : e - s + 2] = 1
+        with torch.no_grad():
+            states = self.query_encoder(input_ids=batch, attention_mask=mask).last_hidden_state
+        projected = self.query_projection(states.to(self.query_projection.weight.dtype))
+        for k, (row, s, e) in enumerate(spans):
+            out[row, s:e] = projected[k, 1: e - s + 1]
+        return out
 
     # -- segmentation --------------------------------------------------------------------------------
     def seg_prompts(self, hidden: torch.Tensor) -> torch.Tensor:

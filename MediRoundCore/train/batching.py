@@ -42,16 +42,28 @@ class Batch:
         return self
 
 
+def segmented_rounds(sample) -> list[int]:
+    """Rounds that end in a segment: all but absent-target rounds (answered as absent, without [SEG])."""
+    from ..data.absent import is_absent_answer
+
+    return [r for r, answer in enumerate(sample.answers) if not is_absent_answer(answer)]
+
+
 def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int], list[int]]:
-    """(ids, labels, seg positions) of one dialogue."""
+    """(ids, labels, seg positions) of one dialogue. An absent-target round's answer ends with EOS and no
+    [SEG]: the model learns to say so and draw nothing."""
     ids, labels, seg_positions = builder.prefix(), [], []
     labels = [IGNORE] * len(ids)
+    segmented = set(segmented_rounds(sample))
     for r, (query, answer) in enumerate(zip(sample.queries, sample.answers)):
         user = builder.user(query, sample.ref_indices[r] is not None, first=r == 0)
         ans = builder.answer(strip_seg(answer))
+        if r not in segmented:
+            ans = ans[:-2] + [builder.ids.eos]
         ids += user
         labels += [IGNORE] * len(user)
-        seg_positions.append(len(ids) + len(ans) - 3)  # the position that predicts [SEG]
+        if r in segmented:
+            seg_positions.append(len(ids) + len(ans) - 3)  # the position that predicts [SEG]
         ids += ans
         labels += ans
     return ids, labels, seg_positions
@@ -73,7 +85,7 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
         valid.append(hw)
         vis_px.append(vision_pixels(sample.image, config))
         masks = np.asarray(sample.masks, dtype=bool)
-        targets.append(masks_to_segmenter_frame(masks, hw, size))
+        targets.append(masks_to_segmenter_frame(masks[segmented_rounds(sample)], hw, size))
         for ref in sample.ref_indices:
             if ref is not None:
                 ref_mask = masks[ref]
@@ -93,4 +105,4 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
         attention[b, : len(ids)] = 1
     return Batch(input_ids, attention, label_t, torch.tensor(seg_pos, dtype=torch.long), torch.stack(seg_px),
                  torch.stack(vis_px), torch.stack(crops) if crops else None, torch.stack(boxes) if boxes else None,
-                 torch.cat(targets), valid, [len(s.queries) for s in samples])
+                 torch.cat(targets), valid, [len(segmented_rounds(s)) for s in samples])

@@ -83,6 +83,10 @@ def set_trainable(model, stage: int, lora: bool) -> list[torch.nn.Parameter]:
     for module in modules:
         for p in module.parameters():
             p.requires_grad = True
+    frozen = tuple(model.config.base_weights)  # pretrained base parts (lite) are never trained
+    for name, p in model.named_parameters():
+        if frozen and name.startswith(frozen):
+            p.requires_grad = False
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -169,11 +173,13 @@ class Trainer:
         state_path = self.out / "checkpoint" / STATE_FILE
         if not state_path.is_file():
             return
+        from ..checkpoints.ours import not_stored
         from ..checkpoints.safety import load_strict, load_tensors
 
         state = load_trainer_state(state_path)
         weights = load_tensors(self.out / "checkpoint" / "model.safetensors")
-        load_strict(self.raw_model, weights, str(self.out / "checkpoint"))
+        load_strict(self.raw_model, weights, str(self.out / "checkpoint"),
+                    ignore_missing=not_stored(self.raw_model.config))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -1,0 +1,92 @@
+"""Absent targets: rounds that ask for a structure the slice does not show, answered as absent with no segment.
+
+A user on a chest slice may ask for the liver; a slice above the kidneys has none. Such a round's answer is
+`<entity>: not on this slice.` without `[SEG]` (so the engine draws nothing) and its mask is empty. The
+candidates are the organs the generator draws in any region (`CATALOGUE`) minus every structure present on
+the slice by name or by noun (a slice with a "descending aorta" is not asked for "the aorta" as absent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .paraphrase import rephrase
+from .templates import allowed_indices, render
+
+ABSENT_TEXT = "not on this slice"
+# Organs the generator draws, per region (tests/test_absent.py keeps it equal to what it draws).
+CATALOGUE = {
+    "abdomen": ("liver", "spleen", "left kidney", "right kidney", "aorta", "inferior vena cava", "gallbladder",
+                "stomach", "vertebra", "left psoas muscle", "right psoas muscle", "spinal canal",
+                "left renal pelvis", "right renal pelvis"),
+    "chest": ("left lung", "right lung", "heart", "descending aorta", "esophagus", "sternum", "vertebra",
+              "spinal canal"),
+    "brain": ("left hemisphere", "right hemisphere", "left lateral ventricle", "right lateral ventricle", "skull"),
+}
+NOUNS = {"inferior vena cava": "vein", "descending aorta": "aorta", "left psoas muscle": "psoas muscle",
+         "right psoas muscle": "psoas muscle", "left renal pelvis": "renal pelvis",
+         "right renal pelvis": "renal pelvis",
+         "left lateral ventricle": "lateral ventricle", "right lateral ventricle": "lateral ventricle"}
+
+
+def absent_answer(entity: str) -> str:
+    """The answer to a round whose target is not on the slice: names it, says so, carries no [SEG]."""
+    return f"{entity}: {ABSENT_TEXT}."
+
+
+def is_absent_answer(answer: str) -> bool:
+    return ABSENT_TEXT in (answer or "") and "[SEG]" not in (answer or "")
+
+
+def _noun(name: str) -> str:
+    return NOUNS.get(name, name.split()[-1] if name.split()[0] in ("left", "right") else name)
+
+
+def absent_candidates(sl) -> list[str]:
+    """Organ names a user could ask for that the slice does not show (by name or noun)."""
+    present_names = {i.name for i in sl.instances}
+    present_nouns = {i.noun for i in sl.instances} | {_noun(n) for n in present_names}
+    names = sorted({n for names in CATALOGUE.values() for n in names})
+    return [n for n in names if n not in present_names and _noun(n) not in present_nouns
+            and not any(n in p or p in n for p in present_names)]
+
+
+def absent_query(rng: np.random.Generator, name: str, grammar: float = 0.5, use_reserved: bool = False) -> str:
+    """A direct request for `name`: a template (train templates unless `use_reserved`) or the grammar."""
+    if rng.uniform() < grammar:
+        return rephrase(rng, "direct", {"name": name}, typos=True)
+    indices = allowed_indices("direct", use_reserved)
+    return render("direct", int(indices[int(rng.integers(len(indices)))]), name=name)
+
+
+def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, use_reserved: bool = False):
+    """A copy of a generated Sample with absent-target rounds inserted after some rounds (probability p each).
+    An inserted round refers to nothing, has an empty mask and the absent answer; the references of later
+    rounds are renumbered. `meta["absent"]` flags each round."""
+    import copy
+
+    candidates = absent_candidates(sl)
+    out = copy.copy(sample)
+    queries, answers, entities, refs, masks, absent = [], [], [], [], [], []
+    new_index = {}
+    for k in range(sample.num_rounds):
+        new_index[k] = len(queries)
+        ref = sample.ref_indices[k]
+        queries.append(sample.queries[k])
+        answers.append(sample.answers[k])
+        entities.append(sample.entities[k])
+        refs.append(None if ref is None else new_index[ref])
+        masks.append(np.asarray(sample.masks[k], bool))
+        absent.append(False)
+        if candidates and k < sample.num_rounds - 1 and rng.uniform() < p:
+            name = str(candidates[int(rng.integers(len(candidates)))])
+            queries.append(absent_query(rng, name, use_reserved=use_reserved))
+            answers.append(absent_answer(name))
+            entities.append(name)
+            refs.append(None)
+            masks.append(np.zeros_like(masks[-1]))
+            absent.append(True)
+    out.queries, out.answers, out.entities, out.ref_indices = queries, answers, entities, refs
+    out.masks = np.stack(masks)
+    out.meta = dict(sample.meta or {}, absent=absent)
+    return out

@@ -1,0 +1,193 @@
+"""A paraphrase grammar for training queries: many wordings per relation, built from parts, not 20 sentences.
+
+A generated round keeps its relation, target, reference and mask; only its query is re-worded. The grammar
+composes a request frame (imperative, question, polite, terse, first-person, clinical, lay), a verb, the
+target phrase (synonyms and spelling variants of the anatomical noun), the relation phrase (several wordings
+of "inside it", "of it", "to the patient's left of it", "with the same density as it", …) and a reference
+expression for the earlier round ("it", "that", "that structure", "the <entity>", "the one from round N",
+"the first one", "the previous structure"), with optional typos. Side words are never changed: left/right are
+the patient's and stay as the generator wrote them.
+
+The held-out paraphrase test set (`data/paraphrase_test.py`) is written apart from this grammar and never
+trained on; `tests/test_paraphrase.py` keeps the two disjoint.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .templates import (KIND_PHRASES, LARGER_PHRASES, REL_PHRASES, SAME_PHRASES, SMALLER_PHRASES,
+                        TEMPLATES)
+
+# The generator's own values of the phrase slots: matching them as alternatives splits "{noun} {which}" right.
+_KNOWN_SLOTS = {
+    "which": sorted({*KIND_PHRASES, *LARGER_PHRASES, *SMALLER_PHRASES, *(p for v in SAME_PHRASES.values() for p in v)},
+                    key=len, reverse=True),
+    "rel": sorted({p for v in REL_PHRASES.values() for p in v}, key=len, reverse=True),
+}
+
+VERBS = ("segment", "outline", "delineate", "highlight", "mark", "mask", "contour", "trace", "isolate",
+         "pick out", "select", "label", "draw", "show", "find and segment", "annotate", "extract", "get")
+FRAMES = (
+    "{Verb} the {target}.", "Please {verb} the {target}.", "Can you {verb} the {target}?",
+    "Could you {verb} the {target} for me?", "I'd like you to {verb} the {target}.", "Now {verb} the {target}.",
+    "Next, {verb} the {target}.", "{Verb} the {target}, please.", "Would you {verb} the {target}?",
+    "I want the {target}.", "The {target}, please.", "And the {target}?", "What about the {target}?",
+    "Let's do the {target} now.", "Go ahead and {verb} the {target}.", "Time for the {target}: {verb} it.",
+    "Need the {target} too.", "Then the {target}.", "Show me the {target}.", "Where's the {target}? {Verb} it.",
+    "Help me find the {target}.", "{Verb} only the {target}.", "Can I get the {target}?",
+    "Please give me a mask of the {target}.", "Segmentation of the {target}, please.",
+)
+# Anatomical noun variants (spelling, lay and clinical words) the grammar may swap in; keys as the generator writes.
+NOUN_VARIANTS = {
+    "tumour": ("tumor", "mass", "growth", "neoplasm"), "tumour core": ("tumor core", "core of the tumour",
+                                                                       "enhancing core"),
+    "oedema": ("edema", "swelling", "perilesional oedema"), "nodule": ("pulmonary nodule", "small nodule", "spot"),
+    "cyst": ("cystic lesion", "fluid-filled cyst"), "lesion": ("abnormality", "focal lesion", "spot"),
+    "kidney": ("renal organ",), "renal pelvis": ("collecting system", "pelvis of the kidney"),
+    "esophagus": ("oesophagus", "gullet"), "hemisphere": ("cerebral hemisphere", "half of the brain"),
+    "lateral ventricle": ("ventricle",), "vertebra": ("vertebral body", "backbone"), "aorta": ("main artery",),
+    "heart": ("cardiac silhouette",), "lung": ("lung field",), "spinal canal": ("vertebral canal",),
+    "gallbladder": ("gall bladder",), "sternum": ("breastbone",), "skull": ("cranium", "skull bone"),
+    "psoas muscle": ("psoas",), "major vessel": ("large vessel", "great vessel"),
+    "solid organ": ("parenchymal organ",), "air-filled organ": ("gas-filled organ",),
+    "fluid-filled structure": ("fluid-containing structure",),
+}
+INSIDE = ("inside {ref}", "within {ref}", "in {ref}", "contained in {ref}", "that sits in {ref}",
+          "lying inside {ref}", "located in {ref}", "embedded in {ref}")
+PART_OF = ("{part} of {ref}", "{part} belonging to {ref}", "{part} that is part of {ref}", "{part} in {ref}")
+SPATIAL = {
+    "to the patient's left of it": ("to the patient's left of {ref}", "on the patient's left of {ref}",
+                                    "left of {ref} (patient's left)"),
+    "on the patient's left side of it": ("on the patient's left side of {ref}", "patient-left of {ref}"),
+    "to the patient's right of it": ("to the patient's right of {ref}", "on the patient's right of {ref}",
+                                     "right of {ref} (patient's right)"),
+    "on the patient's right side of it": ("on the patient's right side of {ref}", "patient-right of {ref}"),
+    "in front of it": ("in front of {ref}", "anterior to {ref}", "ventral to {ref}"),
+    "anterior to it": ("anterior to {ref}", "in front of {ref}"),
+    "above it on the image": ("above {ref} on the image", "above {ref} on screen"),
+    "behind it": ("behind {ref}", "posterior to {ref}", "dorsal to {ref}"),
+    "posterior to it": ("posterior to {ref}", "behind {ref}"),
+    "below it on the image": ("below {ref} on the image", "under {ref} on screen"),
+    "next to it": ("next to {ref}", "beside {ref}", "bordering {ref}", "alongside {ref}"),
+    "adjacent to it": ("adjacent to {ref}", "abutting {ref}"),
+    "touching it": ("touching {ref}", "in contact with {ref}"),
+}
+# Phrases inside the generator's slot values that mention the referenced round as "it".
+IT_PHRASES = (" as it", " than it", " from it", " of it", " to it", " it")
+TYPO_RATE = 0.04
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:] if text else text
+
+
+def reference_expression(rng: np.random.Generator, ref_round: int, current: int, entity: str | None) -> str:
+    """How the query names the earlier round `ref_round` (0-based) from round `current` (0-based)."""
+    options = ["it", "it", "that", "that structure", "this structure", "the structure from before"]
+    if entity:
+        options += [f"the {entity}", f"the {entity}"]
+    options += [f"the one from round {ref_round + 1}", f"round {ref_round + 1}'s structure"]
+    if ref_round == 0:
+        options += ["the first one", "the first structure"]
+    if ref_round == current - 1:
+        options += ["the previous structure", "the last one"]
+    return str(options[int(rng.integers(len(options)))])
+
+
+def vary_noun(rng: np.random.Generator, noun: str, p: float = 0.35) -> str:
+    """`noun` or, with probability p, a variant of its head noun (the generator noun that ends the phrase or
+    comes before " in the"/" of the": "right hemisphere tumour oedema" varies "oedema", never "hemisphere")."""
+    for key in sorted(NOUN_VARIANTS, key=len, reverse=True):
+        pattern = r"\b" + re.escape(key) + r"(?=$|\s+(?:in|of)\s+the\b)"
+        if re.search(pattern, noun):
+            if rng.uniform() >= p:
+                return noun
+            variant = str(NOUN_VARIANTS[key][int(rng.integers(len(NOUN_VARIANTS[key])))])
+            return re.sub(pattern, variant, noun, count=1)
+    return noun
+
+
+def slots_of(relation: str, template: int, query: str) -> dict[str, str]:
+    """The slot values a generator query was rendered with (inverse of `templates.render`)."""
+    parts = re.split(r"(\{[a-z]+\})", TEMPLATES[relation][template])
+
+    def group(name: str) -> str:
+        known = _KNOWN_SLOTS.get(name)
+        return f"(?P<{name}>" + ("|".join(map(re.escape, known)) if known else ".+?") + ")"
+
+    body = "".join(group(p[1:-1]) if p.startswith("{") else re.escape(p) for p in parts)
+    match = re.match(f"^{body}$", query, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"query {query!r} is not template {template} of {relation!r}")
+    return match.groupdict()
+
+
+def _with_ref(phrase: str, ref: str) -> str:
+    """A generator phrase that says "it" for the reference, with `ref` instead."""
+    for it in IT_PHRASES:
+        if phrase.endswith(it) or (it + " ") in phrase:
+            return re.sub(r"\bit\b", ref, phrase, count=1)
+    return phrase
+
+
+def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str], ref: str) -> str:
+    """The thing asked for, with its relation to the reference worded by the grammar."""
+    if relation == "direct":
+        return vary_noun(rng, slots["name"])
+    if relation == "lesion":
+        return f"{vary_noun(rng, slots['lesion'])} " + str(INSIDE[int(rng.integers(len(INSIDE)))]).format(ref=ref)
+    if relation == "hierarchy":
+        frame = str(PART_OF[int(rng.integers(len(PART_OF)))])
+        return frame.format(part=vary_noun(rng, slots["part"]), ref=ref)
+    if relation == "spatial":
+        options = SPATIAL.get(slots["rel"], (slots["rel"].replace("it", "{ref}"),))
+        return f"{vary_noun(rng, slots['noun'])} " + str(options[int(rng.integers(len(options)))]).format(ref=ref)
+    if relation == "attribute":
+        return f"{vary_noun(rng, slots['noun'])} {_with_ref(slots['which'], ref)}"
+    if relation == "inferential":
+        return _with_ref(slots["desc"], ref)
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def add_typos(rng: np.random.Generator, text: str, rate: float = TYPO_RATE) -> str:
+    """Keyboard slips in some longer words (swap, drop or double a letter); side words are left intact."""
+    def slip(match: re.Match) -> str:
+        word = match.group(0)
+        if word.lower() in ("left", "right") or rng.uniform() >= rate:
+            return word
+        i = int(rng.integers(1, len(word) - 1))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        if kind == 1:
+            return word[:i] + word[i + 1:]
+        return word[:i] + word[i] + word[i:]
+    return re.sub(r"[A-Za-z]{5,}", slip, text)
+
+
+def rephrase(rng: np.random.Generator, relation: str, slots: dict[str, str], ref: str = "it",
+             typos: bool = True) -> str:
+    """One wording of a request from the grammar."""
+    frame = str(FRAMES[int(rng.integers(len(FRAMES)))])
+    verb = str(VERBS[int(rng.integers(len(VERBS)))])
+    target = target_phrase(rng, relation, slots, ref)
+    text = frame.format(verb=verb, Verb=_cap(verb), target=target)
+    text = _cap(text)
+    return add_typos(rng, text) if typos else text
+
+
+def rephrase_dialogue(dlg, rng: np.random.Generator, p: float = 0.7, typos: bool = True) -> list[str]:
+    """New queries for a generated dialogue: each round re-worded by the grammar with probability `p`
+    (else its template query is kept); references named by `reference_expression`."""
+    queries = []
+    for k, r in enumerate(dlg.rounds):
+        if rng.uniform() >= p:
+            queries.append(r.query)
+            continue
+        slots = slots_of(r.relation, r.template, r.query)
+        ref = "it" if r.ref is None else reference_expression(rng, r.ref, k, dlg.rounds[r.ref].entity)
+        queries.append(rephrase(rng, r.relation, slots, ref, typos))
+    return queries

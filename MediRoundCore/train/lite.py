@@ -1,0 +1,91 @@
+"""Train MediRound-Lite stage 1 on these machines: base parts frozen, each slice view encoded once.
+
+    python -m MediRoundCore.train.lite --out runs/lite --steps 20000 [--encode-only] [--pool-slices 2000]
+
+The model starts from the pinned base weights (`model/lite.py: build_lite`) or resumes `<out>/checkpoint`
+(the trainer's optimiser state beside it); segmenter embeddings are cached in `<out>/embeddings` (2 MB per
+slice view), so after the first pass over the pool a step costs only the language model, the vision tower and
+the mask decoder. `--encode-only` fills the cache (e.g. ahead of training, or on a GPU machine) and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .embedding_cache import EmbeddingCache
+from .lite_data import PoolConfig, pool_view
+from .trainer import TrainConfig, Trainer
+
+
+def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, limit: int | None = None,
+                progress: bool = True) -> int:
+    """Encode every pool view not yet in the cache; returns how many were encoded."""
+    from tqdm import tqdm
+
+    from ..model.processing import segmenter_pixels
+
+    entries = range(pool.slices * pool.views if limit is None else min(limit, pool.slices * pool.views))
+    before = cache.misses
+    pending = []
+    for entry in tqdm(entries, disable=not progress, desc="encoding", unit="view"):
+        index, view = divmod(entry, pool.views)
+        _, image = pool_view(pool.split, pool.seed, index, view)
+        pending.append(segmenter_pixels(image.astype("float32") / 255.0, model.config)[0])
+        if len(pending) == batch:
+            model.encode_segmenter_image(torch.stack(pending))
+            pending = []
+    if pending:
+        model.encode_segmenter_image(torch.stack(pending))
+    return cache.misses - before
+
+
+def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig) -> Trainer:
+    from .lite_data import pool_stream
+
+    model.embedding_cache = EmbeddingCache(out / "embeddings", model)
+    return Trainer(model, tokenizer, config, pool_stream(pool))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MediRoundCore.train.lite", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--dice-weight", type=float, default=0.5)
+    parser.add_argument("--bce-weight", type=float, default=2.0)
+    parser.add_argument("--reference-noise", type=float, default=0.3)
+    parser.add_argument("--pool-slices", type=int, default=2000)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--paraphrase", type=float, default=0.7)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--encode-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..model.lite import build_lite
+
+    out = Path(args.out)
+    model, tokenizer = build_lite()
+    pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase)
+    config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         save_every=args.save_every, reference_noise=args.reference_noise,
+                         loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight})
+    if args.encode_only:
+        model.eval()
+        model.embedding_cache = EmbeddingCache(out / "embeddings", model)
+        print(f"encoded {encode_pool(model, pool, model.embedding_cache)} new views")
+        return 0
+    trainer = make_trainer(model, tokenizer, out, pool, config)
+    trainer.train()
+    cache = model.embedding_cache
+    print(f"done at step {trainer.step}; embedding cache hits {cache.hits}, misses {cache.misses}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

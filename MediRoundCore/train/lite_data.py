@@ -1,0 +1,82 @@
+"""Training stream for a model with a frozen, slow image encoder (lite): a fixed pool of slice views, each
+encoded once (train/embedding_cache.py), and on each view as many fresh dialogues as training asks for.
+
+A pool entry is (slice index, view): the slice of generated training dialogue `index` (train split, seed 0)
+and, for view > 0, one domain-randomised view of it (data/augment.py: window, resolution, blur, noise, field
+of view; masks follow). Each draw builds a new dialogue on the entry (the generator's relations, train
+templates), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
+absent-target rounds (data/absent.py). The image of an entry
+is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..data.absent import with_absent_rounds
+from ..data.augment import Randomization, randomize
+from ..data.dataset import Sample
+from ..data.dialogues import DialoguePolicy, generate_dialogue
+from ..data.paraphrase import rephrase_dialogue
+from ..data.splits import SPLITS, make_dialogue
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    slices: int = 2000  # distinct generated slices
+    views: int = 2  # views per slice: the plain one and views-1 randomised ones
+    paraphrase: float = 0.7  # share of rounds re-worded by the grammar (the rest keep their train template)
+    absent: float = 0.1  # chance of an absent-target round after each round (data/absent.py)
+    split: str = "train"
+    seed: int = 0
+
+
+@lru_cache(maxsize=256)
+def pool_view(split: str, seed: int, index: int, view: int):
+    """(AnatomySlice with the view's instance masks, display image uint8) of one pool entry."""
+    sl = make_dialogue(split, seed, index).slice
+    if view == 0:
+        return sl, np.round(sl.display() * 255).astype(np.uint8)
+    rng = np.random.default_rng([seed, index, view, 17])
+    masks = np.stack([i.mask for i in sl.instances])
+    image, masks = randomize(rng, sl.image, masks, sl.modality, sl.region, Randomization())
+    instances = [dataclasses.replace(inst, mask=m, area=int(m.sum())) for inst, m in zip(sl.instances, masks)]
+    return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8)
+
+
+def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
+    """Dialogue `draw` on pool entry `entry` (None when that view supports no dialogue of the drawn length)."""
+    index, view = divmod(entry, cfg.views)
+    sl, image = pool_view(cfg.split, cfg.seed, index, view)
+    p = SPLITS[cfg.split]
+    rng = np.random.default_rng([cfg.seed, entry, draw, 29])
+    policy = DialoguePolicy(p.use_reserved, p.p_reach_back, p.p_distractor, p.p_first_inferential)
+    n_rounds = int(rng.integers(p.rounds[0], p.rounds[1] + 1))
+    try:
+        dlg = generate_dialogue(sl, n_rounds, [cfg.seed, entry, draw], policy)
+    except ValueError:
+        return None
+    queries = rephrase_dialogue(dlg, rng, cfg.paraphrase)
+    sample = Sample(image=image.astype(np.float32) / 255.0, queries=queries, answers=[r.answer for r in dlg.rounds],
+                    masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
+                    ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
+                    meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality})
+    return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
+
+
+def pool_stream(cfg: PoolConfig):
+    """A resumable stream factory for `Trainer`: seed → endless samples over random pool entries."""
+    def stream(seed: int):
+        rng = np.random.default_rng([cfg.seed, seed, 31])
+        draw = 0
+        while True:
+            entry = int(rng.integers(cfg.slices * cfg.views))
+            draw += 1
+            sample = pool_sample(cfg, entry, seed * 1_000_003 + draw)
+            if sample is not None:
+                yield sample
+    return stream

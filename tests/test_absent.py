@@ -1,0 +1,71 @@
+"""Absent-target rounds: only structures the slice does not show are asked for, answered as absent with no
+segment and an empty mask; the dialogue's other rounds and references are unchanged."""
+
+import numpy as np
+import pytest
+
+from MediRoundCore.answers import parse_entity
+from MediRoundCore.data.absent import (CATALOGUE, absent_candidates, is_absent_answer, with_absent_rounds)
+from MediRoundCore.data.anatomy import generate_slice
+from MediRoundCore.data.splits import make_dialogue, to_sample
+
+
+@pytest.mark.parametrize("region", sorted(CATALOGUE))
+def test_catalogue_covers_what_the_generator_draws(region):
+    drawn = set()
+    for seed in range(6):
+        sl = generate_slice(region, seed, modality="CT", paired=True)
+        drawn |= {i.name for i in sl.instances if i.kind in ("organ", "part") and "tumour" not in i.name}
+        for name in absent_candidates(sl):
+            assert name not in {i.name for i in sl.instances}
+            assert all(i.noun != name for i in sl.instances)
+    assert drawn <= set(CATALOGUE[region])
+
+
+def test_a_chest_slice_is_asked_for_abdominal_organs_not_its_own():
+    sl = generate_slice("chest", 3, modality="CT")
+    candidates = absent_candidates(sl)
+    assert "liver" in candidates and "left kidney" in candidates
+    assert not {"heart", "left lung", "aorta", "descending aorta"} & set(candidates)
+
+
+def test_inserted_rounds_keep_the_dialogue():
+    dlg = make_dialogue("train", 0, 7)
+    sample = to_sample(dlg)
+    out = with_absent_rounds(sample, dlg.slice, np.random.default_rng(0), p=1.0)
+    flags = out.meta["absent"]
+    assert sum(flags) == sample.num_rounds - 1 and out.num_rounds == 2 * sample.num_rounds - 1
+    kept = [k for k, f in enumerate(flags) if not f]
+    assert [out.queries[k] for k in kept] == sample.queries
+    for k_new, k_old in zip(kept, range(sample.num_rounds)):
+        assert np.array_equal(out.masks[k_new], sample.masks[k_old])
+        ref = out.ref_indices[k_new]
+        old = sample.ref_indices[k_old]
+        assert (ref is None) == (old is None)
+        if ref is not None:
+            assert np.array_equal(out.masks[ref], sample.masks[old])
+    for k in (k for k, f in enumerate(flags) if f):
+        assert not out.masks[k].any() and out.ref_indices[k] is None
+        assert is_absent_answer(out.answers[k]) and parse_entity(out.answers[k]) == out.entities[k]
+        assert out.entities[k] not in {i.name for i in dlg.slice.instances}
+
+
+def test_batches_teach_absent_rounds_to_end_without_seg():
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.model.processing import PromptBuilder
+    from MediRoundCore.train.batching import IGNORE, make_batch
+
+    engine = Engine.random_tiny(seed=0)
+    model, tokenizer = engine.model, engine.tokenizer
+    builder = PromptBuilder(tokenizer, model.token_ids, "plain", model.config.vision.num_patches)
+    dlg = make_dialogue("train", 0, 7)
+    sample = with_absent_rounds(to_sample(dlg), dlg.slice, np.random.default_rng(0), p=1.0)
+    present = [k for k, f in enumerate(sample.meta["absent"]) if not f]
+    batch = make_batch([sample], builder, model.config)
+    assert batch.rounds_per_sample == [len(present)] and batch.target_masks.shape[0] == len(present)
+    labels = batch.labels[0][batch.labels[0] != IGNORE].tolist()
+    assert labels.count(model.token_ids.seg) == len(present)
+    assert labels.count(model.token_ids.eos) == sample.num_rounds  # every answer ends; absent ones without [SEG]
+    # each present round's target is its own mask (absent rounds' empty masks are not targets)
+    for row, k in enumerate(present):
+        assert batch.target_masks[row].sum() > 0

@@ -1,0 +1,102 @@
+"""Training with a frozen, slow encoder: embeddings computed once and read back, a pool stream that reuses
+slice views with fresh dialogues, and a stage-1 run that checkpoints, resumes and never moves the frozen parts.
+Uses a small TinyViT-segmenter model (same classes as lite, random weights) so it runs in seconds."""
+
+import numpy as np
+import pytest
+import torch
+
+from MediRoundCore.model.config import (MediRoundConfig, SegmenterConfig, TextConfig, TinyViTConfig, VisionConfig)
+from MediRoundCore.model.modeling import MediRound
+from MediRoundCore.model.tokenizer import TokenIds, train_tiny_tokenizer
+from MediRoundCore.train.embedding_cache import EmbeddingCache
+from MediRoundCore.train.lite_data import PoolConfig, pool_sample, pool_stream
+
+
+def small_lite(seed=0):
+    """lite's segmenter classes and frozen-base rule at toy widths."""
+    corpus = [s.lower() for s in ("Segment the liver.", "left kidney: it lies on the left.", "now the cyst inside it.",
+                                  "user: assistant:", "the lesion in the lung", "heart spleen aorta vertebra")]
+    tokenizer = train_tiny_tokenizer(corpus * 20, vocab_size=300)
+    config = MediRoundConfig(
+        size="lite",
+        text=TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                        rope_theta=10_000.0, tie_word_embeddings=True),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=16),
+        segmenter=SegmenterConfig(image_size=64, patch_size=4, encoder="tiny_vit", decoder_mlp_dim=64,
+                                  tiny_vit=TinyViTConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1),
+                                                         num_heads=(1, 2, 2, 2), window_sizes=(4, 4, 4, 4))),
+        base_weights={"segmenter.image_encoder.": "lite_medsam", "segmenter.prompt_encoder.": "lite_medsam"},
+    )
+    config.max_answer_tokens = 4
+    torch.manual_seed(seed)
+    return MediRound(config, TokenIds.from_tokenizer(tokenizer)), tokenizer
+
+
+def test_embeddings_are_computed_once(tmp_path):
+    model, _ = small_lite()
+    model.eval()
+    pixels = torch.rand(3, 3, 64, 64)
+    direct = model.segmenter.image_encoder(pixels)
+    model.embedding_cache = EmbeddingCache(tmp_path, model)
+    first = model.encode_segmenter_image(pixels)
+    assert model.embedding_cache.misses == 3 and model.embedding_cache.hits == 0
+    again = model.encode_segmenter_image(pixels[[2, 0]])
+    assert model.embedding_cache.hits == 2 and model.embedding_cache.misses == 3
+    assert torch.allclose(first, direct, atol=2e-3) and torch.equal(again, first[[2, 0]])
+    changed = pixels[:1].clone()
+    changed[0, 0, 0, 0] += 0.01
+    model.encode_segmenter_image(changed)
+    assert model.embedding_cache.misses == 4  # another image, another entry
+    # a new process (new cache object) reads them from disk; another encoder never does
+    fresh = EmbeddingCache(tmp_path, model)
+    assert torch.equal(fresh.encode(model.segmenter.image_encoder, pixels), first) and fresh.misses == 0
+    other, _ = small_lite(seed=1)
+    assert EmbeddingCache(tmp_path, other).folder != fresh.folder
+
+
+def test_pool_reuses_views_with_new_dialogues():
+    cfg = PoolConfig(slices=3, views=2, paraphrase=1.0)
+    a, b = pool_sample(cfg, 1, 5), pool_sample(cfg, 1, 5)
+    assert a.queries == b.queries and np.array_equal(a.image, b.image)
+    other = next(s for s in (pool_sample(cfg, 1, d) for d in range(6, 20)) if s is not None)
+    assert np.array_equal(other.image, a.image) and other.queries != a.queries
+    # the randomised view of the same slice is another image whose masks stay on it
+    plain = next(s for s in (pool_sample(cfg, 0, d) for d in range(1, 20)) if s is not None)
+    assert not np.array_equal(plain.image, a.image)
+    assert all(m.any() for m in a.masks)
+
+
+@pytest.mark.slow
+def test_stage1_run_checkpoints_resumes_and_keeps_base_frozen(tmp_path):
+    from MediRoundCore.train.lite import make_trainer
+    from MediRoundCore.train.trainer import TrainConfig
+
+    pool = PoolConfig(slices=2, views=1)
+    model, tokenizer = small_lite()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("segmenter.image_encoder.")}
+    decoder = model.segmenter.mask_decoder.iou_token.weight.detach().clone()
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=3, batch_size=2, save_every=3, warmup_steps=1,
+                      loss_weights={"ce": 1.0, "bce": 2.0, "dice": 2.0})
+    trainer = make_trainer(model, tokenizer, tmp_path, pool, cfg)
+    history = trainer.train(progress=False)
+    assert [h["step"] for h in history] == [1, 2, 3] and all(np.isfinite(h["loss"]) for h in history)
+    cache = model.embedding_cache
+    assert cache.misses <= 2 and cache.hits == 2 * 3 - cache.misses  # two slices, encoded once each
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # BatchNorm statistics included
+    assert not torch.equal(model.segmenter.mask_decoder.iou_token.weight, decoder)  # trained parts move
+    assert not any(k.startswith("segmenter.image_encoder.") for k in
+                   __import__("safetensors").safe_open(str(tmp_path / "checkpoint" / "model.safetensors"), "pt").keys())
+    # resume: a fresh model continues at step 3 with the trained weights
+    again, tok = small_lite()
+    cfg4 = TrainConfig(**{**cfg.__dict__, "steps": 4})
+    resumed = make_trainer(again, tok, tmp_path, pool, cfg4)
+    assert resumed.step == 3
+    for key, value in model.state_dict().items():
+        if not key.startswith("segmenter.image_encoder."):
+            assert torch.equal(again.state_dict()[key], value), key
+    resumed.train(progress=False)
+    assert resumed.step == 4 and again.embedding_cache.misses == 0  # the views were on disk

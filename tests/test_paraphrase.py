@@ -1,0 +1,68 @@
+"""The training paraphrase grammar and the held-out paraphrase test set: every generated round re-words, the
+meaning-bearing words survive, wordings are many, and the held-out set shares no frame or verb with training."""
+
+import re
+
+import numpy as np
+import pytest
+
+from MediRoundCore.data import paraphrase, paraphrase_test
+from MediRoundCore.data.splits import make_dialogue, to_sample
+from MediRoundCore.data.templates import TEMPLATES
+
+
+def _sides(text):
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w in ("left", "right")}
+
+
+@pytest.mark.parametrize("split", ["train", "hard"])
+def test_every_round_rewords_and_keeps_sides_and_target(split):
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        dlg = make_dialogue(split, 0, i)
+        grammar = paraphrase.rephrase_dialogue(dlg, rng, p=1.0, typos=False)
+        heldout = paraphrase_test.heldout_queries(dlg, rng, misspell=0.0)
+        for r, q, h in zip(dlg.rounds, grammar, heldout):
+            slots = paraphrase.slots_of(r.relation, r.template, r.query)
+            for text in (q, h):
+                # the patient sides of the request survive (a named reference may add its own side)
+                assert _sides(r.query) <= _sides(text), (r.query, text)
+            if r.relation == "inferential":  # the description itself, up to its side clause
+                assert slots["desc"].split(" on the ")[0].lower() in q.lower(), (r.query, q)
+                continue
+            head = (slots.get("name") or slots.get("lesion") or slots.get("part") or slots.get("noun")).split()[-1]
+            variants = {head, *(v.split()[-1] for k, vs in paraphrase.NOUN_VARIANTS.items() if k.endswith(head)
+                                for v in vs)}
+            assert any(v in q.lower() for v in variants), (r.query, q)
+
+
+def test_many_wordings_per_round():
+    dlg = make_dialogue("train", 0, 3)
+    r = dlg.rounds[1]
+    slots = paraphrase.slots_of(r.relation, r.template, r.query)
+    rng = np.random.default_rng(0)
+    wordings = {paraphrase.rephrase(rng, r.relation, slots, "it", typos=False) for _ in range(200)}
+    assert len(wordings) >= 4 * len(TEMPLATES[r.relation])  # measured 101 distinct of 200 draws (templates: 20)
+
+
+def test_heldout_is_written_apart_from_training():
+    training_text = " ".join(paraphrase.FRAMES + paraphrase.VERBS + tuple(t for v in TEMPLATES.values() for t in v))
+    training_frames = {f.lower() for f in paraphrase.FRAMES}
+    for frame in paraphrase_test.FRAMES:
+        assert frame.lower() not in training_frames
+        words = set(re.findall(r"[a-z']+", frame.replace("{target}", "").lower()))
+        fresh = words - set(re.findall(r"[a-z']+", training_text.lower())) - {"i'm", "the"}
+        assert fresh, f"held-out frame {frame!r} uses only training words"
+    heldout_refs = {"that one", "the same one as earlier", "the structure we started with", "what we just did"}
+    rng = np.random.default_rng(0)
+    grammar_refs = {paraphrase.reference_expression(rng, 0, k, None) for k in range(1, 4) for _ in range(100)}
+    assert not heldout_refs & grammar_refs
+
+
+def test_paraphrase_sample_changes_only_queries():
+    sample = paraphrase_test.paraphrase_sample("hard", 0, 4)
+    templated = to_sample(make_dialogue("hard", 0, 4))
+    assert sample.meta["templated_queries"] == templated.queries
+    assert sample.queries != templated.queries and len(sample.queries) == len(templated.queries)
+    assert np.array_equal(sample.masks, templated.masks) and sample.ref_indices == templated.ref_indices
+    assert sample.entities == templated.entities

@@ -1,0 +1,45 @@
+"""Ordinal and named references a user types ("the first one", "go back to the kidney"), and the precedence
+user pick > named in the query > previous round; anatomical ordinals and new targets are not references."""
+
+import pytest
+
+from MediRoundCore.references import head_noun, resolve_reference
+
+ENTITIES = ["liver", "left kidney", "lesion inside the left kidney", "spleen", "aorta"]
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("Go back to the first structure.", 1),
+    ("Now the first one again.", 1),
+    ("The lesion near the second one.", 2),
+    ("Compare with the second round.", 2),
+    ("Use the third segmentation as the reference.", 3),
+    ("Go back to the kidney.", 2),                   # the head noun of "left kidney", in a going-back query
+    ("Return to the lesion, please.", 3),
+    ("The spleen again.", 4),                         # a full name: as before
+    ("Something bright next to the previous one.", 5),
+    ("Back to the penultimate structure.", 4),
+    ("Segment the first rib.", 5),                    # an anatomical ordinal: not a round
+    ("Segment the fourth segment of the liver.", 1),  # liver segments count anatomy; "liver" names round 1
+    ("Which part of it is the lesion?", 5),           # a bare noun without going back is the new target
+    ("Now the kidney with the same density as it.", 5),
+    ("Go back to the sixth structure.", 5),           # no such round: the previous one
+    ("Segment the pancreas.", 5),
+])
+def test_ordinal_and_named_references(query, expected):
+    assert resolve_reference(query, ENTITIES) == expected
+
+
+def test_precedence_and_ties():
+    assert resolve_reference("Go back to the first structure.", ENTITIES, explicit=3) == 3  # the user's pick
+    # "the kidney" when two kidneys were segmented: the most recent
+    assert resolve_reference("Go back to the kidney.", ["left kidney", "liver", "right kidney", "spleen"]) == 3
+    # a full name beats a head noun
+    assert resolve_reference("Go back to the left kidney.", ["left kidney", "right kidney", "spleen"]) == 1
+
+
+def test_head_noun():
+    assert head_noun("left kidney") == "kidney"
+    assert head_noun("lesion inside the left kidney") == "lesion"
+    assert head_noun("right lobe of the liver") == "lobe"
+    assert head_noun(None) is None and head_noun("in") is None
