@@ -397,12 +397,13 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
                            "ijk_to_ras": self.ijk_to_ras}
         return job
 
-    def poll(self) -> list[LogicEvent]:
-        """Main thread: apply finished jobs (segments are written here, never on the worker)."""
+    def poll(self, wait: float = 0.0) -> list[LogicEvent]:
+        """Main thread: apply finished jobs (segments are written here, never on the worker). With `wait`, first
+        hand the GIL to the worker for up to `wait` seconds while none has finished (see InferenceWorker.poll)."""
         if self._worker is None:
             return []
         out = []
-        for event in self._worker.poll():
+        for event in self._worker.poll(wait if self._jobs else 0.0):
             job = self._jobs.get(event.job_id, {})
             if event.kind == "progress":
                 message, fraction = event.payload

@@ -8,6 +8,7 @@ MediRoundLogic: Ask submits a job to the logic's worker thread, a QTimer polls t
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 import re
@@ -17,17 +18,21 @@ from MediRoundLib import qt, segments
 WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmCheckBox", "betaSpinBox",
            "progressBar", "statusLabel", "undoButton", "newSessionButton", "saveButton", "modelCombo",
            "checkpointEdit", "browseButton", "deviceLabel", "sliceLabel", "volumeSelectorLayout")
-POLL_MS = 50
+# While an Ask runs, the poll timer fires every POLL_MS and each call hands the GIL to the inference thread for
+# up to YIELD_MS (it returns as soon as the thread reports). Slicer's main thread holds the GIL while Qt idles,
+# so this share is all the thread gets; the rest of each period keeps the user interface responsive.
+# Chosen by measurement in the PythonQt host (docs/design-notes.md, "Inference under Slicer's GIL").
+POLL_MS = int(os.environ.get("MEDIROUND_POLL_MS", "20"))
+YIELD_MS = int(os.environ.get("MEDIROUND_YIELD_MS", "15"))
 
 
 class _Ui:
+    """The named widgets and layouts of the .ui file, as attributes (looked up by name: under PythonQt
+    `objectName` is a property, not a getter)."""
+
     def __init__(self, root):
-        found = {}
-        for child in root.findChildren(qt.QObject):
-            name = child.objectName()
-            if name in WIDGETS and name not in found:
-                found[name] = child
-        missing = [n for n in WIDGETS if n not in found]
+        found = {name: root.findChild(qt.QObject, name) for name in WIDGETS}
+        missing = [n for n, child in found.items() if child is None]
         if missing:
             raise RuntimeError(f"MediRound.ui lacks {', '.join(missing)}")
         self.__dict__.update(found)
@@ -77,7 +82,7 @@ class ChatPanel:
 
     def adopt_model_beta(self):
         """Show the β the chosen model was shipped with (it was chosen on validation data)."""
-        from MediRoundCore.engine import checkpoint_beta
+        from MediRoundCore.checkpoint_info import checkpoint_beta  # no torch: the panel works before it is installed
 
         self.ui.betaSpinBox.setValue(checkpoint_beta(self.logic.checkpoint))
 
@@ -189,7 +194,7 @@ class ChatPanel:
         self.timer.start()
 
     def poll(self):
-        events = self.logic.poll()
+        events = self.logic.poll(wait=YIELD_MS / 1000.0)
         for event in events:
             if event.kind == "progress":
                 self.status = f"{event.message[:1].upper()}{event.message[1:]}…"
