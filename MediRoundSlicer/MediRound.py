@@ -106,6 +106,8 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(ui_widget)
         self.logic = MediRoundLogic()
         self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies)
+        self.chat.notice = dependency_notice()
+        self.chat.refresh()
 
         self.volumeSelector = slicer.qMRMLNodeComboBox()
         self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
@@ -145,14 +147,18 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.chat.set_volume(node)
 
     def ensureDependencies(self) -> bool:
-        """On first use: offer to install what the model needs (main thread, modal); False when not ready."""
-        import qt
+        """On first use: offer to install what the model needs (main thread, modal); False when not ready.
+        After an install the packages import in this session: no restart."""
         import slicer
 
-        from MediRoundLib.dependencies import install, install_plan
+        from MediRoundLib.dependencies import install, install_plan, python_problem
 
+        problem = python_problem()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle="MediRound")
+            return False
         try:
-            import PyTorchUtils  # the PyTorch extension
+            import PyTorchUtils  # the PyTorch extension (fepegar/SlicerPyTorch)
             torch_logic = PyTorchUtils.PyTorchUtilsLogic()
         except ImportError:
             torch_logic = None
@@ -161,17 +167,32 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
             return True
         if plan.torch_extension_missing:
             slicer.util.errorDisplay("MediRound needs PyTorch. Install the 'PyTorch' extension from the Extensions "
-                                     "Manager, restart Slicer and press Ask again.")
+                                     "Manager, restart Slicer and press Ask again.", windowTitle="MediRound")
             return False
         if not slicer.util.confirmOkCancelDisplay(
                 f"MediRound needs {plan.describe()}. Install now? This downloads several hundred MB and may take "
                 "a few minutes.", "MediRound: install dependencies"):
             return False
-        with slicer.util.tryWithErrorDisplay("MediRound: installing dependencies failed. Press Ask to retry.",
-                                             waitCursor=True):
-            install(plan, torch_logic, slicer.util.pip_install)
-            return not install_plan().needed
-        return False
+        try:
+            with slicer.util.tryWithErrorDisplay("MediRound: installing dependencies failed. Press Ask to retry.",
+                                                 waitCursor=True):
+                install(plan, torch_logic, slicer.util.pip_install)
+        except Exception:  # tryWithErrorDisplay has shown it, then re-raised it
+            return False
+        return not install_plan().needed
+
+
+def dependency_notice() -> str:
+    """What the panel says before the first Ask when the model cannot run yet (never imports torch)."""
+    from MediRoundLib.dependencies import install_plan, python_problem
+
+    problem = python_problem()
+    if problem:
+        return problem
+    plan = install_plan()
+    if plan.needed:
+        return f"The model needs {plan.describe()}: press Ask to install (once; no restart needed)."
+    return ""
 
 
 class SlicerDialogs:

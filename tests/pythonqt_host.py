@@ -13,7 +13,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "pythonqt"
-BUILD = ROOT.parent / "shared" / "pythonqt" / "build.sh"
+
+
+def _build_script() -> Path:
+    """../shared/pythonqt/build.sh beside the repository (for a git worktree: beside its main checkout);
+    PYTHONQT_BUILD_SH overrides."""
+    if os.environ.get("PYTHONQT_BUILD_SH"):
+        return Path(os.environ["PYTHONQT_BUILD_SH"])
+    candidates = [ROOT.parent / "shared" / "pythonqt" / "build.sh"]
+    try:
+        common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+        if common:
+            candidates.append(Path(common).parent.parent / "shared" / "pythonqt" / "build.sh")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+BUILD = _build_script()
 MISSING = f"PythonQt host not available: {BUILD} is absent (the real-host Slicer tests need ../shared)"
 
 

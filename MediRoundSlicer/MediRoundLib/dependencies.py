@@ -5,7 +5,9 @@ Torch comes from Slicer's PyTorch extension (it picks the CUDA build that fits t
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass, field
 
 # import name → pip requirement. Torch is separate (PyTorch extension).
@@ -16,6 +18,18 @@ PIP_REQUIREMENTS = {
     "segment_anything": "segment-anything>=1.0",
 }
 TORCH_REQUIREMENT = ">=2.1"
+# Slicer 5.8 embeds Python 3.9 (the oldest supported); older Slicers are refused with a message (docs/slicer.md).
+MIN_PYTHON = (3, 9)
+
+
+def python_problem(version=None) -> str:
+    """A message for the panel when this Slicer's Python is too old for MediRound, else ''."""
+    version = tuple(version or sys.version_info[:3])
+    if version[:2] >= MIN_PYTHON:
+        return ""
+    have = ".".join(str(v) for v in version)
+    return (f"MediRound needs 3D Slicer 5.8 or later (Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+); this Slicer runs "
+            f"Python {have}. Install a current Slicer from download.slicer.org.")
 
 
 @dataclass
@@ -57,6 +71,7 @@ def install(plan: InstallPlan, torch_utils_logic=None, pip_install=None) -> None
             raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
                                "restart Slicer, then press Ask again.")
         torch = torch_utils_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+        importlib.invalidate_caches()  # the new package's folder may postdate the import system's directory caches
         if torch is None:
             raise RuntimeError("PyTorch could not be installed (see the Python console for pip's output). "
                                "Check the network connection and press Ask to retry.")
@@ -69,3 +84,4 @@ def install(plan: InstallPlan, torch_utils_logic=None, pip_install=None) -> None
             except Exception as exc:
                 raise RuntimeError(f"installing {req} failed ({exc}). Check the network connection and press "
                                    "Ask to retry.") from exc
+            importlib.invalidate_caches()  # so that find_spec and import see it now, not after a restart

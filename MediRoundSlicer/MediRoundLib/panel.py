@@ -64,6 +64,7 @@ class ChatPanel:
         self.dialogs = dialogs or QtDialogs()
         self.before_ask = before_ask  # callable() -> bool (dependency check inside Slicer)
         self.status = ""
+        self.notice = ""  # shown while there is no status (e.g. "press Ask to install PyTorch")
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -115,7 +116,7 @@ class ChatPanel:
         bar.setValue(_call(bar.maximum))
         if not busy:
             ui.progressBar.setValue(0)
-        ui.statusLabel.setText(self.status or ("Select a volume to start." if not has_session else
+        ui.statusLabel.setText(self.status or self.notice or ("Select a volume to start." if not has_session else
                                                f"{len(rounds)} round(s). Ask about the slice in the Red view."))
 
     def history_html(self) -> str:
@@ -178,7 +179,10 @@ class ChatPanel:
             self.refresh()
             return
         if self.before_ask is not None and not self.before_ask():
+            self.status = "The model cannot run yet: its packages are not installed. Press Ask to try again."
+            self.refresh()
             return
+        self.notice = ""
         use_jcm = _checked(ui.jcmCheckBox)
         beta = float(_call(ui.betaSpinBox.value))
         try:

@@ -58,6 +58,9 @@ class FileDialogAnswers(MediRound.SlicerDialogs):
     def save_path(self, title, suggestion):
         return str(saved_path)
 
+    def folder(self, title):
+        return str(OUT / "checkpoint")
+
 
 chat.dialogs = FileDialogAnswers()
 log = {"asks": [], "steps": [], "errors": [], "statuses": []}
@@ -99,8 +102,19 @@ def new_session():
     log["after_new"] = [len(logic.session.rounds), old.GetName(), logic.segmentation_node is not old]
 
 
+def model_and_jcm_controls():
+    """The model combo (an overloaded Qt signal, currentIndexChanged(int|QString)) and the JCM checkbox."""
+    ui.modelCombo.setCurrentIndex(1)
+    chosen = logic.checkpoint
+    ui.modelCombo.setCurrentIndex(0)
+    ui.jcmCheckBox.setChecked(False)
+    beta_off = ui.betaSpinBox.enabled
+    ui.jcmCheckBox.setChecked(True)
+    log["controls"] = [chosen, logic.checkpoint, beta_off, ui.betaSpinBox.enabled]
+
+
 STEPS = [ask(QUERIES[0]), check_round(1), ask(QUERIES[1]), check_round(2), ask(QUERIES[2]), check_round(3),
-         undo, save, new_session, ask(QUERIES[0]), check_round(1)]
+         undo, save, new_session, ask(QUERIES[0]), check_round(1), model_and_jcm_controls]
 
 
 def stamped_poll(poll=logic.poll):

@@ -184,6 +184,37 @@ def _node_combo_box(slicer, qt):
     return qMRMLNodeComboBox
 
 
+def _ctk(qt):
+    """The `ctk` module's ctkMessageBox, following CTK Libs/Widgets/ctkMessageBox.{h,cxx}: a QMessageBox (its
+    "don't show again" option is not modelled). slicer.util.messageBox shows the module's dialogs with it."""
+    mod = types.ModuleType("ctk")
+
+    class ctkMessageBox(qt.QMessageBox):
+        pass
+
+    mod.ctkMessageBox = ctkMessageBox
+    return mod
+
+
+def _modal_answer(qt, button, seen):
+    box = qt.QApplication.activeModalWidget()
+    if box is not None and isinstance(box, qt.QMessageBox):
+        seen.append(box.text)
+        box.button(button).click()
+
+
+def answer_message_boxes(button, seen, interval_ms=100):
+    """Clicks `button` (e.g. qt.QMessageBox.Ok) on each modal message box that opens, as a user would;
+    their texts go to `seen`. Needs slicer.app's testing mode off (else slicer.util shows no box)."""
+    import qt
+
+    timer = qt.QTimer()
+    timer.setInterval(interval_ms)
+    timer.timeout.connect(lambda: _modal_answer(qt, button, seen))
+    timer.start()
+    return timer
+
+
 def install(settings_dir=None):
     """Put the project and the venv on sys.path, then give `slicer` the pieces of the Slicer application the
     module calls; returns the `slicer` module."""
@@ -202,6 +233,7 @@ def install(settings_dir=None):
     slicer.ScriptedLoadableModule = _scripted_loadable_module(slicer, qt)
     sys.modules["slicer.ScriptedLoadableModule"] = slicer.ScriptedLoadableModule
     slicer.qMRMLNodeComboBox = _node_combo_box(slicer, qt)
+    sys.modules["ctk"] = _ctk(qt)
     return slicer
 
 
