@@ -144,9 +144,12 @@ def create_segmentation_node(scene, volume_node, name: str):
     node.SetName(name)
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
+    # Under the volume's parent transform FIRST: the reference geometry is computed in the segmentation's own
+    # frame, so set afterwards it is the volume's local grid (set before, the transform would be baked in and
+    # then applied again).
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     segmentation = node.GetSegmentation()
     labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     if hasattr(segmentation, "SetSourceRepresentationName"):
