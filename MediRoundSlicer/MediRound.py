@@ -519,7 +519,8 @@ def _describe(exc) -> str:
 #
 class MediRoundTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (Reload and Test, or `slicer_add_python_unittest`): a synthetic volume, the Red view on a
-    marked slice, a random tiny model, two rounds, undo, save and read back."""
+    marked slice, a random tiny model (or, where torch is not installed yet, as in a Slicer build tree, the
+    threshold stand-in of MediRoundLib.testing), two rounds, undo, save and read back."""
 
     def setUp(self):
         import slicer
@@ -529,24 +530,37 @@ class MediRoundTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_rounds_segments_undo_save()
 
+    @staticmethod
+    def engine_factory():
+        from MediRoundLib.dependencies import installed
+
+        if not installed("torch"):
+            from MediRoundLib.testing import ThresholdEngine
+            return "threshold stand-in (torch is not installed)", lambda checkpoint: ThresholdEngine(0)
+        from MediRoundCore.engine import Engine
+        return "random tiny model", lambda checkpoint: Engine.random_tiny(seed=0)
+
     def test_rounds_segments_undo_save(self):
         import tempfile
 
         import numpy as np
         import slicer
 
-        from MediRoundCore.engine import Engine
+        from MediRoundLib.testing import show_plane
 
         self.delayDisplay("Synthetic volume")
         array = np.full((20, 64, 64), -800, np.int16)
         array[:, 16:48, 12:40] = 60
-        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.diag([0.8, 0.8, 2.5, 1.0]), name="mediround-test")
-        slicer.util.setSliceViewerLayers(background=volume, fit=True)
-        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        red.SetOrientationToAxial()
-        red.JumpSliceByOffsetting(0, 0, 7 * 2.5)
+        ijk_to_ras = np.diag([0.8, 0.8, 2.5, 1.0])
+        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=ijk_to_ras, name="mediround-test")
+        if slicer.app.layoutManager() is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        red = geometry.find_slice_node(slicer.mrmlScene, "Red")
+        show_plane(red, "axial", (ijk_to_ras @ np.array([32, 32, 7, 1.0]))[:3])
+        name, factory = self.engine_factory()
+        self.delayDisplay(f"Engine: {name}")
         with tempfile.TemporaryDirectory() as tmp:
-            logic = MediRoundLogic(sessions_dir=tmp, engine_factory=lambda checkpoint: Engine.random_tiny(seed=0))
+            logic = MediRoundLogic(sessions_dir=tmp, engine_factory=factory)
             logic.set_volume(volume)
             self.assertEqual(logic.current_plane().index, 7)
             self.delayDisplay("Round 1")
@@ -565,7 +579,12 @@ class MediRoundTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(Session.load(logic.session.folder).rounds), 1)
             self.delayDisplay("Save")
             seg_path, folder = logic.save_segments(Path(tmp) / "out.seg.nrrd")
-            loaded = slicer.util.loadSegmentation(str(seg_path))
+            loaded = slicer.vtkMRMLSegmentationNode()
+            slicer.mrmlScene.AddNode(loaded)
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            slicer.mrmlScene.AddNode(storage)
+            storage.SetFileName(str(seg_path))
+            self.assertTrue(storage.ReadData(loaded))
             self.assertEqual(loaded.GetSegmentation().GetNumberOfSegments(), 1)
             self.assertEqual(len(Session.load(folder).rounds), 1)
             self.assertEqual(logic.find_saved_session(volume), logic.session.folder)

@@ -49,3 +49,14 @@ def test_panel_without_torch_offers_install_then_answers_without_restart(tmp_pat
     assert result["installed"] == ["torch>=2.1", "transformers>=4.45"]
     assert result["rounds"] == [["Segment the liver.", "liver"]], result
     assert result["status"].startswith("R1 done"), result
+
+
+@pytest.mark.parametrize("block", ["torch,transformers", ""], ids=["build-tree-without-torch", "with-torch"])
+def test_module_self_test_runs_in_the_host(tmp_path, block):
+    """MediRoundTest, as Slicer's Reload and Test and slicer_add_python_unittest run it (the generic tests of a
+    Slicer build tree have no torch: the self-test then uses the threshold stand-in engine)."""
+    done, result = run_script("host_module_selftest.py", tmp_path, block=block, timeout=300)
+    assert done.returncode == 0 and result is not None, describe(done)
+    assert result["run"] == 1 and result["failures"] == [], result["failures"]
+    assert result["torch_imported"] == (block == "")
+    assert ("stand-in" in result["engine"]) == (block != "")

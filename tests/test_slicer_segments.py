@@ -54,3 +54,24 @@ def test_transformed_volume_saves_its_segment_on_its_own_grid(tmp_path):
     got = np.transpose(layer == info["labelValue"], (2, 1, 0))
     assert got.sum() == want.sum() == 77
     np.testing.assert_array_equal(got, want)
+
+
+def test_install_makes_a_new_package_importable_at_once(tmp_path, monkeypatch):
+    """After pip writes a package into a folder whose listing the import system has cached (same mtime tick),
+    `install` invalidates the caches, so the next Ask finds it without a restart."""
+    import os
+
+    from MediRoundLib import dependencies
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    assert not dependencies.installed("mediround_probe_pkg")  # caches the folder's listing
+    stat = site.stat()
+
+    def pip_install(requirement):
+        (site / "mediround_probe_pkg.py").write_text("VALUE = 1\n")
+        os.utime(site, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder looks unchanged to the cache
+
+    dependencies.install(dependencies.InstallPlan(pip=["mediround-probe-pkg"]), pip_install=pip_install)
+    assert dependencies.installed("mediround_probe_pkg")

@@ -47,15 +47,17 @@ class InstallPlan:
         return ", ".join(items) if items else "nothing"
 
 
-def _installed(name: str) -> bool:
+def installed(name: str) -> bool:
+    """Whether `name` can be imported now (without importing it)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
 
 
-def install_plan(is_installed=_installed, torch_extension_available: bool = True) -> InstallPlan:
-    """What is missing: `is_installed(import_name) -> bool` decides (injectable for tests)."""
+def install_plan(is_installed=None, torch_extension_available: bool = True) -> InstallPlan:
+    """What is missing: `is_installed(import_name) -> bool` decides (default: `installed`; injectable for tests)."""
+    is_installed = is_installed or installed
     plan = InstallPlan()
     if not is_installed("torch"):
         plan.torch = True

@@ -227,6 +227,12 @@ def install(settings_dir=None):
     os.makedirs(settings_dir, exist_ok=True)
     slicer.app = SlicerApp(qt, settings_dir)
     slicer.mrmlScene = slicer.vtkMRMLScene()
+    for name in ("Red", "Yellow", "Green"):  # as qMRMLLayoutManager adds them (singletons: survive Clear())
+        view = slicer.vtkMRMLSliceNode()
+        view.SetName(name)
+        view.SetLayoutName(name)
+        view.SetSingletonTag(name)
+        slicer.mrmlScene.AddNode(view)
     module_path = os.path.join(root, "MediRoundSlicer", "MediRound.py")
     # Base/QTScriptedModules/qSlicerScriptedLoadableModule: slicer.modules.<name>.path is the module's file
     slicer.modules = types.SimpleNamespace(mediround=types.SimpleNamespace(path=module_path))
