@@ -317,7 +317,7 @@ def test_dependency_plan():
     no_ext = dependencies.install_plan(lambda name: name != "torch", torch_extension_available=False)
     assert no_ext.torch and no_ext.torch_extension_missing and no_ext.pip == []
     only_tf = dependencies.install_plan(lambda name: name != "transformers")
-    assert not only_tf.torch and only_tf.pip == ["transformers>=4.45"]
+    assert not only_tf.torch and only_tf.pip == ["transformers>=4.57"]
 
     class TorchLogic:
         def __init__(self, result):

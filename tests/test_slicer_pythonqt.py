@@ -46,7 +46,7 @@ def test_panel_without_torch_offers_install_then_answers_without_restart(tmp_pat
     assert setup["has_selector"] and setup["beta"] == setup["shipped_beta"] == 0.9
     assert "press Ask to install" in setup["status"] and "PyTorch" in setup["status"]
     assert len(result["offers"]) == 1 and "Install now?" in result["offers"][0]
-    assert result["installed"] == ["torch>=2.1", "transformers>=4.45"]
+    assert result["installed"] == ["torch>=2.1", "transformers>=4.57"]
     assert result["rounds"] == [["Segment the liver.", "liver"]], result
     assert result["status"].startswith("R1 done"), result
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 # import name → pip requirement. Torch is separate (PyTorch extension).
 PIP_REQUIREMENTS = {
-    "transformers": "transformers>=4.45",
+    "transformers": "transformers>=4.57",  # the oldest tested (tests/test_slicer_versions.py)
     "tokenizers": "tokenizers>=0.19",
     "safetensors": "safetensors>=0.4",
     "segment_anything": "segment-anything>=1.0",

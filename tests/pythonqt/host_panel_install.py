@@ -20,7 +20,7 @@ import qt  # noqa: E402
 
 import MediRound  # noqa: E402
 from MediRoundCore.checkpoint_info import checkpoint_beta  # noqa: E402
-from MediRoundLib.testing import add_slice_node, add_volume, show_plane  # noqa: E402
+from MediRoundLib.testing import add_volume, show_plane  # noqa: E402
 
 OUT = Path(os.environ["MEDIROUND_OUT"])
 os.environ["MEDIROUND_SESSIONS_DIR"] = str(OUT / "sessions")
@@ -54,7 +54,7 @@ sys.modules["slicer.packaging"] = slicer.packaging
 array = np.full((8, 40, 36), -900, np.int16)
 array[:, 10:30, 8:28] = 80
 volume = add_volume(slicer.mrmlScene, array, (0.9, 0.9, 2.0), (0, 0, 0), np.eye(3), name="phantom")
-show_plane(add_slice_node(slicer.mrmlScene), "axial", [15.0, 15.0, 2.0 * 4])
+show_plane(MediRound.geometry.find_slice_node(slicer.mrmlScene, "Red"), "axial", [15.0, 15.0, 2.0 * 4])
 
 parent = qt.QWidget()
 parent.setLayout(qt.QVBoxLayout())

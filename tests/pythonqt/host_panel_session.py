@@ -20,7 +20,7 @@ import qt  # noqa: E402
 import MediRound  # noqa: E402
 from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT  # noqa: E402
 from MediRoundLib import segments  # noqa: E402
-from MediRoundLib.testing import add_slice_node, show_plane  # noqa: E402
+from MediRoundLib.testing import show_plane  # noqa: E402
 
 OUT = Path(os.environ["MEDIROUND_OUT"])
 os.environ["MEDIROUND_SESSIONS_DIR"] = str(OUT / "sessions")
@@ -37,7 +37,7 @@ slicer.mrmlScene.AddNode(storage)
 storage.SetFileName(str(DATA / "demo_abdomen.nrrd"))
 assert storage.ReadData(volume), "could not read the bundled volume"
 ijk_to_ras = MediRound.geometry.ijk_to_ras_matrix(volume)
-red = add_slice_node(slicer.mrmlScene, "Red")
+red = MediRound.geometry.find_slice_node(slicer.mrmlScene, "Red")  # the layout's Red view
 show_plane(red, "axial", (ijk_to_ras @ np.array([128, 128, SLICE, 1.0]))[:3])
 
 # The module as Slicer builds it: a parent widget with a vertical layout, then setup().
