@@ -75,3 +75,55 @@ def test_install_makes_a_new_package_importable_at_once(tmp_path, monkeypatch):
 
     dependencies.install(dependencies.InstallPlan(pip=["mediround-probe-pkg"]), pip_install=pip_install)
     assert dependencies.installed("mediround_probe_pkg")
+
+
+def _tag(segment):
+    import vtk
+
+    value = vtk.reference("")
+    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
+def test_standard_anatomy_gets_slicer_terminology_and_colour(tmp_path):
+    """Each round's segment carries Slicer's TerminologyEntry (General Anatomy codes; laterality as a type
+    modifier; a finding's organ as its anatomic region) and Slicer's recommended colour; they survive a save."""
+    from MediRoundCore.imaging import Volume, extract_slice
+
+    scene = slicer.vtkMRMLScene()
+    array = np.zeros((4, 10, 12), np.int16)
+    node = add_volume(scene, array, (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3), name="v")
+    seg = segments.create_segmentation_node(scene, node, "terms")
+    volume = Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    image = extract_slice(volume, "axial", 2)
+    mask = np.zeros(image.pixels.shape, bool)
+    mask[2:5, 3:6] = True
+    entities = ["left kidney", "lesion in the left kidney", "ribs", "liver", "vertebra", "mysterious blob"]
+    for n, entity in enumerate(entities, 1):
+        segments.add_round_segment(seg, volume, geometry.ijk_to_ras_matrix(node), image, mask, n, entity)
+    s = seg.GetSegmentation()
+    tags = {e: _tag(s.GetSegment(segments.segment_id(n))) if e != "mysterious blob" else None
+            for n, e in enumerate(entities, 1)}
+    ga = "Segmentation category and type - 3D Slicer General Anatomy list"
+    assert tags["left kidney"] == (f"{ga}~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney~SCT^7771000^Left"
+                                   "~Anatomic codes - DICOM master list~^^~^^")
+    assert tags["lesion in the left kidney"] == (
+        f"{ga}~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^"
+        "~Anatomic codes - DICOM master list~SCT^64033007^Kidney~SCT^7771000^Left")
+    assert "~SCT^113197003^Rib~" in tags["ribs"] and "~SCT^10200004^Liver~" in tags["liver"]
+    assert tags["vertebra"].startswith("Segmentation category and type - DICOM master list~") and \
+        "SCT^51282000^Vertebra" in tags["vertebra"]
+    assert _tag(s.GetSegment(segments.segment_id(6))) == _tag(slicer.vtkSegment())  # vtkSegment's default kept
+    for tag in filter(None, tags.values()):  # 7 fields, each code a scheme^value^meaning triple
+        fields = tag.split("~")
+        assert len(fields) == 7 and all(f.count("^") == 2 for i, f in enumerate(fields) if i not in (0, 4))
+    colour = [round(255 * c) for c in s.GetSegment(segments.segment_id(4)).GetColor()]
+    assert colour == [221, 130, 101]  # Slicer's recommended liver colour
+    path = tmp_path / "terms.seg.nrrd"
+    segments.save_seg_nrrd(seg, path)
+    saved = {info["name"]: info for info in slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]}
+    kidney = saved["R1: left kidney"]["terminology"]
+    assert kidney["type"] == ["SCT", "64033007", "Kidney"] and kidney["typeModifier"] == ["SCT", "7771000", "Left"]
+    lesion = saved["R2: lesion in the left kidney"]["terminology"]
+    assert lesion["anatomicRegion"] == ["SCT", "64033007", "Kidney"]
+    assert lesion["anatomicRegionModifier"] == ["SCT", "7771000", "Left"]
