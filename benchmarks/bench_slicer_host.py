@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     body = "\n".join([
         "## Inside Slicer's PythonQt (the module's panel)",
         "",
-        f"- Machine: {info['cpu']}, {info['cores']} core(s), torch {info['torch']}, Python {info['python']}; load average at the start: {info['load']}, "
-        f"at the end: {machine_info()['load']} (other work on the machine slows these times).",
+        f"- Machine: {info['cpu']}, {info['cores']} core(s), torch {info['torch']}, Python {info['python']}; "
+        f"load average at the start: {info['load']}, at the end: {machine_info()['load']} (other work on the machine slows these times).",
         "- Host: commontk/PythonQt db525aff (the PythonQt of Slicer 5.8) built by `../shared/pythonqt/build.sh`, "
         "initialised as CTK does, no thread support; `qt` is PythonQt's, MRML is slicer-core's.",
         "- Session: the bundled model and volume, axial slice 12; Ask ×3 through the panel's button, undo, save, "
