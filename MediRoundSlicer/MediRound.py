@@ -184,15 +184,19 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
 
 def dependency_notice() -> str:
     """What the panel says before the first Ask when the model cannot run yet (never imports torch)."""
-    from MediRoundLib.dependencies import install_plan, python_problem
+    import slicer
+
+    from MediRoundLib.dependencies import install_plan, python_problem, slicer_version_warning
 
     problem = python_problem()
     if problem:
         return problem
+    notes = [slicer_version_warning(getattr(slicer.app, "majorVersion", None),
+                                    getattr(slicer.app, "minorVersion", None))]
     plan = install_plan()
     if plan.needed:
-        return f"The model needs {plan.describe()}: press Ask to install (once; no restart needed)."
-    return ""
+        notes.append(f"The model needs {plan.describe()}: press Ask to install (once; no restart needed).")
+    return " ".join(n for n in notes if n)
 
 
 class SlicerDialogs:

@@ -43,6 +43,12 @@ def test_too_old_python_gets_a_message():
     assert "3D Slicer 5.8 or later" in message and "Python 3.6.7" in message
 
 
+def test_older_slicer_gets_a_note_not_a_refusal():
+    assert dependencies.slicer_version_warning(5, 8) == "" and dependencies.slicer_version_warning(5, 10) == ""
+    assert "tested on Slicer 5.8 and later" in dependencies.slicer_version_warning(5, 6)
+    assert dependencies.slicer_version_warning(None, None) == ""
+
+
 def _compat_python() -> Path:
     """A throwaway venv (cached under ~/.cache) with transformers 4.57.x and the same torch."""
     python = COMPAT_VENV / "bin" / "python"

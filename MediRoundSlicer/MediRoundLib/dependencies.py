@@ -22,6 +22,22 @@ TORCH_REQUIREMENT = ">=2.1"
 MIN_PYTHON = (3, 9)
 
 
+MIN_SLICER = (5, 8)
+
+
+def slicer_version_warning(major, minor) -> str:
+    """A note for the panel on a Slicer older than the oldest tested (5.8), else ''. Such a Slicer with
+    Python 3.9 may well work; Ask stays enabled."""
+    try:
+        version = (int(major), int(minor))
+    except (TypeError, ValueError):
+        return ""
+    if version >= MIN_SLICER:
+        return ""
+    return (f"This is 3D Slicer {version[0]}.{version[1]}; MediRound is tested on Slicer "
+            f"{MIN_SLICER[0]}.{MIN_SLICER[1]} and later. If Ask fails, please update Slicer.")
+
+
 def python_problem(version=None) -> str:
     """A message for the panel when this Slicer's Python is too old for MediRound, else ''."""
     version = tuple(version or sys.version_info[:3])

@@ -59,10 +59,11 @@ def _paths():
 class SlicerApp:
     """`slicer.app`, following Base/QTCore/qSlicerCoreApplication.h and Base/QTGUI/qSlicerApplication.h: in Slicer
     it IS the QApplication; here the QApplication's methods are reached through it, plus the few qSlicer
-    additions the module and slicer.util use (applicationName, testingEnabled, layoutManager,
-    slicerUserSettingsFilePath, moduleManager, the override cursor)."""
+    additions the module and slicer.util use (applicationName, majorVersion, minorVersion, testingEnabled,
+    layoutManager, slicerUserSettingsFilePath, moduleManager, the override cursor)."""
 
     applicationName = "3D Slicer"
+    majorVersion, minorVersion = 5, 8  # the Slicer whose PythonQt the host embeds
 
     def __init__(self, qt, settings_dir):
         self._qt = qt
