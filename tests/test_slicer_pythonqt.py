@@ -31,6 +31,7 @@ def test_multi_round_session_through_the_panel(tmp_path):
     assert sorted(a["seconds"] for a in asks[1:])[1] < LATER_ASK_MEDIAN_S, asks
     assert result["after_undo"] == [2, ["MediRound_R1", "MediRound_R2"]]
     assert result["saved_file"] and result["saved_status"].startswith("Saved demo.seg.nrrd")
+    assert result["saved_segments"] == ["R1: left kidney", "R2: lesion in the left kidney"]  # after the undo
     assert result["after_new"] == [0, "MediRound: demo_abdomen (earlier session)", True]
     # model combo: index 1 asks for a folder, index 0 is the bundled model again; JCM off disables beta
     assert result["controls"] == [str(tmp_path / "checkpoint"), None, False, True]

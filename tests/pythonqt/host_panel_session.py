@@ -94,6 +94,16 @@ def save():
     ui.saveButton.click()
     log["saved_status"] = ui.statusLabel.text
     log["saved_file"] = saved_path.is_file()
+    loaded = slicer.vtkMRMLSegmentationNode()  # read back by MRML's own segmentation reader
+    slicer.mrmlScene.AddNode(loaded)
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    slicer.mrmlScene.AddNode(reader)
+    reader.SetFileName(str(saved_path))
+    reader.ReadData(loaded)
+    seg = loaded.GetSegmentation()
+    log["saved_segments"] = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    slicer.mrmlScene.RemoveNode(loaded)
+    slicer.mrmlScene.RemoveNode(reader)
 
 
 def new_session():
