@@ -179,7 +179,7 @@ class ChatPanel:
             self.refresh()
             return
         if self.before_ask is not None and not self.before_ask():
-            self.status = "The model cannot run yet: its packages are not installed. Press Ask to try again."
+            self.status = "The model cannot run yet; press Ask to try again."
             self.refresh()
             return
         self.notice = ""
