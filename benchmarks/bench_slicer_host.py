@@ -23,13 +23,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from _bench import command_line, fmt, machine_info, table, write_section  # noqa: E402
-from pythonqt_host import describe, run_script  # noqa: E402
+from pythonqt_host import HostUnavailable, describe, run_script  # noqa: E402
 
 
 def session(extra_env: dict) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
-        done, result = run_script("host_panel_session.py", Path(tmp), exec_ms=400000, timeout=600,
-                                  extra_env=extra_env)
+        try:
+            done, result = run_script("host_panel_session.py", Path(tmp), exec_ms=400000, timeout=600,
+                                      extra_env=extra_env)
+        except HostUnavailable as exc:
+            raise SystemExit(str(exc)) from None
     if done.returncode != 0 or result is None or result["errors"]:
         raise SystemExit(f"the host session failed:\n{describe(done)}\n{result and result['errors']}")
     return [a["seconds"] for a in result["asks"]]
