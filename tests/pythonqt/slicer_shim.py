@@ -2,7 +2,7 @@
 
 What is real: the `qt` module (commontk/PythonQt db525aff, the PythonQt of Slicer 5.8, initialised as CTK does,
 without thread support), MRML (`slicer-core`: vtkMRMLScene, nodes, segmentations, storage) and Slicer's own
-`slicer.util` (Base/Python/slicer/util.py, shipped by slicer-core). What this file adds are the few pieces of
+`slicer.util` (Base/Python/slicer/util.py as slicer-core ships it: a newer Slicer's than 5.8's, same calls). What this file adds are the few pieces of
 the Slicer application that the MediRound module calls; each follows the Slicer source named in its docstring.
 
 Use, first lines of a host script:
