@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .answers import parse_entity
+from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import DeviceError, MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
@@ -33,7 +34,6 @@ MAX_QUERY_CHARS = 2000
 # transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(
     __import__("transformers").MistralForCausalLM.forward).parameters else "past_key_values"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-tiny"
 
 
 @dataclass
@@ -63,18 +63,6 @@ class _SliceState:
     rounds: list[int] = field(default_factory=list)  # session round numbers whose tokens are in the cache
     pending: list[int] = field(default_factory=list)  # tokens decided but not yet fed ([SEG], EOS)
     session_ref: object = None  # weakref to the session whose rounds the cache holds
-
-
-def checkpoint_beta(checkpoint: str | Path | None = None) -> float:
-    """The JCM threshold a checkpoint folder was shipped with (chosen on validation), without loading it;
-    the paper's 0.6 when the folder or field is missing."""
-    import json
-
-    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    try:
-        return float(json.loads((folder / "config.json").read_text())["jcm"]["beta"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.6
 
 
 def validate_query(query) -> str:

@@ -106,6 +106,8 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(ui_widget)
         self.logic = MediRoundLogic()
         self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies)
+        self.chat.notice = dependency_notice()
+        self.chat.refresh()
 
         self.volumeSelector = slicer.qMRMLNodeComboBox()
         self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
@@ -145,14 +147,18 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.chat.set_volume(node)
 
     def ensureDependencies(self) -> bool:
-        """On first use: offer to install what the model needs (main thread, modal); False when not ready."""
-        import qt
+        """On first use: offer to install what the model needs (main thread, modal); False when not ready.
+        After an install the packages import in this session: no restart."""
         import slicer
 
-        from MediRoundLib.dependencies import install, install_plan
+        from MediRoundLib.dependencies import install, install_plan, python_problem
 
+        problem = python_problem()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle="MediRound")
+            return False
         try:
-            import PyTorchUtils  # the PyTorch extension
+            import PyTorchUtils  # the PyTorch extension (fepegar/SlicerPyTorch)
             torch_logic = PyTorchUtils.PyTorchUtilsLogic()
         except ImportError:
             torch_logic = None
@@ -161,17 +167,36 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
             return True
         if plan.torch_extension_missing:
             slicer.util.errorDisplay("MediRound needs PyTorch. Install the 'PyTorch' extension from the Extensions "
-                                     "Manager, restart Slicer and press Ask again.")
+                                     "Manager, restart Slicer and press Ask again.", windowTitle="MediRound")
             return False
         if not slicer.util.confirmOkCancelDisplay(
                 f"MediRound needs {plan.describe()}. Install now? This downloads several hundred MB and may take "
                 "a few minutes.", "MediRound: install dependencies"):
             return False
-        with slicer.util.tryWithErrorDisplay("MediRound: installing dependencies failed. Press Ask to retry.",
-                                             waitCursor=True):
-            install(plan, torch_logic, slicer.util.pip_install)
-            return not install_plan().needed
-        return False
+        try:
+            with slicer.util.tryWithErrorDisplay("MediRound: installing dependencies failed. Press Ask to retry.",
+                                                 waitCursor=True):
+                install(plan, torch_logic, slicer.util.pip_install)
+        except Exception:  # tryWithErrorDisplay has shown it, then re-raised it
+            return False
+        return not install_plan().needed
+
+
+def dependency_notice() -> str:
+    """What the panel says before the first Ask when the model cannot run yet (never imports torch)."""
+    import slicer
+
+    from MediRoundLib.dependencies import install_plan, python_problem, slicer_version_warning
+
+    problem = python_problem()
+    if problem:
+        return problem
+    notes = [slicer_version_warning(getattr(slicer.app, "majorVersion", None),
+                                    getattr(slicer.app, "minorVersion", None))]
+    plan = install_plan()
+    if plan.needed:
+        notes.append(f"The model needs {plan.describe()}: press Ask to install (once; no restart needed).")
+    return " ".join(n for n in notes if n)
 
 
 class SlicerDialogs:
@@ -397,12 +422,13 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
                            "ijk_to_ras": self.ijk_to_ras}
         return job
 
-    def poll(self) -> list[LogicEvent]:
-        """Main thread: apply finished jobs (segments are written here, never on the worker)."""
+    def poll(self, wait: float = 0.0) -> list[LogicEvent]:
+        """Main thread: apply finished jobs (segments are written here, never on the worker). With `wait`, first
+        hand the GIL to the worker for up to `wait` seconds while none has finished (see InferenceWorker.poll)."""
         if self._worker is None:
             return []
         out = []
-        for event in self._worker.poll():
+        for event in self._worker.poll(wait if self._jobs else 0.0):
             job = self._jobs.get(event.job_id, {})
             if event.kind == "progress":
                 message, fraction = event.payload
@@ -497,7 +523,8 @@ def _describe(exc) -> str:
 #
 class MediRoundTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (Reload and Test, or `slicer_add_python_unittest`): a synthetic volume, the Red view on a
-    marked slice, a random tiny model, two rounds, undo, save and read back."""
+    marked slice, a random tiny model (or, where torch is not installed yet, as in a Slicer build tree, the
+    threshold stand-in of MediRoundLib.testing), two rounds, undo, save and read back."""
 
     def setUp(self):
         import slicer
@@ -507,24 +534,37 @@ class MediRoundTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_rounds_segments_undo_save()
 
+    @staticmethod
+    def engine_factory():
+        from MediRoundLib.dependencies import installed
+
+        if not installed("torch"):
+            from MediRoundLib.testing import ThresholdEngine
+            return "threshold stand-in (torch is not installed)", lambda checkpoint: ThresholdEngine(0)
+        from MediRoundCore.engine import Engine
+        return "random tiny model", lambda checkpoint: Engine.random_tiny(seed=0)
+
     def test_rounds_segments_undo_save(self):
         import tempfile
 
         import numpy as np
         import slicer
 
-        from MediRoundCore.engine import Engine
+        from MediRoundLib.testing import show_plane
 
         self.delayDisplay("Synthetic volume")
         array = np.full((20, 64, 64), -800, np.int16)
         array[:, 16:48, 12:40] = 60
-        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.diag([0.8, 0.8, 2.5, 1.0]), name="mediround-test")
-        slicer.util.setSliceViewerLayers(background=volume, fit=True)
-        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        red.SetOrientationToAxial()
-        red.JumpSliceByOffsetting(0, 0, 7 * 2.5)
+        ijk_to_ras = np.diag([0.8, 0.8, 2.5, 1.0])
+        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=ijk_to_ras, name="mediround-test")
+        if slicer.app.layoutManager() is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        red = geometry.find_slice_node(slicer.mrmlScene, "Red")
+        show_plane(red, "axial", (ijk_to_ras @ np.array([32, 32, 7, 1.0]))[:3])
+        name, factory = self.engine_factory()
+        self.delayDisplay(f"Engine: {name}")
         with tempfile.TemporaryDirectory() as tmp:
-            logic = MediRoundLogic(sessions_dir=tmp, engine_factory=lambda checkpoint: Engine.random_tiny(seed=0))
+            logic = MediRoundLogic(sessions_dir=tmp, engine_factory=factory)
             logic.set_volume(volume)
             self.assertEqual(logic.current_plane().index, 7)
             self.delayDisplay("Round 1")
@@ -543,7 +583,12 @@ class MediRoundTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(Session.load(logic.session.folder).rounds), 1)
             self.delayDisplay("Save")
             seg_path, folder = logic.save_segments(Path(tmp) / "out.seg.nrrd")
-            loaded = slicer.util.loadSegmentation(str(seg_path))
+            loaded = slicer.vtkMRMLSegmentationNode()
+            slicer.mrmlScene.AddNode(loaded)
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            slicer.mrmlScene.AddNode(storage)
+            storage.SetFileName(str(seg_path))
+            self.assertTrue(storage.ReadData(loaded))
             self.assertEqual(loaded.GetSegmentation().GetNumberOfSegments(), 1)
             self.assertEqual(len(Session.load(folder).rounds), 1)
             self.assertEqual(logic.find_saved_session(volume), logic.session.folder)

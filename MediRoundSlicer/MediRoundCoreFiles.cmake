@@ -3,6 +3,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/__init__.py
   MediRoundCore/_sam.py
   MediRoundCore/answers.py
+  MediRoundCore/checkpoint_info.py
   MediRoundCore/checkpoints/__init__.py
   MediRoundCore/checkpoints/_common.py
   MediRoundCore/checkpoints/_manifests.py

@@ -101,7 +101,13 @@ def test_core_package_ships_completely():
                   and not p.name.startswith(".")]
     unshipped = [f for f in data_files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
     assert unshipped == [], "package data not covered by MEDIROUND_CORE_RESOURCE_PATTERNS"
-    # the module CMakeLists copies them with the core's own target rooted at the source tree
+    # the module CMakeLists copies them into the build tree's qt-scripted-modules, and installs them only once:
+    # slicerMacroBuildScriptedModule installs that whole folder (CTK's ctkMacroCompilePythonScript with
+    # NO_INSTALL_SUBDIR), so no second ctkMacroCompilePythonScript or install() may name it
     module_commands, _ = _commands(MODULE / "CMakeLists.txt")
-    copy = [args for name, args in module_commands if name == "ctkMacroCompilePythonScript"]
-    assert copy and "${MEDIROUND_CORE_SCRIPTS}" in copy[0] and "${MEDIROUND_CORE_RESOURCES}" in copy[0]
+    names = [name for name, _ in module_commands]
+    assert "ctkMacroCompilePythonScript" not in names and "install" not in names
+    files = [args for name, args in module_commands if name == "set" and args[:1] == ["MEDIROUND_CORE_FILES"]]
+    assert files == [["MEDIROUND_CORE_FILES", "${MEDIROUND_CORE_SCRIPTS}"]]
+    copy = [args for name, args in module_commands if name == "add_custom_command"]
+    assert copy and any("${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file}" in a for a in copy[0])

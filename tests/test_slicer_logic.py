@@ -119,14 +119,14 @@ def test_names_colours_terminology_and_overlap(logic_setup):
     assert names == ["R1: liver", "R2: lesion", "R3: body"]
     colours = [tuple(seg.GetSegment(i).GetColor()) for i in segments.segment_ids(logic.segmentation_node)]
     assert len({tuple(round(c, 3) for c in col) for col in colours}) == 3
-    assert np.allclose(colours[0], np.array(segments.ANATOMY["liver"][2]) / 255)
+    assert np.allclose(colours[0], np.array([221, 130, 101]) / 255)  # Slicer's recommended liver colour
     import vtk
     entry = vtk.reference("")
     seg.GetSegment("MediRound_R1").GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
     entry = str(entry)
     assert "SCT^10200004^Liver" in entry
     assert "Morphologically Altered Structure" in segments.terminology_entry("liver lesion")
-    assert segments.terminology_entry("liver lesion").endswith("SCT^10200004^Liver~^^")
+    assert segments.terminology_entry("liver lesion").endswith("~SCT^10200004^Liver~^^")
     assert segments.terminology_entry("mysterious blob") is None
     display = logic.segmentation_node.GetDisplayNode()
     assert all(display.GetSegmentVisibility(i) for i in segments.segment_ids(logic.segmentation_node))
@@ -325,7 +325,7 @@ def test_dependency_plan():
     no_ext = dependencies.install_plan(lambda name: name != "torch", torch_extension_available=False)
     assert no_ext.torch and no_ext.torch_extension_missing and no_ext.pip == []
     only_tf = dependencies.install_plan(lambda name: name != "transformers")
-    assert not only_tf.torch and only_tf.pip == ["transformers>=4.45"]
+    assert not only_tf.torch and only_tf.pip == ["transformers>=4.57"]
 
     class TorchLogic:
         def __init__(self, result):

@@ -127,6 +127,28 @@ def check_finite(state: dict, source: str) -> None:
                                   f"would give meaningless masks")
 
 
+_VISION = "vision_tower."
+_CLIP_INNER = "vision_model."
+
+
+def align_vision_keys(state: dict, model_keys) -> dict:
+    """The vision tower's keys as this transformers names them. CLIPVisionModel keeps its weights under
+    `vision_model.` in transformers 4.x and directly in 5.x, so a folder saved under one names them
+    `vision_tower.vision_model.<x>` and the other expects `vision_tower.<x>` (or the reverse). Other keys, and
+    keys that already match, stay as they are."""
+    own = set(model_keys)
+    out = {}
+    for key, value in state.items():
+        if key.startswith(_VISION) and key not in own:
+            rest = key[len(_VISION):]
+            other = (_VISION + rest[len(_CLIP_INNER):] if rest.startswith(_CLIP_INNER)
+                     else _VISION + _CLIP_INNER + rest)
+            if other in own:
+                key = other
+        out[key] = value
+    return out
+
+
 def from_pretrained(folder, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from one of our folders; errors name the file and the key."""
     from ..model.lora import apply_lora
@@ -147,7 +169,7 @@ def from_pretrained(folder, device="cpu", dtype=torch.float32):
         load_base_weights(model)
     if lora:
         apply_lora(model)
-    state = load_tensors(folder / WEIGHTS)
+    state = align_vision_keys(load_tensors(folder / WEIGHTS), model.state_dict().keys())
     check_finite(state, str(folder / WEIGHTS))
     load_strict(model, state, str(folder / WEIGHTS), ignore_missing=not_stored(config))
     model.to(device=device, dtype=dtype).eval()

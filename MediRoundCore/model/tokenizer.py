@@ -69,6 +69,29 @@ def load_tokenizer(folder: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for unreadable folders
-        raise CheckpointError(f"{folder}: cannot load tokenizer ({exc})") from None
+        tokenizer = _fast_tokenizer_from_file(folder)
+        if tokenizer is None:
+            raise CheckpointError(f"{folder}: cannot load tokenizer ({exc})") from None
     add_mediround_tokens(tokenizer)
     return tokenizer
+
+
+def _fast_tokenizer_from_file(folder: Path):
+    """The folder's tokenizer.json as a PreTrainedTokenizerFast, with the special tokens its config names; for
+    a folder written by transformers 5 (`tokenizer_class: TokenizersBackend`, a list of extra special tokens)
+    read by transformers 4.x, whose AutoTokenizer knows neither. None without a tokenizer.json."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    specials = {k: config[k] if isinstance(config.get(k), str) else v for k, v in BASE_SPECIALS.items()}
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **specials)
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: cannot load tokenizer.json ({exc})") from None

@@ -8,6 +8,7 @@ MediRoundLogic: Ask submits a job to the logic's worker thread, a QTimer polls t
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 import re
@@ -17,17 +18,21 @@ from MediRoundLib import qt, segments
 WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmCheckBox", "betaSpinBox",
            "progressBar", "statusLabel", "undoButton", "newSessionButton", "saveButton", "modelCombo",
            "checkpointEdit", "browseButton", "deviceLabel", "sliceLabel", "volumeSelectorLayout")
-POLL_MS = 50
+# While an Ask runs, the poll timer fires every POLL_MS and each call hands the GIL to the inference thread for
+# up to YIELD_MS (it returns as soon as the thread reports). Slicer's main thread holds the GIL while Qt idles,
+# so this share is all the thread gets; the rest of each period keeps the user interface responsive.
+# Chosen by measurement in the PythonQt host (docs/design-notes.md, "Inference under Slicer's GIL").
+POLL_MS = int(os.environ.get("MEDIROUND_POLL_MS", "20"))
+YIELD_MS = int(os.environ.get("MEDIROUND_YIELD_MS", "15"))
 
 
 class _Ui:
+    """The named widgets and layouts of the .ui file, as attributes (looked up by name: under PythonQt
+    `objectName` is a property, not a getter)."""
+
     def __init__(self, root):
-        found = {}
-        for child in root.findChildren(qt.QObject):
-            name = child.objectName()
-            if name in WIDGETS and name not in found:
-                found[name] = child
-        missing = [n for n in WIDGETS if n not in found]
+        found = {name: root.findChild(qt.QObject, name) for name in WIDGETS}
+        missing = [n for n, child in found.items() if child is None]
         if missing:
             raise RuntimeError(f"MediRound.ui lacks {', '.join(missing)}")
         self.__dict__.update(found)
@@ -59,6 +64,7 @@ class ChatPanel:
         self.dialogs = dialogs or QtDialogs()
         self.before_ask = before_ask  # callable() -> bool (dependency check inside Slicer)
         self.status = ""
+        self.notice = ""  # shown while there is no status (e.g. "press Ask to install PyTorch")
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -77,7 +83,7 @@ class ChatPanel:
 
     def adopt_model_beta(self):
         """Show the β the chosen model was shipped with (it was chosen on validation data)."""
-        from MediRoundCore.engine import checkpoint_beta
+        from MediRoundCore.checkpoint_info import checkpoint_beta  # no torch: the panel works before it is installed
 
         self.ui.betaSpinBox.setValue(checkpoint_beta(self.logic.checkpoint))
 
@@ -110,7 +116,7 @@ class ChatPanel:
         bar.setValue(_call(bar.maximum))
         if not busy:
             ui.progressBar.setValue(0)
-        ui.statusLabel.setText(self.status or ("Select a volume to start." if not has_session else
+        ui.statusLabel.setText(self.status or self.notice or ("Select a volume to start." if not has_session else
                                                f"{len(rounds)} round(s). Ask about the slice in the Red view."))
 
     def history_html(self) -> str:
@@ -173,7 +179,10 @@ class ChatPanel:
             self.refresh()
             return
         if self.before_ask is not None and not self.before_ask():
+            self.status = "The model cannot run yet; press Ask to try again."
+            self.refresh()
             return
+        self.notice = ""
         use_jcm = _checked(ui.jcmCheckBox)
         beta = float(_call(ui.betaSpinBox.value))
         try:
@@ -189,7 +198,7 @@ class ChatPanel:
         self.timer.start()
 
     def poll(self):
-        events = self.logic.poll()
+        events = self.logic.poll(wait=YIELD_MS / 1000.0)
         for event in events:
             if event.kind == "progress":
                 self.status = f"{event.message[:1].upper()}{event.message[1:]}…"

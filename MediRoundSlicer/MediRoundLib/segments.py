@@ -3,64 +3,23 @@
 Every segment gets its own binary-labelmap layer (its own vtkOrientedImageData), so overlapping segments
 (an organ and a lesion inside it) survive in the scene and in the saved `.seg.nrrd`. Labelmaps are in the
 volume's local RAS and the segmentation node sits under the volume's parent transform, so both move together.
-Colours: the standard anatomy colour where the entity is a known structure (with a DICOM/SNOMED CT
-terminology entry), else a palette colour; never the colour of a segment already in the node.
+Colours: Slicer's recommended colour where the entity is a standard structure or finding (with its
+terminology entry, MediRoundLib.terminology), else a palette colour; never the colour of a segment already in
+the node.
 """
 
 from __future__ import annotations
 
 import colorsys
-import re
 
 import numpy as np
 
 from MediRoundCore.errors import VolumeError
 from MediRoundCore.imaging import SliceImage, Volume
+from MediRoundLib import terminology
 
 SEGMENT_ID_PREFIX = "MediRound_R"
 ROUND_TAG = "MediRound.Round"
-
-# entity keyword → (SNOMED CT code, code meaning, colour 0–255 from Slicer's GenericAnatomyColors where known).
-# Longer keywords are matched first ("left kidney" before "kidney").
-ANATOMY = {
-    "liver": ("10200004", "Liver", (221, 130, 101)),
-    "spleen": ("78961009", "Spleen", (157, 108, 162)),
-    "right kidney": ("9846003", "Right kidney", (185, 102, 83)),
-    "left kidney": ("18639004", "Left kidney", (185, 102, 83)),
-    "kidney": ("64033007", "Kidney", (185, 102, 83)),
-    "right lung": ("3341006", "Right lung", (197, 165, 145)),
-    "left lung": ("44029006", "Left lung", (197, 165, 145)),
-    "lung": ("39607008", "Lung", (197, 165, 145)),
-    "heart": ("80891009", "Heart", (206, 110, 84)),
-    "aorta": ("15825003", "Aorta", (224, 97, 76)),
-    "pancreas": ("15776009", "Pancreas", (249, 180, 111)),
-    "stomach": ("69695003", "Stomach", (216, 132, 105)),
-    "gallbladder": ("28231008", "Gallbladder", (139, 150, 98)),
-    "bladder": ("89837001", "Urinary bladder", (222, 154, 132)),
-    "brain": ("12738006", "Brain", (250, 250, 225)),
-    "esophagus": ("32849002", "Esophagus", (211, 171, 143)),
-    "trachea": ("44567001", "Trachea", (182, 228, 255)),
-    "adrenal": ("23451007", "Adrenal gland", (244, 214, 49)),
-    "colon": ("71854001", "Colon", (204, 168, 143)),
-    "duodenum": ("38848004", "Duodenum", (255, 253, 229)),
-    "small intestine": ("30315005", "Small intestine", (205, 167, 142)),
-    "prostate": ("41216001", "Prostate", (230, 158, 140)),
-    "vena cava": ("64131007", "Inferior vena cava", (0, 151, 206)),
-    "portal vein": ("32764006", "Portal vein", (0, 151, 206)),
-    "bone": ("272673000", "Bone", (241, 214, 145)),
-}
-# Findings: category "Morphologically Altered Structure".
-FINDINGS = {
-    "tumor": ("108369006", "Neoplasm", (144, 238, 144)),
-    "tumour": ("108369006", "Neoplasm", (144, 238, 144)),
-    "mass": ("4147007", "Mass", (144, 238, 144)),
-    "nodule": ("27925004", "Nodule", (144, 238, 144)),
-    "cyst": ("441457006", "Cyst", (128, 174, 128)),
-    "lesion": ("52988006", "Lesion", (128, 174, 128)),
-}
-_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
 
 def segment_id(number: int) -> str:
     return f"{SEGMENT_ID_PREFIX}{number}"
@@ -70,45 +29,9 @@ def segment_name(number: int, entity: str | None) -> str:
     return f"R{number}: {entity}" if entity else f"R{number}"
 
 
-def _lookup(entity: str | None):
-    """(kind, code, meaning, rgb) for a known structure or finding named in `entity`, else None."""
-    if not entity:
-        return None
-    text = entity.lower()
-    for table, kind in ((FINDINGS, "finding"), (ANATOMY, "anatomy")):  # "liver lesion" is a lesion
-        for key in sorted(table, key=len, reverse=True):
-            if re.search(rf"\b{re.escape(key)}s?\b", text):
-                code, meaning, rgb = table[key]
-                return kind, code, meaning, rgb
-    return None
-
-
 def terminology_entry(entity: str | None) -> str | None:
-    """Slicer's terminology entry string for a known structure or finding, else None.
-
-    Format: context~category~type~type modifier~anatomic context~anatomic region~region modifier, each code
-    as scheme^value^meaning."""
-    found = _lookup(entity)
-    if found is None:
-        return None
-    kind, code, meaning, _ = found
-    if kind == "anatomy":
-        category = "SCT^123037004^Anatomical Structure"
-        region = "^^"
-        text = entity.lower()
-        for key in sorted(ANATOMY, key=len, reverse=True):
-            if re.search(rf"\b{re.escape(key)}s?\b", text):
-                break
-        return f"{_CONTEXT}~{category}~SCT^{code}^{meaning}~^^~{_ANATOMIC_CONTEXT}~{region}~^^"
-    category = "SCT^49755003^Morphologically Altered Structure"
-    organ = None
-    text = entity.lower()
-    for key in sorted(ANATOMY, key=len, reverse=True):
-        if re.search(rf"\b{re.escape(key)}s?\b", text):
-            organ = ANATOMY[key]
-            break
-    region = f"SCT^{organ[0]}^{organ[1]}" if organ else "^^"
-    return f"{_CONTEXT}~{category}~SCT^{code}^{meaning}~^^~{_ANATOMIC_CONTEXT}~{region}~^^"
+    """Slicer's TerminologyEntry tag string for a standard structure or finding (MediRoundLib.terminology)."""
+    return terminology.terminology_entry(entity)
 
 
 def palette_color(i: int) -> tuple[float, float, float]:
@@ -123,11 +46,9 @@ def choose_color(entity: str | None, used: list[tuple[float, float, float]]) -> 
     def taken(c):
         return any(max(abs(a - b) for a, b in zip(c, u)) < 0.06 for u in used)
 
-    found = _lookup(entity)
-    if found is not None:
-        rgb = tuple(v / 255.0 for v in found[3])
-        if not taken(rgb):
-            return rgb
+    rgb = terminology.standard_color(entity)
+    if rgb is not None and not taken(rgb):
+        return rgb
     i = 0
     while taken(palette_color(i)) and i < 1000:
         i += 1
@@ -144,9 +65,12 @@ def create_segmentation_node(scene, volume_node, name: str):
     node.SetName(name)
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
+    # Under the volume's parent transform FIRST: the reference geometry is computed in the segmentation's own
+    # frame, so set afterwards it is the volume's local grid (set before, the transform would be baked in and
+    # then applied again).
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     segmentation = node.GetSegmentation()
     labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     if hasattr(segmentation, "SetSourceRepresentationName"):

@@ -44,9 +44,17 @@ class InferenceWorker:
         self._jobs.put((job_id, name, function, args, kwargs, with_progress))
         return job_id
 
-    def poll(self) -> list[Event]:
-        """Every event so far, without blocking."""
+    def poll(self, wait: float = 0.0) -> list[Event]:
+        """Every event so far; with `wait` > 0 and none yet, first block up to `wait` seconds for one.
+
+        Blocking here releases the GIL, and inside Slicer that is the only time this thread gets it: Slicer's
+        PythonQt runs without thread support, so the main thread holds the GIL while Qt's event loop idles."""
         out = []
+        if wait > 0:
+            try:
+                out.append(self._events.get(timeout=wait))
+            except queue.Empty:
+                return out
         while True:
             try:
                 out.append(self._events.get_nowait())

@@ -1,0 +1,20 @@
+"""Facts about a checkpoint folder read from its config.json alone: no torch or transformers import, so the
+Slicer panel can show them before the model's dependencies are installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-tiny"
+PAPER_BETA = 0.6
+
+
+def checkpoint_beta(checkpoint: str | Path | None = None) -> float:
+    """The JCM threshold a checkpoint folder was shipped with (chosen on validation), without loading it;
+    the paper's 0.6 when the folder or field is missing."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        return float(json.loads((folder / "config.json").read_text())["jcm"]["beta"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return PAPER_BETA

@@ -1,0 +1,83 @@
+"""Ask time of the Slicer module inside the real PythonQt of Slicer 5.8 (issue 22).
+
+    python benchmarks/bench_slicer_host.py                 # 3 sessions, results in benchmarks/RESULTS.md
+    python benchmarks/bench_slicer_host.py --runs 1 --out /tmp/b --unyielded   # also the old 50 ms poll, no yield
+
+Each run is one process of the PythonQt host (../shared/pythonqt/build.sh; tests/pythonqt_host.py) that drives
+tests/pythonqt/host_panel_session.py: the module's widget, panel and logic with the bundled model on the bundled
+volume, the Qt event loop running and the main thread holding the GIL while it idles, as in Slicer (CTK does not
+enable PythonQt's thread support). A session is 4 Asks through the panel's button (3 rounds, undo, save, new
+session, 1 round); the first Ask loads the model. The time of an Ask runs from the click until its answer
+reaches the main thread. For reference the same session runs once with the GIL released while Qt idles
+(PQ_THREADS=1: what the worker would get with thread support). It writes the `<!-- slicer -->` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from _bench import command_line, fmt, machine_info, table, write_section  # noqa: E402
+from pythonqt_host import HostUnavailable, describe, run_script  # noqa: E402
+
+
+def session(extra_env: dict) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done, result = run_script("host_panel_session.py", Path(tmp), exec_ms=400000, timeout=600,
+                                      extra_env=extra_env)
+        except HostUnavailable as exc:
+            raise SystemExit(str(exc)) from None
+    if done.returncode != 0 or result is None or result["errors"]:
+        raise SystemExit(f"the host session failed:\n{describe(done)}\n{result and result['errors']}")
+    return [a["seconds"] for a in result["asks"]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="sessions with the GIL held by the main loop (3)")
+    ap.add_argument("--unyielded", action="store_true",
+                    help="also one session with the poll timer of before issue 22 (50 ms, no GIL hand-over)")
+    ap.add_argument("--out", default=str(HERE), help="folder of RESULTS.md (default: benchmarks/)")
+    args = ap.parse_args(argv)
+    info = machine_info()
+    modes = [("GIL held while Qt idles (as Slicer); the panel's poll lends it to the worker", {}, args.runs),
+             ("reference: GIL released while Qt idles (PQ_THREADS=1)", {"PQ_THREADS": "1"}, 1)]
+    if args.unyielded:
+        modes.append(("GIL held; old poll (50 ms timer, no hand-over)",
+                      {"MEDIROUND_POLL_MS": "50", "MEDIROUND_YIELD_MS": "0"}, 1))
+    rows = []
+    for label, env, runs in modes:
+        times = [session(env) for _ in range(runs)]
+        first = [t[0] for t in times]
+        later = [x for t in times for x in t[1:]]
+        rows.append([label, runs, fmt(statistics.median(first), 2), fmt(statistics.median(later), 2),
+                     f"{fmt(min(later), 2)} – {fmt(max(later), 2)}"])
+        print(label, [[round(x, 2) for x in t] for t in times], flush=True)
+    body = "\n".join([
+        "## Inside Slicer's PythonQt (the module's panel)",
+        "",
+        f"- Machine: {info['cpu']}, {info['cores']} core(s), torch {info['torch']}, Python {info['python']}; "
+        f"load average at the start: {info['load']}, at the end: {machine_info()['load']} (other work on the machine slows these times).",
+        "- Host: commontk/PythonQt db525aff (the PythonQt of Slicer 5.8) built by `../shared/pythonqt/build.sh`, "
+        "initialised as CTK does, no thread support; `qt` is PythonQt's, MRML is slicer-core's.",
+        "- Session: the bundled model and volume, axial slice 12; Ask ×3 through the panel's button, undo, save, "
+        "new session, Ask. The first Ask loads the model (imports torch and transformers). Seconds from the "
+        "click until the answer reaches the main thread.",
+        f"- Command: `{command_line()}` ({info['date']}, git {info['git']}).",
+        "",
+        table(["main thread", "sessions", "first Ask (s, median)", "later Asks (s, median)", "later min – max (s)"],
+              rows),
+    ])
+    path = write_section(Path(args.out) / "RESULTS.md", "slicer", body)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

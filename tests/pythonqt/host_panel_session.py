@@ -1,0 +1,171 @@
+"""Inside the PythonQt host, with the Qt event loop running and the main thread holding the GIL (as in Slicer):
+a multi-round session through the module's widget, panel and logic with the bundled model, on the bundled
+volume. A driver QTimer clicks the panel's buttons like a user (Ask ×3, Undo, Save, New session, Ask) and
+waits between steps; after the loop, the script checks the outcome and prints PQRESULT {json}.
+
+Run by tests/test_slicer_pythonqt.py:  $PQHOST host_panel_session.py --exec 120000
+"""
+import os, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # noqa: E401,E702
+import slicer_shim  # noqa: E402
+
+slicer = slicer_shim.install()
+
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import qt  # noqa: E402
+
+import MediRound  # noqa: E402
+from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT  # noqa: E402
+from MediRoundLib import segments  # noqa: E402
+from MediRoundLib.testing import show_plane  # noqa: E402
+
+OUT = Path(os.environ["MEDIROUND_OUT"])
+os.environ["MEDIROUND_SESSIONS_DIR"] = str(OUT / "sessions")
+DATA = Path(DEFAULT_CHECKPOINT).parents[1] / "data" / "bundled"
+QUERIES = [d["query"] for d in json.loads((DATA / "demo_dialogue.json").read_text())][:3]
+SLICE = 12
+
+# The bundled volume, read by MRML's own storage node; the Red view shows its axial slice 12.
+volume = slicer.vtkMRMLScalarVolumeNode()
+volume.SetName("demo_abdomen")
+slicer.mrmlScene.AddNode(volume)
+storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+slicer.mrmlScene.AddNode(storage)
+storage.SetFileName(str(DATA / "demo_abdomen.nrrd"))
+assert storage.ReadData(volume), "could not read the bundled volume"
+ijk_to_ras = MediRound.geometry.ijk_to_ras_matrix(volume)
+red = MediRound.geometry.find_slice_node(slicer.mrmlScene, "Red")  # the layout's Red view
+show_plane(red, "axial", (ijk_to_ras @ np.array([128, 128, SLICE, 1.0]))[:3])
+
+# The module as Slicer builds it: a parent widget with a vertical layout, then setup().
+parent = qt.QWidget()
+parent.setLayout(qt.QVBoxLayout())
+widget = MediRound.MediRoundWidget(parent)
+widget.setup()
+parent.resize(420, 760)
+parent.show()
+chat, logic, ui = widget.chat, widget.logic, widget.chat.ui
+widget.volumeSelector.setCurrentNode(volume)
+saved_path = OUT / "saved" / "demo.seg.nrrd"
+
+
+class FileDialogAnswers(MediRound.SlicerDialogs):
+    """The user's answer to the save dialog (a modal QFileDialog would wait for a person)."""
+
+    def save_path(self, title, suggestion):
+        return str(saved_path)
+
+    def folder(self, title):
+        return str(OUT / "checkpoint")
+
+
+chat.dialogs = FileDialogAnswers()
+log = {"asks": [], "steps": [], "errors": [], "statuses": []}
+
+
+def ask(text):
+    def step():
+        ui.queryEdit.setText(text)
+        log["asks"].append({"query": text, "start": time.perf_counter()})
+        ui.askButton.click()
+    return step
+
+
+def check_round(n):
+    def step():
+        rounds = logic.session.rounds
+        assert len(rounds) == n, (n, len(rounds), ui.statusLabel.text)
+        log["asks"][-1]["seconds"] = log["asks"][-1].pop("done") - log["asks"][-1].pop("start")
+        log["asks"][-1]["entity"] = rounds[-1].entity
+        log["asks"][-1]["slice"] = [rounds[-1].view, rounds[-1].slice_index]
+        log["statuses"].append(ui.statusLabel.text)
+    return step
+
+
+def undo():
+    ui.undoButton.click()
+    log["after_undo"] = [len(logic.session.rounds), segments.segment_ids(logic.segmentation_node)]
+
+
+def save():
+    ui.saveButton.click()
+    log["saved_status"] = ui.statusLabel.text
+    log["saved_file"] = saved_path.is_file()
+    loaded = slicer.vtkMRMLSegmentationNode()  # read back by MRML's own segmentation reader
+    slicer.mrmlScene.AddNode(loaded)
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    slicer.mrmlScene.AddNode(reader)
+    reader.SetFileName(str(saved_path))
+    reader.ReadData(loaded)
+    seg = loaded.GetSegmentation()
+    log["saved_segments"] = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    slicer.mrmlScene.RemoveNode(loaded)
+    slicer.mrmlScene.RemoveNode(reader)
+
+
+def new_session():
+    old = logic.segmentation_node
+    ui.newSessionButton.click()
+    log["after_new"] = [len(logic.session.rounds), old.GetName(), logic.segmentation_node is not old]
+
+
+def model_and_jcm_controls():
+    """The model combo (an overloaded Qt signal, currentIndexChanged(int|QString)) and the JCM checkbox."""
+    ui.modelCombo.setCurrentIndex(1)
+    chosen = logic.checkpoint
+    ui.modelCombo.setCurrentIndex(0)
+    ui.jcmCheckBox.setChecked(False)
+    beta_off = ui.betaSpinBox.enabled
+    ui.jcmCheckBox.setChecked(True)
+    log["controls"] = [chosen, logic.checkpoint, beta_off, ui.betaSpinBox.enabled]
+
+
+STEPS = [ask(QUERIES[0]), check_round(1), ask(QUERIES[1]), check_round(2), ask(QUERIES[2]), check_round(3),
+         undo, save, new_session, ask(QUERIES[0]), check_round(1), model_and_jcm_controls]
+
+
+def stamped_poll(poll=logic.poll):
+    """The logic's poll, stamping when an Ask's answer (or error) reaches the main thread (measurement only)."""
+    def wrapper(*args, **kwargs):
+        events = poll(*args, **kwargs)
+        if any(e.kind in ("round", "error") for e in events) and log["asks"]:
+            log["asks"][-1].setdefault("done", time.perf_counter())
+        return events
+    return wrapper
+
+
+logic.poll = stamped_poll()
+
+
+def drive():
+    """Runs the next step once the panel is idle. Slow on purpose: every Python call on the main thread lends
+    the GIL to the worker now and then, and this driver must not be what feeds it."""
+    if logic.busy or chat.timer.isActive():
+        return
+    try:
+        STEPS.pop(0)()
+        log["steps"].append("ok")
+    except Exception as exc:  # reported after the loop
+        log["errors"].append(f"step {len(log['steps'])}: {type(exc).__name__}: {exc}")
+        STEPS.clear()
+    if not STEPS:
+        driver.stop()
+        qt.QApplication.instance().quit()
+
+
+driver = qt.QTimer()
+driver.setInterval(int(os.environ.get("DRIVER_MS", "250")))
+driver.timeout.connect(drive)
+driver.start()
+T0 = time.perf_counter()
+
+
+def after_exec():
+    log["wall_seconds"] = time.perf_counter() - T0
+    log["left_steps"] = len(STEPS)
+    log["torch_threads"] = __import__("torch").get_num_threads()
+    print("PQRESULT " + json.dumps(log))
+    widget.cleanup()
