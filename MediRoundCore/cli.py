@@ -1,4 +1,4 @@
-"""`mediround` command line: demo | ask | chat | train | eval | bench | data.
+"""`mediround` command line: demo | ask | chat | serve | train | eval | bench | data.
 
 Every error a user can cause prints one clear line and exits non-zero; `--debug` shows tracebacks.
 """
@@ -119,18 +119,31 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
 
 
+def ask_engine(args):
+    """The local model, or with --server a client of `mediround serve` that answers the same way."""
+    if not getattr(args, "server", None):
+        return load_engine(args.checkpoint, args.device, args.random)
+    from .remote.client import RemoteEngine, read_token
+
+    engine = RemoteEngine.connect(args.server, token=read_token(args.token_file), user=args.user,
+                                  insecure=args.insecure)
+    print(f"connected to {engine.device_description}")
+    return engine
+
+
 def cmd_ask(args) -> int:
     from .imaging import extract_slice, load_volume
 
     volume = load_volume(args.volume, modality=args.modality)
     session = open_session(Path(args.session), volume)
-    engine = load_engine(args.checkpoint, args.device, args.random)
+    engine = ask_engine(args)
     image = extract_slice(volume, args.view, args.slice)
     result = engine.ask(session, args.query, image, reference=args.reference, use_jcm=not args.no_jcm, beta=args.beta)
     r = result.round
     print(f"round {r.number}: {r.answer}")
     print(f"  entity: {r.entity}  reference: {r.reference}  JCM score: {r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}"
-          f"  corrected: {r.corrected}  pixels: {int(r.mask.sum())}  {r.timings['total_ms']:.0f} ms")
+          f"  corrected: {r.corrected}  pixels: {int(r.mask.sum())}  {r.timings.get('total_ms', 0):.0f} ms"
+          + (" (recovered from the server)" if getattr(result, "recovered", False) else ""))
     if args.out:
         path = write_outputs(Path(args.out), volume, session)
         print(f"wrote {path}")
@@ -142,7 +155,7 @@ def cmd_chat(args) -> int:
 
     volume = load_volume(args.volume, modality=args.modality)
     session = open_session(Path(args.session), volume)
-    engine = load_engine(args.checkpoint, args.device, args.random)
+    engine = ask_engine(args)
     index = args.slice
     print(f"{volume.name}: {volume.num_slices(args.view)} {args.view} slices; on slice {index}. "
           "Type a query; ':slice N' moves, ':undo', ':save DIR', ':quit'.")
@@ -158,15 +171,23 @@ def cmd_chat(args) -> int:
                 extract_slice(volume, args.view, index)
                 print(f"on slice {index}")
             elif line == ":undo":
-                print(f"undid round {session.undo().number}")
+                print(f"undid round {(engine.undo(session) if hasattr(engine, 'undo') else session.undo()).number}")
             elif line.startswith(":save"):
                 print(f"wrote {write_outputs(Path(line.split(maxsplit=1)[1]), volume, session)}")
             else:
                 r = engine.ask(session, line, extract_slice(volume, args.view, index)).round
-                print(f"R{r.number} (ref {r.reference or '-'}, JCM {r.jcm_score:.2f}{', corrected' if r.corrected else ''}): {r.answer}")
+                score = "-" if r.jcm_score is None else f"{r.jcm_score:.2f}"
+                print(f"R{r.number} (ref {r.reference or '-'}, JCM {score}{', corrected' if r.corrected else ''}): {r.answer}")
         except (MediRoundError, ValueError, IndexError) as exc:
             print(f"error: {exc}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .server.serve import serve
+
+    return serve(args.host, args.port, args.checkpoint, args.device, args.random, args.sessions, args.token_file,
+                 args.max_request_mb, args.cache_slices, args.name, args.threads)
 
 
 def cmd_train(args) -> int:
@@ -237,7 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--beta", type=float, help="JCM threshold (default 0.6)")
             sp.add_argument("--out", help="also write .seg.nrrd and overlays here")
         model_args(sp)
+        sp.add_argument("--server", metavar="URL", help="ask a `mediround serve` server instead of a local model "
+                        "(the session folder keeps the client's copy of every round)")
+        sp.add_argument("--token-file", help="with --server: file holding the token (default: $MEDIROUND_TOKEN)")
+        sp.add_argument("--user", help="with --server on a server without tokens: your user name (default local)")
+        sp.add_argument("--insecure", action="store_true",
+                        help="with --server: allow sending the token over plain http:// to another machine")
         sp.set_defaults(func=func)
+
+    sp = sub.add_parser("serve", help="HTTP inference server for Slicer panels and `ask/chat --server` (docs/server.md)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; any other needs tokens)")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--checkpoint", help="MediRound checkpoint folder (default: the bundled MediRound-Tiny)")
+    sp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present); one server per device")
+    sp.add_argument("--random", action="store_true", help="serve an untrained tiny model")
+    sp.add_argument("--sessions", help="folder of the server's sessions (default ~/.cache/mediround/server-sessions)")
+    sp.add_argument("--token-file", help="file of `user:token` lines (default: $MEDIROUND_TOKENS); required unless "
+                    "the server listens on loopback only")
+    sp.add_argument("--max-request-mb", type=float, default=80, help="largest request body accepted (default 80 MiB)")
+    sp.add_argument("--cache-slices", type=int, default=8,
+                    help="slices whose encodings and KV caches stay in memory, least recently used evicted (default 8)")
+    sp.add_argument("--name", help="replica name in responses (default HOST:PORT)")
+    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: cores, at most 8)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("train", help="train stage 1 or 2")
     sp.add_argument("--out", default="runs/tiny")

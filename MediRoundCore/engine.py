@@ -277,6 +277,8 @@ class Engine:
         ref = session.round(reference)
         if (ref.view, ref.slice_index) == state.key[1:3]:
             pixels01 = state.pixels01
+        elif hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
+            pixels01 = session.slice_image(ref.view, ref.slice_index).normalized()
         elif session.volume is not None:
             pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized()
         else:
