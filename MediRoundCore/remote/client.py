@@ -78,7 +78,7 @@ class ServerClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise MediRoundError(f"server address {url!r} must look like http://HOST:PORT or https://HOST")
         if token and parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
-            raise MediRoundError(f"refusing to send the token over plain HTTP to {parts.hostname}: anyone on the "
+            raise RemoteError(f"refusing to send the token over plain HTTP to {parts.hostname}: anyone on the "
                                  f"network could read it. Use https:// (a TLS reverse proxy, see docs/server.md), "
                                  f"or allow it explicitly (--insecure)")
         self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
@@ -309,7 +309,12 @@ class RemoteEngine:
         params = {"axis": meta["axis"], "transpose": meta["transpose"], "flip_rows": meta["flip_rows"],
                   "flip_cols": meta["flip_cols"], "modality": meta["modality"],
                   "spacing_row": meta["spacing"][0], "spacing_col": meta["spacing"][1]}
-        self.client.call("PUT", f"/v1/sessions/{sid}/slices/{view}/{index}", data=array_to_npy(piece.pixels),
+        payload = array_to_npy(piece.pixels)
+        limit = int(self.info.get("max_request_bytes") or 0)
+        if limit and len(payload) > limit:  # the server would refuse it unread (and cut the connection)
+            raise RemoteError(f"{view} slice {index} is {len(payload) / 2**20:.1f} MiB; the server accepts at most "
+                              f"{limit / 2**20:.1f} MiB per request (its --max-request-mb)", 413, "too_large")
+        self.client.call("PUT", f"/v1/sessions/{sid}/slices/{view}/{index}", data=payload,
                          params=params, volume=session.volume_fingerprint, timeout=120)
 
     # -- the ask in flight, remembered beside the local session ---------------------------------------------------

@@ -34,7 +34,7 @@ class Gate:
         length = headers.get("content-length", "")
         if length and (not length.isdigit() or int(length) > limit):
             return await _refuse(send_with_headers, 413, "too_large",
-                                 f"the request holds {length} bytes; this server accepts at most {limit} "
+                                 f"the request holds {length} bytes; this server accepts at most {limit} bytes "
                                  f"({limit / 2**20:.0f} MiB) per request")
         if scope["path"].startswith("/v1/") or scope["path"] == "/v1":
             spoken = headers.get(PROTOCOL_HEADER.lower())
