@@ -2,8 +2,8 @@
 around the engine's language-model forwards.
 
 RESULTS.md is written only by the scripts: `bench_cpu.py` owns the block between `<!-- cpu -->` and
-`<!-- /cpu -->`, `bench_gpu.py` the one between `<!-- gpu -->` and `<!-- /gpu -->`; each run replaces its own
-block and leaves the other as it is.
+`<!-- /cpu -->`, `bench_gpu.py` the one between `<!-- gpu -->` and `<!-- /gpu -->`, `bench_server.py` the
+`<!-- server -->` one; each run replaces its own block and leaves the others as they are.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("cpu", "gpu")
+SECTIONS = ("cpu", "gpu", "server")
 HEADER = """# MediRound: speed and memory
 
-Written by the benchmark scripts (`benchmarks/bench_cpu.py`, run by `mediround bench`, and
-`benchmarks/bench_gpu.py`); each replaces its own section. Never edited by hand. Quality figures are in
+Written by the benchmark scripts (`benchmarks/bench_cpu.py`, run by `mediround bench`,
+`benchmarks/bench_gpu.py` and `benchmarks/bench_server.py`); each replaces its own section. Never edited by hand. Quality figures are in
 `benchmarks/QUALITY.md`.
 """
 
