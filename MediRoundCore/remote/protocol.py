@@ -29,7 +29,7 @@ DEFAULT_MAX_REQUEST_BYTES = 80 * 2**20  # a 4096² float32 slice (64 MiB) and it
 MAX_WAIT_S = 30.0  # the longest a request waits for a round before answering 202 with the queue position
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{8,64}$")
-USER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9._@-]{0,63}$")  # no leading dot: never ".."
 VIEWS = ("axial", "coronal", "sagittal")
 
 
