@@ -1,6 +1,6 @@
 """kill -9 of a real server process in the middle of a round: no finished round is lost on either side, the client
 says what happened, and after a restart the same ask resumes — re-run when the server had not finished it,
-recovered (not re-run, not doubled) when it had."""
+recovered (not re-run, not doubled) when it had; a restart while the client waits is taken in its stride."""
 
 from __future__ import annotations
 
@@ -83,5 +83,21 @@ def test_kill_9_mid_round_loses_nothing_and_the_client_resumes(tmp_path):
         assert [r["digest"] for r in listed] == [round_digest(r) for r in saved.rounds]
         assert [r.query for r in saved.rounds] == ["Segment the left kidney.", "Now the lesion inside it.",
                                                    "Segment the organ that stores bile.", query]
+
+        # 3. killed and restarted while the client waits for round 5: it notices and goes on by itself
+        servers = [server]
+        polling = RemoteEngine.connect(server.url, poll_s=0)
+        session = open_session(folder, volume)
+
+        def restart_when_queued(message, fraction):
+            if "on the server" in message and len(servers) == 1:
+                servers[0].kill9()
+                servers.append(ServerProcess(sessions, port=port))
+
+        r5 = polling.ask(session, "Segment the liver.", image, progress=restart_when_queued)
+        server = servers[-1]
+        assert len(servers) == 2 and r5.round.number == 5 and [r.number for r in session.rounds] == [1, 2, 3, 4, 5]
+        listed = polling.client.call("GET", f"/v1/sessions/{sid}/rounds")[1]["rounds"]
+        assert [r["digest"] for r in listed] == [round_digest(r) for r in Session.load(folder).rounds]
     finally:
         server.stop()

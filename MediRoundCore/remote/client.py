@@ -46,6 +46,10 @@ class ProtocolMismatch(RemoteError):
     """Client and server speak different protocol versions."""
 
 
+class _Restarted(ServerUnavailable):
+    """The server no longer knows the job of a round in flight (it restarted, or another replica answers)."""
+
+
 @dataclass
 class RemoteRoundResult:
     """What `RemoteEngine.ask` returns: the round added to the local session (as `engine.RoundResult.round`)."""
@@ -192,8 +196,17 @@ class RemoteEngine:
         body = {"query": query, "view": image.view, "index": int(image.index), "reference": reference,
                 "use_jcm": use_jcm, "beta": beta, "wait": self.poll_s}
         try:
-            data = self._ask(session, body, image, say)
-        except ServerUnavailable as exc:
+            try:
+                data = self._ask(session, body, image, say)
+            except _Restarted:  # the server restarted while the round was queued: take it over or ask again
+                self._synced.discard(fp)
+                recovered = self.resume(session)
+                if recovered is not None and recovered.number == number:
+                    return RemoteRoundResult(recovered, self.client.last_replica, recovered=True)
+                self._set_pending(session, {"number": number, "query": query, "view": image.view,
+                                            "index": int(image.index)})
+                data = self._ask(session, body, image, say)
+        except (ServerUnavailable, _Restarted) as exc:
             self._synced.discard(fp)
             saved = f" in {session.folder}" if session.folder is not None else ""
             raise ServerUnavailable(f"{exc} during round {number}. Your {number - 1} finished round(s) are saved"
@@ -202,7 +215,10 @@ class RemoteEngine:
         except RemoteError:
             self._set_pending(session, None)
             raise
-        round_ = round_from_wire(data["round"])
+        try:
+            round_ = round_from_wire(data.get("round", {}))
+        except ValueError as exc:
+            raise RemoteError(f"the server's answer to round {number} is unusable ({exc}); ask again") from None
         if round_.number != number:
             raise RemoteError(f"the server answered round {round_.number} where round {number} was asked; "
                               "the session is resynced on the next ask")
@@ -240,7 +256,9 @@ class RemoteEngine:
             say("running on the server" if position == 0 else
                 f"waiting on the server: {position} round(s) ahead in the queue", 0.2)
             status, data = self.client.call("GET", f"/v1/jobs/{data['job']}", params={"wait": self.poll_s},
-                                            volume=fp, timeout=self.poll_s + 60, accept=(200, 202))
+                                            volume=fp, timeout=self.poll_s + 60, accept=(200, 202, 404))
+            if status == 404:
+                raise _Restarted(f"the server at {self.client.url} restarted (or another replica answers)")
         return data
 
     def undo(self, session):

@@ -28,6 +28,9 @@ from .jobs import DeviceQueue, Job
 from .store import Refused, ServerSession, SessionStore
 
 
+THREADS = 256  # request threads (most of them wait for the device queue)
+
+
 # -- request bodies (they are the OpenAPI's schemas) ------------------------------------------------------------
 class OpenSession(BaseModel):
     fingerprint: str = Field(description="the volume's fingerprint (imaging.Volume.fingerprint())", max_length=64)
@@ -268,6 +271,10 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
 def _lifespan(queue: DeviceQueue):
     @asynccontextmanager
     async def lifespan(app):
+        import anyio.to_thread
+
+        # requests that wait for their round hold a worker thread each (≤ 30 s): room for many waiting clients
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         queue.start()
         yield
         queue.stop()
