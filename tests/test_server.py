@@ -86,6 +86,13 @@ def test_rounds_through_the_server_equal_the_local_engine(server, volume, tmp_pa
     assert status == 200 and headers["Content-Type"] == "application/x-npy"
     np.testing.assert_array_equal(np.load(__import__("io").BytesIO(payload)), local.rounds[4].mask)
     assert headers["X-MediRound-Replica"] == "test-replica" and headers[PROTOCOL_HEADER] == "1"
+    # the protocol's documentation is the server's OpenAPI
+    status, _, spec = raw_request(f"{server.url}/openapi.json")
+    assert status == 200 and "protocol 1" in spec["info"]["version"]
+    for path in ("/v1/info", "/v1/sessions", "/v1/sessions/{sid}/ask", "/v1/jobs/{job_id}", "/v1/sessions/{sid}/undo",
+                 "/v1/sessions/{sid}/rounds", "/v1/sessions/{sid}/rounds/{number}/mask",
+                 "/v1/sessions/{sid}/slices/{view}/{index}"):
+        assert path in spec["paths"], path
 
 
 def test_undo_on_both_sides_and_a_reconnect_resumes(server, volume, tmp_path):
