@@ -50,14 +50,12 @@ def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = No
         from .app import create_app
     except ImportError as exc:
         raise MediRoundError(f"the server needs FastAPI and uvicorn ({exc}): pip install 'mediround[server]'") from None
-    from ..cli import load_engine
-    from ..engine import Engine, set_cpu_threads
+    from ..engine import DEFAULT_CHECKPOINT, Engine, set_cpu_threads
 
     set_cpu_threads(threads)
-    if random_model or checkpoint is None and not (Path(__file__).parents[1] / "weights" / "mediround-tiny"
-                                                   / "model.safetensors").is_file():
-        engine = load_engine(None, device, random_model=True)
-        engine._max_slices = cache_slices
+    if random_model or checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        print("NOTE: serving an UNTRAINED random tiny model (no trained weights found); masks are meaningless.")
+        engine = Engine.random_tiny(max_slices=cache_slices)
         random_model = True
     else:
         engine = Engine.load(checkpoint, device=device, max_slices=cache_slices)
