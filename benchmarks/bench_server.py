@@ -17,7 +17,6 @@ RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import threading

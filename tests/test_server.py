@@ -19,7 +19,7 @@ import pytest
 from MediRoundCore.cli import BUNDLED, open_session
 from MediRoundCore.imaging import Volume, extract_slice, load_volume
 from MediRoundCore.remote.client import ProtocolMismatch, RemoteEngine, RemoteError, ServerClient
-from MediRoundCore.remote.protocol import PROTOCOL_HEADER, array_to_npy, round_digest
+from MediRoundCore.remote.protocol import PROTOCOL_HEADER, round_digest
 from MediRoundCore.session import Session
 from server_helpers import ALICE, BOB, REPO, ServerProcess, free_port, raw_request, write_tokens
 
