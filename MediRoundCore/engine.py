@@ -9,6 +9,7 @@ kept for benchmarks and equivalence tests).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
@@ -338,8 +339,13 @@ class Engine:
 
 
 def _slice_key(session: Session, image: SliceImage) -> tuple:
-    """What identifies a slice's caches: the session's volume, the view, the slice index and its shape."""
-    return (session.volume_fingerprint, image.view, image.index, image.pixels.shape)
+    """What identifies a slice's caches: the session's volume, the view, the slice index, its shape, and what the
+    encoders read: the pixels (a digest) and the modality. On a server the volume fingerprint is only what a client
+    claims, so encodings are never shared between slices whose pixels differ (another user's, or a re-upload)."""
+    pixels = np.ascontiguousarray(image.pixels)
+    digest = hashlib.blake2b(pixels.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+    return (session.volume_fingerprint, image.view, image.index, pixels.shape, str(pixels.dtype), image.modality,
+            digest)
 
 
 def _strip_note(answer: str) -> str:
