@@ -88,6 +88,10 @@ class ServerClient:
         self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self.token, self.user, self.timeout, self.protocol = token, user, timeout, protocol
         self.last_replica = ""
+        # redirects are not followed (urllib would re-send the token, even to plain http); a loopback server is
+        # reached directly, never through the environment's http_proxy
+        handlers = [_NoRedirect()] + ([urllib.request.ProxyHandler({})] if is_loopback(parts.hostname) else [])
+        self._opener = urllib.request.build_opener(*handlers)
 
     def call(self, method: str, path: str, body: dict | None = None, data: bytes | None = None,
              params: dict | None = None, volume: str | None = None, timeout: float | None = None,
@@ -124,7 +128,7 @@ class ServerClient:
             headers[VOLUME_HEADER] = volume
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 status, got, payload = response.status, response.headers, response.read()
         except urllib.error.HTTPError as exc:
             status, got = exc.code, exc.headers
@@ -135,6 +139,11 @@ class ServerClient:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise ServerUnavailable(f"the server at {self.url} does not answer ({_reason(reason)})") from None
+        if 300 <= status < 400:
+            where = got.get("Location", "?") if got is not None else "?"
+            raise RemoteError(f"the server at {self.url} redirects to {where[:200]}; the client does not follow "
+                              f"redirects (they could carry the token elsewhere): use that address if you trust it",
+                              status, "redirect")
         spoken = got.get(PROTOCOL_HEADER) if got is not None else None
         if spoken is None and status in (502, 503, 504):  # a proxy in front of a server that is down
             raise ServerUnavailable(f"the server behind {self.url} does not answer (HTTP {status} from the proxy)",
@@ -146,6 +155,13 @@ class ServerClient:
                                    status, "protocol_mismatch")
         self.last_replica = got.get(REPLICA_HEADER, "")
         return status, got, payload
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hands a redirect back as the response it is, instead of following it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 def _reason(reason) -> str:
