@@ -28,8 +28,8 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_REQUEST_BYTES = 80 * 2**20  # a 4096² float32 slice (64 MiB) and its framing
 MAX_WAIT_S = 30.0  # the longest a request waits for a round before answering 202 with the queue position
 
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{8,64}$")
-USER_RE = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9._@-]{0,63}$")  # no leading dot: never ".."
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")  # use fullmatch
+USER_RE = re.compile(r"[A-Za-z0-9_@-][A-Za-z0-9._@-]{0,63}")  # fullmatch; no leading dot: never ".."
 VIEWS = ("axial", "coronal", "sagittal")
 
 
@@ -40,10 +40,33 @@ def array_to_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_to_array(payload: bytes) -> np.ndarray:
-    """An array from `.npy` bytes (never pickles); ValueError on anything else."""
+def npy_to_array(payload: bytes, max_items: int | None = None, ndim: int | None = None,
+                 kinds: str = "fiub") -> np.ndarray:
+    """An array from `.npy` bytes (never pickles); ValueError on anything else. The header is checked before any
+    memory is allocated: `ndim` dimensions, at most `max_items` numbers of a plain numeric kind (`kinds`), and
+    exactly the bytes it declares (a header may promise a 100000×100000 array in a few bytes)."""
+    stream = io.BytesIO(payload)
     try:
-        return np.load(io.BytesIO(payload), allow_pickle=False)
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"not a .npy array ({exc})") from None
+    count = int(np.prod(shape, dtype=object))
+    if dtype.hasobject or dtype.kind not in kinds or dtype.itemsize > 8:
+        raise ValueError(f"a .npy array of {dtype}, not of plain numbers")
+    if ndim is not None and len(shape) != ndim or max_items is not None and count > max_items:
+        raise ValueError(f"a {'×'.join(map(str, shape)) or 'scalar'} array (at most {max_items} values in "
+                         f"{ndim} dimensions are accepted)")
+    if len(payload) - stream.tell() != count * dtype.itemsize:
+        raise ValueError(f"a truncated or padded .npy array ({len(payload) - stream.tell()} bytes of data for "
+                         f"{'×'.join(map(str, shape))} {dtype})")
+    stream.seek(0)
+    try:
+        return np.load(stream, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"not a .npy array ({exc})") from None
 
@@ -111,9 +134,10 @@ def round_from_wire(data: dict):
 
 # -- addresses ------------------------------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost`: addresses that never leave this machine."""
+    """127.0.0.0/8, ::1 and `localhost` itself: addresses that never leave this machine (not `x.localhost`, which
+    a resolver may send anywhere, nor `localhost.example.org`)."""
     host = (host or "").strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -133,12 +157,15 @@ def read_tokens(text: str, source: str) -> dict[str, str]:
                 raise ValueError(f"{source}: line {n} is not `user:token`")
             user, token = "default", line
         user, token = user.strip(), token.strip()
-        if not USER_RE.match(user):
+        if not USER_RE.fullmatch(user):
             raise ValueError(f"{source}: line {n}: user name {user!r} must be 1–64 letters, digits or ._@-")
         if len(token) < 16:
             raise ValueError(f"{source}: line {n}: the token of {user} is shorter than 16 characters")
         if token in tokens:
             raise ValueError(f"{source}: line {n}: the token of {user} is used twice")
+        clash = [u for u in tokens.values() if u.lower() == user.lower() and u != user]
+        if clash:  # they would share one sessions folder on a case-insensitive file system
+            raise ValueError(f"{source}: line {n}: user names {clash[0]!r} and {user!r} differ only by case")
         tokens[token] = user
     if not tokens:
         raise ValueError(f"{source}: holds no token")

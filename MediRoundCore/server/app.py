@@ -5,7 +5,6 @@ the device), undo, rounds and masks, and the sync operations a reconnecting clie
 
 from __future__ import annotations
 
-import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,9 +20,10 @@ from ..engine import MAX_QUERY_CHARS, checkpoint_beta
 from ..errors import MediRoundError
 from ..imaging import MAX_SLICE_PIXELS, SliceImage
 from ..remote.protocol import (DEFAULT_MAX_REQUEST_BYTES, FINGERPRINT_RE, MAX_WAIT_S, NPY_TYPE, PROTOCOL_HEADER,
-                               PROTOCOL_VERSION, USER_HEADER, USER_RE, VIEWS, array_to_npy, npy_to_array,
+                               PROTOCOL_VERSION, VIEWS, array_to_npy, npy_to_array,
                                round_digest, round_from_wire, round_to_wire)
-from .gate import Gate
+from .auth import Auth
+from .gate import USER_SCOPE_KEY, Gate
 from .jobs import DeviceQueue, Job
 from .store import Refused, ServerSession, SessionStore
 
@@ -57,31 +57,9 @@ class TruncateRequest(BaseModel):
     keep: int = Field(ge=0, le=100000)
 
 
-class Auth:
-    """Who is asking. With tokens (`{token: user}`), the bearer token decides, compared in constant time;
-    without (a loopback-only server), the user header does (default `local`)."""
-
-    def __init__(self, tokens: dict[str, str] | None):
-        self.tokens = [(t.encode(), u) for t, u in tokens.items()] if tokens else None
-
-    def __call__(self, request: Request) -> str:
-        if self.tokens is None:
-            user = request.headers.get(USER_HEADER, "local")
-            if not USER_RE.match(user):
-                raise Refused(400, "bad_user", f"user name {user[:80]!r} must be 1–64 letters, digits or ._@-")
-            return user
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise Refused(401, "token_missing", "this server needs a token: give it to the client (--token-file or "
-                                                "MEDIROUND_TOKEN; in Slicer, the Server token field)")
-        given_bytes, user = given.strip().encode(), None
-        for known, owner in self.tokens:  # every token is compared, so the time says nothing about which matched
-            if hmac.compare_digest(known, given_bytes):
-                user = owner
-        if user is None:
-            raise Refused(401, "token_wrong", "the server did not accept this token (check it with the server's "
-                                              "administrator)")
-        return user
+def current_user(request: Request) -> str:
+    """The caller, as `gate.Gate` identified it from the headers (`auth.Auth`) before the body was read."""
+    return request.scope[USER_SCOPE_KEY]
 
 
 def model_info(engine, checkpoint: str | None, random_model: bool) -> dict:
@@ -101,7 +79,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
     queue = DeviceQueue(str(engine.model.device))
     auth = Auth(tokens)
     info = {"server": "mediround", "version": __version__, "protocol": PROTOCOL_VERSION, "replica": replica,
-            "auth": "token" if tokens else "none (loopback only)", "max_request_bytes": max_request_bytes,
+            "auth": auth.mode, "max_request_bytes": max_request_bytes,
             **model_info(engine, checkpoint, random_model)}
 
     app = FastAPI(title="MediRound server", version=f"{__version__} (protocol {PROTOCOL_VERSION})",
@@ -134,36 +112,36 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         return {"ok": True, "replica": replica}
 
     @app.get("/v1/info", summary="version, protocol, model, size, device, β, queue length")
-    def get_info(user: str = Depends(auth)):
+    def get_info(user: str = Depends(current_user)):
         return {**info, "user": user, "queue_length": queue.length, "rounds_completed": queue.completed}
 
     # -- sessions ----------------------------------------------------------------------------------------------
     @app.post("/v1/sessions", summary="open (or resume) the caller's session of a volume, by fingerprint")
-    def open_session(body: OpenSession, user: str = Depends(auth)):
-        if not FINGERPRINT_RE.match(body.fingerprint):
+    def open_session(body: OpenSession, user: str = Depends(current_user)):
+        if not FINGERPRINT_RE.fullmatch(body.fingerprint):
             raise Refused(400, "bad_fingerprint", "a volume fingerprint is 8–64 lowercase hex digits")
         session, created = store.open(user, body.fingerprint, body.volume_name)
         with store.hold(session):
             return {"session": session.sid, "created": created, "rounds": _summaries(session)}
 
     @app.get("/v1/sessions/{sid}/rounds", summary="the session's rounds (without masks)")
-    def list_rounds(sid: str, user: str = Depends(auth)):
+    def list_rounds(sid: str, user: str = Depends(current_user)):
         with store.hold(store.get(sid, user)) as session:
             return {"rounds": _summaries(session)}
 
     @app.get("/v1/sessions/{sid}/rounds/{number}", summary="one round with its mask (packed bits)")
-    def get_round(sid: str, number: int, user: str = Depends(auth)):
+    def get_round(sid: str, number: int, user: str = Depends(current_user)):
         with store.hold(store.get(sid, user)) as session:
             return {"round": round_to_wire(_round(session, number))}
 
     @app.get("/v1/sessions/{sid}/rounds/{number}/mask", summary="one round's mask as .npy (bool, display orientation)",
              response_class=Response)
-    def get_mask(sid: str, number: int, user: str = Depends(auth)):
+    def get_mask(sid: str, number: int, user: str = Depends(current_user)):
         with store.hold(store.get(sid, user)) as session:
             return Response(array_to_npy(_round(session, number).mask), media_type=NPY_TYPE)
 
     @app.put("/v1/sessions/{sid}/rounds/{number}", summary="sync: store a round the client has and the server lacks")
-    async def put_round(sid: str, number: int, request: Request, user: str = Depends(auth)):
+    async def put_round(sid: str, number: int, request: Request, user: str = Depends(current_user)):
         payload = await request.json()
         try:
             round_ = round_from_wire(payload.get("round", {}) if isinstance(payload, dict) else {})
@@ -181,14 +159,14 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         return await run_in_threadpool(store_round)
 
     @app.post("/v1/sessions/{sid}/truncate", summary="sync: drop the server's rounds after `keep`")
-    def truncate(sid: str, body: TruncateRequest, user: str = Depends(auth)):
+    def truncate(sid: str, body: TruncateRequest, user: str = Depends(current_user)):
         with store.hold(store.get(sid, user)) as session:
             while len(session.rounds) > body.keep:
                 session.undo()
             return {"rounds": _summaries(session)}
 
     @app.post("/v1/sessions/{sid}/undo", summary="undo the last round (the client's history must match)")
-    def undo(sid: str, body: UndoRequest, user: str = Depends(auth)):
+    def undo(sid: str, body: UndoRequest, user: str = Depends(current_user)):
         with store.hold(store.get(sid, user)) as session:
             _check_history(session, body.history)
             return {"undone": round_to_wire(session.undo(), with_mask=False), "rounds": _summaries(session)}
@@ -198,15 +176,16 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
                         transpose: bool = False, flip_rows: bool = False, flip_cols: bool = False,
                         modality: str = Query("CT", pattern="^(CT|MR|normalized)$"),
                         spacing_row: float = Query(1.0, gt=0, lt=1e4), spacing_col: float = Query(1.0, gt=0, lt=1e4),
-                        user: str = Depends(auth)):
+                        user: str = Depends(current_user)):
         if view not in VIEWS or not 0 <= index <= 100000:
             raise Refused(400, "bad_slice", f"unknown view {view!r} or slice index {index}")
         body = await request.body()
         try:
-            pixels = npy_to_array(body)
+            pixels = npy_to_array(body, max_items=MAX_SLICE_PIXELS, ndim=2)
         except ValueError as exc:
-            raise Refused(400, "bad_slice", f"the slice is {exc}") from None
-        if pixels.ndim != 2 or pixels.size > MAX_SLICE_PIXELS or pixels.size == 0 or pixels.dtype.kind not in "fiub":
+            raise Refused(400, "bad_slice", f"the slice is {exc}; a slice is a 2D numeric array of at most "
+                                            f"{MAX_SLICE_PIXELS} pixels") from None
+        if pixels.size == 0:
             raise Refused(400, "bad_slice", f"a slice is a 2D numeric array of at most {MAX_SLICE_PIXELS} pixels, "
                                             f"got {pixels.dtype} {pixels.shape}")
         image = SliceImage(pixels.astype(np.float32), view, index, axis, transpose, flip_rows, flip_cols, modality,
@@ -223,7 +202,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
     @app.post("/v1/sessions/{sid}/ask", summary="ask a round: 200 with the round, or 202 with the queue position",
               responses={202: {"description": "queued: `job`, `position` (0 = running), poll /v1/jobs/{job}"},
                          409: {"description": "`slices_needed` (upload them) or `out_of_sync` (sync, then ask)"}})
-    def ask(sid: str, body: AskRequest, user: str = Depends(auth)):
+    def ask(sid: str, body: AskRequest, user: str = Depends(current_user)):
         if body.view not in VIEWS:
             raise Refused(400, "bad_slice", f"unknown view {body.view!r}")
         session = store.get(sid, user)
@@ -246,7 +225,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         return _answer(queue.submit(user, run_round), body.wait)
 
     @app.get("/v1/jobs/{job_id}", summary="a queued round: 200 with the round when done, else 202 with its position")
-    def get_job(job_id: str, wait: float = Query(10.0, ge=0.0, le=MAX_WAIT_S), user: str = Depends(auth)):
+    def get_job(job_id: str, wait: float = Query(10.0, ge=0.0, le=MAX_WAIT_S), user: str = Depends(current_user)):
         job = queue.get(job_id)
         if job is None:
             raise Refused(404, "no_job", "no such job on this server (finished jobs are kept 10 minutes; after a "
@@ -265,7 +244,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
                                      f"{str(job.error)[:300]}); the session is unchanged")
         return {"round": job.result}
 
-    return Gate(app, max_request_bytes=max_request_bytes, replica=replica)
+    return Gate(app, auth, max_request_bytes=max_request_bytes, replica=replica)
 
 
 def _lifespan(queue: DeviceQueue):

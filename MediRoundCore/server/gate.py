@@ -1,21 +1,34 @@
-"""The door of the HTTP API (plain ASGI, before any route): request bodies larger than the bound are refused
-before they are read (413), requests under /v1 must speak this protocol version (400 otherwise), and every
-response says the server's protocol version and replica name."""
+"""The door of the HTTP API (plain ASGI, before any route and before any body is read): requests under /v1 must
+speak this protocol version (400) and say who they are (`auth.Auth`: 401/403); bodies larger than the bound are
+refused (413) from their `Content-Length`, or, sent chunked without one, as they arrive and before a route sees
+them. Only slice uploads may use the full bound; JSON bodies get a smaller one (a parsed JSON body takes many
+times its size in memory). Every response says the server's protocol version and replica name."""
 
 from __future__ import annotations
 
 import json
+import re
 
 from ..remote.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, REPLICA_HEADER
+from .auth import Auth
 from .store import Refused
+
+USER_SCOPE_KEY = "mediround.user"  # where the gate leaves the caller's user name for the routes
+MAX_JSON_BYTES = 8 * 2**20  # the largest JSON body: a round with a 4096² mask is about 3 MiB
+SLICE_PATH = re.compile(r"^/v1/sessions/[^/]+/slices/")
 
 
 class Gate:
-    def __init__(self, app, max_request_bytes: int, replica: str = ""):
+    def __init__(self, app, auth: Auth, max_request_bytes: int, replica: str = ""):
         self.app = app
+        self.auth = auth
         self.max_request_bytes = int(max_request_bytes)
         self.replica = replica
         self.state = getattr(app, "state", None)
+
+    def limit(self, path: str) -> int:
+        """The largest body a request to `path` may carry."""
+        return self.max_request_bytes if SLICE_PATH.match(path) else min(self.max_request_bytes, MAX_JSON_BYTES)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -30,37 +43,73 @@ class Gate:
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
-        limit = self.max_request_bytes
+        limit = self.limit(scope["path"])
         length = headers.get("content-length", "")
         if length and (not length.isdigit() or int(length) > limit):
-            return await _refuse(send_with_headers, 413, "too_large",
-                                 f"the request holds {length} bytes; this server accepts at most {limit} bytes "
-                                 f"({limit / 2**20:.0f} MiB) per request")
+            return await _refuse(send_with_headers, Refused(
+                413, "too_large", f"the request holds {length} bytes; this server accepts at most {limit} bytes "
+                                  f"({limit / 2**20:.0f} MiB) per request of this kind"))
         if scope["path"].startswith("/v1/") or scope["path"] == "/v1":
             spoken = headers.get(PROTOCOL_HEADER.lower())
             if spoken != str(PROTOCOL_VERSION):
                 said = f"protocol {spoken}" if spoken else "no protocol version (not a MediRound client?)"
-                return await _refuse(send_with_headers, 400, "protocol_mismatch",
-                                     f"this server speaks MediRound protocol {PROTOCOL_VERSION} and the client "
-                                     f"{said}: use a client and server of the same MediRound release",
-                                     server_protocol=PROTOCOL_VERSION)
-        seen = 0
+                return await _refuse(send_with_headers, Refused(
+                    400, "protocol_mismatch", f"this server speaks MediRound protocol {PROTOCOL_VERSION} and the "
+                                              f"client {said}: use a client and server of the same MediRound release",
+                    server_protocol=PROTOCOL_VERSION))
+            try:
+                scope[USER_SCOPE_KEY] = self.auth.identify(headers)
+            except Refused as refused:
+                return await _refuse(send_with_headers, refused)
+        if not length and "chunked" in headers.get("transfer-encoding", "").lower():
+            try:
+                body = await _read_bounded(receive, limit)
+            except _Disconnected:
+                return
+            if body is None:
+                return await _refuse(send_with_headers, Refused(
+                    413, "too_large", f"the request is larger than the {limit} bytes ({limit / 2**20:.0f} MiB) this "
+                                      "server accepts per request of this kind"))
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send_with_headers)
 
-        async def bounded_receive():  # a body without Content-Length (chunked) is counted as it arrives
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise Refused(413, "too_large", f"the request is larger than the {limit} bytes this server "
-                                                    "accepts per request")
-            return message
 
-        await self.app(scope, bounded_receive, send_with_headers)
+class _Disconnected(Exception):
+    """The client went away while it sent the body."""
 
 
-async def _refuse(send, status: int, code: str, message: str, **extra) -> None:
-    body = json.dumps({"error": {"code": code, "message": message, **extra}}).encode()
-    await send({"type": "http.response.start", "status": status,
+async def _read_bounded(receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes `limit` bytes (the rest is never read)."""
+    parts, seen = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body read already, then the server's later messages (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _refuse(send, refused: Refused) -> None:
+    body = json.dumps({"error": {"code": refused.code, "message": refused.message, **refused.extra}}).encode()
+    await send({"type": "http.response.start", "status": refused.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

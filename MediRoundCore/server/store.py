@@ -132,7 +132,11 @@ class SessionStore:
         folder = self.folder(user, fingerprint)
         with self._lock:
             meta = self._read_meta(folder)
-            if meta is not None and meta.get("owner") == user and meta.get("sid") in self._index:
+            if meta is not None and meta.get("owner") != user:  # two names, one folder (a case-insensitive disk)
+                raise Refused(403, "not_your_session", f"the folder of this session belongs to user "
+                                                       f"{meta.get('owner')!r}, not {user!r}; a user can reach only "
+                                                       f"their own sessions")
+            if meta is not None and meta.get("sid") in self._index:
                 return self._object(meta["sid"]), False
             sid = secrets.token_urlsafe(18)
             folder.mkdir(parents=True, exist_ok=True)
