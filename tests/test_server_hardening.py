@@ -206,3 +206,24 @@ def test_only_loopback_itself_counts_as_local():
                                             "127.0.0.1.nip.io", "::"))
     with pytest.raises(RemoteError, match="refusing to send the token over plain HTTP to gpu.localhost"):
         ServerClient("http://gpu.localhost:8765", token=ALICE)
+
+
+def test_one_user_cannot_fill_the_device_queue_nor_the_disk(tmp_path):
+    from MediRoundCore.imaging import SliceImage
+    from MediRoundCore.server.jobs import DeviceQueue, QueueFull
+
+    queue = DeviceQueue("test")  # not started: every job stays waiting
+    for _ in range(8):
+        queue.submit("mallory", lambda: None)
+    with pytest.raises(QueueFull):
+        queue.submit("mallory", lambda: None)
+    assert queue.submit("alice", lambda: None).owner == "alice" and queue.length == 9
+
+    session, _ = SessionStore(tmp_path).open("mallory", FINGERPRINT)
+    pixels = np.zeros((4, 4), np.float32)
+    for index in range(3):
+        session.store_slice(SliceImage(pixels, "axial", index, 2, False, False, False), limit=3)
+    session.store_slice(SliceImage(pixels + 1, "axial", 2, 2, False, False, False), limit=3)  # a replacement
+    with pytest.raises(Refused, match="holds 3 slices already") as info:
+        session.store_slice(SliceImage(pixels, "axial", 3, 2, False, False, False), limit=3)
+    assert info.value.status == 507 and not session.has_slice("axial", 3)

@@ -24,7 +24,7 @@ from ..remote.protocol import (DEFAULT_MAX_REQUEST_BYTES, FINGERPRINT_RE, MAX_WA
                                round_digest, round_from_wire, round_to_wire)
 from .auth import Auth
 from .gate import USER_SCOPE_KEY, Gate
-from .jobs import DeviceQueue, Job
+from .jobs import MAX_QUEUED_PER_OWNER, DeviceQueue, Job, QueueFull
 from .store import Refused, ServerSession, SessionStore
 
 
@@ -222,7 +222,12 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
                                     beta=body.beta)
                 return round_to_wire(result.round)
 
-        return _answer(queue.submit(user, run_round), body.wait)
+        try:
+            job = queue.submit(user, run_round)
+        except QueueFull:
+            raise Refused(429, "busy", f"you have {MAX_QUEUED_PER_OWNER} rounds waiting on this server already; "
+                                       "ask again when one of them has finished") from None
+        return _answer(job, body.wait)
 
     @app.get("/v1/jobs/{job_id}", summary="a queued round: 200 with the round when done, else 202 with its position")
     def get_job(job_id: str, wait: float = Query(10.0, ge=0.0, le=MAX_WAIT_S), user: str = Depends(current_user)):

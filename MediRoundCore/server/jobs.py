@@ -17,6 +17,11 @@ from typing import Callable
 
 KEEP_FINISHED_S = 600.0
 KEEP_FINISHED_MAX = 2000
+MAX_QUEUED_PER_OWNER = 8  # one user's rounds waiting at once (a client asks one round at a time per session)
+
+
+class QueueFull(Exception):
+    """The owner has `MAX_QUEUED_PER_OWNER` rounds waiting already."""
 
 
 @dataclass
@@ -55,9 +60,12 @@ class DeviceQueue:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, owner: str, run: Callable[[], object]) -> Job:
+    def submit(self, owner: str, run: Callable[[], object], max_queued: int = MAX_QUEUED_PER_OWNER) -> Job:
+        """Queue a job; `QueueFull` when its owner has `max_queued` jobs waiting (one user cannot fill the queue)."""
         job = Job(secrets.token_urlsafe(12), owner, run)
         with self._cond:
+            if sum(1 for j in self._pending if j.owner == owner) >= max_queued:
+                raise QueueFull(f"{owner} has {max_queued} rounds waiting in the queue already")
             self._forget_old()
             self._jobs[job.id] = job
             self._pending.append(job)

@@ -13,6 +13,7 @@ from ..remote.protocol import is_loopback, read_tokens
 
 TOKENS_ENV = "MEDIROUND_TOKENS"
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers (URL and query length included)
+MAX_CONNECTIONS = 1024  # open connections at once; more are answered 503 (each may buffer a body up to the bound)
 
 
 def load_tokens(token_file: str | None) -> dict[str, str] | None:
@@ -68,5 +69,6 @@ def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = No
           f"{'random-tiny' if random_model else Path(checkpoint or 'mediround-tiny').name} on "
           f"{engine.device_description} | sessions in {sessions} | {auth}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                limit_concurrency=MAX_CONNECTIONS,
                 timeout_graceful_shutdown=5)
     return 0

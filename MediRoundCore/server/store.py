@@ -23,6 +23,7 @@ from ..imaging import SliceImage
 from ..session import Session, atomic_write
 
 SERVER_FILE = "server.json"
+MAX_SLICES_PER_SESSION = 1024  # uploaded slices kept per session (a round needs its own and its references')
 
 
 class Refused(Exception):
@@ -51,13 +52,17 @@ class ServerSession(Session):
     def has_slice(self, view: str, index: int) -> bool:
         return self.slice_path(view, index).is_file()
 
-    def store_slice(self, image: SliceImage) -> None:
+    def store_slice(self, image: SliceImage, limit: int = MAX_SLICES_PER_SESSION) -> None:
+        """Keep an uploaded slice (replacing one of the same view and index); a new one beyond `limit` is refused."""
+        path = self.slice_path(image.view, image.index)
+        if not path.is_file() and path.parent.is_dir() and sum(1 for _ in path.parent.glob("*.npz")) >= limit:
+            raise Refused(507, "too_many_slices", f"this session holds {limit} slices already, the most a session "
+                                                  "may keep on this server; start a new session for this volume")
         buffer = io.BytesIO()
         meta = json.dumps({"axis": image.axis, "transpose": image.transpose, "flip_rows": image.flip_rows,
                            "flip_cols": image.flip_cols, "modality": image.modality,
                            "spacing": list(image.spacing)})
         np.savez(buffer, pixels=image.pixels.astype(np.float32), meta=np.array(meta))
-        path = self.slice_path(image.view, image.index)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
         if self.slice_cache is not None:
