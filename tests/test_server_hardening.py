@@ -227,3 +227,17 @@ def test_one_user_cannot_fill_the_device_queue_nor_the_disk(tmp_path):
     with pytest.raises(Refused, match="holds 3 slices already") as info:
         session.store_slice(SliceImage(pixels, "axial", 3, 2, False, False, False), limit=3)
     assert info.value.status == 507 and not session.has_slice("axial", 3)
+
+
+def test_a_malformed_round_upload_gets_a_clear_refusal(open_server):
+    v1 = {PROTOCOL_HEADER: "1", "Content-Type": "application/json"}
+    sid = send(open_server.port, "POST", "/v1/sessions", v1,
+               body=json.dumps({"fingerprint": FINGERPRINT[::-1]}).encode())[1]["session"]
+    for payload in (b"{not json", b"[]", b'{"round": 5}', b'{"round": {"number": 1}}', b"[" * 100000):
+        status, body = send(open_server.port, "PUT", f"/v1/sessions/{sid}/rounds/1", v1, body=payload)
+        assert status == 400 and body["error"]["code"] == "bad_round", (payload, body)
+    # every refusal speaks the protocol's error form, also FastAPI's own (a body too deep to parse, a wrong path)
+    status, body = send(open_server.port, "POST", "/v1/sessions", v1, body=b"[" * 100000)
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    status, body = send(open_server.port, "GET", "/v1/nothing-here", v1)
+    assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing-here" in body["error"]["message"]

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import MAX_QUERY_CHARS, checkpoint_beta
@@ -98,6 +99,11 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
     async def user_error(request, exc: MediRoundError):
         return _error(400, type(exc).__name__, str(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # unknown path, wrong method, unparsable body
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _error(exc.status_code, code, f"{exc.detail} ({request.method} {request.url.path[:200]})")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         parts = []
@@ -142,10 +148,10 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
 
     @app.put("/v1/sessions/{sid}/rounds/{number}", summary="sync: store a round the client has and the server lacks")
     async def put_round(sid: str, number: int, request: Request, user: str = Depends(current_user)):
-        payload = await request.json()
         try:
+            payload = await request.json()
             round_ = round_from_wire(payload.get("round", {}) if isinstance(payload, dict) else {})
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # not JSON (too deep), or not a round
             raise Refused(400, "bad_round", str(exc)) from None
 
         def store_round():
