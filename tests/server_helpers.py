@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -81,3 +83,40 @@ def raw_request(url: str, method: str = "GET", headers: dict | None = None, data
             return r.status, r.headers, json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, json.loads(exc.read() or b"{}")
+
+
+class StandIn:
+    """A plain http.server on loopback that stands in for a MediRound server of protocol `protocol` (it answers
+    GET as `server/app.py`'s /v1/info does), or, with `redirect_to`, for a server that redirects there. `seen`
+    records (path, Authorization header) of every request; `url`, `stop()`."""
+
+    def __init__(self, protocol: int = 1, redirect_to: str = ""):
+        seen: list[tuple[str, str | None]] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("Authorization")))
+                if redirect_to:
+                    self.send_response(307)
+                    self.send_header("Location", redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps({"server": "mediround", "protocol": protocol}).encode()
+                self.send_response(200)
+                self.send_header("X-MediRound-Protocol", str(protocol))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -6,7 +6,6 @@ and a protocol mismatch either way."""
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from MediRoundCore.imaging import Volume, extract_slice, load_volume
 from MediRoundCore.remote.client import ProtocolMismatch, RemoteEngine, RemoteError, ServerClient
 from MediRoundCore.remote.protocol import PROTOCOL_HEADER, round_digest
 from MediRoundCore.session import Session
-from server_helpers import ALICE, BOB, REPO, ServerProcess, free_port, raw_request, write_tokens
+from server_helpers import ALICE, BOB, REPO, ServerProcess, StandIn, free_port, raw_request, write_tokens
 
 pytest.importorskip("fastapi")
 
@@ -173,27 +172,12 @@ def test_a_protocol_mismatch_is_refused_by_both_sides(server):
     with pytest.raises(ProtocolMismatch, match="speaks MediRound protocol 1; this client speaks protocol 2"):
         RemoteEngine(ServerClient(server.url, token=ALICE, protocol=2))
 
-    class NextRelease(http.server.BaseHTTPRequestHandler):
-        """Stands in for a server of a later release: answers /v1/info as `app.py` does, with protocol 2."""
-
-        def do_GET(self):
-            body = json.dumps({"server": "mediround", "protocol": 2}).encode()
-            self.send_response(200)
-            self.send_header(PROTOCOL_HEADER, "2")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    other = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), NextRelease)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
+    other = StandIn(protocol=2)  # a server of a later release
     try:
         with pytest.raises(ProtocolMismatch, match="speaks MediRound protocol 2; this client speaks protocol 1"):
-            RemoteEngine.connect(f"http://127.0.0.1:{other.server_address[1]}")
+            RemoteEngine.connect(other.url)
     finally:
-        other.shutdown()
+        other.stop()
 
 
 def test_the_client_keeps_tokens_off_plain_http_to_other_hosts():

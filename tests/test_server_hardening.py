@@ -7,10 +7,8 @@ are refused; the client follows no redirect and reaches a loopback server withou
 from __future__ import annotations
 
 import http.client
-import http.server
 import io
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from MediRoundCore.remote.client import RemoteError, ServerClient
 from MediRoundCore.remote.protocol import PROTOCOL_HEADER, is_loopback, read_tokens
 from MediRoundCore.server.store import Refused, SessionStore
-from server_helpers import ALICE, ServerProcess, free_port, write_tokens
+from server_helpers import ALICE, ServerProcess, StandIn, write_tokens
 
 pytest.importorskip("fastapi")
 FINGERPRINT = "0123456789abcdef"
@@ -145,59 +143,23 @@ def test_user_names_that_would_share_a_folder_are_refused(tmp_path):
     assert store.open("alice", FINGERPRINT)[0] is mine
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Stands in for a MediRound server (answers /v1/info as `server/app.py` does), a redirecting proxy, or an
-    attacker's host; it records the Authorization header of every request it gets."""
-
-    seen: list = []
-    redirect_to = ""
-
-    def do_GET(self):
-        type(self).seen.append((self.path, self.headers.get("Authorization")))
-        if self.redirect_to:
-            self.send_response(307)
-            self.send_header("Location", self.redirect_to)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = json.dumps({"server": "mediround", "protocol": 1}).encode()
-        self.send_response(200)
-        self.send_header(PROTOCOL_HEADER, "1")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def _serve(redirect_to: str = ""):
-    handler = type("Handler", (_Recorder,), {"seen": [], "redirect_to": redirect_to})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, handler, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def test_the_client_follows_no_redirect_and_no_proxy_to_loopback(monkeypatch):
-    elsewhere, elsewhere_seen, elsewhere_url = _serve()
-    redirecting, _, redirecting_url = _serve(redirect_to=elsewhere_url + "/v1/info")
+    elsewhere = StandIn()  # an attacker's host, or the environment's proxy
+    redirecting = StandIn(redirect_to=elsewhere.url + "/v1/info")
+    target = StandIn()
     try:
         with pytest.raises(RemoteError, match="redirects to http://127.0.0.1:.*does not follow redirects"):
-            ServerClient(redirecting_url, token=ALICE).call("GET", "/v1/info")
-        assert elsewhere_seen.seen == []  # the token never went there
+            ServerClient(redirecting.url, token=ALICE).call("GET", "/v1/info")
+        assert elsewhere.seen == []  # the token never went there
         # with an http_proxy in the environment, a loopback server is still reached directly
-        monkeypatch.setenv("http_proxy", elsewhere_url)
+        monkeypatch.setenv("http_proxy", elsewhere.url)
         monkeypatch.delenv("no_proxy", raising=False)
         monkeypatch.delenv("NO_PROXY", raising=False)
-        target, target_seen, target_url = _serve()
-        try:
-            assert ServerClient(target_url, token=ALICE).call("GET", "/v1/info")[1]["protocol"] == 1
-            assert target_seen.seen == [("/v1/info", f"Bearer {ALICE}")] and elsewhere_seen.seen == []
-        finally:
-            target.shutdown()
+        assert ServerClient(target.url, token=ALICE).call("GET", "/v1/info")[1]["protocol"] == 1
+        assert target.seen == [("/v1/info", f"Bearer {ALICE}")] and elsewhere.seen == []
     finally:
-        elsewhere.shutdown()
-        redirecting.shutdown()
+        for server in (elsewhere, redirecting, target):
+            server.stop()
 
 
 def test_only_loopback_itself_counts_as_local():
