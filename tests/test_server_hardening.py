@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from MediRoundCore.errors import MediRoundError
 from MediRoundCore.remote.client import RemoteError, ServerClient
 from MediRoundCore.remote.protocol import PROTOCOL_HEADER, is_loopback, read_tokens
 from MediRoundCore.server.store import Refused, SessionStore
@@ -203,3 +204,11 @@ def test_a_malformed_round_upload_gets_a_clear_refusal(open_server):
     assert status == 400 and body["error"]["code"] == "bad_request"
     status, body = send(open_server.port, "GET", "/v1/nothing-here", v1)
     assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing-here" in body["error"]["message"]
+
+
+def test_tokens_are_printable_ascii_on_both_sides():
+    """A token an HTTP header cannot carry intact never matches; both sides say so instead."""
+    with pytest.raises(ValueError, match="the token of alice holds characters other than printable ASCII"):
+        read_tokens("alice:pässwörd-0123456789abcdef\n", "tokens")
+    with pytest.raises(MediRoundError, match="other than printable ASCII"):
+        ServerClient("https://gpu.example.org", token=ALICE + " é")

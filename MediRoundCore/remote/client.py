@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MediRoundError, SessionError
-from .protocol import (MAX_WAIT_S, NPY_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLICA_HEADER, USER_HEADER,
-                       VOLUME_HEADER, array_to_npy, is_loopback, round_digest, round_from_wire, round_to_wire,
-                       slice_meta)
+from .protocol import (MAX_WAIT_S, NPY_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLICA_HEADER, TOKEN_RE,
+                       USER_HEADER, VOLUME_HEADER, array_to_npy, is_loopback, round_digest, round_from_wire,
+                       round_to_wire, slice_meta)
 
 TOKEN_ENV = "MEDIROUND_TOKEN"
 PENDING_FILE = "remote.json"
@@ -81,6 +81,9 @@ class ServerClient:
         parts = urllib.parse.urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise MediRoundError(f"server address {url!r} must look like http://HOST:PORT or https://HOST")
+        if token and not TOKEN_RE.fullmatch(token):
+            raise MediRoundError("the token holds characters other than printable ASCII (spaces, accents or line "
+                                 "breaks from a copy and paste?); an HTTP header cannot carry them")
         if token and parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
             raise RemoteError(f"refusing to send the token over plain HTTP to {parts.hostname}: anyone on the "
                                  f"network could read it. Use https:// (a TLS reverse proxy, see docs/server.md), "

@@ -30,6 +30,7 @@ MAX_WAIT_S = 30.0  # the longest a request waits for a round before answering 20
 
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")  # use fullmatch
 USER_RE = re.compile(r"[A-Za-z0-9_@-][A-Za-z0-9._@-]{0,63}")  # fullmatch; no leading dot: never ".."
+TOKEN_RE = re.compile(r"[!-~]+")  # printable ASCII, no spaces: what an Authorization header carries intact
 VIEWS = ("axial", "coronal", "sagittal")
 
 
@@ -161,6 +162,9 @@ def read_tokens(text: str, source: str) -> dict[str, str]:
             raise ValueError(f"{source}: line {n}: user name {user!r} must be 1–64 letters, digits or ._@-")
         if len(token) < 16:
             raise ValueError(f"{source}: line {n}: the token of {user} is shorter than 16 characters")
+        if not TOKEN_RE.fullmatch(token):
+            raise ValueError(f"{source}: line {n}: the token of {user} holds characters other than printable ASCII "
+                             f"(an HTTP header carries no others)")
         if token in tokens:
             raise ValueError(f"{source}: line {n}: the token of {user} is used twice")
         clash = [u for u in tokens.values() if u.lower() == user.lower() and u != user]
