@@ -212,3 +212,20 @@ def test_tokens_are_printable_ascii_on_both_sides():
         read_tokens("alice:pässwörd-0123456789abcdef\n", "tokens")
     with pytest.raises(MediRoundError, match="other than printable ASCII"):
         ServerClient("https://gpu.example.org", token=ALICE + " é")
+
+
+def test_finished_rounds_kept_for_polling_are_bounded():
+    """Each finished job holds its round (a mask of up to 3 MiB) until its client fetches it: at most 256 are kept;
+    a client whose job was forgotten recovers the round from the session (the crash tests cover it)."""
+    from MediRoundCore.server.jobs import KEEP_FINISHED_MAX, DeviceQueue
+
+    queue = DeviceQueue("test").start()
+    try:
+        jobs = [queue.submit(f"user{i}", lambda i=i: i) for i in range(300)]
+        assert all(queue.wait(job, 30) for job in jobs)
+        last = queue.submit("late", lambda: "late")
+        assert queue.wait(last, 30) and last.result == "late"
+        assert queue.get(jobs[0].id) is None and queue.get(jobs[-1].id).result == 299
+        assert sum(queue.get(job.id) is not None for job in jobs) <= KEEP_FINISHED_MAX <= 256
+    finally:
+        queue.stop()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 KEEP_FINISHED_S = 600.0
-KEEP_FINISHED_MAX = 2000
+KEEP_FINISHED_MAX = 256  # finished jobs kept for their clients (a result holds a mask: up to 3 MiB for 4096²)
 MAX_QUEUED_PER_OWNER = 8  # one user's rounds waiting at once (a client asks one round at a time per session)
 
 
