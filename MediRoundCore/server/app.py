@@ -239,8 +239,8 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
     def get_job(job_id: str, wait: float = Query(10.0, ge=0.0, le=MAX_WAIT_S), user: str = Depends(current_user)):
         job = queue.get(job_id)
         if job is None:
-            raise Refused(404, "no_job", "no such job on this server (finished jobs are kept 10 minutes, the latest 256; after a "
-                                         "restart the client syncs the session instead)")
+            raise Refused(404, "no_job", "no such job on this server (finished jobs are kept 10 minutes, the latest "
+                                         "256; after a restart the client syncs the session instead)")
         if job.owner != user:
             raise Refused(403, "not_your_job", "this job belongs to another user")
         return _answer(job, wait)
