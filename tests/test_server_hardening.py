@@ -169,6 +169,9 @@ def test_only_loopback_itself_counts_as_local():
                                             "127.0.0.1.nip.io", "::"))
     with pytest.raises(RemoteError, match="refusing to send the token over plain HTTP to gpu.localhost"):
         ServerClient("http://gpu.localhost:8765", token=ALICE)
+    for tricky in ("http://evil.com\\@127.0.0.1/", "http://127.0.0.1:8765@evil.com", "http://u:p@127.0.0.1"):
+        with pytest.raises(MediRoundError, match="must look like http://HOST:PORT"):
+            ServerClient(tricky, token=ALICE)
 
 
 def test_one_user_cannot_fill_the_device_queue_nor_the_disk(tmp_path):

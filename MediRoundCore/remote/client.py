@@ -79,7 +79,8 @@ class ServerClient:
     def __init__(self, url: str, token: str | None = None, user: str | None = None, insecure: bool = False,
                  timeout: float = 60.0, protocol: int = PROTOCOL_VERSION):
         parts = urllib.parse.urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or "\\" in url:
+            # (user@host and backslashes are refused: urllib and urlsplit would disagree on which host is meant)
             raise MediRoundError(f"server address {url!r} must look like http://HOST:PORT or https://HOST")
         if token and not TOKEN_RE.fullmatch(token):
             raise MediRoundError("the token holds characters other than printable ASCII (spaces, accents or line "
