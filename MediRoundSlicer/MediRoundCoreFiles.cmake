@@ -49,6 +49,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/segio.py
   MediRoundCore/server/__init__.py
   MediRoundCore/server/app.py
+  MediRoundCore/server/auth.py
   MediRoundCore/server/gate.py
   MediRoundCore/server/jobs.py
   MediRoundCore/server/serve.py
