@@ -1,4 +1,4 @@
-"""`mediround` command line: demo | ask | chat | train | eval | bench | data.
+"""`mediround` command line: demo | ask | chat | serve | train | eval | bench | data.
 
 Every error a user can cause prints one clear line and exits non-zero; `--debug` shows tracebacks.
 """
@@ -208,6 +208,18 @@ def _dice(a, b) -> float:
     return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
 
 
+def ask_engine(args):
+    """The local model, or with --server a client of `mediround serve` that answers the same way."""
+    if not getattr(args, "server", None):
+        return load_engine(args.checkpoint, args.device, args.random)
+    from .remote.client import RemoteEngine, read_token
+
+    engine = RemoteEngine.connect(args.server, token=read_token(args.token_file), user=args.user,
+                                  insecure=args.insecure)
+    print(f"connected to {engine.device_description}")
+    return engine
+
+
 def cmd_ask(args) -> int:
     """One round, all or nothing: the volume, slice, outputs and model are checked first; the round is committed
     to the session (under its lock) only after its outputs are written and its report printed."""
@@ -221,7 +233,7 @@ def cmd_ask(args) -> int:
     validate_query(args.query)
     staged = StagedOutputs(Path(args.out)) if args.out else None
     try:
-        engine = load_engine(args.checkpoint, args.device, args.random)
+        engine = ask_engine(args)
         with Session.writing(Path(args.session), volume.fingerprint(), volume.name, wait=args.wait,
                              command=command_line(args.argv)) as session:
             session.volume = volume
@@ -231,7 +243,8 @@ def cmd_ask(args) -> int:
             lines = [f"round {r.number}: {r.answer}",
                      f"  entity: {r.entity}  reference: {r.reference}  JCM score: "
                      f"{r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}  corrected: {r.corrected}  "
-                     f"pixels: {int(r.mask.sum())}  {r.timings['total_ms']:.0f} ms"]
+                     f"pixels: {int(r.mask.sum())}  {r.timings.get('total_ms', 0):.0f} ms"
+                     + (" (recovered from the server)" if getattr(result, "recovered", False) else "")]
             if staged is not None:
                 path = render_outputs(staged.folder, volume, session)
                 staged.check()
@@ -252,7 +265,7 @@ def cmd_chat(args) -> int:
     volume = load_volume(args.volume, modality=args.modality, series=args.series)
     extract_slice(volume, args.view, args.slice)
     session = open_session(Path(args.session), volume)
-    engine = load_engine(args.checkpoint, args.device, args.random)
+    engine = ask_engine(args)
     index = args.slice
     print(f"{volume.name}: {volume.num_slices(args.view)} {args.view} slices; on slice {index}. "
           "Type a query; ':slice N' moves, ':undo', ':save DIR', ':quit'.")
@@ -271,7 +284,7 @@ def cmd_chat(args) -> int:
                 index = int(parts[1])
                 print(f"on slice {index}")
             elif line == ":undo":
-                print(f"undid round {session.undo().number}")
+                print(f"undid round {(engine.undo(session) if hasattr(engine, 'undo') else session.undo()).number}")
             elif line.startswith(":save"):
                 parts = line.split(maxsplit=1)
                 if len(parts) != 2:
@@ -289,6 +302,13 @@ def cmd_chat(args) -> int:
             print(f"error: {exc}")
         sys.stdout.flush()
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .server.serve import serve
+
+    return serve(args.host, args.port, args.checkpoint, args.device, args.random, args.sessions, args.token_file,
+                 args.max_request_mb, args.cache_slices, args.name, args.threads)
 
 
 def cmd_train(args) -> int:
@@ -421,7 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--wait", type=non_negative(float), default=None,
                             help="seconds to wait while another program writes the session (default 30)")
         model_args(sp)
+        sp.add_argument("--server", metavar="URL", help="ask a `mediround serve` server instead of a local model "
+                        "(the session folder keeps the client's copy of every round)")
+        sp.add_argument("--token-file", help="with --server: file holding the token (default: $MEDIROUND_TOKEN)")
+        sp.add_argument("--user", help="with --server on a server without tokens: your user name (default local)")
+        sp.add_argument("--insecure", action="store_true",
+                        help="with --server: allow sending the token over plain http:// to another machine")
         sp.set_defaults(func=func)
+
+    sp = sub.add_parser("serve", help="HTTP inference server for Slicer panels and `ask/chat --server` (docs/server.md)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; any other needs tokens)")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--checkpoint", help="MediRound checkpoint folder (default: the bundled MediRound-Tiny)")
+    sp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present); one server per device")
+    sp.add_argument("--random", action="store_true", help="serve an untrained tiny model")
+    sp.add_argument("--sessions", help="folder of the server's sessions (default ~/.cache/mediround/server-sessions)")
+    sp.add_argument("--token-file", help="file of `user:token` lines (default: $MEDIROUND_TOKENS); required unless "
+                    "the server listens on loopback only")
+    sp.add_argument("--max-request-mb", type=float, default=80, help="largest request body accepted (default 80 MiB)")
+    sp.add_argument("--cache-slices", type=int, default=8,
+                    help="slices whose encodings and KV caches stay in memory, least recently used evicted (default 8)")
+    sp.add_argument("--name", help="replica name in responses (default HOST:PORT)")
+    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: cores, at most 8)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("train", help="train stage 1 or 2")
     sp.add_argument("--out", default="runs/tiny")

@@ -9,6 +9,7 @@ kept for benchmarks and equivalence tests).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
@@ -270,6 +271,8 @@ class Engine:
         ref = session.round(reference)
         if (ref.view, ref.slice_index) == state.key[1:3]:
             pixels01 = state.pixels01
+        elif hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
+            pixels01 = session.slice_image(ref.view, ref.slice_index).normalized()
         elif session.volume is not None:
             pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
         else:
@@ -330,9 +333,13 @@ class Engine:
 
 def _slice_key(session: Session, image: SliceImage, windows: dict | None = None) -> tuple:
     """What identifies a slice's caches: everything that changes its encoding (the session's volume, the view
-    and voxel plane, the slice index and shape, the modality and the CT window the model sees it through)."""
-    return (session.volume_fingerprint, image.view, image.index, image.pixels.shape, image.axis, image.modality,
-            image.ct_window(windows))
+    and voxel plane, the slice index and shape, the modality and the CT window the model sees it through) and the
+    pixels themselves (a digest): on a server the volume fingerprint is only what a client claims, so encodings are
+    never shared between slices whose pixels differ (another user's, or a re-upload)."""
+    pixels = np.ascontiguousarray(image.pixels)
+    digest = hashlib.blake2b(pixels.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+    return (session.volume_fingerprint, image.view, image.index, pixels.shape, str(pixels.dtype), image.axis,
+            image.modality, image.ct_window(windows), digest)
 
 
 def _strip_note(answer: str) -> str:

@@ -153,6 +153,8 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
 
         from MediRoundLib.dependencies import install, install_plan, python_problem
 
+        if self.logic.server_url:  # the model runs on the server: nothing to install here
+            return True
         problem = python_problem()
         if problem:
             slicer.util.errorDisplay(problem, windowTitle="MediRound")
@@ -254,6 +256,8 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         self.sessions_dir = Path(sessions_dir) if sessions_dir is not None else default_sessions_dir()
         self.engine_factory = engine_factory  # callable(checkpoint | None) -> Engine; default Engine.load
         self.checkpoint: str | None = None  # None: the bundled default model
+        self.server_url: str | None = None  # a `mediround serve` URL instead of a local model (docs/server.md)
+        self.server_token: str | None = None
         self.engine = None
         self.view_name = "Red"
         self.volume_node = None
@@ -291,6 +295,8 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
     def device_description(self) -> str:
         if self.engine is not None:
             return self.engine.device_description
+        if self.server_url:
+            return f"server {self.server_url}: connects on the next Ask"
         return "model not loaded yet (GPU when there is one, else CPU)"
 
     def set_checkpoint(self, checkpoint: str | None):
@@ -298,6 +304,19 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         if self.busy:
             raise MediRoundError("wait for the running Ask to finish before changing the model")
         self.checkpoint = str(checkpoint) if checkpoint else None
+        self.engine = None
+
+    def set_server(self, url: str | None, token: str | None = None):
+        """Ask a `mediround serve` server (None: the local model, as before); connects on the next Ask. The
+        session stays local too: every round is autosaved here as well."""
+        if self.busy:
+            raise MediRoundError("wait for the running Ask to finish before changing the server")
+        url, token = (url or "").strip() or None, (token or "").strip() or None
+        if url:
+            from MediRoundCore.remote.client import ServerClient
+
+            ServerClient(url, token=token)  # checks the address (and a token over plain http) without connecting
+        self.server_url, self.server_token = url, token
         self.engine = None
 
     # -- volumes and sessions -------------------------------------------------------------------------------
@@ -394,7 +413,12 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
 
     def _load_engine(self, checkpoint):
         factory = self.engine_factory
-        if factory is None:
+        if self.server_url:
+            from MediRoundCore.remote.client import RemoteEngine
+
+            url, token = self.server_url, self.server_token
+            factory = lambda checkpoint: RemoteEngine.connect(url, token=token)  # noqa: E731
+        elif factory is None:
             from MediRoundCore.engine import Engine
             factory = Engine.load
         engine = factory(checkpoint)

@@ -55,7 +55,17 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py
   MediRoundCore/references.py
+  MediRoundCore/remote/__init__.py
+  MediRoundCore/remote/client.py
+  MediRoundCore/remote/protocol.py
   MediRoundCore/segio.py
+  MediRoundCore/server/__init__.py
+  MediRoundCore/server/app.py
+  MediRoundCore/server/auth.py
+  MediRoundCore/server/gate.py
+  MediRoundCore/server/jobs.py
+  MediRoundCore/server/serve.py
+  MediRoundCore/server/store.py
   MediRoundCore/session.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py

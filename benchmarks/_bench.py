@@ -3,7 +3,8 @@ around the engine's language-model forwards.
 
 RESULTS.md is written only by the scripts: `bench_cpu.py` owns the block between `<!-- cpu -->` and
 `<!-- /cpu -->`, `bench_gpu.py` the one between `<!-- gpu -->` and `<!-- /gpu -->`, `bench_slicer_host.py` the
-`<!-- slicer -->` one; each run replaces its own block and leaves the others as they are.
+`<!-- slicer -->` one, `bench_server.py` the `<!-- server -->` one; each run replaces its own block and leaves the
+others as they are.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("cpu", "gpu", "slicer")
+SECTIONS = ("cpu", "gpu", "slicer", "server")
 HEADER = """# MediRound: speed and memory
 
 Written by the benchmark scripts (`benchmarks/bench_cpu.py`, run by `mediround bench`,
-`benchmarks/bench_gpu.py` and `benchmarks/bench_slicer_host.py`); each replaces its own section. Never edited by hand. Quality figures are in
+`benchmarks/bench_gpu.py`, `benchmarks/bench_slicer_host.py` and `benchmarks/bench_server.py`); each replaces its
+own section. Never edited by hand. Quality figures are in
 `benchmarks/QUALITY.md`.
 """
 

@@ -178,3 +178,18 @@ def test_a_named_reference_reads_as_it(tiny_engine, ct_volume):
         "Show the artery that carries blood from the heart to the body."  # a description, not a reference
     assert refer_as_it("What lies next to The Liver, anterior?", "liver") == "What lies next to it, anterior?"
     assert refer_as_it("Segment the liver.", None) == "Segment the liver."
+
+
+def test_sessions_that_claim_one_volume_never_share_another_slices_encodings(tiny_engine, ct_volume):
+    """A server's sessions claim their volume's fingerprint; two with the same one but different pixels on a slice
+    (another user's scan, a re-uploaded slice) each get the round of their own pixels, as a fresh engine gives."""
+    from dataclasses import replace
+
+    image = extract_slice(ct_volume, "axial", 2)
+    other = replace(image, pixels=image.pixels[::-1].copy())
+    tiny_engine.ask(Session(ct_volume.fingerprint()), "Segment the liver.", image)
+    theirs = tiny_engine.ask(Session(ct_volume.fingerprint()), "Segment the liver.", other)
+    fresh = Engine(tiny_engine.model, tiny_engine.tokenizer).ask(Session(ct_volume.fingerprint()),
+                                                                  "Segment the liver.", other)
+    assert torch.allclose(theirs.raw_prompt, fresh.raw_prompt, atol=1e-4)
+    assert np.array_equal(theirs.mask, fresh.mask)

@@ -17,7 +17,8 @@ from MediRoundLib import qt, segments
 
 WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmCheckBox", "betaSpinBox",
            "progressBar", "statusLabel", "undoButton", "newSessionButton", "saveButton", "modelCombo",
-           "checkpointEdit", "browseButton", "deviceLabel", "sliceLabel", "volumeSelectorLayout")
+           "checkpointEdit", "browseButton", "deviceLabel", "sliceLabel", "volumeSelectorLayout", "serverEdit",
+           "tokenEdit")
 # While an Ask runs, the poll timer fires every POLL_MS and each call hands the GIL to the inference thread for
 # up to YIELD_MS (it returns as soon as the thread reports). Slicer's main thread holds the GIL while Qt idles,
 # so this share is all the thread gets; the rest of each period keeps the user interface responsive.
@@ -77,6 +78,8 @@ class ChatPanel:
         ui.jcmCheckBox.toggled.connect(lambda on: ui.betaSpinBox.setEnabled(bool(on)))
         ui.modelCombo.currentIndexChanged.connect(self.on_model_changed)
         ui.browseButton.clicked.connect(self.on_browse)
+        ui.serverEdit.editingFinished.connect(self.on_server_changed)
+        ui.tokenEdit.editingFinished.connect(self.on_server_changed)
         ui.historyBrowser.setOpenLinks(False)
         self.adopt_model_beta()
         self.refresh()
@@ -98,7 +101,8 @@ class ChatPanel:
         ui.undoButton.setEnabled(bool(rounds) and not busy)
         ui.newSessionButton.setEnabled(has_session and not busy)
         ui.saveButton.setEnabled(bool(rounds) and not busy)
-        ui.modelCombo.setEnabled(not busy)
+        ui.modelCombo.setEnabled(not busy and not logic.server_url)
+        ui.serverEdit.setEnabled(not busy)
         ui.browseButton.setEnabled(not busy and _current_index(ui.modelCombo) == 1)
         ui.deviceLabel.setText(logic.device_description)
         # reference chooser: Auto + every earlier round, keeping the choice when it still exists
@@ -208,6 +212,9 @@ class ChatPanel:
                 self.status = "Model loaded; thinking…"
                 self.ui.deviceLabel.setText(self.logic.device_description)
                 self.ui.statusLabel.setText(self.status)
+                beta = getattr(self.logic.engine, "info", {}).get("beta")  # a server's model brings its own β
+                if beta is not None:
+                    self.ui.betaSpinBox.setValue(float(beta))
             elif event.kind == "round":
                 r = event.round
                 self.status = (f"R{r.number} done in {r.timings.get('total_ms', 0) / 1000:.1f} s: segment "
@@ -279,6 +286,19 @@ class ChatPanel:
             self._set_checkpoint(str(folder))
         elif not self.logic.checkpoint:
             self.ui.modelCombo.setCurrentIndex(0)
+        self.refresh()
+
+    def on_server_changed(self):
+        """Server: empty = local (this computer); a URL (+ token) = `mediround serve` there."""
+        url, token = _call(self.ui.serverEdit.text).strip(), _call(self.ui.tokenEdit.text).strip()
+        if (url or None, token or None) == (self.logic.server_url, self.logic.server_token):
+            return
+        try:
+            self.logic.set_server(url, token)
+            self.status = "Connects to the server on the next Ask." if url else "The model loads on the next Ask."
+        except Exception as exc:
+            self.status = f"Error: {exc}"
+        self.ui.modelCombo.setEnabled(not url)
         self.refresh()
 
     def _set_checkpoint(self, folder):

@@ -1,0 +1,1 @@
+"""`mediround serve`: the HTTP inference server (FastAPI + uvicorn) over the engine."""
