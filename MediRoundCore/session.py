@@ -180,6 +180,13 @@ class Session:
         self._disk_digest = hashlib.sha256(text).hexdigest()
         self._saved = list(rounds)
 
+    def reload(self) -> None:
+        """Take the rounds as they are in this session's folder now (after they were dropped from memory): the
+        folder is the truth, and later saves compare against what was read here."""
+        saved = Session.load(self.folder, self.volume_fingerprint)
+        self.rounds, self.volume_name = saved.rounds, saved.volume_name
+        self._saved, self._disk_digest = saved._saved, saved._disk_digest
+
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, expected_fingerprint: str, volume_name: str = "") -> "Session":

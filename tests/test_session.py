@@ -89,12 +89,12 @@ def round_(n):
 s = Session("abc", folder)
 s.add_round(round_(1))
 s.add_round(round_(2))
-real_write = session_module.atomic_write
-def write_then_die(path, payload):  # the first file of the save is written for real, then the process dies
-    real_write(path, payload)
-    print(os.path.basename(path), flush=True)
+real_replace = os.replace
+def replace_then_die(tmp, target):  # the first staged file of the save is put in place for real, then the process dies
+    real_replace(tmp, target)
+    print(os.path.basename(target), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-session_module.atomic_write = write_then_die
+session_module.os.replace = replace_then_die
 s.add_round(round_(3)) if action == "add" else s.undo()
 """
 

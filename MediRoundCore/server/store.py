@@ -171,11 +171,11 @@ class SessionStore:
         with session.lock:
             if not session.loaded:
                 try:
-                    saved = Session.load(session.folder, session.volume_fingerprint)
+                    session.reload()
                 except SessionError as exc:
                     raise Refused(500, "session_damaged", f"the server's copy of this session cannot be read "
                                                           f"({exc})") from None
-                session.rounds, session.volume_name, session.loaded = saved.rounds, saved.volume_name, True
+                session.loaded = True
             self._touch(session.sid)
             yield session
 
