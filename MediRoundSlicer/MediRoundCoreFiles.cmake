@@ -42,9 +42,11 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/modeling.py
   MediRoundCore/model/processing.py
   MediRoundCore/model/tokenizer.py
+  MediRoundCore/outputs.py
   MediRoundCore/references.py
   MediRoundCore/segio.py
   MediRoundCore/session.py
+  MediRoundCore/session_lock.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
   MediRoundCore/train/export.py
@@ -52,6 +54,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
+  MediRoundCore/volume_files.py
   )
 
 set(MEDIROUND_CORE_RESOURCE_PATTERNS
