@@ -5,14 +5,34 @@ Every error a user can cause prints one clear line and exits non-zero; `--debug`
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
+import signal
 import sys
-from pathlib import Path
 
-from .errors import DeviceError, MediRoundError
+
+def _interrupted_early(signum, frame):
+    """SIGINT before `main` runs (this module's own imports): the same one line and exit code."""
+    try:
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+    finally:
+        import os
+
+        os._exit(130)
+
+
+# Run as the program (python -m MediRoundCore.cli, or the `mediround` script): Ctrl-C answered from here on.
+_EARLY = (__name__ == "__main__" or sys.argv[0].endswith(("mediround", "mediround.exe", "mediround-script.py"))) \
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _EARLY:
+    signal.signal(signal.SIGINT, _interrupted_early)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import DeviceError, MediRoundError  # noqa: E402
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 
@@ -519,20 +539,36 @@ def main(argv=None) -> int:
     """Run one command. Every error a user can cause is one "error: …" line and a non-zero exit; Ctrl-C at any
     point is one "interrupted" line and exit 130."""
     try:
-        return _main(argv)
+        if _EARLY and argv is None:  # from here a Ctrl-C unwinds (removing temporary files) to one line
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = _main(argv)
     except KeyboardInterrupt:
-        return _interrupted()
+        code = _interrupted()
+    if code == 130 and argv is None:
+        _exit_now(130)
+    return code
 
 
 def _interrupted() -> int:
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving adds no traceback
     try:
         print("interrupted", file=sys.stderr)
     except (OSError, ValueError):
         pass
     return 130
+
+
+def _exit_now(code: int) -> None:
+    """Leave with `code` at once. After an interrupt the interpreter would otherwise end itself by SIGINT (exit
+    -2, not 130) when the signal landed inside code run by a C extension (pybind11 `exec` while importing), even
+    though we handled it. Everything of ours is settled by now: the session was committed or left as it was,
+    temporary files and staging folders removed on the way out, locks go with the process."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _main(argv) -> int:

@@ -54,6 +54,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/text_encoder.py
   MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py
+  MediRoundCore/outputs.py
   MediRoundCore/references.py
   MediRoundCore/remote/__init__.py
   MediRoundCore/remote/client.py
@@ -67,6 +68,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/server/serve.py
   MediRoundCore/server/store.py
   MediRoundCore/session.py
+  MediRoundCore/session_lock.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
   MediRoundCore/train/embedding_cache.py
@@ -77,6 +79,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
+  MediRoundCore/volume_files.py
   )
 
 set(MEDIROUND_CORE_RESOURCE_PATTERNS

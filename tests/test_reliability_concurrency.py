@@ -55,7 +55,7 @@ HOLDER = textwrap.dedent(r'''
 
 def _start(script: Path, *args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=ENV)
 
 
 def test_concurrent_writers_lose_no_round(tmp_path):
@@ -166,7 +166,7 @@ def test_concurrent_cli_asks_lose_no_round(tmp_path):
     procs = [subprocess.Popen(_cli_command() + ["ask", str(tmp_path / "v.nrrd"), "--slice", "1", "--random",
                                                 "--query", f"Segment organ {i}.", "--session", str(folder),
                                                 "--wait", "300"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=ENV, cwd=tmp_path)
              for i in range(4)]
     numbers = {}
     for i, proc in enumerate(procs):
@@ -208,7 +208,7 @@ def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
     sitk.WriteImage(to_sitk(logic.volume), str(path))
     proc = subprocess.run(_cli_command() + ["ask", str(path), "--slice", "2", "--random", "--query",
                                             "Segment the spleen.", "--session", str(folder)],
-                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=ENV, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(SessionError, match="changed by another program"):

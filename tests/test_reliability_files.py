@@ -299,7 +299,7 @@ def test_cli_subprocess_never_hangs_on_a_pipe_or_loop(tmp_path, saved_session):
         path = make(tmp_path)
         done = subprocess.run(command + ["ask", str(path), "--slice", "1", "--query", "Segment the liver.",
                                          "--session", str(saved_session)],
-                              capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=60, stdin=subprocess.DEVNULL)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.startswith("error: ") and all(w in done.stderr for w in words), done.stderr
     assert snapshot(saved_session) == before
@@ -370,7 +370,7 @@ def test_unreadable_file_says_permission(tmp_path):
         pytest.skip("running as root without setpriv: permissions cannot be tested")
     code = ("import sys\nfrom MediRoundCore.imaging import load_volume\ntry:\n    load_volume(sys.argv[1])\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
-    done = subprocess.run(prefix + [sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+    done = subprocess.run(prefix + [sys.executable, "-c", code, str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert done.stdout.startswith("FileFormatError") and "permission denied" in done.stdout, done.stdout + done.stderr
 

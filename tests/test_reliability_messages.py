@@ -267,7 +267,7 @@ def test_chat_commands(world):
              ":undo", ":quit"]
     done = subprocess.run([sys.executable, "-m", "MediRoundCore.cli", "chat", str(world.volume_path), "--slice", "1",
                            "--session", str(world.session_dir), "--random", "--no-jcm"],
-                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
+                          input="\n".join(lines) + "\n", capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done.stderr
     out = done.stdout
