@@ -546,6 +546,8 @@ def main(argv=None) -> int:
         code = _interrupted()
     if code == 130 and argv is None:
         _exit_now(130)
+    if argv is None:  # done: a Ctrl-C while the interpreter shuts down must not turn the exit into a signal death
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
 
 

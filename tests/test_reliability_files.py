@@ -6,11 +6,13 @@ through the CLI is one "error:" line, a non-zero exit and no traceback.
 
 from __future__ import annotations
 
+import locale
 import os
 import shutil
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +40,17 @@ def ct_array(shape=SHAPE) -> np.ndarray:
     return array
 
 
+@contextmanager
+def kept_locale():
+    """GDCM's writer, given a slice's full copied header, leaves the C library's locale at "C" (ASCII): every
+    later subprocess with text=True in this pytest process would then decode as ASCII. Put it back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(folder: Path, array: np.ndarray, uid=SERIES_UID, description="CT abdomen",
                        spacing=(0.8, 0.8, 3.0), skip=(), sizes=None) -> Path:
     """One DICOM file per slice (SimpleITK's GDCM writer), with the tags a scanner writes: series/study UIDs,
@@ -61,7 +74,8 @@ def write_dicom_series(folder: Path, array: np.ndarray, uid=SERIES_UID, descript
         for tag, value in tags.items():
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{uid.rsplit('.', 1)[1]}_{k:03d}.dcm"))
-        writer.Execute(image)
+        with kept_locale():
+            writer.Execute(image)
     return folder
 
 
@@ -148,7 +162,8 @@ def tilted_series(root: Path) -> Path:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(path))
-    writer.Execute(image)
+    with kept_locale():
+        writer.Execute(image)
     return folder
 
 

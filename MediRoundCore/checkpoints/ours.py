@@ -106,6 +106,8 @@ def check_sizes(config: MediRoundConfig, source: str) -> None:
              ("segmenter.image_size", config.segmenter.image_size, "segmenter.patch_size", config.segmenter.patch_size),
              ("segmenter.embed_dim", config.segmenter.embed_dim, "segmenter.num_heads", config.segmenter.num_heads)]
     for a_name, a, b_name, b in pairs:
+        if a is None or b is None:  # a size this model's parts do not use (e.g. the ViT's on a TinyViT segmenter)
+            continue
         if a % b:
             raise ConfigError(f"{source}: {a_name} ({a}) must be a multiple of {b_name} ({b})")
     depth = config.segmenter.depth
