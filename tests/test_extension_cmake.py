@@ -111,3 +111,68 @@ def test_core_package_ships_completely():
     assert files == [["MEDIROUND_CORE_FILES", "${MEDIROUND_CORE_SCRIPTS}"]]
     copy = [args for name, args in module_commands if name == "add_custom_command"]
     assert copy and any("${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file}" in a for a in copy[0])
+
+
+STAND_IN = r'''
+cmake_minimum_required(VERSION 3.16)
+project(MediRoundInstallCheck NONE)
+# Slicer's variables and macros, reduced to what decides what gets installed:
+# CTK CMake/ctkMacroCompilePythonScript.cmake copies SCRIPTS (from SOURCE_DIR) and RESOURCES into
+# DESTINATION_DIR and installs that folder (its contents with NO_INSTALL_SUBDIR); Slicer
+# CMake/SlicerMacroBuildScriptedModule.cmake calls it with the qt-scripted-modules folder and NO_INSTALL_SUBDIR.
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+set(BUILD_TESTING OFF)
+macro(ctkMacroCompilePythonScript)
+  cmake_parse_arguments(MY "NO_INSTALL_SUBDIR" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
+  if(NOT MY_SOURCE_DIR)
+    set(MY_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR})
+  endif()
+  set(_copied)
+  foreach(file IN LISTS MY_SCRIPTS MY_RESOURCES)
+    add_custom_command(OUTPUT "${MY_DESTINATION_DIR}/${file}" DEPENDS "${MY_SOURCE_DIR}/${file}"
+      COMMAND ${CMAKE_COMMAND} -E copy "${MY_SOURCE_DIR}/${file}" "${MY_DESTINATION_DIR}/${file}")
+    list(APPEND _copied "${MY_DESTINATION_DIR}/${file}")
+  endforeach()
+  add_custom_target(Copy${MY_TARGET_NAME}PythonFiles ALL DEPENDS ${_copied})
+  if(MY_NO_INSTALL_SUBDIR)
+    install(DIRECTORY "${MY_DESTINATION_DIR}/" DESTINATION "${MY_INSTALL_DIR}")
+  else()
+    install(DIRECTORY "${MY_DESTINATION_DIR}" DESTINATION "${MY_INSTALL_DIR}")
+  endif()
+endmacro()
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY_SLICER "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  ctkMacroCompilePythonScript(TARGET_NAME ${MY_SLICER_NAME} SCRIPTS "${MY_SLICER_SCRIPTS}"
+    RESOURCES "${MY_SLICER_RESOURCES}" DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}
+    INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR} NO_INSTALL_SUBDIR)
+endmacro()
+add_subdirectory("@MODULE@" MediRoundSlicer)
+'''
+
+
+def test_cmake_install_ships_every_file_once(tmp_path):
+    """Configure, build and install the module with CMake (Slicer's macros reduced to their copy and install
+    rules): the core and the module are installed, each file by exactly one install rule."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed: the CMake install check is skipped")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "CMakeLists.txt").write_text(STAND_IN.replace("@MODULE@", MODULE.as_posix()))
+    build, prefix = tmp_path / "build", tmp_path / "prefix"
+    for cmd in ([cmake, "-S", str(tmp_path / "src"), "-B", str(build)], [cmake, "--build", str(build)],
+                [cmake, "--install", str(build), "--prefix", str(prefix)]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    installed = (build / "install_manifest.txt").read_text().split()
+    duplicates = sorted({f for f in installed if installed.count(f) > 1})
+    assert duplicates == [], f"{len(duplicates)} files installed twice, e.g. {duplicates[:3]}"
+    root = prefix / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    for path in ("MediRound.py", "MediRoundLib/panel.py", "Resources/UI/MediRound.ui", "MediRoundCore/engine.py",
+                 "MediRoundCore/checkpoint_info.py", "MediRoundCore/weights/mediround-tiny/model.safetensors"):
+        assert (root / path).is_file(), path

@@ -30,6 +30,11 @@ def test_multi_round_session_through_the_panel(tmp_path):
     assert all(a["slice"] == ["axial", 12] for a in asks)
     assert asks[0]["seconds"] < FIRST_ASK_S, asks
     assert sorted(a["seconds"] for a in asks[1:])[1] < LATER_ASK_MEDIAN_S, asks
+    # the interface stays responsive: each poll lends the GIL for up to 15 ms (+ up to Python's 5 ms switch
+    # interval to get it back), then Qt runs again. Measured: median 20 ms, p99 48 ms (the worst, 0.46 s, while
+    # the worker imports torch and loads the model, which hold the GIL)
+    assert result["poll_calls"] > 10 and result["poll_ms_median"] <= 40, result
+    assert result["poll_ms_p99"] <= 500, result
     assert result["after_undo"] == [2, ["MediRound_R1", "MediRound_R2"]]
     assert result["saved_file"] and result["saved_status"].startswith("Saved demo.seg.nrrd")
     assert result["saved_segments"] == ["R1: left kidney", "R2: lesion in the left kidney"]  # after the undo

@@ -63,7 +63,7 @@ class FileDialogAnswers(MediRound.SlicerDialogs):
 
 
 chat.dialogs = FileDialogAnswers()
-log = {"asks": [], "steps": [], "errors": [], "statuses": []}
+log = {"asks": [], "steps": [], "errors": [], "statuses": [], "poll_ms": []}
 
 
 def ask(text):
@@ -128,9 +128,12 @@ STEPS = [ask(QUERIES[0]), check_round(1), ask(QUERIES[1]), check_round(2), ask(Q
 
 
 def stamped_poll(poll=logic.poll):
-    """The logic's poll, stamping when an Ask's answer (or error) reaches the main thread (measurement only)."""
+    """The logic's poll, stamping when an Ask's answer (or error) reaches the main thread, and how long each
+    call keeps the main thread (the event loop waits meanwhile: the interface's stall) (measurement only)."""
     def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
         events = poll(*args, **kwargs)
+        log["poll_ms"].append(1000 * (time.perf_counter() - t0))
         if any(e.kind in ("round", "error") for e in events) and log["asks"]:
             log["asks"][-1].setdefault("done", time.perf_counter())
         return events
@@ -167,5 +170,10 @@ def after_exec():
     log["wall_seconds"] = time.perf_counter() - T0
     log["left_steps"] = len(STEPS)
     log["torch_threads"] = __import__("torch").get_num_threads()
+    stalls = sorted(log.pop("poll_ms"))
+    log["poll_calls"] = len(stalls)
+    log["poll_ms_median"] = stalls[len(stalls) // 2] if stalls else None
+    log["poll_ms_p99"] = stalls[int(0.99 * (len(stalls) - 1))] if stalls else None
+    log["poll_ms_max"] = stalls[-1] if stalls else None
     print("PQRESULT " + json.dumps(log))
     widget.cleanup()
