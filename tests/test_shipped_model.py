@@ -89,9 +89,21 @@ def test_a_session_refuses_a_moved_copy_of_its_volume(tmp_path, shipped):
     from MediRoundCore.cli import open_session
     from MediRoundCore.errors import SessionError
 
+    from MediRoundCore.imaging import Volume
+
     for name in ("flipped_ij", "permuted_jik", "crop_176x256"):
         with pytest.raises(SessionError, match="another volume"):
             open_session(tmp_path / "s", demo_variant(name)[0])
+    # the same voxels under another header: re-spaced, moved, re-oriented
+    turned = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    headers = [dict(spacing=(1.5, 1.5, 5.0)), dict(origin=(0.0, 0.0, 0.0)), dict(direction=turned)]
+    for header in headers:
+        geometry = dict(spacing=volume.spacing, origin=volume.origin, direction=volume.direction)
+        geometry.update(header)
+        copy = Volume(volume.array, name=volume.name, **geometry)
+        assert np.array_equal(copy.array, volume.array)
+        with pytest.raises(SessionError, match="another volume"):
+            open_session(tmp_path / "s", copy)
     assert len(open_session(tmp_path / "s", volume).rounds) == 1
 
 
