@@ -198,7 +198,7 @@ def copy_tree(dest: Path) -> None:
 def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[str, str, float]:
     """('passed' | 'failed' | 'timeout', first failing test or '', seconds)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "QT_QPA_PLATFORM": "offscreen", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-rf", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-rfE", *tests]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)

@@ -89,9 +89,21 @@ def test_a_session_refuses_a_moved_copy_of_its_volume(tmp_path, shipped):
     from MediRoundCore.cli import open_session
     from MediRoundCore.errors import SessionError
 
+    from MediRoundCore.imaging import Volume
+
     for name in ("flipped_ij", "permuted_jik", "crop_176x256"):
         with pytest.raises(SessionError, match="another volume"):
             open_session(tmp_path / "s", demo_variant(name)[0])
+    # the same voxels under another header: re-spaced, moved, re-oriented
+    turned = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    headers = [dict(spacing=(1.5, 1.5, 5.0)), dict(origin=(0.0, 0.0, 0.0)), dict(direction=turned)]
+    for header in headers:
+        geometry = dict(spacing=volume.spacing, origin=volume.origin, direction=volume.direction)
+        geometry.update(header)
+        copy = Volume(volume.array, name=volume.name, **geometry)
+        assert np.array_equal(copy.array, volume.array)
+        with pytest.raises(SessionError, match="another volume"):
+            open_session(tmp_path / "s", copy)
     assert len(open_session(tmp_path / "s", volume).rounds) == 1
 
 
@@ -119,3 +131,37 @@ def test_an_mr_slice_is_scaled_as_the_training_renderer_does():
     volume = Volume(array, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), modality="MR")
     shown = extract_slice(volume, "axial", 1)
     np.testing.assert_allclose(shown.normalized(), window(shown.pixels, "MR", "brain"), atol=1e-6)
+
+
+def test_references_a_user_gives_the_shipped_model(shipped):
+    """On the demo slice: the left kidney asked twice (rounds 1 and 3), then "the lesion inside the left kidney"
+    refers to the most recent of the two (round 3) and finds the lesion; a round the user picks (the spleen,
+    round 2) wins over the entity the query names."""
+    volume, labels, index, script = demo_variant("original")
+    session = Session(volume.fingerprint())
+    session.volume = volume
+    image = extract_slice(volume, "axial", index)
+    truth = extract_slice(labels, "axial", index).pixels
+    kidney, lesion, spleen = script[0]["expected_label"], script[1]["expected_label"], script[3]["expected_label"]
+    for query in ("Segment the left kidney.", "Segment the spleen.", "Segment the left kidney."):
+        shipped.ask(session, query, image)
+    assert [r.entity for r in session.rounds] == ["left kidney", "spleen", "left kidney"]
+    assert dice(session.rounds[1].mask, truth == spleen) >= FLOORS[3]
+    r4 = shipped.ask(session, "Now the lesion inside the left kidney.", image).round
+    assert r4.reference == 3 and dice(r4.mask, truth == lesion) >= FLOORS[1]
+    r5 = shipped.ask(session, "Now the lesion inside the left kidney.", image, reference=2).round
+    assert r5.reference == 2
+    assert dice(session.rounds[0].mask, truth == kidney) >= FLOORS[0]
+
+
+def test_last_slice_and_one_past_it_with_the_shipped_model(tmp_path, capsys):
+    """`ask --slice 23` on the 24-slice demo answers; `--slice 24` gets the range message, not an internal error."""
+    from MediRoundCore.cli import BUNDLED, main
+
+    ask = ["ask", str(BUNDLED / "demo_abdomen.nrrd"), "--session", str(tmp_path / "s"), "--query",
+           "Segment the liver.", "--device", "cpu"]
+    assert main(ask + ["--slice", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "slice index 24 is out of range for the axial view (0..23)" in err and "internal error" not in err
+    assert main(ask + ["--slice", "23"]) == 0
+    assert "round 1: liver" in capsys.readouterr().out
