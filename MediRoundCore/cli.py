@@ -399,32 +399,28 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def positive(kind):
-    """An argparse type: a finite number (int or float) above 0."""
+def _number(kind, accept, needs: str, label: str):
+    """An argparse type: a finite number of `kind` (int or float) for which `accept(value)` holds."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {needs}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{label} {kind.__name__}"
     return parse
+
+
+def positive(kind):
+    """An argparse type: a finite number (int or float) above 0."""
+    return _number(kind, lambda v: v > 0, "above 0", "positive")
 
 
 def non_negative(kind):
     """An argparse type: a finite number (int or float) of at least 0."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not (math.isfinite(value) and value >= 0):
-            raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
+    return _number(kind, lambda v: v >= 0, "0 or more", "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
