@@ -13,12 +13,12 @@ if not BUILD.is_file():
 if sys.version_info[:2] != (3, 11):
     pytest.skip("PythonQt host tests skipped: the host embeds Python 3.11, this venv runs another",
                 allow_module_level=True)
-# Guards against starvation, with room for a busy machine. Measured here (2 cores shared with other jobs):
+# Guards against starvation: "a few seconds" for a later Ask, with room for a machine doing other work. Measured here (2 cores shared with other jobs):
 # quiet, first Ask ~6 s (it loads the model: imports torch and transformers), later Asks 0.3-0.7 s; at load 9,
 # 28 s and 3-16 s (median 7), about what the same host gives with the GIL released while Qt idles
 # (PQ_THREADS=1: 25 s and 11-14 s). The old 50 ms poll without lending the GIL: 133-139 s, later 20-37 s.
 FIRST_ASK_S = 60.0
-LATER_ASK_MEDIAN_S = 15.0
+LATER_ASK_MEDIAN_S = 5.0
 
 
 def test_multi_round_session_through_the_panel(tmp_path):
