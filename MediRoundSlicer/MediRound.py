@@ -371,13 +371,16 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         """Keep the current segments in the scene (their node is renamed), start an empty session."""
         if self.volume_node is None:
             raise VolumeError("select a volume first")
+        if self.session is not None and self.session.folder is not None:
+            self._archive(self.session.folder)  # first: a session in use elsewhere leaves everything as it was
         if self.segmentation_node is not None:
             self.segmentation_node.RemoveAttribute(FINGERPRINT_ATTRIBUTE)
             self.segmentation_node.SetName(self.segmentation_node.GetName() + " (earlier session)")
         return self.set_volume(self.volume_node, restore=False)
 
     def _archive(self, folder: Path):
-        """A fresh session never overwrites a saved one: the old folder is renamed aside."""
+        """A fresh session never overwrites a saved one: the old folder is renamed aside, under the session's lock
+        (a program writing it now makes this a "session in use by …" error)."""
         if (folder / "session.json").is_file():
             stamp = time.strftime("%Y%m%d-%H%M%S")
             target = folder.with_name(f"{folder.name}-{stamp}")
@@ -385,7 +388,10 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
             while target.exists():
                 target = folder.with_name(f"{folder.name}-{stamp}-{n}")
                 n += 1
-            folder.rename(target)
+            from MediRoundCore.session_lock import hold
+
+            with hold(folder, wait=0, command="3D Slicer: New session"):  # never under another program's writer
+                folder.rename(target)
 
     def _segmentation_node_for(self, volume_node, fingerprint, reuse):
         if reuse:

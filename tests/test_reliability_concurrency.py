@@ -217,3 +217,44 @@ def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
     logic.set_volume(node, restore=True)
     assert [r.query for r in logic.session.rounds] == ["Segment the liver.", "Segment the spleen."]
     assert json.loads((folder / "session.json").read_text())["rounds"][1]["query"] == "Segment the spleen."
+
+
+def test_slicer_new_session_waits_for_no_writer(tmp_path):
+    """The Slicer's "New session" renames the saved session aside; while another program (a real process) holds
+    that session, it is refused naming the holder, and the folder stays where and as it was."""
+    slicer = pytest.importorskip("slicer")
+    sys.path[:0] = [str(ROOT / "MediRoundSlicer")]
+    import MediRound
+    from MediRoundLib import geometry
+    from MediRoundLib.testing import ThresholdEngine, add_slice_node, add_volume, show_plane
+
+    array = np.full((6, 20, 16), -1000.0, np.float32)
+    array[1:5, 4:15, 3:12] = 100
+    scene = slicer.vtkMRMLScene()
+    node = add_volume(scene, array, (0.8, 1.1, 2.5), (10.0, -20.0, 33.0), np.eye(3), name="phantom")
+    red = add_slice_node(scene, "Red")
+    logic = MediRound.MediRoundLogic(scene=scene, sessions_dir=tmp_path / "sessions",
+                                     engine_factory=lambda checkpoint: ThresholdEngine(0))
+    logic.set_volume(node)
+    show_plane(red, "axial", (geometry.ijk_to_ras_matrix(node) @ np.r_[7, 9, 2, 1.0])[:3])
+    logic.engine = ThresholdEngine(0)
+    logic.ask("Segment the liver.")
+    folder = logic.session.folder
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.replace('"fp"', repr(logic.session.volume_fingerprint)))
+    holder = _start(script, folder, 30)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(SessionBusyError, match=f"session in use by process {holder.pid}"):
+            logic.new_session()
+        assert logic.segmentation_node.GetName() == "MediRound: phantom"  # the scene is left as it was too
+        assert folder.is_dir() and [p.name for p in folder.parent.iterdir()] == [folder.name]
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".mediround-writer"} == before
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    logic.new_session()  # the writer is gone: the saved session is renamed aside, a new one starts
+    archived = [p for p in folder.parent.iterdir() if p.name.startswith(folder.name + "-")]
+    assert logic.session.rounds == [] and len(archived) == 1
+    assert {p.name: p.read_bytes() for p in archived[0].iterdir() if p.name != ".mediround-writer"} == before
