@@ -531,12 +531,23 @@ def build_parser() -> argparse.ArgumentParser:
 PASS_THROUGH = ("eval", "bench", "data")  # sub-commands with their own argument parsers
 
 
+_sigint_seen = False
+
+
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C handler (raise KeyboardInterrupt), remembering that it came: an extension module being
+    imported at that instant may turn the KeyboardInterrupt into an ImportError of its own."""
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     """Run one command. Every error a user can cause is one "error: …" line and a non-zero exit; Ctrl-C at any
     point is one "interrupted" line and exit 130."""
     try:
         if _EARLY and argv is None:  # from here a Ctrl-C unwinds (removing temporary files) to one line
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, _on_sigint)
         code = _main(argv)
     except KeyboardInterrupt:
         code = _interrupted()
@@ -599,6 +610,8 @@ def _main(argv) -> int:
         _error_line(f"error: {where}{exc.strerror or exc}")
         return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one clear line, no traceback
+        if _sigint_seen:  # Ctrl-C inside a C extension's import surfaces as its ImportError: it is still Ctrl-C
+            return _interrupted()
         if args.debug:
             raise
         _error_line(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
