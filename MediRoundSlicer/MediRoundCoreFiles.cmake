@@ -42,6 +42,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/report.py
   MediRoundCore/evaluate/run.py
   MediRoundCore/evaluate/select_beta.py
+  MediRoundCore/evaluate/sets.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/box_prompt.py
@@ -54,6 +55,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/text_encoder.py
   MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py
+  MediRoundCore/outputs.py
   MediRoundCore/references.py
   MediRoundCore/remote/__init__.py
   MediRoundCore/remote/client.py
@@ -67,6 +69,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/server/serve.py
   MediRoundCore/server/store.py
   MediRoundCore/session.py
+  MediRoundCore/session_lock.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
   MediRoundCore/train/embedding_cache.py
@@ -77,6 +80,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
+  MediRoundCore/volume_files.py
   )
 
 set(MEDIROUND_CORE_RESOURCE_PATTERNS
