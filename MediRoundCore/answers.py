@@ -1,7 +1,10 @@
 """The fixed, parseable answer format: `<entity>: <rationale> [SEG]`.
 
 The entity names the Slicer segment and serves later references ("the liver lesion"). Training data,
-the model's generated answers and the engine all go through these two functions.
+the model's generated answers and the engine all go through these functions.
+
+An absent target (a structure the slice does not show) is answered `<entity>: not on this slice.` without
+`[SEG]` (data/absent.py trains this wording): the engine then draws no segment (`says_absent`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import re
 
 SEG_TOKEN = "[SEG]"
+ABSENT_TEXT = "not on this slice"  # the same words as data/absent.py (tests/test_absent_answers.py checks it)
+ABSENT_NOTE = "no segment: the model says this structure is not on this slice"
 _ENTITY_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 '\-/]*?)\s*:")
 
 
@@ -30,3 +35,9 @@ def parse_entity(answer: str) -> str | None:
 def strip_seg(answer: str) -> str:
     """Answer text without the `[SEG]` marker, for display."""
     return answer.replace(SEG_TOKEN, "").strip()
+
+
+def says_absent(answer: str) -> bool:
+    """The model's answer says its target is not on the slice (and does not ask for a segment)."""
+    text = " ".join((answer or "").lower().split())
+    return SEG_TOKEN.lower() not in text and ABSENT_TEXT in text

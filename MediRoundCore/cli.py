@@ -32,6 +32,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .answers import ABSENT_NOTE  # noqa: E402
 from .errors import DeviceError, MediRoundError  # noqa: E402
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
@@ -265,6 +266,8 @@ def cmd_ask(args) -> int:
                      f"{r.jcm_score if r.jcm_score is None else round(r.jcm_score, 3)}  corrected: {r.corrected}  "
                      f"pixels: {int(r.mask.sum())}  {r.timings.get('total_ms', 0):.0f} ms"
                      + (" (recovered from the server)" if getattr(result, "recovered", False) else "")]
+            if getattr(r, "absent", False):
+                lines.append(f"  {ABSENT_NOTE}")
             if staged is not None:
                 path = render_outputs(staged.folder, volume, session)
                 staged.check()
@@ -317,7 +320,7 @@ def cmd_chat(args) -> int:
                 r = engine.ask(session, line, extract_slice(volume, args.view, index), use_jcm=not args.no_jcm).round
                 score = "off" if r.jcm_score is None else f"{r.jcm_score:.2f}"
                 print(f"R{r.number} (ref {r.reference or '-'}, JCM {score}{', corrected' if r.corrected else ''}): "
-                      f"{r.answer}")
+                      f"{r.answer}" + (f"\n  {ABSENT_NOTE}" if getattr(r, "absent", False) else ""))
         except MediRoundError as exc:
             print(f"error: {exc}")
         sys.stdout.flush()

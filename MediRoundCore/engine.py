@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .answers import parse_entity
+from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import DeviceError, MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
@@ -166,34 +166,41 @@ class Engine:
         t1 = time.perf_counter()
         hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
         timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
-        say("decoding the mask", 0.8)
+        answer = self.builder.decode(answer_ids)
+        absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
         t2 = time.perf_counter()
-        raw = self.model.seg_prompts(hidden[None].to(self.model.dtype))
-        out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta,
-                                      pixels=state.seg_pixels[None])
-        logits = logits_to_slice(out.logits, state.input_hw, self.model.config.segmenter.image_size,
-                                 image.pixels.shape)
-        mask = (logits[0] > self.model.segmenter.mask_threshold).cpu().numpy()
+        if absent:
+            raw = torch.zeros(1, 256)
+            prompts, mask, jcm_score, corrected = raw, np.zeros(image.pixels.shape, bool), None, False
+        else:
+            say("decoding the mask", 0.8)
+            raw = self.model.seg_prompts(hidden[None].to(self.model.dtype))
+            out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta,
+                                          pixels=state.seg_pixels[None])
+            logits = logits_to_slice(out.logits, state.input_hw, self.model.config.segmenter.image_size,
+                                     image.pixels.shape)
+            mask = (logits[0] > self.model.segmenter.mask_threshold).cpu().numpy()
+            prompts = out.prompts
+            jcm_score = None if out.scores is None else float(out.scores[0])
+            corrected = bool(out.corrected[0]) if out.corrected is not None else False
         timings["mask_decoder_ms"] = (time.perf_counter() - t2) * 1000
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
-        answer = self.builder.decode(answer_ids)
-        if forced:
+        if forced and not absent:
             answer = (answer + " " if answer else "") + "(the model gave no segmentation token; the answer was closed with one)"
         number = len(session.rounds) + 1
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
                        entity=parse_entity(answer), reference=reference, mask=mask,
-                       jcm_score=None if out.scores is None else float(out.scores[0]),
-                       corrected=bool(out.corrected[0]) if out.corrected is not None else False,
-                       seg_forced=forced, lm_tokens=sum(forward_tokens), timings=timings)
+                       jcm_score=jcm_score, corrected=corrected, seg_forced=forced and not absent, absent=absent,
+                       lm_tokens=sum(forward_tokens), timings=timings)
         session.add_round(round_)
         memory = self._session_memory(session)
         memory["answers"][number] = answer_ids
         if reference is not None:
             memory["refs"][number] = (crop_tokens, box_tokens)
         state.rounds.append(number)
-        state.pending = [self.model.token_ids.seg, self.model.token_ids.eos]
+        state.pending = self._round_end(round_)
         say("done", 1.0)
-        return RoundResult(round_, out.prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens)
+        return RoundResult(round_, prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens)
 
     # -- pieces --------------------------------------------------------------------------------------
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
@@ -238,9 +245,9 @@ class Engine:
             answer_ids = memory["answers"].get(r.number)
             if answer_ids is None:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
-            ids += answer_ids + [self.model.token_ids.seg, self.model.token_ids.eos]
-        # The last two tokens ([SEG], EOS of the last round, or the prefix's newline) are fed with the next round.
-        keep = 2 if session.rounds else 0
+            ids += answer_ids + self._round_end(r)
+        # The last round's closing tokens ([SEG] EOS, or EOS of an absent round) are fed with the next round.
+        keep = len(self._round_end(session.rounds[-1])) if session.rounds else 0
         feed, state.pending = (ids[:-keep], ids[-keep:]) if keep else (ids, [])
         state.cache = DynamicCache()
         state.cache_len = 0
@@ -250,6 +257,12 @@ class Engine:
         state.rounds = [r.number for r in session.rounds]
         timings["prefix_ms"] = (time.perf_counter() - t) * 1000
         return state
+
+    def _round_end(self, round_: Round) -> list[int]:
+        """The tokens that close a round's answer in the history: [SEG] EOS, or EOS alone for an absent target
+        (as in training, train/batching.py)."""
+        ids = self.model.token_ids
+        return [ids.eos] if round_.absent else [ids.seg, ids.eos]
 
     @staticmethod
     def _model_text(session: Session, query: str, reference: int | None) -> str:

@@ -49,6 +49,7 @@ class Round:
     jcm_score: float | None = None
     corrected: bool = False
     seg_forced: bool = False
+    absent: bool = False  # the model said the structure is not on this slice: no segment (empty mask)
     lm_tokens: int = 0
     timings: dict = field(default_factory=dict)
 

@@ -42,6 +42,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/report.py
   MediRoundCore/evaluate/run.py
   MediRoundCore/evaluate/select_beta.py
+  MediRoundCore/evaluate/sets.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/box_prompt.py

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..answers import says_absent
 from ..engine import Engine, RoundResult
 from ..imaging import SliceImage
 from ..model.processing import reference_inputs
@@ -248,7 +249,7 @@ class OracleEngine:
         k = len(session.rounds)
         round_ = Round(number=k + 1, view=image.view, slice_index=image.index, query=query,
                        answer=sample.answers[k], entity=sample.entities[k], reference=reference,
-                       mask=np.asarray(sample.masks[k], bool).copy())
+                       mask=np.asarray(sample.masks[k], bool).copy(), absent=says_absent(sample.answers[k]))
         session.add_round(round_)
         zero = torch.zeros(256)
         return RoundResult(round_, zero, zero)

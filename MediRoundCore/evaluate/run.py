@@ -4,6 +4,7 @@
     mediround eval --checkpoint runs/stage2 --split regular --configs ind+jcm,ind-nojcm
     mediround eval --random --split hard --limit 3 --out /tmp/q            # untrained model: a smoke test
     mediround eval --oracle --data path/to/MR-MedSeg --limit 20            # ground truth: must score 100
+    mediround eval --sets paraphrase,absent,real --split hard --set-limit 40  # issue 23's sets only
 
 A generated split is written once into the cache folder (`--cache`, default ~/.cache/mediround/splits) and
 reused; dialogue i of a split and seed is the same whatever the count, so a larger cached build serves a
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 from ..errors import MediRoundError
+from . import sets as sets_module
 from .protocol import CONFIGS, DEFAULT_CONFIGS, EvalEngine, OracleEngine, evaluate_sample, parse_configs
+from .sets import SETS
 
 DEFAULT_LIMIT = 100
 EVAL_SPLITS = ("regular", "hard", "val")
@@ -64,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", action="store_true", help="also write quality_records.csv (every round)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sets", default="main",
+                   help="what to evaluate, comma-separated: main (the configs above) and/or paraphrase, absent, "
+                   "real (issue 23's sets, each its own QUALITY.md section; the rest of the file is kept)")
+    p.add_argument("--set-limit", type=int, default=40,
+                   help="dialogues of --split for the paraphrase and absent sets (default 40)")
+    p.add_argument("--real-data", default=None,
+                   help="folder of the real labelled scans (default: $MEDIROUND_REAL_DATA or shared/data)")
     return p
 
 
@@ -215,7 +225,16 @@ def main(argv=None) -> int:
     set_cpu_threads(args.threads)
     say = print if not args.quiet else (lambda *a, **k: None)
     t_start = time.perf_counter()
+    wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in ("main",) + SETS]
+    if unknown or not wanted:
+        raise MediRoundError(f"unknown set(s) {', '.join(unknown) or '(none)'}; expected some of main, "
+                             + ", ".join(SETS))
+    if args.set_limit < 1:
+        raise MediRoundError("--set-limit must be a positive number of dialogues")
     predictor, model_desc = make_predictor(args)  # first: a bad checkpoint fails before any split is built
+    if "main" not in wanted:
+        return run_sets(args, argv, wanted, predictor, model_desc, say)
     if args.data:
         folder = Path(args.data)
         if not folder.is_dir():
@@ -259,7 +278,8 @@ def main(argv=None) -> int:
         code=code_version(), data=data_desc, split_sizes=report.split_sizes(samples),
         wall_seconds=time.perf_counter() - t_start, notes=notes)
     md = out / "QUALITY.md"
-    md.write_text(report.markdown(records, names, info, files))
+    old = md.read_text() if md.is_file() else ""
+    md.write_text(report.markdown(records, names, info, files) + sets_module.kept_sections(old))
     if not args.quiet:
         for t, m, v in report.targets(records, names):
             print(f"  {v:4s}  {t}: {m}")
@@ -267,6 +287,39 @@ def main(argv=None) -> int:
             s = report.group(records, c)
             print(f"  {c:15s} Dice {s.dice:5.1f}  gIoU {s.giou:5.1f}  cIoU {s.ciou:5.1f}  (n={s.n})")
         print(f"wrote {md} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    extra = [s for s in wanted if s != "main"]
+    return run_sets(args, argv, extra, predictor, model_desc, say) if extra else 0
+
+
+def run_sets(args, argv, names, predictor, model_desc, say) -> int:
+    """Issue 23's sets (evaluate/sets.py), each written into its own section of --out/QUALITY.md."""
+    import torch
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        t = time.perf_counter()
+        bar = tqdm(unit="round", disable=args.quiet, dynamic_ncols=True, desc=name, file=sys.stderr)
+        if name == "real":
+            result = sets_module.real_set(predictor, args.real_data, beta=args.beta, tick=bar.update)
+        else:
+            run = sets_module.paraphrase_set if name == "paraphrase" else sets_module.absent_set
+            result = run(predictor, args.split, args.seed, args.set_limit, beta=args.beta, tick=bar.update)
+        bar.close()
+        header = (f"Written by `mediround eval {shlex.join(argv)}` on "
+                  f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC; model {model_desc}; "
+                  f"{code_version()}; {getattr(predictor, 'device_description', '?')}, torch threads "
+                  f"{torch.get_num_threads()}; {result.rounds} rounds in {(time.perf_counter() - t) / 60:.1f} min. "
+                  f"Protocol `{sets_module.CONFIG.name}` (dataset references, JCM on). Do not edit by hand.")
+        if args.random:
+            header += " Random untrained model: the scores are meaningless (a smoke test)."
+        if args.oracle:
+            header += " Oracle run: every answer is the ground truth."
+        sets_module.write_section(out / "QUALITY.md", name, sets_module.section_text(result, header))
+        for target, measured, verdict in result.verdicts:
+            say(f"  {verdict:4s}  {target}: {measured}")
+        say(f"wrote the {name} section of {out / 'QUALITY.md'}")
     return 0
 
 

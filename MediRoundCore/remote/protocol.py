@@ -122,7 +122,7 @@ def round_from_wire(data: dict):
 
     try:
         fields = {k: data[k] for k in ("number", "view", "slice_index", "query", "answer", "entity", "reference")}
-        optional = {k: data[k] for k in ("jcm_score", "corrected", "seg_forced", "lm_tokens", "timings") if k in data}
+        optional = {k: data[k] for k in ("jcm_score", "corrected", "seg_forced", "absent", "lm_tokens", "timings") if k in data}
         round_ = Round(mask=unpack_mask(data["mask"]), **fields, **optional)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed round ({type(exc).__name__}: {exc})") from None

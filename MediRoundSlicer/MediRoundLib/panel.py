@@ -137,6 +137,8 @@ class ChatPanel:
             swatch = (f"<span style='background-color:{color}; color:{color}'>&nbsp;&nbsp;&nbsp;</span>&nbsp;"
                       if color else "")
             meta = [f"{r.view} slice {r.slice_index}"]
+            if getattr(r, "absent", False):
+                meta.append("no segment: not on this slice")
             if r.reference is not None:
                 meta.append(f"refers to R{r.reference}")
             if r.jcm_score is not None:
