@@ -285,7 +285,7 @@ class Engine:
         if (ref.view, ref.slice_index) == state.key[1:3]:
             pixels01 = state.pixels01
         elif hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
-            pixels01 = session.slice_image(ref.view, ref.slice_index).normalized()
+            pixels01 = session.slice_image(ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
         elif session.volume is not None:
             pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
         else:

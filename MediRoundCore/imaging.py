@@ -243,6 +243,14 @@ def normalize_intensity(pixels: np.ndarray, modality: str = "CT", window: tuple[
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def as_slice_pixels(plane) -> np.ndarray:
+    """A slice's pixels as float32, or float64 where finite values lie beyond float32's range (±3.4e38) and would
+    otherwise turn into infinities."""
+    plane = np.asarray(plane)
+    wide = plane.dtype == np.float64 and bool(np.any(np.abs(plane[np.isfinite(plane)]) > np.finfo(np.float32).max))
+    return np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32)
+
+
 def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     """The voxel plane `index` along the axis nearest the view normal, oriented as a radiologist sees it."""
     axis = volume.view_axis(view)
@@ -269,10 +277,7 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
     if flip_cols:
         plane = plane[:, ::-1]
     spacing = (float(volume.spacing[row_axis]), float(volume.spacing[col_axis]))
-    # float32 pixels, unless finite values beyond float32's range (±3.4e38) would turn into infinities
-    wide = plane.dtype == np.float64 and bool(np.any(np.abs(plane[np.isfinite(plane)]) > np.finfo(np.float32).max))
-    pixels = np.ascontiguousarray(plane, dtype=np.float64 if wide else np.float32)
-    return SliceImage(pixels, view, int(index), axis, bool(transpose),
+    return SliceImage(as_slice_pixels(plane), view, int(index), axis, bool(transpose),
                       bool(flip_rows), bool(flip_cols), volume.modality, spacing, volume.region, volume.window)
 
 

@@ -94,6 +94,33 @@ def test_rounds_through_the_server_equal_the_local_engine(server, volume, tmp_pa
         assert path in spec["paths"], path
 
 
+@pytest.mark.parametrize("region, window", [("chest", None), (None, (60.0, 300.0))])
+def test_a_slice_is_seen_through_the_same_ct_window_as_locally(server, volume, tmp_path, region, window):
+    """The CT window a local Ask shows the model (the volume's body region, or an explicit window) travels with
+    the uploaded slice: the server's rounds equal the local engine's, referenced slice included."""
+    from MediRoundCore.engine import Engine
+
+    vol = Volume(other_volume(volume, 7 if region else 8).array, volume.spacing, volume.origin, volume.direction,
+                 name="demo-windowed", region=region, window=window)
+    local_engine = Engine.load()
+    local = open_session(None, vol)
+    remote = open_session(tmp_path / "client", vol)
+    engine = RemoteEngine.connect(server.url, token=ALICE)
+    for index, query, reference in [(12, "Segment the left kidney.", None), (11, "Now the lesion inside it.", 1)]:
+        image = extract_slice(vol, "axial", index)
+        assert (image.region, image.window) == (region, window)
+        mine = local_engine.ask(local, query, image, reference=reference).round
+        theirs = engine.ask(remote, query, image, reference=reference).round
+        assert (theirs.answer, theirs.reference) == (mine.answer, mine.reference)
+        np.testing.assert_array_equal(theirs.mask, mine.mask)
+    if region is None:
+        return
+    # and the window matters: through the abdominal window the first round's mask differs
+    plain = Volume(vol.array, vol.spacing, vol.origin, vol.direction, name="demo-plain", region="abdomen")
+    other = local_engine.ask(open_session(None, plain), DIALOGUE[0][1], extract_slice(plain, "axial", 12)).round
+    assert not np.array_equal(other.mask, local.rounds[0].mask)
+
+
 def test_undo_on_both_sides_and_a_reconnect_resumes(server, volume, tmp_path):
     vol = other_volume(volume, 1)
     session = open_session(tmp_path / "client", vol)

@@ -347,6 +347,10 @@ class RemoteEngine:
         params = {"axis": meta["axis"], "transpose": meta["transpose"], "flip_rows": meta["flip_rows"],
                   "flip_cols": meta["flip_cols"], "modality": meta["modality"],
                   "spacing_row": meta["spacing"][0], "spacing_col": meta["spacing"][1]}
+        if meta["region"] is not None:  # the CT window the model sees this slice through, as in a local Ask
+            params["region"] = meta["region"]
+        if meta["window"] is not None:
+            params["window_level"], params["window_width"] = meta["window"]
         payload = array_to_npy(piece.pixels)
         limit = int(self.info.get("max_request_bytes") or 0)
         if limit and len(payload) > limit:  # the server would refuse it unread (and cut the connection)

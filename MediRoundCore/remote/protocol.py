@@ -76,7 +76,8 @@ def slice_meta(image) -> dict:
     """What a server needs besides the pixels to rebuild an `imaging.SliceImage`."""
     return {"axis": int(image.axis), "transpose": bool(image.transpose), "flip_rows": bool(image.flip_rows),
             "flip_cols": bool(image.flip_cols), "modality": str(image.modality),
-            "spacing": [float(s) for s in image.spacing]}
+            "spacing": [float(s) for s in image.spacing], "region": image.region,
+            "window": None if image.window is None else [float(v) for v in image.window]}
 
 
 # -- masks and rounds -----------------------------------------------------------------------------------------

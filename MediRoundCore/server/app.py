@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import MAX_QUERY_CHARS, checkpoint_beta
 from ..errors import MediRoundError
-from ..imaging import MAX_SLICE_PIXELS, SliceImage
+from ..imaging import MAX_SLICE_PIXELS, SliceImage, as_slice_pixels
 from ..remote.protocol import (DEFAULT_MAX_REQUEST_BYTES, FINGERPRINT_RE, MAX_WAIT_S, NPY_TYPE, PROTOCOL_HEADER,
                                PROTOCOL_VERSION, VIEWS, array_to_npy, npy_to_array,
                                round_digest, round_from_wire, round_to_wire)
@@ -182,6 +182,9 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
                         transpose: bool = False, flip_rows: bool = False, flip_cols: bool = False,
                         modality: str = Query("CT", pattern="^(CT|MR|normalized)$"),
                         spacing_row: float = Query(1.0, gt=0, lt=1e4), spacing_col: float = Query(1.0, gt=0, lt=1e4),
+                        region: str | None = Query(None, pattern="^(abdomen|chest|brain)$"),
+                        window_level: float | None = Query(None, ge=-1e5, le=1e5),
+                        window_width: float | None = Query(None, gt=0, le=1e5),
                         user: str = Depends(current_user)):
         if view not in VIEWS or not 0 <= index <= 100000:
             raise Refused(400, "bad_slice", f"unknown view {view!r} or slice index {index}")
@@ -194,8 +197,11 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         if pixels.size == 0:
             raise Refused(400, "bad_slice", f"a slice is a 2D numeric array of at most {MAX_SLICE_PIXELS} pixels, "
                                             f"got {pixels.dtype} {pixels.shape}")
-        image = SliceImage(pixels.astype(np.float32), view, index, axis, transpose, flip_rows, flip_cols, modality,
-                           (spacing_row, spacing_col))
+        if (window_level is None) != (window_width is None):
+            raise Refused(400, "bad_slice", "a CT window needs both window_level and window_width")
+        window = None if window_level is None else (window_level, window_width)
+        image = SliceImage(as_slice_pixels(pixels), view, index, axis, transpose, flip_rows, flip_cols, modality,
+                           (spacing_row, spacing_col), region, window)
 
         def store_slice():
             session = store.get(sid, user)

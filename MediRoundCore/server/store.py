@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SessionError
-from ..imaging import SliceImage
+from ..imaging import SliceImage, as_slice_pixels
 from ..session import Session, atomic_write
 
 SERVER_FILE = "server.json"
@@ -61,8 +61,9 @@ class ServerSession(Session):
         buffer = io.BytesIO()
         meta = json.dumps({"axis": image.axis, "transpose": image.transpose, "flip_rows": image.flip_rows,
                            "flip_cols": image.flip_cols, "modality": image.modality,
-                           "spacing": list(image.spacing)})
-        np.savez(buffer, pixels=image.pixels.astype(np.float32), meta=np.array(meta))
+                           "spacing": list(image.spacing), "region": image.region,
+                           "window": None if image.window is None else list(image.window)})
+        np.savez(buffer, pixels=as_slice_pixels(image.pixels), meta=np.array(meta))
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
         if self.slice_cache is not None:
@@ -80,7 +81,8 @@ class ServerSession(Session):
             raise SessionError(f"the server has no {view} slice {index} of this volume (upload it first)") from None
         image = SliceImage(pixels, view, int(index), int(meta["axis"]), bool(meta["transpose"]),
                            bool(meta["flip_rows"]), bool(meta["flip_cols"]), meta["modality"],
-                           tuple(meta["spacing"]))
+                           tuple(meta["spacing"]), meta.get("region"),
+                           None if meta.get("window") is None else tuple(meta["window"]))
         if self.slice_cache is not None:
             self.slice_cache.put(key, image)
         return image
