@@ -330,6 +330,7 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from .server.serve import serve
 
+    check_device(args.device)
     return serve(args.host, args.port, args.checkpoint, args.device, args.random, args.sessions, args.token_file,
                  args.max_request_mb, args.cache_slices, args.name, args.threads)
 
@@ -478,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sessions", help="folder of the server's sessions (default ~/.cache/mediround/server-sessions)")
     sp.add_argument("--token-file", help="file of `user:token` lines (default: $MEDIROUND_TOKENS); required unless "
                     "the server listens on loopback only")
-    sp.add_argument("--max-request-mb", type=float, default=80, help="largest request body accepted (default 80 MiB)")
-    sp.add_argument("--cache-slices", type=int, default=8,
+    sp.add_argument("--max-request-mb", type=positive(float), default=80, help="largest request body accepted (default 80 MiB)")
+    sp.add_argument("--cache-slices", type=positive(int), default=8,
                     help="slices whose encodings and KV caches stay in memory, least recently used evicted (default 8)")
     sp.add_argument("--name", help="replica name in responses (default HOST:PORT)")
-    sp.add_argument("--threads", type=int, help="CPU threads for torch (default: cores, at most 8)")
+    sp.add_argument("--threads", type=positive(int), help="CPU threads for torch (default: cores, at most 8)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("train", help="train stage 1 or 2")

@@ -24,7 +24,7 @@ import torch
 
 from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
-from .errors import DeviceError, MediRoundError, QueryError, SessionError
+from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FileFormatError, VolumeError
+from .errors import VolumeError
 
 VIEWS = ("axial", "coronal", "sagittal")
 # Patient (LPS) axis that is the normal of each view, and the patient axes along display columns and rows,

@@ -97,7 +97,6 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        import qt
         import slicer
 
         from MediRoundLib.panel import ChatPanel
@@ -362,6 +361,8 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         self.session.volume = self.volume
         self.segmentation_node = self._segmentation_node_for(volume_node, fingerprint, reuse=restore)
         for r in self.session.rounds:
+            if r.absent:  # answered "not on this slice": no segment
+                continue
             image = extract_slice(self.volume, r.view, r.slice_index)
             segments.add_round_segment(self.segmentation_node, self.volume, self.ijk_to_ras, image, r.mask,
                                        r.number, r.entity)
@@ -484,6 +485,8 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         if job["session"] is not self.session:  # the volume or session changed meanwhile: keep the round there
             return LogicEvent("error", "the session changed while the model was answering; the answer was kept "
                                        "in the earlier session only")
+        if round_.absent:  # the model says the structure is not on this slice: a round, but no segment
+            return LogicEvent("round", f"round {round_.number} done", 1.0, round=round_)
         try:
             segments.add_round_segment(job["segmentation"], job["volume"], job["ijk_to_ras"], job["image"],
                                        round_.mask, round_.number, round_.entity)

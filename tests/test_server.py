@@ -224,6 +224,22 @@ def test_serve_refuses_an_open_address_without_tokens(tmp_path):
     assert done.returncode == 2 and "needs tokens" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--cache-slices", "0"], "must be above 0"),
+    (["--threads", "-2"], "must be above 0"),
+    (["--max-request-mb", "nan"], "must be above 0"),
+    (["--device", "gpu"], "gpu"),
+])
+def test_serve_refuses_bad_options_in_one_line(tmp_path, options, words):
+    """Options a server cannot run with are refused before anything loads: one line, exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "MediRoundCore.cli", "serve", "--port", str(free_port()),
+                           "--sessions", str(tmp_path), *options], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2 and words in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+
+
 def test_cli_ask_and_chat_with_server(server, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "MEDIROUND_TOKEN": BOB}
     volume = str(BUNDLED / "demo_abdomen.nrrd")

@@ -203,6 +203,22 @@ def test_undo_restores_segmentation_and_session(logic_setup):
     assert segments.segment_ids(logic.segmentation_node) == []
 
 
+def test_an_absent_round_adds_no_segment(logic_setup):
+    """A round whose answer says the structure is not on this slice is a round of the session (saved, undoable)
+    but no segment, also when the session is restored."""
+    scene, node, red, logic = logic_setup
+    _show_voxel_plane(node, red, "axial", (0, 0, 5))
+    logic.ask("Segment the liver")
+    logic.engine = ThresholdEngine(5000)  # nothing on the slice is above it: the stand-in answers "absent"
+    absent = logic.ask("Segment the heart")
+    assert absent.absent and not absent.mask.any()
+    assert segments.segment_ids(logic.segmentation_node) == ["MediRound_R1"]
+    assert [r.absent for r in Session.load(logic.session.folder).rounds] == [False, True]
+    logic.set_volume(node, restore=True)
+    assert segments.segment_ids(logic.segmentation_node) == ["MediRound_R1"]
+    assert logic.undo().number == 2 and segments.segment_ids(logic.segmentation_node) == ["MediRound_R1"]
+
+
 def test_autosave_offer_and_restore(tmp_path):
     scene, node, red, logic = _setup(tmp_path)
     _show_voxel_plane(node, red, "axial", (0, 0, 5))

@@ -103,6 +103,7 @@ class ChatPanel:
         ui.saveButton.setEnabled(bool(rounds) and not busy)
         ui.modelCombo.setEnabled(not busy and not logic.server_url)
         ui.serverEdit.setEnabled(not busy)
+        ui.tokenEdit.setEnabled(not busy)
         ui.browseButton.setEnabled(not busy and _current_index(ui.modelCombo) == 1)
         ui.deviceLabel.setText(logic.device_description)
         # reference chooser: Auto + every earlier round, keeping the choice when it still exists
@@ -219,8 +220,10 @@ class ChatPanel:
                     self.ui.betaSpinBox.setValue(float(beta))
             elif event.kind == "round":
                 r = event.round
-                self.status = (f"R{r.number} done in {r.timings.get('total_ms', 0) / 1000:.1f} s: segment "
-                               f"“{segments.segment_name(r.number, r.entity)}”.")
+                took = f"R{r.number} done in {r.timings.get('total_ms', 0) / 1000:.1f} s"
+                self.status = (f"{took}: {r.entity or 'the structure'} is not on this slice, no segment."
+                               if getattr(r, "absent", False) else
+                               f"{took}: segment “{segments.segment_name(r.number, r.entity)}”.")
                 self.ui.queryEdit.clear()
             elif event.kind == "error":
                 self.status = f"Error: {event.message}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from MediRoundCore.answers import format_answer, parse_entity
+from MediRoundCore.answers import ABSENT_TEXT, format_answer, parse_entity
 from MediRoundCore.session import Round
 
 
@@ -83,7 +83,8 @@ def show_plane(slice_node, view: str, point_ras, rotation3=None):
 
 class ThresholdEngine:
     """Stands in for MediRoundCore.engine.Engine: the mask is the slice's voxels above `threshold`; the answer
-    names the entity the query asks for. Same signature and session behaviour as Engine.ask."""
+    names the entity the query asks for, or, when no voxel is above it, says the structure is not on this slice
+    (an absent round, no mask). Same signature and session behaviour as Engine.ask."""
 
     device_description = "CPU (test engine)"
 
@@ -97,11 +98,13 @@ class ThresholdEngine:
         reference = session.resolve_reference(query, reference)
         words = [w.strip(".,?!").lower() for w in query.split()]
         entity = words[-1] if words else "structure"
-        answer = format_answer(entity, f"the {entity} on this slice")
         mask = np.asarray(image.pixels) > self.threshold
+        absent = not mask.any()
+        answer = f"{entity}: {ABSENT_TEXT}." if absent else format_answer(entity, f"the {entity} on this slice")
         number = len(session.rounds) + 1
         round_ = Round(number, image.view, image.index, query, answer, parse_entity(answer), reference, mask,
-                       jcm_score=0.5 + 0.1 * number, corrected=number == 2, timings={"total_ms": 5.0})
+                       jcm_score=None if absent else 0.5 + 0.1 * number, corrected=number == 2 and not absent,
+                       timings={"total_ms": 5.0}, absent=absent)
         session.add_round(round_)
         self.calls.append((query, image.view, image.index))
         say("done", 1.0)
