@@ -60,6 +60,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/remote/__init__.py
   MediRoundCore/remote/client.py
   MediRoundCore/remote/protocol.py
+  MediRoundCore/report_sections.py
   MediRoundCore/segio.py
   MediRoundCore/server/__init__.py
   MediRoundCore/server/app.py

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from MediRoundCore import report_sections
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("cpu", "gpu", "slicer", "server")
 HEADER = """# MediRound: speed and memory
@@ -36,29 +38,11 @@ own section. Never edited by hand. Quality figures are in
 
 # -- RESULTS.md ---------------------------------------------------------------------------------------------
 def write_section(path: str | Path, name: str, body: str) -> Path:
-    """Replace (or add) the `<!-- name -->` … `<!-- /name -->` block of the results file, atomically."""
+    """Replace (or add) the `<!-- name -->` … `<!-- /name -->` block of the results file, atomically, keeping
+    the sections in a fixed order."""
     if name not in SECTIONS:
         raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
-    path = Path(path)
-    text = path.read_text() if path.is_file() else HEADER
-    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->\n"
-    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->\n?", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        # keep the sections in a fixed order: a section goes before the first later one already there
-        later = [m.start() for s in SECTIONS[SECTIONS.index(name) + 1:]
-                 if (m := re.search(rf"<!-- {s} -->", text))]
-        if later:
-            at = min(later)
-            text = text[:at] + block + "\n" + text[at:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return report_sections.write_section(path, name, body, new_file=HEADER, order=SECTIONS)
 
 
 def read_section(path: str | Path, name: str) -> str | None:

@@ -179,9 +179,8 @@ def test_concurrent_cli_asks_lose_no_round(tmp_path):
     assert {r.number: r.query for r in session.rounds} == numbers
 
 
-def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
-    """The Slicer logic autosaves a round; a CLI process then adds one to the same folder; the Slicer's next
-    Ask is refused with a clear message (nothing overwritten), and reopening the volume restores both."""
+def _slicer_session_with_one_round(tmp_path):
+    """The Slicer logic (real MRML, threshold stand-in engine) on a phantom volume, after one autosaved round."""
     slicer = pytest.importorskip("slicer")
     sys.path[:0] = [str(ROOT / "MediRoundSlicer")]
     import MediRound
@@ -199,6 +198,13 @@ def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
     show_plane(red, "axial", (geometry.ijk_to_ras_matrix(node) @ np.r_[7, 9, 2, 1.0])[:3])
     logic.engine = ThresholdEngine(0)
     logic.ask("Segment the liver.")
+    return logic, node
+
+
+def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
+    """The Slicer logic autosaves a round; a CLI process then adds one to the same folder; the Slicer's next
+    Ask is refused with a clear message (nothing overwritten), and reopening the volume restores both."""
+    logic, node = _slicer_session_with_one_round(tmp_path)
     folder = logic.session.folder
     # the CLI needs the volume as a file with the same voxels and geometry (fingerprint)
     from MediRoundCore.imaging import to_sitk
@@ -222,23 +228,7 @@ def test_slicer_and_cli_on_one_session(tmp_path, tiny_engine):
 def test_slicer_new_session_waits_for_no_writer(tmp_path):
     """The Slicer's "New session" renames the saved session aside; while another program (a real process) holds
     that session, it is refused naming the holder, and the folder stays where and as it was."""
-    slicer = pytest.importorskip("slicer")
-    sys.path[:0] = [str(ROOT / "MediRoundSlicer")]
-    import MediRound
-    from MediRoundLib import geometry
-    from MediRoundLib.testing import ThresholdEngine, add_slice_node, add_volume, show_plane
-
-    array = np.full((6, 20, 16), -1000.0, np.float32)
-    array[1:5, 4:15, 3:12] = 100
-    scene = slicer.vtkMRMLScene()
-    node = add_volume(scene, array, (0.8, 1.1, 2.5), (10.0, -20.0, 33.0), np.eye(3), name="phantom")
-    red = add_slice_node(scene, "Red")
-    logic = MediRound.MediRoundLogic(scene=scene, sessions_dir=tmp_path / "sessions",
-                                     engine_factory=lambda checkpoint: ThresholdEngine(0))
-    logic.set_volume(node)
-    show_plane(red, "axial", (geometry.ijk_to_ras_matrix(node) @ np.r_[7, 9, 2, 1.0])[:3])
-    logic.engine = ThresholdEngine(0)
-    logic.ask("Segment the liver.")
+    logic, node = _slicer_session_with_one_round(tmp_path)
     folder = logic.session.folder
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     script = tmp_path / "holder.py"

@@ -13,13 +13,12 @@ Every set runs the `ind+jcm` protocol (dataset references, JCM on; protocol.py).
 from __future__ import annotations
 
 import copy
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .. import report_sections
 from .metrics import summarize
 from .protocol import CONFIGS, evaluate_sample
 
@@ -188,27 +187,12 @@ def section_text(result: SetResult, header: str) -> str:
     return "\n".join(lines)
 
 
-def _pattern(name: str):
-    return re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->\n?", re.S)
-
-
 def write_section(path: Path, name: str, body: str) -> Path:
     """Replace (or append) the `<!-- name -->` … `<!-- /name -->` block of QUALITY.md, atomically."""
-    path = Path(path)
-    text = path.read_text() if path.is_file() else "# MediRound quality\n"
-    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->\n"
-    if _pattern(name).search(text):
-        text = _pattern(name).sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return report_sections.write_section(path, name, body, new_file="# MediRound quality\n")
 
 
 def kept_sections(old_text: str) -> str:
     """The set sections of an existing QUALITY.md, to append when the main evaluation rewrites the file."""
-    blocks = [m.group(0) for name in SETS if (m := _pattern(name).search(old_text or ""))]
+    blocks = [m.group(0) for name in SETS if (m := report_sections.section_pattern(name).search(old_text or ""))]
     return "".join("\n" + b for b in blocks)
