@@ -344,7 +344,7 @@ def cmd_train(args) -> int:
                           residual_correction=args.residual_correction, correction_focus=args.correction_focus,
                           correction_context=args.correction_context,
                           correction_attention=args.correction_attention,
-                          correction_refiner=args.correction_refiner, features=args.features,
+                          correction_refiner=args.correction_refiner, features=args.features, fov_crop=args.fov_crop,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training split or mixture: train, train-long, or train+train-long (default train)")
     sp.add_argument("--reference-noise", type=unit_interval, default=0.0,
                     help="share of reference masks replaced by a prediction-like perturbation (default 0)")
+    sp.add_argument("--fov-crop", type=unit_interval, default=0.0,
+                    help="share of dialogues cut to a random, often non-square field of view that keeps their "
+                         "masks (default 0)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
     sp.add_argument("--correction-context", action="store_true",

@@ -58,6 +58,11 @@ DEMO_VARIANTS = {
     # fields of view cropped around the body (axial slice: body rows 48-217, columns 7-240)
     "crop_176x256": lambda image: _crop(image, rows=(40, 216)),  # 176 rows x 256 columns, wide
     "crop_256x216": lambda image: _crop(image, cols=(20, 236)),  # 256 rows x 216 columns, tall
+    # fields of view that cut into the body, every target whole (targets: rows 82-181, columns 86-208)
+    "cut_256x176": lambda image: _crop(image, cols=(48, 224)),  # tall; body cut left and right
+    "cut_160x256": lambda image: _crop(image, rows=(56, 216)),  # wide; body cut top and bottom
+    "cut_200x160_offcentre": lambda image: _crop(image, rows=(40, 240), cols=(62, 222)),
+    "cut_136x144_tight": lambda image: _crop(image, rows=(64, 200), cols=(72, 216)),
     "permuted_kij": _permute((2, 0, 1)),  # voxel axes reordered; display must be unchanged
     "permuted_jik": _permute((1, 0, 2)),
     "flipped_ij": _flip((True, True, False)),

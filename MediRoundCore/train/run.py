@@ -11,11 +11,13 @@ from ..errors import OptionError
 from .trainer import TrainConfig, Trainer, stream_seed
 
 
-def training_stream(split: str = "train"):
-    """A resumable sample stream factory: seed -> endless iterator of generated training dialogues."""
+def training_stream(split: str = "train", fov_crop: float = 0.0):
+    """A resumable sample stream factory: seed -> endless iterator of generated training dialogues, a share
+    `fov_crop` of them cut to a random field of view (data/field_of_view.py)."""
+    from ..data.field_of_view import with_crops
     from ..data.splits import iter_training_samples
 
-    return lambda seed: iter_training_samples(seed=seed, split=split)
+    return lambda seed: with_crops(iter_training_samples(seed=seed, split=split), fov_crop, seed)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
@@ -83,7 +85,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
                  correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
-                 correction_refiner: bool = False, features=None):
+                 correction_refiner: bool = False, features=None, fov_crop: float = 0.0):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
@@ -119,7 +121,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                       reference_noise=reference_noise, correction_focus=correction_focus)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
-    trainer = Trainer(model, tokenizer, cfg, training_stream(data))
+    trainer = Trainer(model, tokenizer, cfg, training_stream(data, fov_crop))
     if features:
         from .jcm_features import FeatureSet
 
@@ -127,7 +129,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         check_features_match(cached, model)
         trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
     elif workers > 0:
-        dataset = _StreamDataset(training_stream(data), stream_seed(cfg.seed, trainer.step), batch_size,
+        dataset = _StreamDataset(training_stream(data, fov_crop), stream_seed(cfg.seed, trainer.step), batch_size,
                                  trainer.builder, model.config, reference_noise)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
                                              worker_init_fn=lambda _: torch.set_num_threads(1))
