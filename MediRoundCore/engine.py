@@ -28,6 +28,7 @@ from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
+from .reference_scorer import ReferenceScorer
 from .references import refer_as_it
 from .session import Round, Session
 
@@ -84,9 +85,10 @@ def validate_query(query) -> str:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4):
+    def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4, reference_scorer=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template,
                                      model.config.vision.num_patches)
@@ -107,6 +109,7 @@ class Engine:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         folder = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, tokenizer = MediRound.from_pretrained(folder, device=device, dtype=dtype)
+        kwargs.setdefault("reference_scorer", ReferenceScorer.from_pretrained(folder))
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
@@ -148,7 +151,7 @@ class Engine:
             raise MediRoundError(f"the JCM threshold beta must be a number from 0 to 1, got {beta!r}")
         if not isinstance(image, SliceImage):
             raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
-        reference = session.resolve_reference(query, reference)
+        reference = session.resolve_reference(query, reference, self.reference_scorer)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         say("encoding the slice", 0.1)

@@ -1,6 +1,7 @@
 """Which earlier round a query refers to: the one given; else one the query names ("round 2", "the second
 round", "the first structure", "the first one", an entity named before, "back to the kidney" for an earlier
-"left kidney"); else the previous round."""
+"left kidney"); else the one a model's learned reference scorer picks (reference_scorer.py); else the previous
+round."""
 
 from __future__ import annotations
 
@@ -96,13 +97,19 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
     return best[1] if best else _round_by_head_noun(text, entities)
 
 
-def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None) -> int | None:
-    """Reference of a new round given the entities of the rounds so far (None for a first round)."""
+def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None,
+                      scorer=None) -> int | None:
+    """Reference of a new round given the entities of the rounds so far (None for a first round): the one given;
+    else the round the query names; else the one `scorer` (a `reference_scorer.ReferenceScorer`) picks; else the
+    previous round."""
     if explicit is not None:
         return validate_reference(explicit, len(entities))
     if not entities:
         return None
-    return named_round(query, entities) or len(entities)
+    named = named_round(query, entities)
+    if named is not None:
+        return named
+    return (scorer.choose(query, entities) if scorer is not None else None) or len(entities)
 
 
 def refer_as_it(query: str, entity: str | None) -> str:

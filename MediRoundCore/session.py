@@ -78,8 +78,8 @@ class Session:
     def entities(self) -> list[str | None]:
         return [r.entity for r in self.rounds]
 
-    def resolve_reference(self, query: str, explicit: int | None = None) -> int | None:
-        return resolve_reference(query, self.entities, explicit)
+    def resolve_reference(self, query: str, explicit: int | None = None, scorer=None) -> int | None:
+        return resolve_reference(query, self.entities, explicit, scorer)
 
     def add_round(self, round_: Round) -> None:
         if round_.number != len(self.rounds) + 1:

@@ -220,7 +220,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         session = store.get(sid, user)
         with store.hold(session):
             _check_history(session, body.history)
-            reference = session.resolve_reference(body.query, body.reference) if body.query.strip() else None
+            reference = session.resolve_reference(body.query, body.reference, engine.reference_scorer) if body.query.strip() else None
             missing = _missing_slices(session, body.view, body.index, reference)
         if missing:
             raise Refused(409, "slices_needed", f"upload {len(missing)} slice(s) first",

@@ -1,4 +1,5 @@
-"""Export a trained checkpoint as the shipped default model (float16 on disk, the chosen JCM β in its config)."""
+"""Export a trained checkpoint as the shipped default model (float16 on disk, the chosen JCM β in its config,
+the checkpoint's reference scorer or else the one the destination had)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ..engine import DEFAULT_CHECKPOINT
 from ..model.modeling import MediRound
+from ..reference_scorer import ReferenceScorer
 
 
 def export_default(checkpoint, dest=DEFAULT_CHECKPOINT, beta: float | None = None) -> Path:
@@ -20,6 +22,11 @@ def export_default(checkpoint, dest=DEFAULT_CHECKPOINT, beta: float | None = Non
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16)
+    scorer = ReferenceScorer.from_pretrained(checkpoint)
+    if scorer is None and dest.is_dir():
+        scorer = ReferenceScorer.from_pretrained(dest)  # keep the reference scorer the folder had
+    if scorer is not None:
+        scorer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -1,0 +1,122 @@
+"""Train the reference scorer (MediRoundCore/reference_scorer.py) on generated dialogues.
+
+    python -m MediRoundCore.train.reference_scorer --out runs/refscorer [--dialogues 6000] [--into WEIGHTS_FOLDER]
+
+Examples are the later rounds of training dialogues (train and train-long splits, each with its template
+queries and once re-worded by the paraphrase grammar) whose query names no round (the rules decide the
+others); the label is the round the generator referred to. Rounds are collected once into `<out>/rounds.jsonl`
+(generating a dialogue draws its slice: about 0.1 s each) and extended when more are asked for. The model is a
+softmax over the earlier rounds of linear scores; the report gives agreement on the val split (never test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def dialogue_rounds(split: str, seed: int, index: int) -> list[dict]:
+    """Training rounds of one generated dialogue: template and paraphrased wordings."""
+    from ..data.paraphrase import rephrase_dialogue
+    from ..data.splits import make_dialogue
+    from ..references import named_round
+
+    dlg = make_dialogue(split, seed, index)
+    entities = [r.entity for r in dlg.rounds]
+    wordings = [[r.query for r in dlg.rounds]]
+    if split in ("train", "train-long"):
+        wordings.append(rephrase_dialogue(dlg, np.random.default_rng([seed, index, 43]), p=1.0))
+    out = []
+    for queries in wordings:
+        for k in range(1, len(dlg.rounds)):
+            ref = dlg.rounds[k].ref
+            if ref is None or named_round(queries[k], entities[:k]) is not None:
+                continue
+            out.append({"query": queries[k], "entities": entities[:k], "ref": ref})
+    return out
+
+
+def collect(path: Path, splits: list[str], dialogues: int, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Rounds of `dialogues` dialogues per split, read from `path` and extended there as needed."""
+    from tqdm import tqdm
+
+    done: dict[tuple[str, int], list[dict]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["split"], row["index"])] = row["rounds"]
+    todo = [(s, i) for s in splits for i in range(dialogues) if (s, i) not in done]
+    with path.open("a") as f:
+        for split, index in tqdm(todo, disable=not progress, desc="dialogues", unit="dlg"):
+            rounds = dialogue_rounds(split, seed, index)
+            f.write(json.dumps({"split": split, "index": index, "rounds": rounds}) + "\n")
+            f.flush()
+            done[(split, index)] = rounds
+    return [r for s in splits for i in range(dialogues) for r in done[(s, i)]]
+
+
+def fit(rounds: list[dict], config=None, epochs: int = 4, lr: float = 0.05, seed: int = 0, progress: bool = True):
+    """A ReferenceScorer trained by softmax cross-entropy over each round's earlier rounds (Adagrad)."""
+    import torch
+    from tqdm import tqdm
+
+    from ..reference_scorer import ReferenceScorer, ReferenceScorerConfig
+
+    scorer = ReferenceScorer(config or ReferenceScorerConfig())
+    examples = [(scorer.candidate_ids(r["query"], r["entities"]), r["ref"]) for r in rounds]
+    weights = torch.zeros(scorer.config.buckets, requires_grad=True)
+    optimiser = torch.optim.Adagrad([weights], lr=lr)
+    rng = np.random.default_rng(seed)
+    for _ in tqdm(range(epochs), disable=not progress, desc="epochs"):
+        for start in range(0, len(examples), 64):
+            batch = [examples[i] for i in rng.permutation(len(examples))[start:start + 64]]
+            loss = 0.0
+            for candidates, ref in batch:
+                ids = torch.as_tensor(np.concatenate(candidates))
+                owner = torch.as_tensor(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]))
+                scores = torch.zeros(len(candidates)).index_add(0, owner, weights[ids])
+                loss = loss + torch.nn.functional.cross_entropy(scores[None], torch.tensor([ref]))
+            optimiser.zero_grad()
+            (loss / len(batch)).backward()
+            optimiser.step()
+    scorer.weights = weights.detach().numpy().astype(np.float32)
+    return scorer
+
+
+def agreement(scorer, rounds: list[dict]) -> float:
+    """Share of rounds where the scorer picks the generator's reference."""
+    return float(np.mean([scorer.choose(r["query"], r["entities"]) == r["ref"] + 1 for r in rounds]))
+
+
+def previous_round_agreement(rounds: list[dict]) -> float:
+    return float(np.mean([len(r["entities"]) == r["ref"] + 1 for r in rounds]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MediRoundCore.train.reference_scorer",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for collected rounds and the trained scorer")
+    parser.add_argument("--dialogues", type=int, default=6000, help="per training split")
+    parser.add_argument("--val-dialogues", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--into", help="also store the scorer in this model folder")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = collect(out / "rounds.jsonl", ["train", "train-long"], args.dialogues)
+    val = collect(out / "val_rounds.jsonl", ["val"], args.val_dialogues)
+    scorer = fit(train, epochs=args.epochs)
+    print(f"{len(train)} training rounds; val ({len(val)} rounds that name no round): reference = generator's "
+          f"{100 * agreement(scorer, val):.1f} % (previous round {100 * previous_round_agreement(val):.1f} %)")
+    scorer.save_pretrained(out)
+    if args.into:
+        scorer.save_pretrained(args.into)
+        print(f"stored in {args.into}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
