@@ -26,6 +26,7 @@ from .errors import CheckpointError
 WEIGHTS_FILE = "reference_scorer.safetensors"
 CONFIG_FILE = "reference_scorer.json"
 _WORD = re.compile(r"[a-z0-9]+")
+_SIDES = {"left", "right"}
 
 
 @dataclass
@@ -55,6 +56,13 @@ def features(query_terms_: Sequence[str], entities: Sequence[str | None], candid
         out += [f"{term}|{w}" for w in entity_words]
     later = {w for e in entities[candidate + 1:] for w in _words(e)}
     out += [f"later|{w}" for w in entity_words if w in later]  # its name came up again after it
+    side = next((w for w in entity_words if w in _SIDES), None)
+    if side is not None:  # words the query shares with another round on the candidate's side: done already?
+        words = set(query_terms_)
+        for i, e in enumerate(entities):
+            other = _words(e)
+            if i != candidate and side in other:
+                out += [f"sameside|{w}" for w in other if w in words and w not in _SIDES]
     return out
 
 

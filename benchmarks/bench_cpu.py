@@ -172,7 +172,7 @@ def bench_asks(engine: Engine, volume: Volume, queries, refs, runs: int, warmup:
 # -- 2. cost growth -------------------------------------------------------------------------------------------
 def bench_growth(engine: Engine, volume: Volume, queries, refs, repeats: int) -> dict:
     """Rounds 1..N with our engine and with the naive re-run, interleaved round by round; per-round medians."""
-    engines = {"ours": Engine(engine.model, engine.tokenizer, reuse_cache=True),
+    engines = {"ours": Engine(engine.model, engine.tokenizer, reuse_cache=True, reference_scorer=engine.reference_scorer),
                "naive": Engine(engine.model, engine.tokenizer, reuse_cache=False)}
     timers = {mode: ForwardTimer(e) for mode, e in engines.items()}
     fingerprint = volume.fingerprint()

@@ -175,7 +175,8 @@ class EvalEngine(Engine):
 
     @classmethod
     def from_engine(cls, engine: Engine, max_slices: int = 4) -> "EvalEngine":
-        return cls(engine.model, engine.tokenizer, reuse_cache=engine.reuse_cache, max_slices=max_slices)
+        return cls(engine.model, engine.tokenizer, reuse_cache=engine.reuse_cache, max_slices=max_slices,
+                   reference_scorer=engine.reference_scorer)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

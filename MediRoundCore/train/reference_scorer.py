@@ -58,7 +58,23 @@ def collect(path: Path, splits: list[str], dialogues: int, seed: int = 0, progre
     return [r for s in splits for i in range(dialogues) for r in done[(s, i)]]
 
 
-def fit(rounds: list[dict], config=None, epochs: int = 4, lr: float = 0.05, seed: int = 0, progress: bool = True):
+def _batch_tensors(examples):
+    """Flat feature ids, their candidate index, and a (B, C) candidate table (-1 = none) of some examples."""
+    import torch
+
+    ids, owner, table = [], [], torch.full((len(examples), max(len(c) for c, _ in examples)), -1)
+    n = 0
+    for b, (candidates, _) in enumerate(examples):
+        for j, c in enumerate(candidates):
+            ids.append(c)
+            owner.append(np.full(len(c), n))
+            table[b, j] = n
+            n += 1
+    return torch.as_tensor(np.concatenate(ids)), torch.as_tensor(np.concatenate(owner)), table, n
+
+
+def fit(rounds: list[dict], config=None, epochs: int = 4, lr: float = 0.05, batch: int = 256, seed: int = 0,
+        progress: bool = True):
     """A ReferenceScorer trained by softmax cross-entropy over each round's earlier rounds (Adagrad)."""
     import torch
     from tqdm import tqdm
@@ -66,21 +82,21 @@ def fit(rounds: list[dict], config=None, epochs: int = 4, lr: float = 0.05, seed
     from ..reference_scorer import ReferenceScorer, ReferenceScorerConfig
 
     scorer = ReferenceScorer(config or ReferenceScorerConfig())
-    examples = [(scorer.candidate_ids(r["query"], r["entities"]), r["ref"]) for r in rounds]
+    examples = [(scorer.candidate_ids(r["query"], r["entities"]), r["ref"])
+                for r in tqdm(rounds, disable=not progress, desc="features", unit="round")]
     weights = torch.zeros(scorer.config.buckets, requires_grad=True)
     optimiser = torch.optim.Adagrad([weights], lr=lr)
     rng = np.random.default_rng(seed)
     for _ in tqdm(range(epochs), disable=not progress, desc="epochs"):
-        for start in range(0, len(examples), 64):
-            batch = [examples[i] for i in rng.permutation(len(examples))[start:start + 64]]
-            loss = 0.0
-            for candidates, ref in batch:
-                ids = torch.as_tensor(np.concatenate(candidates))
-                owner = torch.as_tensor(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]))
-                scores = torch.zeros(len(candidates)).index_add(0, owner, weights[ids])
-                loss = loss + torch.nn.functional.cross_entropy(scores[None], torch.tensor([ref]))
+        order = rng.permutation(len(examples))
+        for start in range(0, len(examples), batch):
+            chunk = [examples[i] for i in order[start:start + batch]]
+            ids, owner, table, n = _batch_tensors(chunk)
+            scores = torch.zeros(n + 1).index_add(0, owner, weights[ids])  # slot n: the padding candidate
+            logits = scores[table.where(table >= 0, n)].masked_fill(table < 0, float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([ref for _, ref in chunk]))
             optimiser.zero_grad()
-            (loss / len(batch)).backward()
+            loss.backward()
             optimiser.step()
     scorer.weights = weights.detach().numpy().astype(np.float32)
     return scorer

@@ -1,5 +1,6 @@
 """Probe: how often the product's resolver (MediRoundCore.references) picks the dataset's reference on the
-generated splits, compared with main's resolver (git show main:MediRoundCore/references.py).
+generated splits, with the shipped model's reference scorer, compared with main's resolver (git show main:MediRoundCore/references.py)
+without one.
 
     PYTHONPATH=$PWD python runs/probe/reference_agreement.py [--n 300] [--splits hard regular val]
 """
@@ -9,6 +10,8 @@ import subprocess
 import types
 
 from MediRoundCore.data.splits import make_dialogue, to_sample
+from MediRoundCore.engine import DEFAULT_CHECKPOINT
+from MediRoundCore.reference_scorer import ReferenceScorer
 from MediRoundCore.references import resolve_reference
 
 
@@ -27,6 +30,7 @@ def main():
     parser.add_argument("--heldout", action="store_true", help="the held-out paraphrase wording of the same rounds")
     args = parser.parse_args()
     old = main_resolver()
+    scorer = ReferenceScorer.from_pretrained(DEFAULT_CHECKPOINT)  # the shipped model's (None: rules only)
     for split in args.splits:
         total = agree_new = agree_old = 0
         changed = []
@@ -40,7 +44,7 @@ def main():
             for k in range(1, sample.num_rounds):
                 truth = sample.ref_indices[k]
                 truth = None if truth is None else truth + 1
-                new = resolve_reference(sample.queries[k], sample.entities[:k])
+                new = resolve_reference(sample.queries[k], sample.entities[:k], scorer=scorer)
                 before = old(sample.queries[k], sample.entities[:k])
                 total += 1
                 agree_new += new == truth
