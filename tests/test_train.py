@@ -61,3 +61,24 @@ def test_stage2_trains_only_jcm(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("jcm.") for k in changed)
     assert {"judgment", "bce", "dice", "iou"} <= set(history[0])
+
+
+def test_varied_stream_rewords_inserts_absent_rounds_and_crops(tiny_engine):
+    """`mediround train --paraphrase --absent --fov-crop`: the same dialogues as the plain stream, some queries
+    re-worded, absent rounds (no [SEG], empty mask, no reference) inserted, some slices cropped; batches build
+    with one target per segmented round."""
+    from MediRoundCore.data.absent import is_absent_answer
+    from MediRoundCore.train.run import training_stream
+
+    plain = list(itertools.islice(training_stream("train")(3), 12))
+    varied = list(itertools.islice(training_stream("train", fov_crop=0.5, paraphrase=1.0, absent=0.3)(3), 12))
+    assert [p.answers[0] for p in plain] == [v.answers[0] for v in varied]  # same dialogues
+    assert sum(p.queries[0] != v.queries[0] for p, v in zip(plain, varied)) >= 8
+    absent = [(v, k) for v in varied for k, a in enumerate(v.answers) if is_absent_answer(a)]
+    assert len(absent) >= 3
+    for v, k in absent:
+        assert not v.masks[k].any() and v.ref_indices[k] is None and k not in [r for r in v.ref_indices if r]
+    assert sum(v.image.shape != p.image.shape for p, v in zip(plain, varied)) >= 3
+    batch = make_batch(varied[:4], tiny_engine.builder, tiny_engine.model.config)
+    segmented = sum(not is_absent_answer(a) for v in varied[:4] for a in v.answers)
+    assert batch.target_masks.shape[0] == len(batch.seg_positions) == segmented

@@ -141,20 +141,45 @@ def build_split(name: str, out_dir, n_dialogues: int, seed: int = 0) -> Path:
     return write_conversations(convs, out / f"{name}.json")
 
 
-def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "train"):
-    """Training samples generated on the fly (no files); endless unless `n` is given.
-
-    `split` is one training split or a mixture joined by "+" ("train+train-long"), taken in turn.
-    """
+def training_split_names(split: str) -> list[str]:
+    """The training splits of a mixture ("train+train-long"), checked."""
     names = split.split("+")
     for name in names:
         if name not in TRAINING_SPLITS:
             from ..errors import OptionError
 
             raise OptionError(f"{name!r} is not a training split; expected one of {TRAINING_SPLITS} joined by '+'")
+    return names
+
+
+def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "train"):
+    """Training samples generated on the fly (no files); endless unless `n` is given.
+
+    `split` is one training split or a mixture joined by "+" ("train+train-long"), taken in turn.
+    """
+    names = training_split_names(split)
     index = 0
     while n is None or index < n:
         yield to_sample(make_dialogue(names[index % len(names)], seed, index // len(names)))
+        index += 1
+
+
+def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float = 0.0, absent: float = 0.0):
+    """`iter_training_samples` with a share `paraphrase` of the queries re-worded by the paraphrase grammar
+    (data/paraphrase.py) and absent-target rounds inserted after each round with probability `absent`
+    (data/absent.py); endless."""
+    from .absent import with_absent_rounds
+    from .paraphrase import rephrase_dialogue
+
+    names = training_split_names(split)
+    index = 0
+    while True:
+        dlg = make_dialogue(names[index % len(names)], seed, index // len(names))
+        rng = np.random.default_rng([seed, index, 41])
+        sample = to_sample(dlg)
+        if paraphrase > 0:
+            sample.queries = rephrase_dialogue(dlg, rng, paraphrase)
+        yield with_absent_rounds(sample, dlg.slice, rng, absent) if absent > 0 else sample
         index += 1
 
 

@@ -11,13 +11,18 @@ from ..errors import OptionError
 from .trainer import TrainConfig, Trainer, stream_seed
 
 
-def training_stream(split: str = "train", fov_crop: float = 0.0):
-    """A resumable sample stream factory: seed -> endless iterator of generated training dialogues, a share
-    `fov_crop` of them cut to a random field of view (data/field_of_view.py)."""
+def training_stream(split: str = "train", fov_crop: float = 0.0, paraphrase: float = 0.0, absent: float = 0.0):
+    """A resumable sample stream factory: seed -> endless iterator of generated training dialogues; a share
+    `paraphrase` of the queries re-worded, absent-target rounds inserted with probability `absent` after each
+    round, and a share `fov_crop` of the dialogues cut to a random field of view (data/field_of_view.py)."""
     from ..data.field_of_view import with_crops
-    from ..data.splits import iter_training_samples
+    from ..data.splits import iter_training_samples, iter_varied_samples
 
-    return lambda seed: with_crops(iter_training_samples(seed=seed, split=split), fov_crop, seed)
+    def stream(seed: int):
+        samples = (iter_varied_samples(seed, split, paraphrase, absent) if paraphrase > 0 or absent > 0
+                   else iter_training_samples(seed=seed, split=split))
+        return with_crops(samples, fov_crop, seed)
+    return stream
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
@@ -85,7 +90,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  save_every: int = 100, corpus_dialogues: int = 3000, loss_weights: dict | None = None,
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
                  correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
-                 correction_refiner: bool = False, features=None, fov_crop: float = 0.0):
+                 correction_refiner: bool = False, features=None, fov_crop: float = 0.0,
+                 paraphrase: float = 0.0, absent: float = 0.0):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
@@ -121,7 +127,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                       reference_noise=reference_noise, correction_focus=correction_focus)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
-    trainer = Trainer(model, tokenizer, cfg, training_stream(data, fov_crop))
+    trainer = Trainer(model, tokenizer, cfg, training_stream(data, fov_crop, paraphrase, absent))
     if features:
         from .jcm_features import FeatureSet
 
@@ -129,7 +135,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         check_features_match(cached, model)
         trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
     elif workers > 0:
-        dataset = _StreamDataset(training_stream(data, fov_crop), stream_seed(cfg.seed, trainer.step), batch_size,
+        stream = training_stream(data, fov_crop, paraphrase, absent)
+        dataset = _StreamDataset(stream, stream_seed(cfg.seed, trainer.step), batch_size,
                                  trainer.builder, model.config, reference_noise)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
                                              worker_init_fn=lambda _: torch.set_num_threads(1))
