@@ -7,7 +7,10 @@
 # masks perturbed like predictions (grown, shrunk, shifted, cut) so later rounds learn to live with imperfect ones.
 # Phase D (runs/tiny4, 2000 steps from phase C, lr 1.5e-4) is phase C for longer. Phase E (runs/tiny5,
 # resumable: rerun to continue) continues phase D at lr 1e-4 for 3000 steps: the shipped model
-# (`RUN=runs/tiny5 bash runs/finish.sh`).
+# (`RUN=runs/tiny5 bash runs/finish.sh`) until issue 26. Phase F (runs/tiny6, from the shipped model, JCM kept
+# frozen) adds random field-of-view crops to half the dialogues (`--fov-crop 0.5`: mostly non-square, off-centre,
+# cutting into the body, every target whole); stopped at step 700 (runs/tiny6_700). Phase G (runs/tiny7, from
+# phase F's step 700) adds absent-target rounds and paraphrased queries; then `bash runs/ship.sh`.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -23,4 +26,10 @@ case $PHASE in
   E) exec nice -n -10 .venv/bin/mediround train --out runs/tiny5 --stage 1 --init runs/tiny4/stage1/checkpoint \
        --steps "${STEPS:-3000}" --lr 1e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 ;;
+  F) exec nice -n -5 .venv/bin/mediround train --out runs/tiny6 --stage 1 --init MediRoundCore/weights/mediround-tiny \
+       --steps "${STEPS:-1200}" --lr 1e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.5 ;;
+  G) exec nice -n -5 .venv/bin/mediround train --out runs/tiny7 --stage 1 --init runs/tiny6_700 \
+       --steps "${STEPS:-800}" --lr 1e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.5 --absent 0.1 --paraphrase 0.3 ;;
 esac
