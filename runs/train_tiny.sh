@@ -10,7 +10,8 @@
 # (`RUN=runs/tiny5 bash runs/finish.sh`) until issue 26. Phase F (runs/tiny6, from the shipped model, JCM kept
 # frozen) adds random field-of-view crops to half the dialogues (`--fov-crop 0.5`: mostly non-square, off-centre,
 # cutting into the body, every target whole); stopped at step 700 (runs/tiny6_700). Phase G (runs/tiny7, from
-# phase F's step 700) adds absent-target rounds and paraphrased queries; then `bash runs/ship.sh`.
+# phase F's step 700) adds absent-target rounds and paraphrased queries. Phase H (runs/tiny8) continues phase G
+# with more crops (60 %) at a lower rate.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -32,4 +33,7 @@ case $PHASE in
   G) exec nice -n -5 .venv/bin/mediround train --out runs/tiny7 --stage 1 --init runs/tiny6_700 \
        --steps "${STEPS:-800}" --lr 1e-4 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.5 --absent 0.1 --paraphrase 0.3 ;;
+  H) exec nice -n -5 .venv/bin/mediround train --out runs/tiny8 --stage 1 --init runs/tiny7/stage1/checkpoint \
+       --steps "${STEPS:-600}" --lr 7e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.6 --absent 0.1 --paraphrase 0.3 ;;
 esac

@@ -79,6 +79,20 @@ def test_same_anatomy_same_answer(shipped, original, name):
         assert v == pytest.approx(d, abs=1e-9), f"{name} round {n}: the mask went back to other voxels"
 
 
+def test_the_variants_report_says_what_the_dialogues_measure(shipped, original):
+    """`mediround eval --sets variants`: its table is the dialogues' Dice, and a kind passes only when every
+    variant of that kind keeps every round within 0.05 of the original."""
+    from MediRoundCore.evaluate.sets import TARGET_SAME_ANSWER, variants_set
+
+    result = variants_set(shipped)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.lines if line.startswith("| ")}
+    assert [float(x) for x in rows["original"][3:3 + len(original[0])]] == [round(d, 3) for d in original[0]]
+    for target, measured, verdict in result.verdicts:
+        kind = target.split(":")[0]
+        drops = [float(r[-1].strip(" |")) for name, r in rows.items() if len(r) > 2 and r[1] == kind]
+        assert drops and verdict == ("PASS" if max(drops) <= TARGET_SAME_ANSWER else "MISS"), (target, drops)
+
+
 def test_a_session_refuses_a_moved_copy_of_its_volume(tmp_path, shipped):
     """A session saved on the demo volume does not open on a flipped or cropped copy (its masks would land on
     other voxels of the patient), and opens again on the volume itself."""

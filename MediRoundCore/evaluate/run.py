@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sets", default="main",
                    help="what to evaluate, comma-separated: main (the configs above) and/or paraphrase, absent, "
-                   "real (issue 23's sets, each its own QUALITY.md section; the rest of the file is kept)")
+                   "real (issue 23's sets), variants (issue 26: the demo on cropped and re-oriented copies); each its own "
+                   "QUALITY.md section, the rest of the file is kept")
     p.add_argument("--set-limit", type=int, default=40,
                    help="dialogues of --split for the paraphrase and absent sets (default 40)")
     p.add_argument("--real-data", default=None,
@@ -303,6 +304,8 @@ def run_sets(args, argv, names, predictor, model_desc, say) -> int:
         bar = tqdm(unit="round", disable=args.quiet, dynamic_ncols=True, desc=name, file=sys.stderr)
         if name == "real":
             result = sets_module.real_set(predictor, args.real_data, beta=args.beta, tick=bar.update)
+        elif name == "variants":
+            result = sets_module.variants_set(predictor, beta=args.beta, tick=bar.update)
         else:
             run = sets_module.paraphrase_set if name == "paraphrase" else sets_module.absent_set
             result = run(predictor, args.split, args.seed, args.set_limit, beta=args.beta, tick=bar.update)

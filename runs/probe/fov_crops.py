@@ -1,15 +1,14 @@
-"""Probe: the demo dialogue's Dice per round on every demo variant (tests/demo_variants.py) for a checkpoint.
+"""Probe: the demo dialogue's Dice per round on every demo variant (evaluate/demo_variants.py) for a checkpoint
+(the report is `mediround eval --sets variants`).
 
     .venv/bin/python runs/probe/fov_crops.py [CHECKPOINT]
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-import torch  # noqa: E402
+import torch
 
-from demo_variants import DEMO_VARIANTS, run_demo_dialogue  # noqa: E402
-from MediRoundCore.engine import Engine  # noqa: E402
+from MediRoundCore.engine import Engine
+from MediRoundCore.evaluate.demo_variants import DEMO_VARIANTS, run_demo_dialogue
 
 torch.set_num_threads(1)
 engine = Engine.load(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu")
