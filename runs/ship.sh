@@ -2,22 +2,28 @@
 # Ship a stage-2 checkpoint as the default model: β on val (never test), export, then the speed and quality
 # measurements, the panel screenshot and the README overlays.
 #   bash runs/ship.sh CHECKPOINT NAME   # NAME labels the β sweep: benchmarks/jcm_beta_val_NAME.md
+#   BETA=0.9 bash runs/ship.sh CHECKPOINT  # keep a β chosen before (the JCM was not retrained)
+#   CONFIGS=ind+jcm,ind-nojcm,resolver+jcm  # the hard-split configs (default: all, with the ablations)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 CKPT=${1:?usage: $0 CHECKPOINT NAME}
-NAME=${2:?usage: $0 CHECKPOINT NAME}
-if [ ! -f "runs/beta_$NAME.log" ] || [ -n "${RESWEEP:-}" ]; then
-  .venv/bin/python -m MediRoundCore.evaluate.select_beta --checkpoint "$CKPT" --limit "${BETA_LIMIT:-80}" \
-    --out "benchmarks/jcm_beta_val_$NAME.md" | tee "runs/beta_$NAME.log"
+if [ -z "${BETA:-}" ]; then
+  NAME=${2:?usage: $0 CHECKPOINT NAME}
+  if [ ! -f "runs/beta_$NAME.log" ] || [ -n "${RESWEEP:-}" ]; then
+    .venv/bin/python -m MediRoundCore.evaluate.select_beta --checkpoint "$CKPT" --limit "${BETA_LIMIT:-80}" \
+      --out "benchmarks/jcm_beta_val_$NAME.md" | tee "runs/beta_$NAME.log"
+  fi
+  cp "runs/beta_$NAME.log" runs/beta.log
+  cp "benchmarks/jcm_beta_val_$NAME.md" benchmarks/jcm_beta_val.md  # the shipped model's sweep
+  BETA=$(tail -1 runs/beta.log | awk '{print $3}')
 fi
-cp "runs/beta_$NAME.log" runs/beta.log
-cp "benchmarks/jcm_beta_val_$NAME.md" benchmarks/jcm_beta_val.md  # the shipped model's sweep
-BETA=$(tail -1 runs/beta.log | awk '{print $3}')
 echo "shipping $CKPT with beta $BETA"
 .venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
 .venv/bin/mediround bench
-.venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks
+.venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks \
+  --configs "${CONFIGS:-ind+jcm,ind-nojcm,resolver+jcm,noref,nohistory,prevround}"
+.venv/bin/mediround eval --sets paraphrase,absent,real,variants --set-limit 40 --split hard --threads 2 --out benchmarks
 .venv/bin/mediround eval --split regular --limit "${REGULAR_LIMIT:-150}" --threads 2 --configs ind+jcm,ind-nojcm,resolver+jcm --out benchmarks/regular
 QT_QPA_PLATFORM=offscreen .venv/bin/python MediRoundSlicer/make_screenshot.py
 .venv/bin/mediround demo --out demo_output

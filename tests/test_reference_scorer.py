@@ -107,3 +107,17 @@ def test_the_shipped_scorer_beats_the_previous_round_on_val():
     rounds = [r for i in range(40) for r in dialogue_rounds("val", 0, i)]
     assert len(rounds) > 100
     assert agreement(scorer, rounds) >= previous_round_agreement(rounds) + 0.10
+
+
+def test_the_engine_asks_with_the_scorers_pick(ct_volume):
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.imaging import extract_slice
+    from MediRoundCore.session import Session
+
+    engine = Engine.random_tiny(reference_scorer=_Always(1))
+    session = Session(ct_volume.fingerprint())
+    image = extract_slice(ct_volume, "axial", 1)
+    for query in ("Segment the spleen.", "Segment the liver."):
+        engine.ask(session, query, image)
+    assert engine.ask(session, "Now the lesion inside it.", image).round.reference == 1
+    assert engine.ask(session, "Now the lesion inside it.", image, reference=2).round.reference == 2
