@@ -50,6 +50,27 @@ def test_inserted_rounds_keep_the_dialogue():
         assert out.entities[k] not in {i.name for i in dlg.slice.instances}
 
 
+def test_present_direct_requests_contrast_the_absent_ones():
+    """With `present`, direct requests for structures on the slice are inserted too (their mask, a segment
+    answer), never one the dialogue asks for; with `refer_previous` every inserted round refers to the round
+    before it, as the product's resolver makes later rounds do."""
+    dlg = make_dialogue("train", 0, 7)
+    sample = to_sample(dlg)
+    out = with_absent_rounds(sample, dlg.slice, np.random.default_rng(1), p=0.5, present=1.0, refer_previous=True)
+    original = set(sample.queries)
+    inserted = [k for k, q in enumerate(out.queries) if q not in original]
+    present = [k for k in inserted if not out.meta["absent"][k]]
+    assert present and len(inserted) > len(present)
+    shown = {i.name: i for i in dlg.slice.instances}
+    for k in present:
+        assert out.entities[k] in shown and out.entities[k] not in sample.entities
+        assert np.array_equal(out.masks[k], shown[out.entities[k]].mask)
+        assert parse_entity(out.answers[k]) == out.entities[k] and out.answers[k].endswith("[SEG]")
+    assert len(set(out.entities[k] for k in present)) == len(present)
+    for k in inserted:
+        assert out.ref_indices[k] == k - 1
+
+
 def test_batches_teach_absent_rounds_to_end_without_seg():
     from MediRoundCore.engine import Engine
     from MediRoundCore.model.processing import PromptBuilder

@@ -65,8 +65,8 @@ def test_stage2_trains_only_jcm(tmp_path):
 
 def test_varied_stream_rewords_inserts_absent_rounds_and_crops(tiny_engine):
     """`mediround train --paraphrase --absent --fov-crop`: the same dialogues as the plain stream, some queries
-    re-worded, absent rounds (no [SEG], empty mask, no reference) inserted, some slices cropped; batches build
-    with one target per segmented round."""
+    re-worded, absent rounds (no [SEG], empty mask, referring to the round before, never referred to) inserted,
+    some slices cropped; batches build with one target per segmented round."""
     from MediRoundCore.data.absent import is_absent_answer
     from MediRoundCore.train.run import training_stream
 
@@ -77,7 +77,7 @@ def test_varied_stream_rewords_inserts_absent_rounds_and_crops(tiny_engine):
     absent = [(v, k) for v in varied for k, a in enumerate(v.answers) if is_absent_answer(a)]
     assert len(absent) >= 3
     for v, k in absent:
-        assert not v.masks[k].any() and v.ref_indices[k] is None and k not in [r for r in v.ref_indices if r]
+        assert not v.masks[k].any() and v.ref_indices[k] == k - 1 and k not in v.ref_indices
     assert sum(v.image.shape != p.image.shape for p, v in zip(plain, varied)) >= 3
     batch = make_batch(varied[:4], tiny_engine.builder, tiny_engine.model.config)
     segmented = sum(not is_absent_answer(a) for v in varied[:4] for a in v.answers)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..answers import format_answer
+from .dialogues import where
 from .paraphrase import rephrase
 from .templates import allowed_indices, render
 
@@ -59,10 +61,18 @@ def absent_query(rng: np.random.Generator, name: str, grammar: float = 0.5, use_
     return render("direct", int(indices[int(rng.integers(len(indices)))]), name=name)
 
 
-def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, use_reserved: bool = False):
+def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, use_reserved: bool = False,
+                       present: float = 0.0, refer_previous: bool = False):
     """A copy of a generated Sample with absent-target rounds inserted after some rounds (probability p each).
     An inserted round refers to nothing, has an empty mask and the absent answer; the references of later
-    rounds are renumbered. `meta["absent"]` flags each round."""
+    rounds are renumbered. `meta["absent"]` flags each round.
+
+    With `present` > 0, direct requests for structures that *are* on the slice (not asked before in the
+    dialogue) are inserted the same way (probability `present` after each round), answered and segmented as a
+    first round is: absent rounds are direct requests, and without present ones to contrast them a model learns
+    "a later direct request means absent" from the wording instead of looking at the slice. With
+    `refer_previous` an inserted round refers to the round before it, as the product's resolver makes every
+    later round do."""
     import copy
 
     candidates = absent_candidates(sl)
@@ -78,12 +88,23 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
         refs.append(None if ref is None else new_index[ref])
         masks.append(np.asarray(sample.masks[k], bool))
         absent.append(False)
+        if present > 0 and k < sample.num_rounds - 1 and rng.uniform() < present:
+            asked = set(entities) | set(sample.entities)
+            shown = [i for i in sl.instances if i.kind != "body" and i.name not in asked]
+            if shown:
+                inst = shown[int(rng.integers(len(shown)))]
+                queries.append(absent_query(rng, inst.name, use_reserved=use_reserved))
+                answers.append(format_answer(inst.name, where(inst)))
+                entities.append(inst.name)
+                refs.append(len(queries) - 2 if refer_previous else None)
+                masks.append(np.asarray(inst.mask, bool))
+                absent.append(False)
         if candidates and k < sample.num_rounds - 1 and rng.uniform() < p:
             name = str(candidates[int(rng.integers(len(candidates)))])
             queries.append(absent_query(rng, name, use_reserved=use_reserved))
             answers.append(absent_answer(name))
             entities.append(name)
-            refs.append(None)
+            refs.append(len(queries) - 2 if refer_previous else None)
             masks.append(np.zeros_like(masks[-1]))
             absent.append(True)
     out.queries, out.answers, out.entities, out.ref_indices = queries, answers, entities, refs

@@ -126,7 +126,8 @@ class _Geometry:
         return [i for i in self.items if i.noun == noun and i.name != exclude.name]
 
 
-def _where(inst: Instance) -> str:
+def where(inst: Instance) -> str:
+    """The rationale of a direct request: where the structure lies."""
     side = {"left": "on the patient's left", "right": "on the patient's right", None: "near the midline"}[inst.side]
     v = inst.centroid[1]
     depth = "anteriorly" if v < -0.15 else "posteriorly" if v > 0.15 else "centrally"
@@ -139,7 +140,7 @@ def first_round_moves(geo: _Geometry, modality: str) -> list[Move]:
     for t in geo.items:
         if t.kind == "body":
             continue
-        moves.append(Move(t, "direct", None, {"name": t.name}, _where(t), t.noun,
+        moves.append(Move(t, "direct", None, {"name": t.name}, where(t), t.noun,
                           len(geo.same_noun(t.noun, t))))
         if t.function:
             same = [i for i in geo.items if i.function == t.function and i.name != t.name]

@@ -166,8 +166,8 @@ def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "tra
 
 def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float = 0.0, absent: float = 0.0):
     """`iter_training_samples` with a share `paraphrase` of the queries re-worded by the paraphrase grammar
-    (data/paraphrase.py) and absent-target rounds inserted after each round with probability `absent`
-    (data/absent.py); endless."""
+    (data/paraphrase.py) and absent-target rounds inserted after each round with probability `absent`, as many
+    direct requests for structures on the slice to contrast them (data/absent.py); endless."""
     from .absent import with_absent_rounds
     from .paraphrase import rephrase_dialogue
 
@@ -179,7 +179,7 @@ def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float =
         sample = to_sample(dlg)
         if paraphrase > 0:
             sample.queries = rephrase_dialogue(dlg, rng, paraphrase)
-        yield with_absent_rounds(sample, dlg.slice, rng, absent) if absent > 0 else sample
+        yield with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True) if absent > 0 else sample
         index += 1
 
 
