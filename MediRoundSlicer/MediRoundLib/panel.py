@@ -287,8 +287,8 @@ class ChatPanel:
                 self.ui.queryEdit.clear()
             elif event.kind == "prepared":  # quiet: no status, no history; only the slice line says so
                 if event.error is None and event.timings is not None:
-                    self.ui.sliceLabel.setText(f"{DEFAULT_SLICE_TEXT[:-1]}; {event.message} is ready: "
-                                               "Ask answers at once.")
+                    self.ui.sliceLabel.setText(f"{DEFAULT_SLICE_TEXT[:-1]}; {event.message} is ready (encoded "
+                                               "ahead).")
             elif event.kind == "error":
                 self.status = f"Error: {event.message}"
         if not self.logic.pending:
