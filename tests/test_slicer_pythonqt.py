@@ -19,6 +19,8 @@ if sys.version_info[:2] != (3, 11):
 # (PQ_THREADS=1: 25 s and 11-14 s). The old 50 ms poll without lending the GIL: 133-139 s, later 20-37 s.
 FIRST_ASK_S = 60.0
 LATER_ASK_MEDIAN_S = 5.0
+# One Ask on a slice encoded ahead (a single sample, so with room): 0.2-0.4 s quiet, up to 3.5 s at load 3-4.
+AHEAD_ASK_S = 10.0
 
 
 def test_multi_round_session_through_the_panel(tmp_path):
@@ -41,7 +43,7 @@ def test_multi_round_session_through_the_panel(tmp_path):
     assert scrolls[0]["prepare_seconds"] is None and scrolls[1]["prepare_seconds"] is not None, scrolls
     assert scrolls[1]["prepare_seconds"] < FIRST_ASK_S, scrolls
     assert "segmenter_encoder_ms" in slice_asks[0]["encoders"] and slice_asks[1]["encoders"] == [], slice_asks
-    assert slice_asks[1]["seconds"] < LATER_ASK_MEDIAN_S, slice_asks
+    assert slice_asks[1]["seconds"] < AHEAD_ASK_S, slice_asks
     assert result["poll_calls"] > 10 and result["poll_ms_median"] <= 40, result
     assert result["poll_ms_p99"] <= 500, result
     assert result["after_undo"] == [2, ["MediRound_R1", "MediRound_R2"]]
