@@ -62,7 +62,9 @@ class _SliceState:
     seg_pixels: torch.Tensor  # (3,S,S) segmenter input (a refining JCM correction looks at it)
     cache: object = None  # transformers DynamicCache
     cache_len: int = 0
-    rounds: list[int] = field(default_factory=list)  # session round numbers whose tokens are in the cache
+    # The session's rounds (the objects: an undone round and its redone successor share a number) whose tokens
+    # are in the cache, in order; None while the cache is being changed.
+    rounds: list | None = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # tokens decided but not yet fed ([SEG], EOS)
     session_ref: object = None  # weakref to the session whose rounds the cache holds
 
@@ -143,6 +145,30 @@ class Engine:
         return with_cpu_fallback(self, session, lambda: self._ask(session, query, image, reference, use_jcm, beta,
                                                                   progress), progress)
 
+    def prepare(self, session: Session, image: SliceImage, progress=None) -> dict[str, float]:
+        """Everything an Ask on `image` does before it reads the query: encode the slice (segmenter and vision
+        tower) and fill the language model's cache with the image prefix and the session's rounds so far. The
+        next `ask` on the same slice and session then starts at its query (its result is the same as without
+        `prepare`). Run it while the user types or scrolls. Returns the timings of what it did (empty when the
+        slice was ready already). A device fault falls back to the CPU as in `ask`."""
+        from .device import with_cpu_fallback
+
+        return with_cpu_fallback(self, session, lambda: self._prepare(session, image, progress), progress)
+
+    @torch.inference_mode()
+    def _prepare(self, session, image, progress) -> dict[str, float]:
+        say = progress or (lambda message, fraction: None)
+        if not isinstance(image, SliceImage):
+            raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        say("encoding the slice ahead", 0.1)
+        self._slice_state(session, image, timings, None)
+        if timings:
+            timings["total_ms"] = (time.perf_counter() - t0) * 1000
+        say("slice ready", 1.0)
+        return timings
+
     @torch.inference_mode()
     def _ask(self, session, query, image, reference, use_jcm, beta, progress) -> RoundResult:
         say = progress or (lambda message, fraction: None)
@@ -167,6 +193,7 @@ class Engine:
             self._rebuild_prefix(session, state, forward_tokens, timings)
         new_tokens = list(state.pending) + user_ids
         t1 = time.perf_counter()
+        held, state.rounds = state.rounds, None  # the cache grows now: until the round is added it matches none
         hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
         timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
         answer = self.builder.decode(answer_ids)
@@ -200,7 +227,7 @@ class Engine:
         memory["answers"][number] = answer_ids
         if reference is not None:
             memory["refs"][number] = (crop_tokens, box_tokens)
-        state.rounds.append(number)
+        state.rounds = None if held is None else held + [round_]
         state.pending = self._round_end(round_)
         say("done", 1.0)
         return RoundResult(round_, prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens)
@@ -224,7 +251,7 @@ class Engine:
                 self._slices.popitem(last=False)
         self._slices.move_to_end(key)
         # The cache must hold exactly the session's rounds so far, in order; else rebuild it.
-        if self.reuse_cache and (state.cache is None or state.rounds != [r.number for r in session.rounds]
+        if self.reuse_cache and (state.cache is None or not _holds_rounds(state, session)
                                  or state.session_ref is None or state.session_ref() is not session):
             state.session_ref = weakref.ref(session)
             self._rebuild_prefix(session, state, forward_tokens, timings)
@@ -235,10 +262,14 @@ class Engine:
         from transformers import DynamicCache
 
         t = time.perf_counter()
+        # One reading of the rounds (a prepare runs beside the main thread, where an Undo may remove one), and no
+        # list of rounds until the cache holds them: a failure on the way leaves a cache that matches nothing.
+        rounds = list(session.rounds)
+        state.rounds = None
         memory = self._session_memory(session)
         ids = self.builder.prefix()
         crops, boxes = [], []
-        for r in session.rounds:
+        for r in rounds:
             if r.reference is not None:
                 crop, box = memory["refs"].get(r.number) or self._reference_features(session, r.reference, state, None)
                 crops.append(crop)
@@ -250,14 +281,14 @@ class Engine:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
             ids += answer_ids + self._round_end(r)
         # The last round's closing tokens ([SEG] EOS, or EOS of an absent round) are fed with the next round.
-        keep = len(self._round_end(session.rounds[-1])) if session.rounds else 0
+        keep = len(self._round_end(rounds[-1])) if rounds else 0
         feed, state.pending = (ids[:-keep], ids[-keep:]) if keep else (ids, [])
         state.cache = DynamicCache()
         state.cache_len = 0
         embeds = self.model.embed_inputs(torch.tensor([feed]), state.image_tokens,
                                          torch.cat(crops) if crops else None, torch.cat(boxes) if boxes else None)
         self._lm(embeds, state, forward_tokens)
-        state.rounds = [r.number for r in session.rounds]
+        state.rounds = rounds
         timings["prefix_ms"] = (time.perf_counter() - t) * 1000
         return state
 
@@ -345,6 +376,12 @@ class Engine:
     def forget(self) -> None:
         """Drop every cache (e.g. after loading another model)."""
         self._slices.clear()
+
+
+def _holds_rounds(state: _SliceState, session: Session) -> bool:
+    """Whether the slice's cache holds exactly the session's rounds, in order (the same round objects)."""
+    held, now = state.rounds, list(session.rounds)
+    return held is not None and len(held) == len(now) and all(a is b for a, b in zip(held, now))
 
 
 def _slice_key(session: Session, image: SliceImage, windows: dict | None = None) -> tuple:

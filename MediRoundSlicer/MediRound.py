@@ -104,7 +104,8 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MediRound.ui"))
         self.layout.addWidget(ui_widget)
         self.logic = MediRoundLogic()
-        self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies)
+        self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies,
+                              can_prepare=self.dependenciesReady)
         self.chat.notice = dependency_notice()
         self.chat.refresh()
 
@@ -144,6 +145,13 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
 
     def onVolumeChanged(self, node):
         self.chat.set_volume(node)
+
+    def dependenciesReady(self) -> bool:
+        """Whether the model can load without asking the user anything: encoding ahead (while the user types or
+        scrolls) never offers an install; the Ask does."""
+        from MediRoundLib.dependencies import install_plan, python_problem
+
+        return bool(self.logic.server_url) or (not python_problem() and not install_plan().needed)
 
     def ensureDependencies(self) -> bool:
         """On first use: offer to install what the model needs (main thread, modal); False when not ready.
@@ -225,11 +233,12 @@ class SlicerDialogs:
 #
 @dataclass
 class LogicEvent:
-    kind: str  # "progress" | "round" | "engine" | "error"
+    kind: str  # "progress" | "round" | "engine" | "prepared" | "error"
     message: str = ""
     fraction: float = 0.0
     round: object = None  # session.Round for "round"
-    error: Exception | None = None
+    error: Exception | None = None  # for "error"; for "prepared", why encoding ahead failed (never shown)
+    timings: dict | None = None  # "prepared": what it did (empty: the slice was ready; None: it was skipped)
 
 
 def default_sessions_dir() -> Path:
@@ -266,6 +275,10 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         self.segmentation_node = None
         self._worker: InferenceWorker | None = None
         self._jobs: dict[int, dict] = {}
+        # Encoding ahead: the key of the slice the latest prepare was queued for (a queued prepare whose key is no
+        # longer this one is skipped when its turn comes), and what was prepared last (key, rounds kept alive).
+        self._prepare_target = None
+        self._prepared = None
 
     # -- basics -------------------------------------------------------------------------------------------------
     @property
@@ -283,6 +296,13 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
 
     @property
     def busy(self) -> bool:
+        """An Ask is queued or running (with the model load before it). Encoding ahead does not count: an Ask
+        queues behind it, and nothing else waits for it."""
+        return any(info["kind"] == "ask" for info in self._jobs.values())
+
+    @property
+    def pending(self) -> bool:
+        """Any job is queued or running, encoding ahead included (the panel polls until none is)."""
         return bool(self._jobs)
 
     def shutdown(self):
@@ -418,7 +438,23 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
             raise VolumeError(f"there is no '{view_name}' slice view")
         return geometry.voxel_plane_for_view(self.volume_node, slice_node, self.volume)
 
-    def _load_engine(self, checkpoint):
+    def _engine_settings(self) -> tuple:
+        return (self.checkpoint, self.server_url, self.server_token, self.engine_factory)
+
+    def _queue_load(self) -> None:
+        """Queue loading the model unless it is loaded or a load of the same model is queued already (by an
+        Ask or by encoding ahead): one load job only."""
+        if self.engine is not None:
+            return
+        settings = self._engine_settings()
+        if any(info["kind"] == "load" and info["settings"] == settings for info in self._jobs.values()):
+            return
+        job = self.worker.submit(self._load_engine, self.checkpoint, settings, name="load")
+        self._jobs[job] = {"kind": "load", "settings": settings}
+
+    def _load_engine(self, checkpoint, settings=None):
+        """Worker thread. The engine is kept only when the model asked for is still the chosen one (the user may
+        change it while a load started ahead runs)."""
         factory = self.engine_factory
         if self.server_url:
             from MediRoundCore.remote.client import RemoteEngine
@@ -429,8 +465,48 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
             from MediRoundCore.engine import Engine
             factory = Engine.load
         engine = factory(checkpoint)
-        self.engine = engine
+        if settings is None or settings == self._engine_settings():
+            self.engine = engine
         return engine.device_description
+
+    def _prepare_key(self, plane) -> tuple:
+        """What a prepare is for: the session, the voxel plane, the session's rounds (the objects) and the model."""
+        return (id(self.session), plane.view, plane.index, tuple(map(id, self.session.rounds)),
+                self._engine_settings())
+
+    def submit_prepare(self, view_name: str | None = None) -> int | None:
+        """Encode ahead the slice shown in the view (main thread): queue loading the model if needed, then the
+        encoding of the slice and the dialogue so far (Engine.prepare), so that the next Ask on it starts at its
+        query. Returns the job, or None when there is nothing to do: no volume, an Ask queued, the view outside
+        the volume, or this slice was prepared last with the same rounds and model. Its end comes from `poll()`
+        as a quiet "prepared" event; a failure is never shown as an error (an Ask reports its own)."""
+        if self.session is None or self.volume is None or self.busy:
+            return None
+        try:
+            plane = self.current_plane(view_name)
+            key = self._prepare_key(plane)
+            if self._prepared is not None and self._prepared[0] == key:
+                return None
+            image = extract_slice(self.volume, plane.view, plane.index)
+        except MediRoundError:
+            return None
+        self._queue_load()
+        session = self.session
+        self._prepare_target = key
+        job = self.worker.submit(self._run_prepare, key, session, image, name="prepare")
+        self._jobs[job] = {"kind": "prepare", "key": key, "plane": (plane.view, plane.index)}
+        self._prepared = (key, session, list(session.rounds))  # kept alive: the ids in the key stay theirs
+        return job
+
+    def _run_prepare(self, key, session, image):
+        """Worker thread: the engine's prepare, unless a later prepare or an Ask elsewhere has superseded it."""
+        if self._prepare_target is not key:
+            return None
+        engine = self.engine
+        if engine is None:
+            raise MediRoundError("the model is not loaded")
+        prepare = getattr(engine, "prepare", None)
+        return prepare(session, image) if prepare is not None else None
 
     def submit_ask(self, query: str, reference: int | None = None, use_jcm: bool = True, beta: float | None = None,
                    view_name: str | None = None) -> int:
@@ -441,9 +517,9 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
             raise MediRoundError("an Ask is already running")
         plane = self.current_plane(view_name)
         image = extract_slice(self.volume, plane.view, plane.index)
-        if self.engine is None:
-            job = self.worker.submit(self._load_engine, self.checkpoint, name="load")
-            self._jobs[job] = {"kind": "load"}
+        if self._prepare_target is not None and self._prepare_target != self._prepare_key(plane):
+            self._prepare_target = None  # a prepare of another slice still queued is skipped; the Ask goes first
+        self._queue_load()
         session, engine_holder = self.session, self
         job = self.worker.submit(lambda progress: engine_holder.engine.ask(
             session, query, image, reference=reference, use_jcm=use_jcm, beta=beta, progress=progress),
@@ -461,23 +537,35 @@ class MediRoundLogic(ScriptedLoadableModuleLogic):
         out = []
         for event in self._worker.poll(wait if self._jobs else 0.0):
             job = self._jobs.get(event.job_id, {})
+            kind = job.get("kind")
             if event.kind == "progress":
                 message, fraction = event.payload
                 out.append(LogicEvent("progress", message, fraction))
                 continue
             self._jobs.pop(event.job_id, None)
             if event.kind == "error":
-                if job.get("kind") == "load":  # the ask queued behind it fails too; drop it quietly
-                    for other, info in list(self._jobs.items()):
-                        if info.get("kind") == "ask":
-                            info["skip_error"] = True
+                if kind in ("load", "prepare"):
+                    self._prepared = None  # prepare again when asked to
+                if kind == "load":  # the ask queued behind it fails too; drop it quietly
+                    asks = [info for info in self._jobs.values() if info.get("kind") == "ask"]
+                    for info in asks:
+                        info["skip_error"] = True
+                    if not asks:  # loaded ahead for a prepare only: quiet; the next Ask loads and reports
+                        out.append(LogicEvent("prepared", _describe(event.payload), error=event.payload))
+                        continue
+                if kind == "prepare":
+                    out.append(LogicEvent("prepared", _describe(event.payload), error=event.payload))
+                    continue
                 if job.get("skip_error"):
                     continue
                 out.append(LogicEvent("error", _describe(event.payload), error=event.payload))
-            elif job.get("kind") == "load":
+            elif kind == "load":
                 out.append(LogicEvent("engine", str(event.payload)))
-            elif job.get("kind") == "ask":
+            elif kind == "ask":
                 out.append(self._apply_round(job, event.payload))
+            elif kind == "prepare":
+                view, index = job["plane"]
+                out.append(LogicEvent("prepared", f"{view} slice {index}", 1.0, timings=event.payload))
         return out
 
     def _apply_round(self, job, result) -> LogicEvent:

@@ -74,3 +74,39 @@ def test_demo_dialogue_through_the_logic(tmp_path, shipped, variant, turned):
         assert [r.reference for r in logic.session.rounds] == [None, 1, 2, 1]
     finally:
         logic.shutdown()
+
+
+def test_demo_dialogue_encoded_ahead_answers_as_without(tmp_path, shipped):
+    """The shipped model through the logic, each round after a prepare of the shown slice (as when the user typed
+    first): every round equals the round of a logic that never prepared, and no Ask re-runs an encoder."""
+    volume, labels, index, script = demo_variant("original")
+    logics = []
+    for name in ("ahead", "plain"):
+        scene = slicer.vtkMRMLScene()
+        node = add_volume(scene, volume.array, volume.spacing, LPS_TO_RAS @ np.asarray(volume.origin),
+                          LPS_TO_RAS @ volume.direction, name="demo")
+        centre = volume.ijk_to_lps() @ np.array([127.5, 127.5, index, 1.0])
+        show_plane(add_slice_node(scene, "Red"), "axial", LPS_TO_RAS @ centre[:3])
+        engine = Engine(shipped.model, shipped.tokenizer, reference_scorer=shipped.reference_scorer)
+        logic = MediRound.MediRoundLogic(scene=scene, sessions_dir=tmp_path / name,
+                                         engine_factory=lambda checkpoint, e=engine: e)
+        logic.set_volume(node)
+        logics.append(logic)
+    ahead, plain = logics
+    try:
+        for n, step in enumerate(script, start=1):
+            ref = None if step.get("refers_to") is None else step["refers_to"] + 1
+            assert ahead.submit_prepare() is not None
+            prepared = []
+            while ahead.pending:
+                prepared += [e for e in ahead.poll(wait=0.05) if e.kind == "prepared"]
+            assert len(prepared) == 1 and prepared[0].error is None
+            assert ("segmenter_encoder_ms" in prepared[0].timings) == (n == 1)
+            a, b = ahead.ask(step["query"], reference=ref), plain.ask(step["query"], reference=ref)
+            assert not {"segmenter_encoder_ms", "vision_tower_ms", "prefix_ms"} & set(a.timings)
+            assert (a.answer, a.entity, a.reference) == (b.answer, b.entity, b.reference)
+            assert np.array_equal(a.mask, b.mask)
+        assert [r.reference for r in ahead.session.rounds] == [None, 1, 2, 1]
+    finally:
+        for logic in logics:
+            logic.shutdown()

@@ -19,6 +19,8 @@ if sys.version_info[:2] != (3, 11):
 # (PQ_THREADS=1: 25 s and 11-14 s). The old 50 ms poll without lending the GIL: 133-139 s, later 20-37 s.
 FIRST_ASK_S = 60.0
 LATER_ASK_MEDIAN_S = 5.0
+# One Ask on a slice encoded ahead (a single sample, so with room): 0.2-0.4 s quiet, up to 3.5 s at load 3-4.
+AHEAD_ASK_S = 10.0
 
 
 def test_multi_round_session_through_the_panel(tmp_path):
@@ -33,6 +35,15 @@ def test_multi_round_session_through_the_panel(tmp_path):
     # the interface stays responsive: each poll lends the GIL for up to 15 ms (+ up to Python's 5 ms switch
     # interval to get it back), then Qt runs again. Measured: median 20 ms, p99 48 ms (the worst, 0.46 s, while
     # the worker imports torch and loads the model, which hold the GIL)
+    # scrolled to slice 14 and asked at once: the Ask encodes; scrolled to slice 10 and waited: the panel encoded
+    # it ahead (the worker got the GIL through the same poll), and the Ask ran no encoder
+    slice_asks, scrolls = result["slice_asks"], result["scrolls"]
+    assert [a["slice"] for a in slice_asks] == [["axial", 14], ["axial", 10]], slice_asks
+    assert [s["ahead"] for s in scrolls] == [False, True]
+    assert scrolls[0]["prepare_seconds"] is None and scrolls[1]["prepare_seconds"] is not None, scrolls
+    assert scrolls[1]["prepare_seconds"] < FIRST_ASK_S, scrolls
+    assert "segmenter_encoder_ms" in slice_asks[0]["encoders"] and slice_asks[1]["encoders"] == [], slice_asks
+    assert slice_asks[1]["seconds"] < AHEAD_ASK_S, slice_asks
     assert result["poll_calls"] > 10 and result["poll_ms_median"] <= 40, result
     assert result["poll_ms_p99"] <= 500, result
     assert result["after_undo"] == [2, ["MediRound_R1", "MediRound_R2"]]

@@ -247,6 +247,12 @@ class RemoteEngine:
         say("done", 1.0)
         return RemoteRoundResult(round_, self.client.last_replica)
 
+    def prepare(self, session, image, progress=None) -> dict:
+        """`Engine.prepare`'s place over a server: nothing is done ahead. The server encodes a slice when the first
+        round on it arrives (and keeps it in its slice cache); sending the slice ahead would save only its upload,
+        a fraction of the encoding, and a server has no call to encode without a round. Returns no timings."""
+        return {}
+
     def _ask(self, session, body: dict, image, say) -> dict:
         fp = session.volume_fingerprint
         for _ in range(5):

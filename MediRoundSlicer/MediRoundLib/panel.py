@@ -25,6 +25,10 @@ WIDGETS = ("historyBrowser", "queryEdit", "askButton", "referenceCombo", "jcmChe
 # Chosen by measurement in the PythonQt host (docs/design-notes.md, "Inference under Slicer's GIL").
 POLL_MS = int(os.environ.get("MEDIROUND_POLL_MS", "20"))
 YIELD_MS = int(os.environ.get("MEDIROUND_YIELD_MS", "15"))
+# Encoding ahead: when the shown slice changes or the user edits the query, the slice is encoded (and the model
+# loaded) in the background once nothing has changed for AHEAD_MS, so the Ask that follows starts at its query.
+AHEAD_MS = int(os.environ.get("MEDIROUND_AHEAD_MS", "300"))
+DEFAULT_SLICE_TEXT = "Ask reads the slice shown in the Red view."
 
 
 class _Ui:
@@ -58,18 +62,26 @@ class QtDialogs:
 
 
 class ChatPanel:
-    def __init__(self, root, logic, dialogs=None, before_ask=None):
+    def __init__(self, root, logic, dialogs=None, before_ask=None, can_prepare=None):
         self.root = root
         self.ui = _Ui(root)
         self.logic = logic
         self.dialogs = dialogs or QtDialogs()
         self.before_ask = before_ask  # callable() -> bool (dependency check inside Slicer)
+        self.can_prepare = can_prepare  # callable() -> bool: whether encoding ahead may load the model now
+        self.encode_ahead = True
         self.status = ""
         self.notice = ""  # shown while there is no status (e.g. "press Ask to install PyTorch")
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
+        self.ahead_timer = qt.QTimer()
+        self.ahead_timer.setSingleShot(True)
+        self.ahead_timer.setInterval(AHEAD_MS)
+        self.ahead_timer.timeout.connect(self.prepare_ahead)
+        self._watched = None  # (slice node, observer tag) of the view Ask reads
         ui = self.ui
+        ui.queryEdit.textEdited.connect(self.schedule_prepare)
         ui.askButton.clicked.connect(self.on_ask)
         ui.queryEdit.returnPressed.connect(self.on_ask)
         ui.undoButton.clicked.connect(self.on_undo)
@@ -170,7 +182,54 @@ class ChatPanel:
                 self.status = f"Restored {len(logic.session.rounds)} round(s)."
         except Exception as exc:
             self.status = f"Error: {exc}"
+        self.watch_view()
         self.refresh()
+
+    # -- encoding ahead -----------------------------------------------------------------------------------------
+    def watch_view(self):
+        """Observe the slice node of the view Ask reads: a change of the shown slice schedules encoding ahead."""
+        self.unwatch_view()
+        logic = self.logic
+        if logic.session is None:
+            return
+        from MediRoundLib import geometry
+
+        try:
+            node = geometry.find_slice_node(logic.scene, logic.view_name)
+        except Exception:  # no scene (e.g. being closed): nothing to watch
+            node = None
+        if node is not None:
+            import vtk
+
+            self._watched = (node, node.AddObserver(vtk.vtkCommand.ModifiedEvent, self.on_view_modified))
+
+    def unwatch_view(self):
+        if self._watched is not None:
+            node, tag = self._watched
+            node.RemoveObserver(tag)
+            self._watched = None
+
+    def on_view_modified(self, caller=None, event=None):
+        self.schedule_prepare()
+
+    def schedule_prepare(self, *args):
+        """(Re)start the debounce: the slice is encoded ahead once the user pauses for AHEAD_MS."""
+        if self.encode_ahead and self.logic.session is not None and not self.logic.busy:
+            self.ahead_timer.start()
+
+    def prepare_ahead(self):
+        """Queue encoding ahead of the shown slice (quietly: nothing here is an error the user must see)."""
+        logic = self.logic
+        if logic.busy or logic.session is None:
+            return
+        if self.can_prepare is not None and not self.can_prepare():
+            return
+        try:
+            job = logic.submit_prepare()
+        except Exception:  # noqa: BLE001 - encoding ahead is an optimisation; the Ask reports real problems
+            return
+        if job is not None and not self.timer.isActive():
+            self.timer.start()
 
     def reference(self):
         index = _current_index(self.ui.referenceCombo)
@@ -189,6 +248,7 @@ class ChatPanel:
             self.status = "The model cannot run yet; press Ask to try again."
             self.refresh()
             return
+        self.ahead_timer.stop()
         self.notice = ""
         use_jcm = _checked(ui.jcmCheckBox)
         beta = float(_call(ui.betaSpinBox.value))
@@ -212,7 +272,7 @@ class ChatPanel:
                 self.ui.progressBar.setValue(int(100 * event.fraction))
                 self.ui.statusLabel.setText(self.status)
             elif event.kind == "engine":
-                self.status = "Model loaded; thinking…"
+                self.status = "Model loaded; thinking…" if self.logic.busy else "Model loaded."
                 self.ui.deviceLabel.setText(self.logic.device_description)
                 self.ui.statusLabel.setText(self.status)
                 beta = getattr(self.logic.engine, "info", {}).get("beta")  # a server's model brings its own β
@@ -225,11 +285,15 @@ class ChatPanel:
                                if getattr(r, "absent", False) else
                                f"{took}: segment “{segments.segment_name(r.number, r.entity)}”.")
                 self.ui.queryEdit.clear()
+            elif event.kind == "prepared":  # quiet: no status, no history; only the slice line says so
+                if event.error is None and event.timings is not None:
+                    self.ui.sliceLabel.setText(f"{DEFAULT_SLICE_TEXT[:-1]}; {event.message} is ready (encoded "
+                                               "ahead).")
             elif event.kind == "error":
                 self.status = f"Error: {event.message}"
-        if not self.logic.busy:
+        if not self.logic.pending:
             self.timer.stop()
-        if any(e.kind != "progress" for e in events):
+        if any(e.kind not in ("progress", "prepared") for e in events):
             self.refresh()
         return events
 
@@ -316,6 +380,8 @@ class ChatPanel:
 
     def shutdown(self):
         self.timer.stop()
+        self.ahead_timer.stop()
+        self.unwatch_view()
 
 
 def _display_answer(answer: str) -> str:

@@ -91,6 +91,12 @@ class ThresholdEngine:
     def __init__(self, threshold=0.0):
         self.threshold = threshold
         self.calls = []
+        self.prepared = []
+
+    def prepare(self, session, image, progress=None):
+        """As Engine.prepare: nothing to encode here; the call is recorded."""
+        self.prepared.append((image.view, image.index, len(session.rounds)))
+        return {"total_ms": 0.0}
 
     def ask(self, session, query, image, reference=None, use_jcm=True, beta=None, progress=None):
         say = progress or (lambda message, fraction: None)

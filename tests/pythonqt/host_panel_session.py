@@ -1,7 +1,9 @@
 """Inside the PythonQt host, with the Qt event loop running and the main thread holding the GIL (as in Slicer):
 a multi-round session through the module's widget, panel and logic with the bundled model, on the bundled
 volume. A driver QTimer clicks the panel's buttons like a user (Ask ×3, Undo, Save, New session, Ask) and
-waits between steps; after the loop, the script checks the outcome and prints PQRESULT {json}.
+waits between steps; then it scrolls the Red view to another slice and asks at once (no encoding ahead), and
+to a third slice where it waits until the panel has encoded the slice ahead before it asks. After the loop,
+the script checks the outcome and prints PQRESULT {json}.
 
 Run by tests/test_slicer_pythonqt.py:  $PQHOST host_panel_session.py --exec 120000
 """
@@ -63,13 +65,16 @@ class FileDialogAnswers(MediRound.SlicerDialogs):
 
 
 chat.dialogs = FileDialogAnswers()
-log = {"asks": [], "steps": [], "errors": [], "statuses": [], "poll_ms": []}
+log = {"asks": [], "slice_asks": [], "scrolls": [], "steps": [], "errors": [], "statuses": [], "poll_ms": []}
+ENCODERS = ("segmenter_encoder_ms", "vision_tower_ms", "prefix_ms")
+current = {}  # the Ask in flight
 
 
-def ask(text):
+def ask(text, into="asks"):
     def step():
         ui.queryEdit.setText(text)
-        log["asks"].append({"query": text, "start": time.perf_counter()})
+        current["ask"] = {"query": text, "start": time.perf_counter()}
+        log[into].append(current["ask"])
         ui.askButton.click()
     return step
 
@@ -78,10 +83,22 @@ def check_round(n):
     def step():
         rounds = logic.session.rounds
         assert len(rounds) == n, (n, len(rounds), ui.statusLabel.text)
-        log["asks"][-1]["seconds"] = log["asks"][-1].pop("done") - log["asks"][-1].pop("start")
-        log["asks"][-1]["entity"] = rounds[-1].entity
-        log["asks"][-1]["slice"] = [rounds[-1].view, rounds[-1].slice_index]
+        entry = current["ask"]
+        entry["seconds"] = entry.pop("done") - entry.pop("start")
+        entry["entity"] = rounds[-1].entity
+        entry["slice"] = [rounds[-1].view, rounds[-1].slice_index]
+        entry["encoders"] = [k for k in ENCODERS if k in rounds[-1].timings]  # what the Ask itself encoded
         log["statuses"].append(ui.statusLabel.text)
+    return step
+
+
+def scroll(k, ahead):
+    """The user shows axial slice k in the Red view; with `ahead` the panel encodes it ahead (after its debounce),
+    else encoding ahead is off for this step."""
+    def step():
+        chat.encode_ahead = ahead
+        log["scrolls"].append({"slice": k, "ahead": ahead, "start": time.perf_counter()})
+        show_plane(red, "axial", (ijk_to_ras @ np.array([128, 128, k, 1.0]))[:3])
     return step
 
 
@@ -124,7 +141,9 @@ def model_and_jcm_controls():
 
 
 STEPS = [ask(QUERIES[0]), check_round(1), ask(QUERIES[1]), check_round(2), ask(QUERIES[2]), check_round(3),
-         undo, save, new_session, ask(QUERIES[0]), check_round(1), model_and_jcm_controls]
+         undo, save, new_session, ask(QUERIES[0]), check_round(1),
+         scroll(14, ahead=False), ask(QUERIES[2], "slice_asks"), check_round(2),
+         scroll(10, ahead=True), ask(QUERIES[2], "slice_asks"), check_round(3), model_and_jcm_controls]
 
 
 def stamped_poll(poll=logic.poll):
@@ -134,8 +153,10 @@ def stamped_poll(poll=logic.poll):
         t0 = time.perf_counter()
         events = poll(*args, **kwargs)
         log["poll_ms"].append(1000 * (time.perf_counter() - t0))
-        if any(e.kind in ("round", "error") for e in events) and log["asks"]:
-            log["asks"][-1].setdefault("done", time.perf_counter())
+        if any(e.kind in ("round", "error") for e in events) and current:
+            current["ask"].setdefault("done", time.perf_counter())
+        if any(e.kind == "prepared" and e.error is None and e.timings for e in events) and log["scrolls"]:
+            log["scrolls"][-1].setdefault("prepared", time.perf_counter())
         return events
     return wrapper
 
@@ -146,7 +167,7 @@ logic.poll = stamped_poll()
 def drive():
     """Runs the next step once the panel is idle. Slow on purpose: every Python call on the main thread lends
     the GIL to the worker now and then, and this driver must not be what feeds it."""
-    if logic.busy or chat.timer.isActive():
+    if logic.busy or chat.timer.isActive() or chat.ahead_timer.isActive():
         return
     try:
         STEPS.pop(0)()
@@ -169,6 +190,9 @@ T0 = time.perf_counter()
 def after_exec():
     log["wall_seconds"] = time.perf_counter() - T0
     log["left_steps"] = len(STEPS)
+    for entry in log["scrolls"]:  # seconds from the scroll until the slice was encoded ahead
+        entry["prepare_seconds"] = entry.pop("prepared") - entry["start"] if "prepared" in entry else None
+        entry.pop("start")
     log["torch_threads"] = __import__("torch").get_num_threads()
     stalls = sorted(log.pop("poll_ms"))
     log["poll_calls"] = len(stalls)
