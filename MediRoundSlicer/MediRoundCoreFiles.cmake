@@ -24,6 +24,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/dataset.py
   MediRoundCore/data/demo.py
   MediRoundCore/data/dialogues.py
+  MediRoundCore/data/field_of_view.py
   MediRoundCore/data/mrmedseg.py
   MediRoundCore/data/paraphrase.py
   MediRoundCore/data/paraphrase_test.py
@@ -36,6 +37,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/engine.py
   MediRoundCore/errors.py
   MediRoundCore/evaluate/__init__.py
+  MediRoundCore/evaluate/demo_variants.py
   MediRoundCore/evaluate/jcm_offline.py
   MediRoundCore/evaluate/metrics.py
   MediRoundCore/evaluate/protocol.py
@@ -56,6 +58,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py
   MediRoundCore/outputs.py
+  MediRoundCore/reference_scorer.py
   MediRoundCore/references.py
   MediRoundCore/remote/__init__.py
   MediRoundCore/remote/client.py
@@ -79,6 +82,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/lite.py
   MediRoundCore/train/lite_data.py
   MediRoundCore/train/reference_noise.py
+  MediRoundCore/train/reference_scorer.py
   MediRoundCore/train/run.py
   MediRoundCore/train/trainer.py
   MediRoundCore/volume_files.py
