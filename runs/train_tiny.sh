@@ -11,7 +11,11 @@
 # frozen) adds random field-of-view crops to half the dialogues (`--fov-crop 0.5`: mostly non-square, off-centre,
 # cutting into the body, every target whole); stopped at step 700 (runs/tiny6_700). Phase G (runs/tiny7, from
 # phase F's step 700) adds absent-target rounds and paraphrased queries. Phase H (runs/tiny8) continues phase G
-# with more crops (60 %) at a lower rate.
+# with more crops (60 %) at a lower rate. Phases G and H answered "Segment the spleen." in round 2 with "not on
+# this slice": their absent rounds were the only later direct requests. Phase I (runs/tiny9, from phase H) adds
+# present direct requests beside the absent ones, every inserted round referring to the one before: the model
+# shipped for issues 26 and 23 (`BETA=0.9 CONFIGS=ind+jcm,ind-nojcm,resolver+jcm bash runs/ship.sh
+# runs/tiny9/stage1/checkpoint`; the JCM is the one of phase E's model, frozen since).
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -36,4 +40,7 @@ case $PHASE in
   H) exec nice -n -5 .venv/bin/mediround train --out runs/tiny8 --stage 1 --init runs/tiny7/stage1/checkpoint \
        --steps "${STEPS:-600}" --lr 7e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.6 --absent 0.1 --paraphrase 0.3 ;;
+  I) exec nice -n -5 .venv/bin/mediround train --out runs/tiny9 --stage 1 --init runs/tiny8/stage1/checkpoint \
+       --steps "${STEPS:-400}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.5 --absent 0.1 --paraphrase 0.3 ;;
 esac

@@ -4,9 +4,16 @@ floors of the behaviour tests."""
 from MediRoundCore.evaluate.demo_variants import (DEMO_VARIANTS, KINDS, demo_variant, dice,  # noqa: F401
                                                   run_demo_dialogue)
 
-# Measured on the bundled volume (float32, CPU, 2026-12-01, after the centred-frame fix of issue 26):
-# Dice per round 0.847 / 0.928 / 0.923 / 0.984 (left kidney, lesion in it, gallbladder, spleen). The same
-# numbers, to the third decimal, on every permuted and flipped copy and on the 176x256 crop; the 256x216 crop
-# gives 0.849 / 0.933 / 0.915 / 0.981. Floors: the measured values minus 0.05.
-MEASURED = (0.847, 0.928, 0.923, 0.984)
+# Measured on the bundled volume (float32, CPU, 2026-12-01, the model shipped for issue 26: phase I,
+# runs/train_tiny.sh): Dice per round 0.847 / 0.938 / 0.952 / 0.960 (left kidney, lesion in it, gallbladder,
+# spleen); the same to the third decimal on every permuted and flipped copy and on the 176x256 crop. Floors: the
+# measured values minus 0.05.
+MEASURED = (0.847, 0.938, 0.952, 0.960)
 FLOORS = tuple(round(m - 0.05, 3) for m in MEASURED)
+
+# Variants the shipped model does not yet answer within 0.05 of the original (QUALITY.md, "Same anatomy, other
+# field of view or orientation"): largest per-round drop measured. The behaviour test expects them to fail, strictly,
+# so a model that fixes one makes it say so.
+NOT_YET = {"cut_256x176": "round 3 (gallbladder) 0.863 vs 0.952",
+           "cut_200x160_offcentre": "round 3 (gallbladder) 0.886 vs 0.952",
+           "cut_136x144_tight": "round 2 (lesion) 0.000 vs 0.938"}
