@@ -179,7 +179,9 @@ def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float =
         sample = to_sample(dlg)
         if paraphrase > 0:
             sample.queries = rephrase_dialogue(dlg, rng, paraphrase)
-        yield with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True) if absent > 0 else sample
+        if absent > 0:
+            sample = with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True)
+        yield sample
         index += 1
 
 
