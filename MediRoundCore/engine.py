@@ -60,6 +60,7 @@ class _SliceState:
     input_hw: tuple[int, int]
     image_tokens: torch.Tensor
     seg_pixels: torch.Tensor  # (3,S,S) segmenter input (a refining JCM correction looks at it)
+    extent: tuple[float, float] | None = None  # the slice's share of the model's field of view (frame_extent)
     cache: object = None  # transformers DynamicCache
     cache_len: int = 0
     # The session's rounds (the objects: an undone round and its redone successor share a number) whose tokens
@@ -234,18 +235,19 @@ class Engine:
 
     # -- pieces --------------------------------------------------------------------------------------
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
-        key = _slice_key(session, image, self.model.config.ct_windows)
+        key = _slice_key(session, image, self.model.config)
         state = self._slices.get(key)
         if state is None:
             t = time.perf_counter()
             pixels01 = image.normalized(self.model.config.ct_windows)
-            seg_pixels, input_hw = segmenter_pixels(pixels01, self.model.config)
+            extent = image.frame_extent(self.model.config.field_of_view_mm)
+            seg_pixels, input_hw = segmenter_pixels(pixels01, self.model.config, extent)
             seg_embedding = self.model.encode_segmenter_image(seg_pixels[None])
             timings["segmenter_encoder_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
-            image_tokens = self.model.encode_image_tokens(vision_pixels(pixels01, self.model.config)[None])
+            image_tokens = self.model.encode_image_tokens(vision_pixels(pixels01, self.model.config, extent)[None])
             timings["vision_tower_ms"] = (time.perf_counter() - t) * 1000
-            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens, seg_pixels)
+            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens, seg_pixels, extent)
             self._slices[key] = state
             while len(self._slices) > self._max_slices:
                 self._slices.popitem(last=False)
@@ -316,18 +318,21 @@ class Engine:
     def _reference_features(self, session, reference, state, image):
         """Crop (via the vision tower's CLS) and box features of the referenced round's mask, on its own slice."""
         ref = session.round(reference)
+        windows, fields = self.model.config.ct_windows, self.model.config.field_of_view_mm
         if (ref.view, ref.slice_index) == state.key[1:3]:
-            pixels01 = state.pixels01
-        elif hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
-            pixels01 = session.slice_image(ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
-        elif session.volume is not None:
-            pixels01 = extract_slice(session.volume, ref.view, ref.slice_index).normalized(self.model.config.ct_windows)
+            pixels01, extent = state.pixels01, state.extent
         else:
-            raise SessionError(f"round {reference} lies on another slice ({ref.view} {ref.slice_index}); attach "
-                               f"the volume to the session (session.volume) to refer to it")
+            if hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
+                other = session.slice_image(ref.view, ref.slice_index)
+            elif session.volume is not None:
+                other = extract_slice(session.volume, ref.view, ref.slice_index)
+            else:
+                raise SessionError(f"round {reference} lies on another slice ({ref.view} {ref.slice_index}); attach "
+                                   f"the volume to the session (session.volume) to refer to it")
+            pixels01, extent = other.normalized(windows), other.frame_extent(fields)
         if ref.mask.shape != pixels01.shape:
             raise SessionError(f"round {reference}'s mask has shape {ref.mask.shape}, its slice {pixels01.shape}")
-        crop_pixels, box = reference_inputs(pixels01, ref.mask, self.model.config)
+        crop_pixels, box = reference_inputs(pixels01, ref.mask, self.model.config, extent)
         return self.model.encode_crops(crop_pixels[None]), self.model.encode_boxes(box[None])
 
     def _lm(self, embeds, state: _SliceState, forward_tokens):
@@ -359,7 +364,7 @@ class Engine:
         return hidden, answer, True
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:
-        state = self._slices.get(_slice_key(session, image, self.model.config.ct_windows))
+        state = self._slices.get(_slice_key(session, image, self.model.config))
         if state is None:
             raise KeyError("this slice has not been asked on (or its cache was dropped)")
         return state
@@ -384,15 +389,21 @@ def _holds_rounds(state: _SliceState, session: Session) -> bool:
     return held is not None and len(held) == len(now) and all(a is b for a, b in zip(held, now))
 
 
-def _slice_key(session: Session, image: SliceImage, windows: dict | None = None) -> tuple:
+def _slice_key(session: Session, image: SliceImage, config) -> tuple:
     """What identifies a slice's caches: everything that changes its encoding (the session's volume, the view
-    and voxel plane, the slice index and shape, the modality and the CT window the model sees it through) and the
+    and voxel plane, the slice index and shape, the modality, the CT window the model sees it through and its
+    extent in the model's frame) and the
     pixels themselves (a digest): on a server the volume fingerprint is only what a client claims, so encodings are
     never shared between slices whose pixels differ (another user's, or a re-upload)."""
     pixels = np.ascontiguousarray(image.pixels)
     digest = hashlib.blake2b(pixels.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
     return (session.volume_fingerprint, image.view, image.index, pixels.shape, str(pixels.dtype), image.axis,
-            image.modality, image.ct_window(windows), digest)
+            image.modality, image.ct_window(config.ct_windows), _rounded(image.frame_extent(config.field_of_view_mm)),
+            digest)
+
+
+def _rounded(extent):
+    return None if extent is None else tuple(round(float(v), 6) for v in extent)
 
 
 def _strip_note(answer: str) -> str:

@@ -114,6 +114,16 @@ class SliceImage:
             m = m.T
         return np.ascontiguousarray(m)
 
+    def frame_extent(self, fields_mm: dict | None) -> tuple[float, float] | None:
+        """The slice's physical height and width as shares of a model's field of view for its region
+        (`MediRoundConfig.field_of_view_mm`), or None when the model has none or the region is unknown (MR):
+        then the slice fills the model's frame (`model/processing.py: frame_shares`)."""
+        field_mm = (fields_mm or {}).get(self.region) if self.region else None
+        if not field_mm:
+            return None
+        rows, cols = np.shape(self.pixels)
+        return rows * float(self.spacing[0]) / field_mm, cols * float(self.spacing[1]) / field_mm
+
     def ct_window(self, windows: dict | None = None) -> tuple[float, float] | None:
         """The (level, width) this slice is shown with: the explicit window, else its region's in `windows`
         (a model's training windows; default CT_REGION_WINDOWS), else CT_WINDOW; None unless CT."""

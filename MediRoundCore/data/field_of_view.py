@@ -4,8 +4,10 @@ The generator draws every slice as a full, centred, square field of view; a mode
 when a scan's field of view cuts into the body (issue 26: a 160 × 256 crop of the demo volume, every target
 inside, took the last round from Dice 0.98 to 0.00). `crop_sample` cuts a random rectangle out of a sample's
 slice: each side an independent share of the slice (so most crops are non-square), placed at random, always
-keeping every mask of the dialogue whole with a margin, and so often cutting the body outline. The model's
-processing then pads the crop into its centred square frame as it does for a real non-square slice.
+keeping every mask of the dialogue whole with a margin, and so often cutting the body outline. The crop records
+its share of the slice's field of view (`meta["frame_extent"]`): a model with a physical field of view
+(`MediRoundConfig.field_of_view_mm`) sees it at the training scale, padded, as it sees a real scan's slice of
+that extent; one without fills its frame with it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def crop_sample(rng: np.random.Generator, sample, cfg: FieldOfView = FieldOfView
     out = copy.copy(sample)
     out.image = np.ascontiguousarray(sample.image[r0:r0 + rows, c0:c0 + cols])
     out.masks = np.ascontiguousarray(np.asarray(sample.masks)[:, r0:r0 + rows, c0:c0 + cols])
-    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols)}
+    h, w = sample.image.shape[:2]
+    extent = (sample.meta or {}).get("frame_extent", (1.0, 1.0))
+    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols),
+                "frame_extent": (extent[0] * rows / h, extent[1] * cols / w)}
     return out
 
 

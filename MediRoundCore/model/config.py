@@ -165,6 +165,11 @@ class MediRoundConfig:
     # through its region's (imaging.SliceImage.ct_window). The generator's windows (data/anatomy.py CT_WINDOWS).
     ct_windows: dict = field(default_factory=lambda: {"abdomen": (40.0, 400.0), "chest": (-350.0, 1400.0),
                                                       "brain": (40.0, 100.0)})
+    # The physical field of view (mm, square) of the model's frame per body region, for models trained at one
+    # scale (the generator draws every region at data/anatomy.py FOV_MM): a slice whose region is known is shown
+    # at that scale and padded when smaller (`processing.frame_shares`), so a scan cut into the body keeps the
+    # size of its anatomy. Empty: every slice fills the frame (the full size, trained on real scans of any scale).
+    field_of_view_mm: dict = field(default_factory=dict)
     # Key prefix of ours → pinned base weights (checkpoints/base_weights.py) that fill it: such tensors are frozen,
     # come from the registry package on load and are not stored in our checkpoint (the lite preset).
     base_weights: dict = field(default_factory=dict)
@@ -182,6 +187,12 @@ class MediRoundConfig:
             raise ConfigError(f"ct_windows must map a region to (level, width), got {self.ct_windows!r}") from None
         if any(width <= 0 for _, width in self.ct_windows.values()):
             raise ConfigError(f"ct_windows: every width must be positive, got {self.ct_windows!r}")
+        try:
+            self.field_of_view_mm = {str(k): float(v) for k, v in dict(self.field_of_view_mm or {}).items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"field_of_view_mm must map a region to millimetres, got {self.field_of_view_mm!r}") from None
+        if any(not (mm > 0 and mm < float("inf")) for mm in self.field_of_view_mm.values()):
+            raise ConfigError(f"field_of_view_mm: every field must be a positive size, got {self.field_of_view_mm!r}")
         if self.segmenter_normalization not in ("minmax", "sam_mean_std"):
             raise ConfigError(f"segmenter_normalization must be 'minmax' or 'sam_mean_std', got {self.segmenter_normalization!r}")
         if self.chat_template not in ("plain", "llava_mistral"):
@@ -268,6 +279,10 @@ def full_config() -> MediRoundConfig:
     )
 
 
+# The generator's field of view per region (data/anatomy.py FOV_MM): the scale the tiny and lite presets train at.
+GENERATED_FIELD_OF_VIEW_MM = {"abdomen": 380.0, "chest": 380.0, "brain": 230.0}
+
+
 def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
     """MediRound-Tiny: same classes, small widths, 256² segmenter input; trained by us, shipped in the repo."""
     return MediRoundConfig(
@@ -281,6 +296,7 @@ def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
                                   global_attn_indexes=(1, 3), window_size=8, decoder_mlp_dim=512),
         segmenter_normalization="minmax",
         chat_template="plain",
+        field_of_view_mm=dict(GENERATED_FIELD_OF_VIEW_MM),
     )
 
 
@@ -315,6 +331,7 @@ def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
         segmenter=lite_segmenter_config(),
         segmenter_normalization="minmax",
         chat_template="plain",
+        field_of_view_mm=dict(GENERATED_FIELD_OF_VIEW_MM),
         base_weights=dict(LITE_BASE_WEIGHTS),
         query_encoder="minilm",
         query_markers={k: list(v) for k, v in LITE_QUERY_MARKERS.items()},

@@ -25,42 +25,62 @@ def pad_offsets(input_hw: tuple[int, int], size: int) -> tuple[int, int]:
     return (size - int(input_hw[0])) // 2, (size - int(input_hw[1])) // 2
 
 
-def _resize_longest(img: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize (C,H,W) so its longest side is `size`, then zero-pad to size×size, centred (`pad_offsets`)."""
+def frame_shares(slice_hw: tuple[int, int], extent: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The slice's height and width as shares of the model's square frame. `extent` is the slice's physical
+    height and width as shares of the model's field of view (`SliceImage.frame_extent`): a slice inside that field
+    keeps the training scale and is padded, so anatomy looks as large as in training however the scan's field of
+    view was cut; a larger slice, or one of unknown extent (None), fills the frame along its longest side."""
+    h, w = slice_hw
+    er, ec = (float(h), float(w)) if extent is None else (float(extent[0]), float(extent[1]))
+    if er <= 0 or ec <= 0:
+        raise ValueError(f"frame extent must be positive, got {extent!r}")
+    k = 1.0 / max(er, ec) if extent is None or max(er, ec) > 1.0 else 1.0
+    return er * k, ec * k
+
+
+def frame_hw(slice_hw: tuple[int, int], size: int, extent: tuple[float, float] | None = None) -> tuple[int, int]:
+    """(rows, cols) the slice is resized to inside the size×size frame (`frame_shares`)."""
+    fr, fc = frame_shares(slice_hw, extent)
+    return max(1, round(fr * size)), max(1, round(fc * size))
+
+
+def _into_frame(img: torch.Tensor, size: int, extent=None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize (C,H,W) to its `frame_hw`, then zero-pad to size×size, centred (`pad_offsets`)."""
     h, w = img.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)[0]
+    nh, nw = frame_hw((h, w), size, extent)
+    if (nh, nw) != (h, w):
+        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                            antialias=nh < h or nw < w)[0]
     top, left = pad_offsets((nh, nw), size)
     return F.pad(img, (left, size - nw - left, top, size - nh - top)), (nh, nw)
 
 
-def frame_box(box: tuple[int, int, int, int], slice_hw: tuple[int, int]) -> list[float]:
+def frame_box(box: tuple[int, int, int, int], slice_hw: tuple[int, int], extent=None) -> list[float]:
     """A pixel box (x0, y0, x1, y1) of a slice of `slice_hw` normalised to the square frame the model sees the
-    slice in (the slice centred in a square of its longest side): [x0/W, y0/H, x1/W, y1/H] of that square."""
+    slice in (`frame_shares`, centred): [x0/W, y0/H, x1/W, y1/H] for a square slice that fills the frame."""
     h, w = slice_hw
-    side = max(h, w)
-    oy, ox = (side - h) / 2, (side - w) / 2
+    fr, fc = frame_shares(slice_hw, extent)
+    oy, ox = (1.0 - fr) / 2, (1.0 - fc) / 2
     x0, y0, x1, y1 = box
-    return [(x0 + ox) / side, (y0 + oy) / side, (x1 + ox) / side, (y1 + oy) / side]
+    return [ox + x0 / w * fc, oy + y0 / h * fr, ox + x1 / w * fc, oy + y1 / h * fr]
 
 
-def segmenter_pixels(slice01: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(3,S,S) segmenter input from a [0,1] slice, and the resized size before padding. The padding is black
-    (0 in [0,1], what lies outside a body) and normalised with the image, not a zero after normalisation (the
-    channel mean, a grey band the model never saw)."""
+def segmenter_pixels(slice01: np.ndarray, config: MediRoundConfig, extent=None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3,S,S) segmenter input from a [0,1] slice, and the resized size before padding (`frame_hw`). The padding
+    is black (0 in [0,1], what lies outside a body) and normalised with the image, not a zero after normalisation
+    (the channel mean, a grey band the model never saw)."""
     img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None]
-    img, input_hw = _resize_longest(img, config.segmenter.image_size)
+    img, input_hw = _into_frame(img, config.segmenter.image_size, extent)
     img = img.expand(3, -1, -1)
     if config.segmenter_normalization == "sam_mean_std":
         img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]
     return img, input_hw
 
 
-def vision_pixels(slice01: np.ndarray, config: MediRoundConfig) -> torch.Tensor:
-    """(3,S,S) vision-tower input (CLIP normalisation) from a [0,1] image, padded black like `segmenter_pixels`."""
+def vision_pixels(slice01: np.ndarray, config: MediRoundConfig, extent=None) -> torch.Tensor:
+    """(3,S,S) vision-tower input (CLIP normalisation) from a [0,1] image, framed and padded like `segmenter_pixels`."""
     img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None]
-    img = _resize_longest(img, config.vision.image_size)[0].expand(3, -1, -1)
+    img = _into_frame(img, config.vision.image_size, extent)[0].expand(3, -1, -1)
     return (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
@@ -72,7 +92,8 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundConfig,
+                     extent=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The referenced round's crop (masked, cropped to its box, padded square; vision-tower pixels) and its
     box normalised in the square frame the model sees the slice in (`frame_box`; [x0/W, y0/H, x1/W, y1/H] for a
     square slice). An empty mask gives a blank crop and a zero box."""
@@ -86,7 +107,7 @@ def reference_inputs(slice01: np.ndarray, mask: np.ndarray, config: MediRoundCon
     square = np.zeros((side, side), np.float32)
     oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
     square[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
-    return vision_pixels(square, config), torch.tensor(frame_box(box, (h, w)), dtype=torch.float32)
+    return vision_pixels(square, config), torch.tensor(frame_box(box, (h, w), extent), dtype=torch.float32)
 
 
 def masks_to_segmenter_frame(masks: np.ndarray, input_hw: tuple[int, int], size: int) -> torch.Tensor:

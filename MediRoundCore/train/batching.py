@@ -69,6 +69,14 @@ def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int],
     return ids, labels, seg_positions
 
 
+def sample_extent(sample, config) -> tuple[float, float] | None:
+    """A training slice's share of the model's field of view: a generated slice is the whole field, a crop
+    records its share (`data/field_of_view.py`); None (fill the frame) for a model without a physical field."""
+    if not config.field_of_view_mm:
+        return None
+    return tuple((sample.meta or {}).get("frame_extent", (1.0, 1.0)))
+
+
 def make_batch(samples, builder: PromptBuilder, config, reference_noise: float = 0.0,
                rng: np.random.Generator | None = None) -> Batch:
     """Tensors of one step; each reference mask is perturbed with probability `reference_noise` (uses `rng`)."""
@@ -80,10 +88,11 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
         ids, labels, positions = sample_tokens(sample, builder)
         rows.append((ids, labels))
         seg_pos += [(b, p) for p in positions]
-        px, hw = segmenter_pixels(sample.image, config)
+        extent = sample_extent(sample, config)
+        px, hw = segmenter_pixels(sample.image, config, extent)
         seg_px.append(px)
         valid.append(hw)
-        vis_px.append(vision_pixels(sample.image, config))
+        vis_px.append(vision_pixels(sample.image, config, extent))
         masks = np.asarray(sample.masks, dtype=bool)
         targets.append(masks_to_segmenter_frame(masks[segmented_rounds(sample)], hw, size))
         for ref in sample.ref_indices:
@@ -91,7 +100,7 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
                 ref_mask = masks[ref]
                 if reference_noise and rng.uniform() < reference_noise:
                     ref_mask = perturb_reference(ref_mask, rng)
-                crop, box = reference_inputs(sample.image, ref_mask, config)
+                crop, box = reference_inputs(sample.image, ref_mask, config, extent)
                 crops.append(crop)
                 boxes.append(box)
     length = max(len(ids) for ids, _ in rows)
