@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUARD_TESTS = [
     "tests/test_geometry_properties.py",
     "tests/test_model_frame.py",
+    "tests/test_physical_frame.py",
     "tests/test_session.py",
     "tests/test_reference_scorer.py",
     "tests/test_model.py",
@@ -132,20 +133,20 @@ MUTANTS = [
            "the CT window centred 100 HU too high"),
     Mutant("padding-grey", "padding", PROCESSING,
            "    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None]\n"
-           "    img, input_hw = _resize_longest(img, config.segmenter.image_size)\n    img = img.expand(3, -1, -1)\n"
+           "    img, input_hw = _into_frame(img, config.segmenter.image_size, extent)\n    img = img.expand(3, -1, -1)\n"
            "    if config.segmenter_normalization == \"sam_mean_std\":\n"
            "        img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]\n"
            "    return img, input_hw",
            "    img = torch.as_tensor(np.ascontiguousarray(slice01), dtype=torch.float32)[None].expand(3, -1, -1)\n"
            "    if config.segmenter_normalization == \"sam_mean_std\":\n"
            "        img = (img * 255.0 - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]\n"
-           "    return _resize_longest(img, config.segmenter.image_size)",
+           "    return _into_frame(img, config.segmenter.image_size, extent)",
            "the segmenter's padding added after normalisation (a grey band)"),
     Mutant("vision-padding-grey", "padding", PROCESSING,
-           "    img = _resize_longest(img, config.vision.image_size)[0].expand(3, -1, -1)\n"
+           "    img = _into_frame(img, config.vision.image_size, extent)[0].expand(3, -1, -1)\n"
            "    return (img - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]",
            "    img = (img.expand(3, -1, -1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]\n"
-           "    return _resize_longest(img, config.vision.image_size)[0]",
+           "    return _into_frame(img, config.vision.image_size, extent)[0]",
            "the vision tower's padding added after normalisation (a grey band)"),
     Mutant("mr-percentiles", "intensity", IMAGING,
            "lo, hi = np.percentile(x, [0.5, 99.5])", "lo, hi = np.percentile(x, [2.0, 98.0])",
@@ -155,10 +156,10 @@ MUTANTS = [
            "crop = slice01[y0:y1, x0:x1].astype(np.float32)",
            "the reference crop not masked by the referenced round's mask"),
     Mutant("box-by-slice-size", "box", PROCESSING,
-           "    return [(x0 + ox) / side, (y0 + oy) / side, (x1 + ox) / side, (y1 + oy) / side]",
+           "    return [ox + x0 / w * fc, oy + y0 / h * fr, ox + x1 / w * fc, oy + y1 / h * fr]",
            "    return [x0 / w, y0 / h, x1 / w, y1 / h]", "the reference box normalised by the slice, not the frame"),
     Mutant("box-xy-swapped", "box", PROCESSING,
-           "    oy, ox = (side - h) / 2, (side - w) / 2", "    oy, ox = (side - w) / 2, (side - h) / 2",
+           "    oy, ox = (1.0 - fr) / 2, (1.0 - fc) / 2", "    oy, ox = (1.0 - fc) / 2, (1.0 - fr) / 2",
            "the box's offsets for height and width swapped"),
     Mutant("targets-pad-swapped", "padding", PROCESSING,
            "    t = F.pad(t, (left, size - input_hw[1] - left, top, size - input_hw[0] - top))",
@@ -168,6 +169,24 @@ MUTANTS = [
            "return F.interpolate(x, size=out_hw, mode=\"bilinear\", align_corners=False)[:, 0]",
            "return F.interpolate(x, size=(out_hw[1], out_hw[0]), mode=\"bilinear\", align_corners=False)[:, 0]",
            "the mask resized to the slice with height and width swapped"),
+    # -- the physical frame (a scan cut into the body keeps its scale) ----------------------------------------
+    Mutant("frame-always-fills", "physical frame", PROCESSING,
+           "    k = 1.0 / max(er, ec) if extent is None or max(er, ec) > 1.0 else 1.0",
+           "    k = 1.0 / max(er, ec)", "a slice inside the model's field of view magnified to fill the frame"),
+    Mutant("frame-extent-swapped", "physical frame", IMAGING,
+           "        return rows * float(self.spacing[0]) / field_mm, cols * float(self.spacing[1]) / field_mm",
+           "        return rows * float(self.spacing[1]) / field_mm, cols * float(self.spacing[0]) / field_mm",
+           "row and column spacing swapped in the slice's extent"),
+    Mutant("engine-extent-dropped", "physical frame", "MediRoundCore/engine.py",
+           "            extent = image.frame_extent(self.model.config.field_of_view_mm)\n",
+           "            extent = None\n", "the engine frames every slice as filling the frame"),
+    Mutant("reference-box-extent-dropped", "physical frame", PROCESSING,
+           "torch.tensor(frame_box(box, (h, w), extent), dtype=torch.float32)",
+           "torch.tensor(frame_box(box, (h, w)), dtype=torch.float32)",
+           "the reference box placed as if the slice filled the frame"),
+    Mutant("cache-key-without-extent", "physical frame", "MediRoundCore/engine.py",
+           "_rounded(image.frame_extent(config.field_of_view_mm)),", "None,",
+           "the slice cache ignores the extent (same pixels, other spacing reuse the old encoding)"),
     Mutant("slice-range-negative", "range check", IMAGING,
            "if not 0 <= index < n:", "if not -1 <= index < n:", "index -1 accepted (the last slice, silently)"),
     Mutant("no-reference-first-round", "reference precedence", REFERENCES,
