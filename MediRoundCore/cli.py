@@ -345,7 +345,7 @@ def cmd_train(args) -> int:
                           correction_context=args.correction_context,
                           correction_attention=args.correction_attention,
                           correction_refiner=args.correction_refiner, features=args.features, fov_crop=args.fov_crop,
-                          paraphrase=args.paraphrase, absent=args.absent,
+                          paraphrase=args.paraphrase, absent=args.absent, repeat=args.repeat,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -509,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of queries re-worded by the paraphrase grammar (default 0: templates only)")
     sp.add_argument("--absent", type=unit_interval, default=0.0,
                     help="chance of an absent-target round (answered 'not on this slice', no segment) after each "
-                         "round (default 0)")
+                         "round and before the first (default 0)")
+    sp.add_argument("--repeat", type=unit_interval, default=0.0,
+                    help="chance of a round asking again for an earlier round's structure after each round (default 0)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
     sp.add_argument("--correction-context", action="store_true",

@@ -9,6 +9,8 @@ import numbers
 import re
 from typing import Sequence
 
+import numpy as np
+
 from .errors import RoundReferenceError
 
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -98,18 +100,29 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
 
 
 def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None,
-                      scorer=None) -> int | None:
+                      scorer=None, referable: Sequence[bool] | None = None) -> int | None:
     """Reference of a new round given the entities of the rounds so far (None for a first round): the one given;
     else the round the query names; else the one `scorer` (a `reference_scorer.ReferenceScorer`) picks; else the
-    previous round."""
+    previous round. `referable` (one flag per round, default all) leaves out rounds with nothing to refer to (a
+    target answered as not on the slice has no mask): only a query that names such a round by number or ordinal
+    gets it, and with no referable round a query refers to none."""
     if explicit is not None:
         return validate_reference(explicit, len(entities))
     if not entities:
         return None
-    named = named_round(query, entities)
+    ok = [True] * len(entities) if referable is None else [bool(v) for v in referable]
+    if len(ok) != len(entities):
+        raise ValueError(f"referable has {len(ok)} flags for {len(entities)} rounds")
+    named = named_round(query, [e if usable else None for e, usable in zip(entities, ok)])
     if named is not None:
         return named
-    return (scorer.choose(query, entities) if scorer is not None else None) or len(entities)
+    if not any(ok):
+        return None
+    if scorer is not None:
+        scores = np.asarray(scorer.scores(query, entities), dtype=np.float64)
+        scores[~np.asarray(ok)] = -np.inf
+        return int(np.argmax(scores)) + 1
+    return max(number for number, usable in enumerate(ok, start=1) if usable)
 
 
 def refer_as_it(query: str, entity: str | None) -> str:

@@ -79,7 +79,7 @@ class Session:
         return [r.entity for r in self.rounds]
 
     def resolve_reference(self, query: str, explicit: int | None = None, scorer=None) -> int | None:
-        return resolve_reference(query, self.entities, explicit, scorer)
+        return resolve_reference(query, self.entities, explicit, scorer, [not r.absent for r in self.rounds])
 
     def add_round(self, round_: Round) -> None:
         if round_.number != len(self.rounds) + 1:

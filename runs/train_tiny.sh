@@ -17,7 +17,9 @@
 # shipped for issues 26 and 23 (`BETA=0.9 CONFIGS=ind+jcm,ind-nojcm,resolver+jcm bash runs/ship.sh
 # runs/tiny9/stage1/checkpoint`; the JCM is the one of phase E's model, frozen since). Phase J (runs/tiny10, from
 # the shipped phase I model) is phase I with the crops shown at the training scale and padded
-# (`field_of_view_mm` in the config: a crop keeps the size of its anatomy, as a real scan's slice does).
+# (`field_of_view_mm` in the config: a crop keeps the size of its anatomy, as a real scan's slice does). Phase K
+# (runs/tiny11, from J) adds absent first rounds, rounds that ask again for an earlier structure (`--repeat`), and
+# references that skip rounds answered absent, as the product's resolver now does.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -48,4 +50,7 @@ case $PHASE in
   J) exec nice -n -5 .venv/bin/mediround train --out runs/tiny10 --stage 1 --init MediRoundCore/weights/mediround-tiny \
        --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.5 --absent 0.1 --paraphrase 0.3 ;;
+  K) exec nice -n -5 .venv/bin/mediround train --out runs/tiny11 --stage 1 --init runs/tiny10/stage1/checkpoint \
+       --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.5 --absent 0.12 --paraphrase 0.3 --repeat 0.1 ;;
 esac

@@ -90,3 +90,46 @@ def test_batches_teach_absent_rounds_to_end_without_seg():
     # each present round's target is its own mask (absent rounds' empty masks are not targets)
     for row, k in enumerate(present):
         assert batch.target_masks[row].sum() > 0
+
+
+def test_a_first_round_can_ask_for_an_absent_structure():
+    """With `first`, an absent round opens the dialogue; the dialogue's own first round follows it, referring to
+    nothing, as the product's resolver refers to no round answered absent."""
+    dlg = make_dialogue("train", 0, 7)
+    sample = to_sample(dlg)
+    out = with_absent_rounds(sample, dlg.slice, np.random.default_rng(0), p=0.0, first=1.0)
+    assert out.num_rounds == sample.num_rounds + 1 and out.meta["absent"] == [True] + [False] * sample.num_rounds
+    assert is_absent_answer(out.answers[0]) and out.ref_indices[0] is None and not out.masks[0].any()
+    assert out.queries[1:] == sample.queries and out.ref_indices[1] is None
+    assert [None if r is None else r - 1 for r in out.ref_indices[2:]] == sample.ref_indices[1:]
+
+
+def test_repeated_rounds_ask_again_as_the_product_reads_them():
+    """An inserted repeat asks for an earlier round's structure (never an absent one), reads its name as "it"
+    (refer_as_it, as the engine does), refers to that round and gets its answer and mask."""
+    from MediRoundCore.data.repeats import with_repeated_rounds
+    from MediRoundCore.references import named_round, refer_as_it
+
+    dlg = make_dialogue("train", 0, 7)
+    base = with_absent_rounds(to_sample(dlg), dlg.slice, np.random.default_rng(2), p=0.5, first=1.0)
+    out = with_repeated_rounds(base, np.random.default_rng(3), p=1.0)
+    repeats = [k for k, f in enumerate(out.meta["repeat"]) if f]
+    can_repeat = [k for k in range(base.num_rounds - 1) if not all(base.meta["absent"][:k + 1])]
+    assert base.meta["absent"][0] and len(repeats) == len(can_repeat) and len(out.meta["absent"]) == out.num_rounds
+    kept = [k for k, f in enumerate(out.meta["repeat"]) if not f]
+    assert [out.queries[k] for k in kept] == base.queries
+    assert [out.meta["absent"][k] for k in kept] == base.meta["absent"]
+    for k in repeats:
+        j = out.ref_indices[k]
+        assert j < k and not out.meta["absent"][j] and out.masks[j].any()
+        assert out.answers[k] == out.answers[j] and np.array_equal(out.masks[k], out.masks[j])
+        assert out.entities[k] == out.entities[j]
+        assert refer_as_it(out.queries[k], out.entities[j]) == out.queries[k]  # already read as the engine reads it
+    for k_new, k_old in zip(kept, range(base.num_rounds)):  # the dialogue's own references follow their rounds
+        old = base.ref_indices[k_old]
+        assert (out.ref_indices[k_new] is None) == (old is None)
+        if old is not None:
+            assert np.array_equal(out.masks[out.ref_indices[k_new]], base.masks[old])
+    said_it = sum(" it" in out.queries[k].lower() for k in repeats)
+    assert said_it >= len(repeats) // 2, [out.queries[k] for k in repeats]
+    assert named_round("Segment the spleen.", ["liver", "spleen"]) == 2  # how a user's repeat finds its round

@@ -19,8 +19,8 @@ class _Always:
     def __init__(self, n):
         self.n = n
 
-    def choose(self, query, entities):
-        return self.n
+    def scores(self, query, entities):
+        return np.eye(len(entities))[self.n - 1]
 
 
 ENTITIES = ["left kidney", "spleen", "liver"]
@@ -33,6 +33,20 @@ def test_precedence_explicit_then_named_then_scorer_then_previous():
     assert resolve_reference("the lesion inside it", ENTITIES, scorer=_Always(1)) == 1
     assert resolve_reference("the lesion inside it", ENTITIES) == 3  # no scorer: the previous round
     assert resolve_reference("the lesion inside it", [], scorer=_Always(1)) is None
+
+
+def test_rounds_answered_absent_are_referred_to_only_by_number():
+    """A round answered "not on this slice" has no mask: neither the scorer, nor the previous-round fallback, nor
+    its entity's name picks it; "round 2" still does."""
+    entities, referable = ["left kidney", "heart", "liver"], [True, False, False]
+    assert resolve_reference("the lesion inside it", entities, scorer=_Always(2), referable=referable) == 1
+    assert resolve_reference("the lesion inside it", entities, referable=referable) == 1
+    assert resolve_reference("now segment the heart", entities, referable=referable) == 1
+    assert resolve_reference("the heart in round 2", entities, referable=referable) == 2
+    assert resolve_reference("the lesion inside it", entities, referable=[False] * 3) is None
+    assert resolve_reference("the lesion inside it", entities, scorer=_Always(2), referable=[False] * 3) is None
+    with pytest.raises(ValueError, match="flags"):
+        resolve_reference("x", entities, referable=[True])
 
 
 def _rounds(n):

@@ -62,10 +62,12 @@ def absent_query(rng: np.random.Generator, name: str, grammar: float = 0.5, use_
 
 
 def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, use_reserved: bool = False,
-                       present: float = 0.0, refer_previous: bool = False):
-    """A copy of a generated Sample with absent-target rounds inserted after some rounds (probability p each).
-    An inserted round refers to nothing, has an empty mask and the absent answer; the references of later
-    rounds are renumbered. `meta["absent"]` flags each round.
+                       present: float = 0.0, refer_previous: bool = False, first: float = 0.0):
+    """A copy of a generated Sample with absent-target rounds inserted after some rounds (probability p each),
+    and with probability `first` one before the first round (a user's first question can be about a structure
+    the slice lacks; the dialogue's first round then follows it, referring to nothing, as the product's resolver
+    never refers to a round answered absent). An inserted round refers to nothing, has an empty mask and the
+    absent answer; the references of later rounds are renumbered. `meta["absent"]` flags each round.
 
     With `present` > 0, direct requests for structures that *are* on the slice (not asked before in the
     dialogue) are inserted the same way (probability `present` after each round), answered and segmented as a
@@ -79,6 +81,14 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
     out = copy.copy(sample)
     queries, answers, entities, refs, masks, absent = [], [], [], [], [], []
     new_index = {}
+    if candidates and first > 0 and rng.uniform() < first:
+        name = str(candidates[int(rng.integers(len(candidates)))])
+        queries.append(absent_query(rng, name, use_reserved=use_reserved))
+        answers.append(absent_answer(name))
+        entities.append(name)
+        refs.append(None)
+        masks.append(np.zeros(np.shape(sample.masks[0]), bool))
+        absent.append(True)
     for k in range(sample.num_rounds):
         new_index[k] = len(queries)
         ref = sample.ref_indices[k]

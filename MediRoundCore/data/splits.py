@@ -164,12 +164,15 @@ def iter_training_samples(seed: int = 0, n: int | None = None, split: str = "tra
         index += 1
 
 
-def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float = 0.0, absent: float = 0.0):
+def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float = 0.0, absent: float = 0.0,
+                        repeat: float = 0.0):
     """`iter_training_samples` with a share `paraphrase` of the queries re-worded by the paraphrase grammar
-    (data/paraphrase.py) and absent-target rounds inserted after each round with probability `absent`, as many
-    direct requests for structures on the slice to contrast them (data/absent.py); endless."""
+    (data/paraphrase.py), absent-target rounds inserted after each round and before the first with probability
+    `absent`, as many direct requests for structures on the slice to contrast them (data/absent.py), and rounds
+    asking again for an earlier structure with probability `repeat` (data/repeats.py); endless."""
     from .absent import with_absent_rounds
     from .paraphrase import rephrase_dialogue
+    from .repeats import with_repeated_rounds
 
     names = training_split_names(split)
     index = 0
@@ -180,7 +183,10 @@ def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float =
         if paraphrase > 0:
             sample.queries = rephrase_dialogue(dlg, rng, paraphrase)
         if absent > 0:
-            sample = with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True)
+            sample = with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True,
+                                        first=absent)
+        if repeat > 0:
+            sample = with_repeated_rounds(sample, rng, repeat)
         yield sample
         index += 1
 
