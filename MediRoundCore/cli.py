@@ -345,6 +345,7 @@ def cmd_train(args) -> int:
                           correction_context=args.correction_context,
                           correction_attention=args.correction_attention,
                           correction_refiner=args.correction_refiner, features=args.features, fov_crop=args.fov_crop,
+                          fov_min_side=args.fov_min_side,
                           paraphrase=args.paraphrase, absent=args.absent, repeat=args.repeat,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
@@ -391,6 +392,14 @@ def folder_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a folder")
     return text
+
+
+def side_share(text: str) -> float:
+    """An argparse type: a share of a side, a number in (0, 1]."""
+    value = unit_interval(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0 (a crop keeps part of each side)")
+    return value
 
 
 def unit_interval(text: str) -> float:
@@ -505,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fov-crop", type=unit_interval, default=0.0,
                     help="share of dialogues cut to a random, often non-square field of view that keeps their "
                          "masks (default 0)")
+    sp.add_argument("--fov-min-side", type=side_share, default=0.5,
+                    help="smallest share of the slice's side a --fov-crop side takes (default 0.5)")
     sp.add_argument("--paraphrase", type=unit_interval, default=0.0,
                     help="share of queries re-worded by the paraphrase grammar (default 0: templates only)")
     sp.add_argument("--absent", type=unit_interval, default=0.0,

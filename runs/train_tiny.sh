@@ -19,7 +19,8 @@
 # the shipped phase I model) is phase I with the crops shown at the training scale and padded
 # (`field_of_view_mm` in the config: a crop keeps the size of its anatomy, as a real scan's slice does). Phase K
 # (runs/tiny11, from J) adds absent first rounds, rounds that ask again for an earlier structure (`--repeat`), and
-# references that skip rounds answered absent, as the product's resolver now does.
+# references that skip rounds answered absent, as the product's resolver now does, and tighter crops (sides
+# from 0.35 of the slice's: J still lost part of the gallbladder 12 px from the tight demo crop's cut).
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -52,5 +53,5 @@ case $PHASE in
        --reference-noise 0.3 --fov-crop 0.5 --absent 0.1 --paraphrase 0.3 ;;
   K) exec nice -n -5 .venv/bin/mediround train --out runs/tiny11 --stage 1 --init runs/tiny10/stage1/checkpoint \
        --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
-       --reference-noise 0.3 --fov-crop 0.5 --absent 0.12 --paraphrase 0.3 --repeat 0.1 ;;
+       --reference-noise 0.3 --fov-crop 0.5 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.1 ;;
 esac

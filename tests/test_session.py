@@ -174,3 +174,18 @@ def test_fingerprint_covers_geometry_and_a_session_refuses_a_moved_copy(tmp_path
         with pytest.raises(SessionError, match="another volume"):
             Session.load(tmp_path / "s", expected_fingerprint=other)
     assert len(Session.load(tmp_path / "s", expected_fingerprint=fp).rounds) == 1
+
+
+def test_a_round_answered_absent_is_not_the_next_rounds_reference():
+    """After "heart: not on this slice." the next "it" goes to the last round with a mask, by default and by
+    entity name; "round 2" still reaches it."""
+    from MediRoundCore.session import Round, Session
+
+    s = Session("referable-test")
+    blank = np.zeros((4, 4), bool)
+    for number, (entity, absent) in enumerate([("left kidney", False), ("heart", True)], start=1):
+        s.add_round(Round(number=number, view="axial", slice_index=0, query=f"Segment the {entity}.",
+                          answer=f"{entity}: ...", entity=entity, reference=None, mask=blank, absent=absent))
+    assert s.resolve_reference("Now the lesion inside it.") == 1
+    assert s.resolve_reference("Segment the heart.") == 1
+    assert s.resolve_reference("The heart from round 2.") == 2
