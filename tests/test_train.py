@@ -2,6 +2,8 @@
 
 import itertools
 
+import numpy as np
+
 import torch
 
 from MediRoundCore.data.splits import iter_training_samples
@@ -64,20 +66,28 @@ def test_stage2_trains_only_jcm(tmp_path):
 
 
 def test_varied_stream_rewords_inserts_absent_rounds_and_crops(tiny_engine):
-    """`mediround train --paraphrase --absent --fov-crop`: the same dialogues as the plain stream, some queries
-    re-worded, absent rounds (no [SEG], empty mask, referring to the round before, never referred to) inserted,
-    some slices cropped; batches build with one target per segmented round."""
+    """`mediround train --paraphrase --absent --repeat --fov-crop`: the same dialogues as the plain stream, some
+    queries re-worded, absent rounds (no [SEG], empty mask, referring to the round before or, opening the
+    dialogue, to none; never referred to) and repeats of earlier rounds inserted, some slices cropped; batches
+    build with one target per segmented round."""
     from MediRoundCore.data.absent import is_absent_answer
     from MediRoundCore.train.run import training_stream
 
     plain = list(itertools.islice(training_stream("train")(3), 12))
-    varied = list(itertools.islice(training_stream("train", fov_crop=0.5, paraphrase=1.0, absent=0.3)(3), 12))
-    assert [p.answers[0] for p in plain] == [v.answers[0] for v in varied]  # same dialogues
+    varied = list(itertools.islice(training_stream("train", fov_crop=0.5, paraphrase=1.0, absent=0.3,
+                                                   repeat=0.3)(3), 12))
+    first = [next(a for k, a in enumerate(v.answers) if not v.meta["absent"][k]) for v in varied]
+    assert [p.answers[0] for p in plain] == first  # same dialogues
     assert sum(p.queries[0] != v.queries[0] for p, v in zip(plain, varied)) >= 8
     absent = [(v, k) for v in varied for k, a in enumerate(v.answers) if is_absent_answer(a)]
-    assert len(absent) >= 3
+    assert len(absent) >= 3 and any(k == 0 for _, k in absent)
     for v, k in absent:
-        assert not v.masks[k].any() and v.ref_indices[k] == k - 1 and k not in v.ref_indices
+        assert not v.masks[k].any() and v.ref_indices[k] == (None if k == 0 else k - 1) and k not in v.ref_indices
+    repeats = [(v, k) for v in varied for k, f in enumerate(v.meta["repeat"]) if f]
+    assert len(repeats) >= 3
+    for v, k in repeats:
+        j = v.ref_indices[k]
+        assert j < k and v.answers[j] == v.answers[k] and np.array_equal(v.masks[j], v.masks[k])
     assert sum(v.image.shape != p.image.shape for p, v in zip(plain, varied)) >= 3
     batch = make_batch(varied[:4], tiny_engine.builder, tiny_engine.model.config)
     segmented = sum(not is_absent_answer(a) for v in varied[:4] for a in v.answers)

@@ -80,6 +80,8 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
     candidates = absent_candidates(sl)
     out = copy.copy(sample)
     queries, answers, entities, refs, masks, absent = [], [], [], [], [], []
+    repeated = list((sample.meta or {}).get("repeat") or [False] * sample.num_rounds)
+    repeat = []  # data/repeats.py flags, kept aligned
     new_index = {}
     if candidates and first > 0 and rng.uniform() < first:
         name = str(candidates[int(rng.integers(len(candidates)))])
@@ -89,6 +91,7 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
         refs.append(None)
         masks.append(np.zeros(np.shape(sample.masks[0]), bool))
         absent.append(True)
+        repeat.append(False)
     for k in range(sample.num_rounds):
         new_index[k] = len(queries)
         ref = sample.ref_indices[k]
@@ -98,6 +101,7 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
         refs.append(None if ref is None else new_index[ref])
         masks.append(np.asarray(sample.masks[k], bool))
         absent.append(False)
+        repeat.append(repeated[k])
         if present > 0 and k < sample.num_rounds - 1 and rng.uniform() < present:
             asked = set(entities) | set(sample.entities)
             shown = [i for i in sl.instances if i.kind != "body" and i.name not in asked]
@@ -109,6 +113,7 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
                 refs.append(len(queries) - 2 if refer_previous else None)
                 masks.append(np.asarray(inst.mask, bool))
                 absent.append(False)
+                repeat.append(False)
         if candidates and k < sample.num_rounds - 1 and rng.uniform() < p:
             name = str(candidates[int(rng.integers(len(candidates)))])
             queries.append(absent_query(rng, name, use_reserved=use_reserved))
@@ -117,7 +122,10 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
             refs.append(len(queries) - 2 if refer_previous else None)
             masks.append(np.zeros_like(masks[-1]))
             absent.append(True)
+            repeat.append(False)
     out.queries, out.answers, out.entities, out.ref_indices = queries, answers, entities, refs
     out.masks = np.stack(masks)
     out.meta = dict(sample.meta or {}, absent=absent)
+    if "repeat" in out.meta:
+        out.meta["repeat"] = repeat
     return out

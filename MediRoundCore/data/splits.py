@@ -182,11 +182,11 @@ def iter_varied_samples(seed: int = 0, split: str = "train", paraphrase: float =
         sample = to_sample(dlg)
         if paraphrase > 0:
             sample.queries = rephrase_dialogue(dlg, rng, paraphrase)
+        if repeat > 0:  # before the absent rounds, so that each inserted round refers to the one before it
+            sample = with_repeated_rounds(sample, rng, repeat)
         if absent > 0:
             sample = with_absent_rounds(sample, dlg.slice, rng, absent, present=absent, refer_previous=True,
                                         first=absent)
-        if repeat > 0:
-            sample = with_repeated_rounds(sample, rng, repeat)
         yield sample
         index += 1
 
