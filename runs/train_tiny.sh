@@ -20,7 +20,8 @@
 # (`field_of_view_mm` in the config: a crop keeps the size of its anatomy, as a real scan's slice does). Phase K
 # (runs/tiny11, from J) adds absent first rounds, rounds that ask again for an earlier structure (`--repeat`), and
 # references that skip rounds answered absent, as the product's resolver now does, and tighter crops (sides
-# from 0.35 of the slice's: J still lost part of the gallbladder 12 px from the tight demo crop's cut).
+# from 0.35 of the slice's: J still lost part of the gallbladder 12 px from the tight demo crop's cut). Phase L
+# (runs/tiny12, from K) has more crops (60 %) and repeats (25 %): K had not learnt to answer a repeated request.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -54,4 +55,7 @@ case $PHASE in
   K) exec nice -n -5 .venv/bin/mediround train --out runs/tiny11 --stage 1 --init runs/tiny10/stage1/checkpoint \
        --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.5 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.1 ;;
+  L) exec nice -n -5 .venv/bin/mediround train --out runs/tiny12 --stage 1 --init runs/tiny11/stage1/checkpoint \
+       --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
 esac

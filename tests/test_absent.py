@@ -133,3 +133,23 @@ def test_repeated_rounds_ask_again_as_the_product_reads_them():
     said_it = sum(" it" in out.queries[k].lower() for k in repeats)
     assert said_it >= len(repeats) // 2, [out.queries[k] for k in repeats]
     assert named_round("Segment the spleen.", ["liver", "spleen"]) == 2  # how a user's repeat finds its round
+
+
+def test_round_numbers_in_the_text_follow_the_inserted_rounds():
+    """An answer that cites "… from round 2" cites the same round at its new number after rounds are inserted
+    before it (and "the one from round 2" in a query likewise), or the model learns to cite wrong rounds."""
+    import re
+
+    from MediRoundCore.data.repeats import with_repeated_rounds
+
+    dlg, sample = next((d, s) for d in (make_dialogue("train", 0, i) for i in range(60))
+                       for s in [to_sample(d)] if any("from round" in a for a in s.answers))
+    out = with_absent_rounds(sample, dlg.slice, np.random.default_rng(0), p=0.0, first=1.0)
+    shifted = [re.sub(r"round (\d+)", lambda m: f"round {int(m.group(1)) + 1}", a) for a in sample.answers]
+    assert out.answers[1:] == shifted and out.answers[1:] != sample.answers
+    again = with_repeated_rounds(out, np.random.default_rng(1), p=1.0)
+    kept = [k for k, f in enumerate(again.meta["repeat"]) if not f]
+    for k_new, k_old in zip(kept, range(out.num_rounds)):
+        for cited in re.findall(r"round (\d+)", again.answers[k_new]):
+            old = int(re.findall(r"round (\d+)", out.answers[k_old])[0])
+            assert int(cited) == kept[old - 1] + 1  # the same round, at its new number

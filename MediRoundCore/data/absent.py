@@ -13,6 +13,7 @@ import numpy as np
 from ..answers import format_answer
 from .dialogues import where
 from .paraphrase import rephrase
+from .round_numbers import renumber
 from .templates import allowed_indices, render
 
 ABSENT_TEXT = "not on this slice"
@@ -82,7 +83,7 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
     queries, answers, entities, refs, masks, absent = [], [], [], [], [], []
     repeated = list((sample.meta or {}).get("repeat") or [False] * sample.num_rounds)
     repeat = []  # data/repeats.py flags, kept aligned
-    new_index = {}
+    new_index, numbers = {}, {}  # numbers: old round number → new (1-based)
     if candidates and first > 0 and rng.uniform() < first:
         name = str(candidates[int(rng.integers(len(candidates)))])
         queries.append(absent_query(rng, name, use_reserved=use_reserved))
@@ -94,9 +95,10 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
         repeat.append(False)
     for k in range(sample.num_rounds):
         new_index[k] = len(queries)
+        numbers[k + 1] = len(queries) + 1
         ref = sample.ref_indices[k]
-        queries.append(sample.queries[k])
-        answers.append(sample.answers[k])
+        queries.append(renumber(sample.queries[k], numbers))
+        answers.append(renumber(sample.answers[k], numbers))
         entities.append(sample.entities[k])
         refs.append(None if ref is None else new_index[ref])
         masks.append(np.asarray(sample.masks[k], bool))

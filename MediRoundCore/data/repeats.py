@@ -15,6 +15,7 @@ import numpy as np
 
 from ..references import refer_as_it
 from .absent import absent_query
+from .round_numbers import renumber
 
 
 def with_repeated_rounds(sample, rng: np.random.Generator, p: float = 0.1, use_reserved: bool = False):
@@ -24,12 +25,13 @@ def with_repeated_rounds(sample, rng: np.random.Generator, p: float = 0.1, use_r
     `meta["repeat"]` flags the inserted rounds."""
     absent = list((sample.meta or {}).get("absent") or [False] * sample.num_rounds)
     queries, answers, entities, refs, masks, flags, repeat = [], [], [], [], [], [], []
-    new_index = {}
+    new_index, numbers = {}, {}  # numbers: old round number → new (1-based)
     for k in range(sample.num_rounds):
         new_index[k] = len(queries)
+        numbers[k + 1] = len(queries) + 1
         ref = sample.ref_indices[k]
-        queries.append(sample.queries[k])
-        answers.append(sample.answers[k])
+        queries.append(renumber(sample.queries[k], numbers))
+        answers.append(renumber(sample.answers[k], numbers))
         entities.append(sample.entities[k])
         refs.append(None if ref is None else new_index[ref])
         masks.append(np.asarray(sample.masks[k], bool))
