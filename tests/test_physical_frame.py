@@ -145,3 +145,22 @@ def test_the_engine_encodes_a_slice_again_when_its_spacing_changes(tiny_engine):
     assert "segmenter_encoder_ms" in other
     state = tiny_engine._asked_state(session, _slice(pixels, (0.7, 0.7)))
     assert state.input_hw == frame_hw(pixels.shape, SIZE, (256 * 0.7 / 380, 256 * 0.7 / 380)) == (121, 121)
+
+
+def test_training_slices_are_framed_as_the_engine_frames_them():
+    """A whole training slice fills the frame with its aspect kept (a non-square one from a dataset folder too); a
+    crop of it keeps the scale of its parent; a model without a field fills the frame with the crop."""
+    from MediRoundCore.data.dataset import Sample
+    from MediRoundCore.data.field_of_view import crop_sample
+    from MediRoundCore.train.batching import sample_extent
+
+    image = np.zeros((300, 400), np.float32)
+    masks = np.zeros((1, 300, 400), bool)
+    masks[0, 140:160, 190:210] = True
+    whole = Sample(image=image, queries=["q"], answers=["a [SEG]"], masks=masks, ref_indices=[None], entities=["a"])
+    assert sample_extent(whole, CFG) is None and segmenter_pixels(image, CFG)[1] == (192, 256)
+    crop = crop_sample(np.random.default_rng(0), whole)
+    rows, cols = crop.image.shape
+    assert sample_extent(crop, CFG) == pytest.approx((0.75 * rows / 300, cols / 400))
+    assert segmenter_pixels(crop.image, CFG, sample_extent(crop, CFG))[1] == (round(rows * 0.64), round(cols * 0.64))
+    assert sample_extent(crop, full_config()) is None

@@ -51,8 +51,10 @@ def crop_sample(rng: np.random.Generator, sample, cfg: FieldOfView = FieldOfView
     out = copy.copy(sample)
     out.image = np.ascontiguousarray(sample.image[r0:r0 + rows, c0:c0 + cols])
     out.masks = np.ascontiguousarray(np.asarray(sample.masks)[:, r0:r0 + rows, c0:c0 + cols])
+    from ..model.processing import frame_shares
+
     h, w = sample.image.shape[:2]
-    extent = (sample.meta or {}).get("frame_extent", (1.0, 1.0))
+    extent = (sample.meta or {}).get("frame_extent") or frame_shares((h, w))  # a whole slice fills the frame
     out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols),
                 "frame_extent": (extent[0] * rows / h, extent[1] * cols / w)}
     return out

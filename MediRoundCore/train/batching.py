@@ -70,11 +70,11 @@ def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int],
 
 
 def sample_extent(sample, config) -> tuple[float, float] | None:
-    """A training slice's share of the model's field of view: a generated slice is the whole field, a crop
-    records its share (`data/field_of_view.py`); None (fill the frame) for a model without a physical field."""
-    if not config.field_of_view_mm:
-        return None
-    return tuple((sample.meta or {}).get("frame_extent", (1.0, 1.0)))
+    """A training slice's share of the model's field of view: a crop records its share (`data/field_of_view.py`);
+    None (the slice fills the frame, its aspect kept: a whole generated slice, or any slice of a model without a
+    physical field)."""
+    extent = (sample.meta or {}).get("frame_extent")
+    return tuple(extent) if extent is not None and config.field_of_view_mm else None
 
 
 def make_batch(samples, builder: PromptBuilder, config, reference_noise: float = 0.0,
