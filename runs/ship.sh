@@ -26,4 +26,5 @@ echo "shipping $CKPT with beta $BETA"
 .venv/bin/mediround eval --sets paraphrase,absent,real,variants --set-limit 40 --split hard --threads 2 --out benchmarks
 .venv/bin/mediround eval --split regular --limit "${REGULAR_LIMIT:-150}" --threads 2 --configs ind+jcm,ind-nojcm,resolver+jcm --out benchmarks/regular
 QT_QPA_PLATFORM=offscreen .venv/bin/python MediRoundSlicer/make_screenshot.py
-.venv/bin/mediround demo --out demo_output
+.venv/bin/mediround demo --out demo_output --overwrite
+cp demo_output/round_0*.png docs/demo/  # the README overlays
