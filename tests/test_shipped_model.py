@@ -201,8 +201,7 @@ def test_direct_requests_in_later_rounds_are_answered_not_called_absent(shipped)
 
 def test_a_structure_not_on_the_slice_is_answered_as_absent(shipped):
     """The demo's abdominal slice: after the left kidney, "Segment the left lung." is answered as absent with no
-    mask, and the spleen asked next is segmented. (Measured over many dialogues: QUALITY.md, "Absent targets";
-    a first round that asks for an absent structure still gets a mask: no training dialogue starts that way.)"""
+    mask, and the spleen asked next is segmented. (Measured over many dialogues: QUALITY.md, "Absent targets".)"""
     volume, labels, index, script = demo_variant("original")
     session = Session(volume.fingerprint())
     session.volume = volume
@@ -213,3 +212,42 @@ def test_a_structure_not_on_the_slice_is_answered_as_absent(shipped):
     assert lung.absent and not lung.mask.any() and lung.entity == "left lung", lung.answer
     spleen = shipped.ask(session, "Segment the spleen.", image).round
     assert not spleen.absent and dice(spleen.mask, truth == script[3]["expected_label"]) >= FLOORS[3]
+
+
+def test_a_first_question_about_an_absent_structure(shipped):
+    """A dialogue that opens with a structure of another region ("Segment the heart." on the abdominal slice) is
+    answered as absent, and the organ asked next is segmented, not called absent in turn (phase I's model drew a
+    heart and then answered the left kidney as absent)."""
+    volume, labels, index, script = demo_variant("original")
+    session = Session(volume.fingerprint())
+    session.volume = volume
+    image = extract_slice(volume, "axial", index)
+    truth = extract_slice(labels, "axial", index).pixels
+    heart = shipped.ask(session, "Segment the heart.", image).round
+    assert heart.absent and not heart.mask.any() and heart.entity == "heart", heart.answer
+    kidney = shipped.ask(session, "Segment the left kidney.", image).round
+    assert kidney.reference is None  # nothing to refer to: the heart has no mask
+    assert not kidney.absent and dice(kidney.mask, truth == script[0]["expected_label"]) >= FLOORS[0]
+
+
+def _ask_again(engine, target_query):
+    volume, labels, index, script = demo_variant("original")
+    session = Session(volume.fingerprint())
+    session.volume = volume
+    image = extract_slice(volume, "axial", index)
+    for query in ("Segment the left kidney.", "Now the lesion inside it.", "Segment the spleen."):
+        engine.ask(session, query, image)
+    first = next(r for r in session.rounds if r.query == target_query)
+    again = engine.ask(session, target_query, image).round
+    return first, again
+
+
+@pytest.mark.xfail(strict=True, reason="known fault: a structure asked again is often answered with another "
+                                       "one (README; design notes, phases J-L: repeats fixed only some)")
+def test_a_structure_asked_again_is_answered_again(shipped):
+    """"Segment the left kidney." asked a second time, after the lesion in it and the spleen, refers to round 1
+    (it names its entity) and should get the kidney again; the shipped model answers the lesion. (Right after
+    the lesion it does answer the kidney.) Strict: a model that fixes it makes this test say so."""
+    first, again = _ask_again(shipped, "Segment the left kidney.")
+    assert again.reference == first.number
+    assert again.entity == first.entity and dice(again.mask, first.mask) >= 0.9, again.answer
