@@ -25,10 +25,12 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/demo.py
   MediRoundCore/data/dialogues.py
   MediRoundCore/data/field_of_view.py
+  MediRoundCore/data/inserted_rounds.py
   MediRoundCore/data/mrmedseg.py
   MediRoundCore/data/paraphrase.py
   MediRoundCore/data/paraphrase_test.py
   MediRoundCore/data/real_validation.py
+  MediRoundCore/data/repeats.py
   MediRoundCore/data/scene.py
   MediRoundCore/data/shapes.py
   MediRoundCore/data/splits.py

@@ -99,8 +99,9 @@ def test_engine_encodes_through_the_model_window_and_keys_the_cache_by_it(tiny_e
     image = extract_slice(volume, "axial", 1)
     first = engine.ask(session, "Segment the liver.", image)
     assert "segmenter_encoder_ms" in first.round.timings
+    fields = engine.model.config.field_of_view_mm  # the slice is framed at the model's scale (test_physical_frame)
     expected, _ = segmenter_pixels(normalize_intensity(image.pixels, "CT", engine.model.config.ct_windows["chest"]),
-                                   engine.model.config)
+                                   engine.model.config, image.frame_extent(fields))
     assert np.allclose(engine.slice_pixels(session, image).numpy(), expected.numpy())
     again = engine.ask(session, "Now the lesion inside it.", image)
     assert "segmenter_encoder_ms" not in again.round.timings  # same slice, same window: cached
@@ -111,5 +112,6 @@ def test_engine_encodes_through_the_model_window_and_keys_the_cache_by_it(tiny_e
                           "axial", 1)
     result = engine.ask(session, "Segment the liver.", other)
     assert "segmenter_encoder_ms" in result.round.timings
-    expected, _ = segmenter_pixels(normalize_intensity(image.pixels, "CT", (40.0, 80.0)), engine.model.config)
+    expected, _ = segmenter_pixels(normalize_intensity(image.pixels, "CT", (40.0, 80.0)), engine.model.config,
+                                   other.frame_extent(fields))
     assert np.allclose(engine.slice_pixels(session, other).numpy(), expected.numpy())

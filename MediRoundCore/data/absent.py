@@ -12,8 +12,8 @@ import numpy as np
 
 from ..answers import format_answer
 from .dialogues import where
+from .inserted_rounds import InsertedRounds
 from .paraphrase import rephrase
-from .round_numbers import renumber
 from .templates import allowed_indices, render
 
 ABSENT_TEXT = "not on this slice"
@@ -76,58 +76,25 @@ def with_absent_rounds(sample, sl, rng: np.random.Generator, p: float = 0.15, us
     "a later direct request means absent" from the wording instead of looking at the slice. With
     `refer_previous` an inserted round refers to the round before it, as the product's resolver makes every
     later round do."""
-    import copy
-
     candidates = absent_candidates(sl)
-    out = copy.copy(sample)
-    queries, answers, entities, refs, masks, absent = [], [], [], [], [], []
-    repeated = list((sample.meta or {}).get("repeat") or [False] * sample.num_rounds)
-    repeat = []  # data/repeats.py flags, kept aligned
-    new_index, numbers = {}, {}  # numbers: old round number → new (1-based)
+    rounds = InsertedRounds(sample)
     if candidates and first > 0 and rng.uniform() < first:
         name = str(candidates[int(rng.integers(len(candidates)))])
-        queries.append(absent_query(rng, name, use_reserved=use_reserved))
-        answers.append(absent_answer(name))
-        entities.append(name)
-        refs.append(None)
-        masks.append(np.zeros(np.shape(sample.masks[0]), bool))
-        absent.append(True)
-        repeat.append(False)
+        rounds.insert(absent_query(rng, name, use_reserved=use_reserved), absent_answer(name), name, None,
+                      np.zeros(np.shape(sample.masks[0]), bool), absent=True)
     for k in range(sample.num_rounds):
-        new_index[k] = len(queries)
-        numbers[k + 1] = len(queries) + 1
-        ref = sample.ref_indices[k]
-        queries.append(renumber(sample.queries[k], numbers))
-        answers.append(renumber(sample.answers[k], numbers))
-        entities.append(sample.entities[k])
-        refs.append(None if ref is None else new_index[ref])
-        masks.append(np.asarray(sample.masks[k], bool))
-        absent.append(False)
-        repeat.append(repeated[k])
+        rounds.keep(k)
         if present > 0 and k < sample.num_rounds - 1 and rng.uniform() < present:
-            asked = set(entities) | set(sample.entities)
+            asked = set(rounds.entities) | set(sample.entities)
             shown = [i for i in sl.instances if i.kind != "body" and i.name not in asked]
             if shown:
                 inst = shown[int(rng.integers(len(shown)))]
-                queries.append(absent_query(rng, inst.name, use_reserved=use_reserved))
-                answers.append(format_answer(inst.name, where(inst)))
-                entities.append(inst.name)
-                refs.append(len(queries) - 2 if refer_previous else None)
-                masks.append(np.asarray(inst.mask, bool))
-                absent.append(False)
-                repeat.append(False)
+                rounds.insert(absent_query(rng, inst.name, use_reserved=use_reserved),
+                              format_answer(inst.name, where(inst)), inst.name,
+                              len(rounds) - 1 if refer_previous else None, inst.mask)
         if candidates and k < sample.num_rounds - 1 and rng.uniform() < p:
             name = str(candidates[int(rng.integers(len(candidates)))])
-            queries.append(absent_query(rng, name, use_reserved=use_reserved))
-            answers.append(absent_answer(name))
-            entities.append(name)
-            refs.append(len(queries) - 2 if refer_previous else None)
-            masks.append(np.zeros_like(masks[-1]))
-            absent.append(True)
-            repeat.append(False)
-    out.queries, out.answers, out.entities, out.ref_indices = queries, answers, entities, refs
-    out.masks = np.stack(masks)
-    out.meta = dict(sample.meta or {}, absent=absent)
-    if "repeat" in out.meta:
-        out.meta["repeat"] = repeat
-    return out
+            rounds.insert(absent_query(rng, name, use_reserved=use_reserved), absent_answer(name), name,
+                          len(rounds) - 1 if refer_previous else None, np.zeros(np.shape(sample.masks[0]), bool),
+                          absent=True)
+    return rounds.build("absent")
