@@ -5,7 +5,7 @@ Every error a user can cause prints one clear line and exits non-zero; `--debug`
 
 from __future__ import annotations
 
-import signal
+import _signal  # the C module: no enum import, so the window before the handler below is as short as can be
 import sys
 
 
@@ -22,12 +22,13 @@ def _interrupted_early(signum, frame):
 
 # Run as the program (python -m MediRoundCore.cli, or the `mediround` script): Ctrl-C answered from here on.
 _EARLY = (__name__ == "__main__" or sys.argv[0].endswith(("mediround", "mediround.exe", "mediround-script.py"))) \
-    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
 if _EARLY:
-    signal.signal(signal.SIGINT, _interrupted_early)
+    _signal.signal(_signal.SIGINT, _interrupted_early)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -262,13 +262,24 @@ def test_closed_stdout(world):
     assert rounds(world.session_dir) == ["Segment the liver."] * 2
 
 
+def _handler_line() -> int:
+    """The line of cli.py that installs its early SIGINT handler."""
+    lines = (ROOT / "MediRoundCore" / "cli.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if "_signal.signal(_signal.SIGINT, _interrupted_early)" in line)
+
+
 def _before_our_code(err: str) -> bool:
-    """A traceback wholly inside the interpreter's start-up (site, runpy, importlib compiling the module to run):
-    Python's own, before any line of MediRound runs, so no program code can catch it."""
+    """A traceback wholly inside the interpreter's start-up (site, runpy, importlib compiling the module to run),
+    or in cli.py's own first lines before its handler is installed (`import _signal`, `import sys`): no program
+    code can catch a signal there."""
     if "Fatal Python error: init_import_site" in err:  # the interpreter's `site` import
         return True
     frames = [line for line in err.splitlines() if line.strip().startswith("File ")]
     startup = ('"<frozen ', '"<string>"')  # importlib, runpy, site and the .pth lines site runs
+    ours = [line for line in frames if "MediRoundCore" in line]
+    if len(ours) == 1 and "cli.py" in ours[0]:
+        line_number = int(ours[0].split("line ")[1].split(",")[0])
+        return line_number < _handler_line() and "KeyboardInterrupt" in err
     return bool(frames) and all(any(s in line for s in startup) for line in frames) and "KeyboardInterrupt" in err
 
 

@@ -53,7 +53,8 @@ sys.modules["slicer.packaging"] = slicer.packaging
 
 array = np.full((8, 40, 36), -900, np.int16)
 array[:, 10:30, 8:28] = 80
-volume = add_volume(slicer.mrmlScene, array, (0.9, 0.9, 2.0), (0, 0, 0), np.eye(3), name="phantom")
+# 9 mm pixels: a body-sized field of view (324 x 360 mm) from a small array, so the model sees it at its scale
+volume = add_volume(slicer.mrmlScene, array, (9.0, 9.0, 2.0), (0, 0, 0), np.eye(3), name="phantom")
 show_plane(MediRound.geometry.find_slice_node(slicer.mrmlScene, "Red"), "axial", [15.0, 15.0, 2.0 * 4])
 
 parent = qt.QWidget()
