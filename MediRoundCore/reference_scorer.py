@@ -88,10 +88,14 @@ class ReferenceScorer:
     def scores(self, query: str, entities: Sequence[str | None]) -> np.ndarray:
         return np.array([self.weights[ids].sum() for ids in self.candidate_ids(query, entities)], np.float32)
 
-    def choose(self, query: str, entities: Sequence[str | None]) -> int | None:
+    def choose(self, query: str, entities: Sequence[str | None], referable: Sequence[bool] | None = None) -> int | None:
+        """The best-scoring round (1-based) among the referable ones (default all), or None when there is none."""
         if not entities:
             return None
-        return int(np.argmax(self.scores(query, entities))) + 1
+        scores = self.scores(query, entities).astype(np.float64)
+        if referable is not None:
+            scores[~np.asarray(referable, bool)] = -np.inf
+        return int(np.argmax(scores)) + 1 if np.isfinite(scores).any() else None
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.numpy import save_file

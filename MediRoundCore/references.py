@@ -9,8 +9,6 @@ import numbers
 import re
 from typing import Sequence
 
-import numpy as np
-
 from .errors import RoundReferenceError
 
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -118,11 +116,8 @@ def resolve_reference(query: str, entities: Sequence[str | None], explicit: int 
         return named
     if not any(ok):
         return None
-    if scorer is not None:
-        scores = np.asarray(scorer.scores(query, entities), dtype=np.float64)
-        scores[~np.asarray(ok)] = -np.inf
-        return int(np.argmax(scores)) + 1
-    return max(number for number, usable in enumerate(ok, start=1) if usable)
+    return ((scorer.choose(query, entities, ok) if scorer is not None else None)
+            or max(number for number, usable in enumerate(ok, start=1) if usable))
 
 
 def refer_as_it(query: str, entity: str | None) -> str:

@@ -19,8 +19,8 @@ class _Always:
     def __init__(self, n):
         self.n = n
 
-    def scores(self, query, entities):
-        return np.eye(len(entities))[self.n - 1]
+    def choose(self, query, entities, referable=None):
+        return self.n if referable is None or referable[self.n - 1] else None
 
 
 ENTITIES = ["left kidney", "spleen", "liver"]
@@ -67,6 +67,14 @@ def test_fit_learns_what_it_means():
     scorer = fit(train, ReferenceScorerConfig(buckets=1 << 12), epochs=3, progress=False)
     assert previous_round_agreement(held_out) < 0.5
     assert agreement(scorer, held_out) == 1.0
+    # rounds that cannot be referred to are never chosen: the best of the rest, or None when none is left
+    query, entities = held_out[0]["query"], held_out[0]["entities"]
+    best = scorer.choose(query, entities)
+    referable = [number != best for number in range(1, len(entities) + 1)]
+    second = scorer.choose(query, entities, referable)
+    order = np.argsort(-scorer.scores(query, entities))
+    assert second != best and second == int(order[1]) + 1
+    assert scorer.choose(query, entities, [False] * len(entities)) is None
 
 
 def test_save_and_load(tmp_path):
