@@ -291,7 +291,9 @@ def write_report(out: Path, rows, tests, started: str) -> None:
         "of the tree; the guard tests run with `-x`; *killed* names the first test that failed.",
         "",
         f"**{killed} of {applied} mutants killed**; of the issue's bugs: "
-        f"{sum(r[1].startswith('killed') for r in issue)} of {sum(r[1] != 'NOT APPLIED' for r in issue)}.",
+        f"{sum(r[1].startswith('killed') for r in issue)} of {sum(r[1] != 'NOT APPLIED' for r in issue)}"
+        + (f"; **{len(rows) - applied} not applied** (the code they target changed: update them)."
+           if applied < len(rows) else "."),
         "",
         "Guard tests: " + ", ".join(f"`{t}`" for t in tests) + ".",
         "",
