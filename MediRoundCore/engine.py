@@ -88,8 +88,13 @@ def validate_query(query) -> str:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4, reference_scorer=None):
+    def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4, reference_scorer=None,
+                 fast_decode: bool = True):
+        from .model.decode_step import DecodeStep
+
         self.model = model.eval()
+        # answer tokens one at a time without transformers' per-call work (None: its forward for every token)
+        self._decode_step = DecodeStep.for_model(model.language_model) if fast_decode else None
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.reuse_cache = reuse_cache
@@ -337,15 +342,20 @@ class Engine:
 
     def _lm(self, embeds, state: _SliceState, forward_tokens):
         n = embeds.shape[1]
-        positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
-        out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
-                                        output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+        step = self._decode_step
+        if n == 1 and step is not None and step.supports(state.cache_len):  # one answer token: same computation
+            logits, hidden = step(embeds, state.cache, state.cache_len)
+        else:
+            positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
+            out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                                            output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+            logits, hidden = out.logits[0, -1], out.hidden_states[-1][0, -1]
         # the DynamicCache was extended in place
         state.cache_len += n
         self.forward_log.append(n)
         if forward_tokens is not None:
             forward_tokens.append(n)
-        return out.logits[0, -1], out.hidden_states[-1][0, -1]
+        return logits, hidden
 
     def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
         """Greedy decoding with the KV cache until [SEG] (or EOS / the token limit, then closed with [SEG])."""

@@ -22,6 +22,9 @@
 # references that skip rounds answered absent, as the product's resolver now does, and tighter crops (sides
 # from 0.35 of the slice's: J still lost part of the gallbladder 12 px from the tight demo crop's cut). Phase L
 # (runs/tiny12, from K) has more crops (60 %) and repeats (25 %): K had not learnt to answer a repeated request.
+# Phase M (runs/tiny13, from L) trains on inserted rounds that renumber the rounds they follow
+# (data/inserted_rounds.py; J-L's answers still cited stale round numbers), with more and tighter crops (70 %,
+# sides from 0.3): L still lost 0.05 of the gallbladder next to the 256 x 176 demo crop's cut.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -58,4 +61,7 @@ case $PHASE in
   L) exec nice -n -5 .venv/bin/mediround train --out runs/tiny12 --stage 1 --init runs/tiny11/stage1/checkpoint \
        --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
+  M) exec nice -n -5 .venv/bin/mediround train --out runs/tiny13 --stage 1 --init runs/tiny12/stage1/checkpoint \
+       --steps "${STEPS:-800}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.7 --fov-min-side 0.3 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
 esac

@@ -1,0 +1,122 @@
+"""The engine's one-token decoding step (model/decode_step.py) against transformers' own MistralForCausalLM forward:
+the same logits, last hidden state and cache, on the shipped model and on a random model with grouped-query
+attention; the engine's answers and masks the same with and without it; transformers' forward wherever the step
+would not be the same computation (peft adapters, a sliding window, training mode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+from MediRoundCore.engine import _CACHE_KWARG, DEFAULT_CHECKPOINT, Engine
+from MediRoundCore.model.decode_step import DecodeStep
+
+
+def _random_mistral(**overrides):
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                    num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, sliding_window=None)
+    config = MistralConfig(**{**settings, **overrides})
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval()
+
+
+def _hf_step(lm, embeds, cache, position):
+    out = lm(inputs_embeds=embeds, use_cache=True, position_ids=torch.tensor([[position]]),
+             output_hidden_states=True, **{_CACHE_KWARG: cache})
+    return out.logits[0, -1], out.hidden_states[-1][0, -1]
+
+
+def _prefilled(lm, n=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randn(1, n, lm.config.hidden_size, generator=g)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        lm(inputs_embeds=prefix, use_cache=True, position_ids=torch.arange(n)[None], **{_CACHE_KWARG: cache})
+    return cache, n
+
+
+def _layer_tensors(cache, index):
+    if hasattr(cache, "layers"):  # transformers 5
+        return cache.layers[index].keys, cache.layers[index].values
+    return cache.key_cache[index], cache.value_cache[index]
+
+
+def _compare(lm, steps=6):
+    step = DecodeStep.for_model(lm)
+    assert step is not None
+    ours, theirs = _prefilled(lm), _prefilled(lm)
+    g = torch.Generator().manual_seed(2)
+    for i in range(steps):
+        embeds = torch.randn(1, 1, lm.config.hidden_size, generator=g) * 3
+        with torch.inference_mode():
+            logits, hidden = step(embeds, ours[0], ours[1] + i)
+            ref_logits, ref_hidden = _hf_step(lm, embeds, theirs[0], theirs[1] + i)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+    for index in range(lm.config.num_hidden_layers):
+        for a, b in zip(_layer_tensors(ours[0], index), _layer_tensors(theirs[0], index)):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_random_grouped_query_model_matches_transformers():
+    _compare(_random_mistral())
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no shipped weights")
+def test_shipped_model_matches_transformers():
+    engine = Engine.load(device="cpu")
+    _compare(engine.model.language_model)
+
+
+def test_weights_changed_in_place_are_followed():
+    lm = _random_mistral()
+    step = DecodeStep.for_model(lm)
+    cache, n = _prefilled(lm)
+    embeds = torch.ones(1, 1, lm.config.hidden_size)
+    with torch.inference_mode():
+        step(embeds, cache, n)  # builds the fused weights
+    with torch.no_grad():
+        lm.model.layers[1].self_attn.k_proj.weight.mul_(-0.5)
+        lm.model.layers[2].mlp.up_proj.weight.add_(0.1)
+    _compare(lm)
+
+
+def test_unsupported_models_keep_transformers_forward():
+    from peft import LoraConfig, get_peft_model
+
+    lm = _random_mistral()
+    wrapped = get_peft_model(_random_mistral(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert DecodeStep.for_model(wrapped.base_model.model) is None  # adapters on the projections
+    windowed = DecodeStep.for_model(_random_mistral(sliding_window=16))
+    assert windowed.supports(15) and not windowed.supports(16)
+    step = DecodeStep.for_model(lm)
+    lm.train()
+    assert not step.supports(0)
+
+
+def test_engine_answers_and_masks_unchanged(tiny_engine):
+    """A three-round dialogue through the engine with the step and without: the same answers, prompts, masks."""
+    import numpy as np
+
+    from MediRoundCore.imaging import SliceImage
+    from MediRoundCore.session import Session
+
+    slow = Engine(tiny_engine.model, tiny_engine.tokenizer, fast_decode=False)
+    fast = Engine(tiny_engine.model, tiny_engine.tokenizer)
+    assert fast._decode_step is not None and slow._decode_step is None
+    pixels = np.zeros((64, 80), np.float32)
+    pixels[20:40, 10:50] = 1.0
+    image = SliceImage(pixels=pixels, view="axial", index=0, axis=2, transpose=False, flip_rows=False,
+                       flip_cols=False, modality="MR")
+    results = []
+    for engine in (slow, fast):
+        session = Session("vol")
+        results.append([engine.ask(session, q, image) for q in
+                        ("Segment the liver.", "Now the lesion inside it.", "Go back to the first one.")])
+        assert any(n == 1 for n in engine.forward_log)  # answers were decoded token by token
+    for a, b in zip(*results):
+        assert a.round.answer == b.round.answer
+        torch.testing.assert_close(a.prompt, b.prompt, rtol=1e-5, atol=1e-5)
+        assert (a.round.mask == b.round.mask).mean() > 0.999
