@@ -51,6 +51,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/__init__.py
   MediRoundCore/model/box_prompt.py
   MediRoundCore/model/config.py
+  MediRoundCore/model/decode_step.py
   MediRoundCore/model/jcm.py
   MediRoundCore/model/lite.py
   MediRoundCore/model/lora.py
