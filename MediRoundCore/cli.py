@@ -348,6 +348,7 @@ def cmd_train(args) -> int:
                           correction_refiner=args.correction_refiner, features=args.features, fov_crop=args.fov_crop,
                           fov_min_side=args.fov_min_side,
                           paraphrase=args.paraphrase, absent=args.absent, repeat=args.repeat,
+                          product_references=args.product_references,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -524,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "round and before the first (default 0)")
     sp.add_argument("--repeat", type=unit_interval, default=0.0,
                     help="chance of a round asking again for an earlier round's structure after each round (default 0)")
+    sp.add_argument("--product-references", type=unit_interval, default=0.0,
+                    help="share of dialogues whose references are the ones the product's resolver reads from the "
+                         "text, targets unchanged (default 0: the dataset's references)")
     sp.add_argument("--residual-correction", action="store_true",
                     help="stage 2 from --init: a residual correction MLP, the identity until trained")
     sp.add_argument("--correction-context", action="store_true",

@@ -12,18 +12,27 @@ from .trainer import TrainConfig, Trainer, stream_seed
 
 
 def training_stream(split: str = "train", fov_crop: float = 0.0, paraphrase: float = 0.0, absent: float = 0.0,
-                    repeat: float = 0.0, fov_min_side: float = 0.5):
+                    repeat: float = 0.0, fov_min_side: float = 0.5, product_references: float = 0.0):
     """A resumable sample stream factory: seed -> endless iterator of generated training dialogues; a share
     `paraphrase` of the queries re-worded, absent-target rounds inserted with probability `absent` after each
     round (and before the first), rounds asking again for an earlier structure with probability `repeat`
     (data/repeats.py), and a share `fov_crop` of the dialogues cut to a random field of view whose sides are
-    shares from `fov_min_side` to 1 of the slice's (data/field_of_view.py)."""
+    shares from `fov_min_side` to 1 of the slice's (data/field_of_view.py); a share `product_references` of the
+    dialogues refer where the product's resolver reads them (data/product_references.py)."""
+    import numpy as np
+
     from ..data.field_of_view import FieldOfView, with_crops
+    from ..data.product_references import shipped_scorer, with_product_references
     from ..data.splits import iter_training_samples, iter_varied_samples
+
+    scorer = shipped_scorer() if product_references > 0 else None
 
     def stream(seed: int):
         samples = (iter_varied_samples(seed, split, paraphrase, absent, repeat) if paraphrase or absent or repeat
                    else iter_training_samples(seed=seed, split=split))
+        if product_references > 0:
+            rng = np.random.default_rng([seed, 43])
+            samples = (with_product_references(s, rng, product_references, scorer) for s in samples)
         return with_crops(samples, fov_crop, seed, FieldOfView(side=(fov_min_side, 1.0)))
     return stream
 
@@ -94,7 +103,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  data: str = "train", reference_noise: float = 0.0, residual_correction: bool = False,
                  correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
                  correction_refiner: bool = False, features=None, fov_crop: float = 0.0,
-                 paraphrase: float = 0.0, absent: float = 0.0, repeat: float = 0.0, fov_min_side: float = 0.5):
+                 paraphrase: float = 0.0, absent: float = 0.0, repeat: float = 0.0, fov_min_side: float = 0.5,
+                 product_references: float = 0.0):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
@@ -130,7 +140,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                       reference_noise=reference_noise, correction_focus=correction_focus)
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
-    trainer = Trainer(model, tokenizer, cfg, training_stream(data, fov_crop, paraphrase, absent, repeat, fov_min_side))
+    stream = training_stream(data, fov_crop, paraphrase, absent, repeat, fov_min_side, product_references)
+    trainer = Trainer(model, tokenizer, cfg, stream)
     if features:
         from .jcm_features import FeatureSet
 
@@ -138,7 +149,6 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         check_features_match(cached, model)
         trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
     elif workers > 0:
-        stream = training_stream(data, fov_crop, paraphrase, absent, repeat, fov_min_side)
         dataset = _StreamDataset(stream, stream_seed(cfg.seed, trainer.step), batch_size,
                                  trainer.builder, model.config, reference_noise)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
