@@ -29,6 +29,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/mrmedseg.py
   MediRoundCore/data/paraphrase.py
   MediRoundCore/data/paraphrase_test.py
+  MediRoundCore/data/product_references.py
   MediRoundCore/data/real_validation.py
   MediRoundCore/data/repeats.py
   MediRoundCore/data/scene.py
