@@ -27,3 +27,25 @@ def test_views_vary_and_masks_follow():
         before = sample.image[sample.masks[k]].mean()
         after = image[masks[k]].mean()
         assert abs(before - after) < 0.08, (k, before, after)
+
+
+def test_keep_scale_cuts_the_field_of_view_at_the_slice_scale():
+    """With `keep_scale` a smaller field of view is cut out, not magnified: pixels keep their size and content."""
+    dlg = make_dialogue("train", 0, 1)
+    sample = to_sample(dlg)
+    only_zoom = dict(window_level_shift=0, window_width_scale=(1, 1), gamma=(1, 1), resolution=(1, 1),
+                     blur_px=(0, 0), noise=(0, 0), zoom=(1.3, 1.3), mr_low_pct=(0.5, 0.5), mr_high_pct=(99.5, 99.5))
+    image, masks = randomize(np.random.default_rng(3), dlg.slice.image, sample.masks, dlg.slice.modality,
+                             dlg.slice.region, Randomization(keep_scale=True, **only_zoom))
+    h, w = sample.image.shape
+    assert image.shape == (round(h / 1.3), round(w / 1.3)) and masks.shape[1:] == image.shape
+    # the crop is a window of the plain view: find where, and compare pixel for pixel
+    full, _ = randomize(np.random.default_rng(3), dlg.slice.image, sample.masks, dlg.slice.modality,
+                        dlg.slice.region, Randomization(**{**only_zoom, "zoom": (1.0, 1.0)}))
+    hits = [(y, x) for y in range(h - image.shape[0] + 1) for x in range(w - image.shape[1] + 1)
+            if np.allclose(full[y, x:x + 4], image[0, :4]) and np.allclose(full[y:y + image.shape[0], x:x + image.shape[1]], image)]
+    assert len(hits) >= 1
+    y, x = hits[0]
+    assert np.array_equal(masks, sample.masks[:, y:y + image.shape[0], x:x + image.shape[1]])
+    for k in range(len(masks)):  # each target mostly inside (the zoom's keep_fraction)
+        assert masks[k].sum() >= 0.8 * sample.masks[k].sum()

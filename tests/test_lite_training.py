@@ -100,3 +100,28 @@ def test_stage1_run_checkpoints_resumes_and_keeps_base_frozen(tmp_path):
             assert torch.equal(again.state_dict()[key], value), key
     resumed.train(progress=False)
     assert resumed.step == 4 and again.embedding_cache.misses == 0  # the views were on disk
+
+
+def test_pool_crops_record_their_share_of_the_frame():
+    """A randomised view cut to a smaller field of view records its share of the frame, so a model with a
+    physical field of view sees its anatomy at the size of the plain view's (data/augment.py keep_scale)."""
+    from MediRoundCore.model.processing import frame_shares
+    from MediRoundCore.train.lite_data import pool_view
+
+    found = 0
+    for index in range(12):
+        plain, plain_image, none = pool_view("train", 0, index, 0)
+        assert none is None
+        sl, image, extent = pool_view("train", 0, index, 1)
+        if extent is None:
+            assert image.shape == plain_image.shape
+            continue
+        found += 1
+        whole = frame_shares(plain_image.shape)
+        assert extent == pytest.approx((whole[0] * image.shape[0] / plain_image.shape[0],
+                                        whole[1] * image.shape[1] / plain_image.shape[1]))
+        assert all(inst.mask.shape == image.shape for inst in sl.instances)
+        sample = next(s for s in (pool_sample(PoolConfig(slices=12), 2 * index + 1, d) for d in range(1, 30))
+                      if s is not None)
+        assert sample.meta["frame_extent"] == extent and sample.image.shape == image.shape
+    assert found > 0

@@ -2,8 +2,9 @@
 
 From the raw slice (HU for CT) and its masks: the display window (CT: level and width jittered around the
 region's training window; MR: percentile bounds and a gamma), resolution (down- then up-sampling), blur,
-noise, and field of view (a zoom into a random part of the slice that keeps every target mostly inside,
-masks following exactly). The intensities per tissue and the shapes are already drawn per slice by the
+noise, and field of view (a random part of the slice that keeps every target mostly inside, masks following
+exactly: magnified back to the slice's size, or with `keep_scale` cut out at its own size, as a real scan's
+smaller field of view is, for a model that sees slices at a physical scale). The intensities per tissue and the shapes are already drawn per slice by the
 generator (`generate_slice(contrast=, noise_level=)`, random blobs).
 """
 
@@ -32,6 +33,7 @@ class Randomization:
     blur_px: tuple[float, float] = (0.0, 1.2)
     noise: tuple[float, float] = (0.0, 0.04)  # sd in display units
     zoom: tuple[float, float] = (1.0, 1.35)  # > 1 crops the field of view
+    keep_scale: bool = False  # the crop keeps its pixels' size (the image shrinks) instead of filling the slice
     keep_fraction: float = 0.8  # a zoom must keep this share of every target's area, else no zoom
 
 
@@ -75,15 +77,20 @@ def _resize(x: np.ndarray, shape, mode: str) -> np.ndarray:
 
 def randomize(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, modality: str, region: str,
               cfg: Randomization = Randomization()) -> tuple[np.ndarray, np.ndarray]:
-    """(display image in [0,1] float32 (H,W), masks (R,H,W) bool) of one randomised view of a raw slice."""
+    """(display image in [0,1] float32, masks (R,·,·) bool) of one randomised view of a raw slice: the slice's
+    shape, or with `cfg.keep_scale` the field-of-view crop's (its share of the slice is the shape ratio)."""
     masks = np.asarray(masks, bool)
     shape = image.shape
     out = display_window(rng, np.asarray(image, np.float64), modality, region, cfg)
     box = _zoom_box(rng, shape, masks, cfg)
     if box is not None:
         y0, x0, ch, cw = box
-        out = _resize(out[y0:y0 + ch, x0:x0 + cw], shape, "bilinear")
-        masks = _resize(masks[:, y0:y0 + ch, x0:x0 + cw].astype(np.float32), shape, "nearest") > 0.5
+        out, masks = out[y0:y0 + ch, x0:x0 + cw], masks[:, y0:y0 + ch, x0:x0 + cw]
+        if cfg.keep_scale:
+            shape = out.shape
+        else:
+            out = _resize(out, shape, "bilinear")
+            masks = _resize(masks.astype(np.float32), shape, "nearest") > 0.5
     factor = rng.uniform(*cfg.resolution)
     if factor > 1.05:
         small = (max(8, int(shape[0] / factor)), max(8, int(shape[1] / factor)))

@@ -32,8 +32,9 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     pending = []
     for entry in tqdm(entries, disable=not progress, desc="encoding", unit="view"):
         index, view = divmod(entry, pool.views)
-        _, image = pool_view(pool.split, pool.seed, index, view)
-        pending.append(segmenter_pixels(image.astype("float32") / 255.0, model.config)[0])
+        _, image, extent = pool_view(pool.split, pool.seed, index, view)
+        shown = extent if model.config.field_of_view_mm else None  # as train/batching.py: sample_extent
+        pending.append(segmenter_pixels(image.astype("float32") / 255.0, model.config, shown)[0])
         if len(pending) == batch:
             model.encode_segmenter_image(torch.stack(pending))
             pending = []

@@ -3,7 +3,9 @@ encoded once (train/embedding_cache.py), and on each view as many fresh dialogue
 
 A pool entry is (slice index, view): the slice of generated training dialogue `index` (train split, seed 0)
 and, for view > 0, one domain-randomised view of it (data/augment.py: window, resolution, blur, noise, field
-of view; masks follow). Each draw builds a new dialogue on the entry (the generator's relations, train
+of view; masks follow). A smaller field of view is cut out at the slice's scale, not magnified, and records its
+share of the model's field (`meta["frame_extent"]`), so a model with a physical field of view
+(`MediRoundConfig.field_of_view_mm`) sees its anatomy at the size it has in every other view. Each draw builds a new dialogue on the entry (the generator's relations, train
 templates), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
 absent-target rounds (data/absent.py). The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
@@ -37,21 +39,28 @@ class PoolConfig:
 
 @lru_cache(maxsize=256)
 def pool_view(split: str, seed: int, index: int, view: int):
-    """(AnatomySlice with the view's instance masks, display image uint8) of one pool entry."""
+    """(AnatomySlice with the view's instance masks, display image uint8, share of the whole slice's frame
+    (rows, cols), None for the whole slice) of one pool entry."""
     sl = make_dialogue(split, seed, index).slice
     if view == 0:
-        return sl, np.round(sl.display() * 255).astype(np.uint8)
+        return sl, np.round(sl.display() * 255).astype(np.uint8), None
     rng = np.random.default_rng([seed, index, view, 17])
     masks = np.stack([i.mask for i in sl.instances])
-    image, masks = randomize(rng, sl.image, masks, sl.modality, sl.region, Randomization())
+    image, masks = randomize(rng, sl.image, masks, sl.modality, sl.region, Randomization(keep_scale=True))
+    extent = None
+    if image.shape != sl.image.shape:  # a field-of-view crop at the slice's scale
+        from ..model.processing import frame_shares
+
+        whole = frame_shares(sl.image.shape[:2])
+        extent = (whole[0] * image.shape[0] / sl.image.shape[0], whole[1] * image.shape[1] / sl.image.shape[1])
     instances = [dataclasses.replace(inst, mask=m, area=int(m.sum())) for inst, m in zip(sl.instances, masks)]
-    return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8)
+    return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8), extent
 
 
 def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     """Dialogue `draw` on pool entry `entry` (None when that view supports no dialogue of the drawn length)."""
     index, view = divmod(entry, cfg.views)
-    sl, image = pool_view(cfg.split, cfg.seed, index, view)
+    sl, image, extent = pool_view(cfg.split, cfg.seed, index, view)
     p = SPLITS[cfg.split]
     rng = np.random.default_rng([cfg.seed, entry, draw, 29])
     policy = DialoguePolicy(p.use_reserved, p.p_reach_back, p.p_distractor, p.p_first_inferential)
@@ -64,7 +73,8 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     sample = Sample(image=image.astype(np.float32) / 255.0, queries=queries, answers=[r.answer for r in dlg.rounds],
                     masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
                     ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
-                    meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality})
+                    meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality,
+                          **({} if extent is None else {"frame_extent": extent})})
     return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
 
 
