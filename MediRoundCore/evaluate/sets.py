@@ -138,7 +138,10 @@ def absent_set(predictor, split: str, seed: int, n: int, beta=None, tick=lambda 
 
 # -- real images --------------------------------------------------------------------------------------------
 def structure_of(entity: str) -> str:
-    return "lesion" if "lesion" in entity else "lung" if "lung" in entity else entity
+    for structure in ("lesion", "lung", "hemisphere"):
+        if structure in entity:
+            return structure
+    return entity
 
 
 def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetResult:
@@ -157,9 +160,10 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
     if not rows:
         res.lines = [f"No real labelled volumes found in `{folder}` (set MEDIROUND_REAL_DATA or --real-data)."]
         return res
-    res.lines = [f"Real labelled scans in `{folder}` (pyradiomics 3.1.0 test cases, data/real_validation.py): one "
-                 "dialogue per case on its axial slice with the largest label (chest CT: the lung, then the lesion "
-                 "in it; MR: the lesion).", "",
+    res.lines = [f"Real labelled scans (data/real_validation.py): the pyradiomics 3.1.0 test cases in `{folder}` "
+                 "(one dialogue per case on its axial slice with the largest label: chest CT, the lung, then the "
+                 "lesion in it; MR, the lesion) and, where fetched, the ICBM152 2009a T1 template from nilearn "
+                 "0.14.1 (its slice with the most brain: the left, then the right hemisphere).", "",
                  "| case | modality | target asked | structure | label source | Dice |", "|---|---|---|---|---|---|"]
     for case, modality, source, entity, counts in rows:
         res.lines.append(f"| {case} | {modality} | {entity} | {structure_of(entity)} | {source} | "
@@ -168,8 +172,8 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
     groups: dict[str, list] = {}
     for case, modality, source, entity, counts in rows:
         groups.setdefault(f"structure: {structure_of(entity)}", []).append(counts)
-        groups.setdefault(f"source: {modality} ({'chest CT' if modality == 'CT' else 'brain/breast MR'})",
-                          []).append(counts)
+        kind = "chest CT" if modality == "CT" else "brain template MR" if case == "mni152" else "brain/breast MR"
+        groups.setdefault(f"source: {modality} ({kind})", []).append(counts)
     groups = dict(sorted(groups.items()))
     groups["all"] = [r[-1] for r in rows]
     for name, counts in groups.items():
