@@ -391,6 +391,8 @@ class Engine:
     def forget(self) -> None:
         """Drop every cache (e.g. after loading another model)."""
         self._slices.clear()
+        if self._decode_step is not None:
+            self._decode_step.clear()
 
 
 def _holds_rounds(state: _SliceState, session: Session) -> bool:

@@ -2,7 +2,7 @@
 
 Each mutant is one realistic one-line bug in a core module (slice extraction and display orientation, masks back
 into the volume, the volume fingerprint, the CT window, the model's square frame and box, mask unpadding, the
-slice-range check, reference resolution, the Slicer plane finder). Mutants are applied one at a time to a copy of
+slice-range check, reference resolution, the Slicer plane finder, the language model's one-token decoding step). Mutants are applied one at a time to a copy of
 the working tree (this checkout is never changed); the guard tests run against each with `-x`, and a mutant is
 *killed* when a test fails. The report names each mutant, its kind, and the first test that failed (or SURVIVED).
 
@@ -35,6 +35,7 @@ GUARD_TESTS = [
     "tests/test_session.py",
     "tests/test_reference_scorer.py",
     "tests/test_model.py",
+    "tests/test_decode_step.py",
     "tests/test_shipped_model.py",
     "tests/test_slicer_logic_shipped.py",
     "tests/test_slicer_geometry.py",
@@ -59,6 +60,7 @@ class Mutant:
 IMAGING, PROCESSING, REFERENCES = "MediRoundCore/imaging.py", "MediRoundCore/model/processing.py", \
     "MediRoundCore/references.py"
 GEOMETRY = "MediRoundSlicer/MediRoundLib/geometry.py"
+DECODE_STEP = "MediRoundCore/model/decode_step.py"
 
 MUTANTS = [
     # -- the bugs of issue 26 ---------------------------------------------------------------------------------
@@ -205,6 +207,19 @@ MUTANTS = [
     Mutant("plane-rounding", "slicer geometry", GEOMETRY,
            "index = int(np.floor(offset + 0.5 + 1e-6))", "index = int(np.floor(offset + 1e-6))",
            "the view's plane truncated instead of rounded to a voxel plane"),
+    # -- the language model's one-token step (model/decode_step.py): what the model answers ------------------
+    Mutant("decode-rope-sign", "answer decoding", DECODE_STEP,
+           "return torch.cat((-x[..., half:], x[..., :half]), dim=-1)",
+           "return torch.cat((x[..., half:], -x[..., :half]), dim=-1)",
+           "the rotary embedding turns the other way in the one-token step"),
+    Mutant("decode-gqa-tiled", "answer decoding", DECODE_STEP,
+           "keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)",
+           "keys = keys.repeat(1, self.heads // self.kv_heads, 1, 1)",
+           "key heads tiled instead of grouped (query head 1 reads key head 1, not 0)"),
+    Mutant("decode-position-next", "answer decoding", "MediRoundCore/engine.py",
+           "logits, hidden = step(embeds, state.cache, state.cache_len)",
+           "logits, hidden = step(embeds, state.cache, state.cache_len + 1)",
+           "each answer token encoded one position too far"),
 ]
 
 

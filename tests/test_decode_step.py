@@ -29,7 +29,7 @@ def _hf_step(lm, embeds, cache, position):
 
 def _prefilled(lm, n=37, seed=1):
     g = torch.Generator().manual_seed(seed)
-    prefix = torch.randn(1, n, lm.config.hidden_size, generator=g)
+    prefix = torch.randn(1, n, lm.config.hidden_size, generator=g).to(lm.dtype)
     cache = DynamicCache()
     with torch.inference_mode():
         lm(inputs_embeds=prefix, use_cache=True, position_ids=torch.arange(n)[None], **{_CACHE_KWARG: cache})
@@ -42,22 +42,22 @@ def _layer_tensors(cache, index):
     return cache.key_cache[index], cache.value_cache[index]
 
 
-def _compare(lm, steps=6):
-    step = DecodeStep.for_model(lm)
+def _compare(lm, steps=6, step=None, tolerance=1e-5):
+    step = step or DecodeStep.for_model(lm)
     assert step is not None
     ours, theirs = _prefilled(lm), _prefilled(lm)
     g = torch.Generator().manual_seed(2)
     for i in range(steps):
-        embeds = torch.randn(1, 1, lm.config.hidden_size, generator=g) * 3
+        embeds = (torch.randn(1, 1, lm.config.hidden_size, generator=g) * 3).to(lm.dtype)
         with torch.inference_mode():
             logits, hidden = step(embeds, ours[0], ours[1] + i)
             ref_logits, ref_hidden = _hf_step(lm, embeds, theirs[0], theirs[1] + i)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, ref_logits, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(hidden, ref_hidden, rtol=tolerance, atol=tolerance)
     for index in range(lm.config.num_hidden_layers):
         for a, b in zip(_layer_tensors(ours[0], index), _layer_tensors(theirs[0], index)):
             assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 def test_random_grouped_query_model_matches_transformers():
@@ -70,17 +70,38 @@ def test_shipped_model_matches_transformers():
     _compare(engine.model.language_model)
 
 
-def test_weights_changed_in_place_are_followed():
+def test_weights_changed_in_place_moved_or_cast_are_followed():
     lm = _random_mistral()
     step = DecodeStep.for_model(lm)
-    cache, n = _prefilled(lm)
-    embeds = torch.ones(1, 1, lm.config.hidden_size)
-    with torch.inference_mode():
-        step(embeds, cache, n)  # builds the fused weights
+    assert step.fused
+
+    def run_once():
+        cache, n = _prefilled(lm)
+        with torch.inference_mode():
+            step(torch.ones(1, 1, lm.config.hidden_size, dtype=lm.dtype), cache, n)  # builds the fused weights
+
+    run_once()
     with torch.no_grad():
         lm.model.layers[1].self_attn.k_proj.weight.mul_(-0.5)
         lm.model.layers[2].mlp.up_proj.weight.add_(0.1)
-    _compare(lm)
+    _compare(lm, step=step)
+    run_once()
+    lm.to(torch.bfloat16)  # the CPU fallback and dtype changes move the same parameter objects
+    _compare(lm, step=step, tolerance=2e-2)
+    lm.load_state_dict(_random_mistral().to(torch.bfloat16).state_dict())
+    _compare(lm, step=step, tolerance=2e-2)
+
+
+def test_large_models_run_unfused_on_their_own_weights(monkeypatch):
+    """Above the fusing limit nothing is copied: the same step on the model's own projection tensors."""
+    import MediRoundCore.model.decode_step as decode_step
+
+    monkeypatch.setattr(decode_step, "FUSE_LIMIT_BYTES", 0)
+    lm = _random_mistral()
+    step = DecodeStep.for_model(lm)
+    assert not step.fused
+    _compare(lm, step=step)
+    assert step._layers == []  # no copies kept
 
 
 def test_unsupported_models_keep_transformers_forward():
@@ -88,6 +109,7 @@ def test_unsupported_models_keep_transformers_forward():
 
     lm = _random_mistral()
     wrapped = get_peft_model(_random_mistral(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert DecodeStep.for_model(wrapped) is None  # the peft wrapper, as the engine holds it with LoRA applied
     assert DecodeStep.for_model(wrapped.base_model.model) is None  # adapters on the projections
     windowed = DecodeStep.for_model(_random_mistral(sliding_window=16))
     assert windowed.supports(15) and not windowed.supports(16)
@@ -96,8 +118,9 @@ def test_unsupported_models_keep_transformers_forward():
     assert not step.supports(0)
 
 
-def test_engine_answers_and_masks_unchanged(tiny_engine):
-    """A three-round dialogue through the engine with the step and without: the same answers, prompts, masks."""
+def test_engine_answers_and_masks_unchanged(tiny_engine, monkeypatch):
+    """A three-round dialogue through the engine with the step and without: the same answers, prompts, masks;
+    every answer token after the first went through the step."""
     import numpy as np
 
     from MediRoundCore.imaging import SliceImage
@@ -110,12 +133,17 @@ def test_engine_answers_and_masks_unchanged(tiny_engine):
     pixels[20:40, 10:50] = 1.0
     image = SliceImage(pixels=pixels, view="axial", index=0, axis=2, transpose=False, flip_rows=False,
                        flip_cols=False, modality="MR")
+    calls = []
+    real_call = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
     results = []
     for engine in (slow, fast):
         session = Session("vol")
+        before = len(calls)
         results.append([engine.ask(session, q, image) for q in
                         ("Segment the liver.", "Now the lesion inside it.", "Go back to the first one.")])
-        assert any(n == 1 for n in engine.forward_log)  # answers were decoded token by token
+        one_token = sum(1 for n in engine.forward_log if n == 1)
+        assert one_token > 0 and len(calls) - before == (one_token if engine is fast else 0)
     for a, b in zip(*results):
         assert a.round.answer == b.round.answer
         torch.testing.assert_close(a.prompt, b.prompt, rtol=1e-5, atol=1e-5)

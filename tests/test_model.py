@@ -161,3 +161,18 @@ def test_bfloat16_model_decodes_masks(tiny_engine):
     ref = tiny_engine.model.decode_with_prompts(torch.zeros(1, 256, g, g), torch.zeros(1, 256))
     assert out.dtype == torch.bfloat16 and out.shape[1:] == ref.shape[1:]
     assert torch.isfinite(out.float()).all()
+
+
+def test_language_model_rope_theta_reaches_the_rotary_embedding():
+    """The configured RoPE base is used under transformers 4.x (rope_theta) and 5.x (rope_parameters): the full
+    model's Mistral uses 1e6, not transformers' default 10000."""
+    import dataclasses
+
+    from MediRoundCore.model.config import tiny_config
+    from MediRoundCore.model.modeling import build_language_model
+
+    text = dataclasses.replace(tiny_config().text, rope_theta=1e6)
+    lm = build_language_model(text)
+    head_dim = text.hidden_size // text.num_attention_heads
+    expected = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    torch.testing.assert_close(lm.model.rotary_emb.inv_freq, expected)

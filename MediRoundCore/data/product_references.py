@@ -47,8 +47,10 @@ def with_product_references(sample, rng: np.random.Generator, share: float, scor
 
 
 def shipped_scorer():
-    """The shipped model's reference scorer (None where the checkout has none: the resolver's rules alone)."""
-    from ..engine import DEFAULT_CHECKPOINT
+    """The shipped model's reference scorer (None where the checkout has none: the resolver's rules alone). It
+    reads only the text (query and earlier entities), not the model, and `train.export` keeps it beside the model
+    trained here, so training and the product resolve with the same one."""
+    from ..checkpoint_info import DEFAULT_CHECKPOINT
     from ..reference_scorer import ReferenceScorer
 
     return ReferenceScorer.from_pretrained(DEFAULT_CHECKPOINT)

@@ -9,16 +9,23 @@ head; `models/mistral/modeling_mistral.py`), with the query/key/value and gate/u
 matrix product each, and extends the caller's cache through its public `update`, so the cache stays the one
 transformers reads for the next multi-token forward.
 
-It is used only where it is the same computation: an unwrapped Mistral (no peft adapters on its projections,
-default RoPE, no sliding window shorter than the sequence, SiLU), in eval mode. Anything else returns None from
-`for_model` or falls back per call, and the engine keeps transformers' forward. The fused weights are rebuilt
-when any source weight changes in place (tensor version counters).
+It is used only where it is the same computation: a `MistralForCausalLM` itself (not a peft wrapper, no adapters
+on its projections), default RoPE, no sliding window shorter than the sequence, SiLU, in eval mode. Anything
+else returns None from `for_model` or falls back per call, and the engine keeps transformers' forward.
+
+Fusing copies the projections, so only small models are fused (`FUSE_LIMIT_BYTES`: the default models; the
+7B `full` model would need gigabytes more and gains little, its step being compute-bound): larger ones run the
+same step on their own weight tensors. The fused copies are rebuilt whenever a source weight is replaced,
+moved, cast or changed through autograd-visible in-place operations (identity, storage, device, dtype and
+version counter of every parameter).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+FUSE_LIMIT_BYTES = 256 << 20  # fuse q/k/v and gate/up only when the copies take at most this
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,6 +37,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half: (x1, x2) → (-x2, x1) over the last dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -46,17 +54,21 @@ class DecodeStep:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.intermediate = cfg.intermediate_size
         self.sliding_window = getattr(cfg, "sliding_window", None)
-        self._sources: list[torch.Tensor] = []
-        self._versions: list[int] = []
+        self._signature: list[tuple] = []
         self._layers: list[dict] = []
+        projections = [w for layer in self.base.layers for w in
+                       (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
+                        layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)]
+        self.fused = sum(w.numel() * w.element_size() for w in projections) <= FUSE_LIMIT_BYTES
 
     @classmethod
     def for_model(cls, language_model) -> "DecodeStep | None":
         """A step for `language_model`, or None where it would not be transformers' own computation."""
-        base = getattr(language_model, "model", None)
-        cfg = getattr(language_model, "config", None)
-        if base is None or cfg is None or getattr(cfg, "model_type", None) != "mistral":
+        from transformers import MistralForCausalLM
+
+        if not isinstance(language_model, MistralForCausalLM):  # a peft wrapper, another architecture
             return None
+        base, cfg = language_model.model, language_model.config
         if getattr(cfg, "hidden_act", None) != "silu":
             return None
         rotary = getattr(base, "rotary_emb", None)
@@ -72,26 +84,36 @@ class DecodeStep:
         return cls(language_model)
 
     # -- weights ---------------------------------------------------------------------------------------
-    def _fused(self) -> list[dict]:
-        sources = [p for p in self.lm.parameters()]
-        versions = [p._version for p in sources]
-        if self._layers and len(sources) == len(self._sources) \
-                and all(a is b for a, b in zip(sources, self._sources)) and versions == self._versions:
-            return self._layers
-        with torch.no_grad():
-            layers = []
-            for layer in self.base.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                layers.append({
-                    "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    "o": attn.o_proj.weight,
-                    "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    "down": mlp.down_proj.weight,
-                    "norm1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                    "norm2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                })
-        self._sources, self._versions, self._layers = sources, versions, layers
-        return layers
+    def _weights(self) -> list[dict]:
+        """Per layer: the q/k/v and gate/up projections (fused copies, or the model's own tensors in a tuple)."""
+        if not self.fused:
+            return [self._layer_weights(layer, False) for layer in self.base.layers]
+        signature = [(id(p), p.data_ptr(), p.device, p.dtype, p._version) for p in self.lm.parameters()]
+        if not self._layers or signature != self._signature:
+            with torch.no_grad():
+                self._layers = [self._layer_weights(layer, True) for layer in self.base.layers]
+            self._signature = signature
+        return self._layers
+
+    @staticmethod
+    def _layer_weights(layer, fuse: bool) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+        gate_up = (mlp.gate_proj.weight, mlp.up_proj.weight)
+        return {"qkv": torch.cat(qkv) if fuse else qkv, "o": attn.o_proj.weight,
+                "gate_up": torch.cat(gate_up) if fuse else gate_up, "down": mlp.down_proj.weight,
+                "norm1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                "norm2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)}
+
+    @staticmethod
+    def _project(x: torch.Tensor, weight) -> torch.Tensor:
+        if isinstance(weight, tuple):
+            return torch.cat([F.linear(x, w) for w in weight], dim=-1)
+        return F.linear(x, weight)
+
+    def clear(self) -> None:
+        """Drop the fused copies (rebuilt at the next step)."""
+        self._signature, self._layers = [], []
 
     # -- the step --------------------------------------------------------------------------------------
     def supports(self, position: int) -> bool:
@@ -102,7 +124,7 @@ class DecodeStep:
 
     @torch.inference_mode()
     def __call__(self, embeds: torch.Tensor, cache, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layers = self._fused()
+        layers = self._weights()
         hidden = embeds.reshape(1, -1)
         dtype = hidden.dtype
         inv_freq = self.base.rotary_emb.inv_freq
@@ -112,7 +134,7 @@ class DecodeStep:
         nq, nkv, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         for index, p in enumerate(layers):
             x = _rms_norm(hidden, *p["norm1"])
-            qkv = F.linear(x, p["qkv"])
+            qkv = self._project(x, p["qkv"])
             q = qkv[:, :nq].view(1, self.heads, 1, d)
             k = qkv[:, nq:nq + nkv].view(1, self.kv_heads, 1, d)
             v = qkv[:, nq + nkv:].view(1, self.kv_heads, 1, d)
@@ -125,7 +147,7 @@ class DecodeStep:
             attn = F.scaled_dot_product_attention(q, keys, values, scale=d ** -0.5)
             hidden = hidden + F.linear(attn.reshape(1, nq), p["o"])
             x = _rms_norm(hidden, *p["norm2"])
-            gate_up = F.linear(x, p["gate_up"])
+            gate_up = self._project(x, p["gate_up"])
             hidden = hidden + F.linear(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], p["down"])
         norm = self.base.norm
         hidden = _rms_norm(hidden, norm.weight, norm.variance_epsilon)

@@ -31,7 +31,8 @@ def build_language_model(cfg) -> MistralForCausalLM:
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, sliding_window=cfg.sliding_window,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        # transformers 5 reads rope_parameters, 4.x (Slicer 5.8) rope_theta: both, or 4.x falls back to 10000
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
     config._attn_implementation = "sdpa"

@@ -117,6 +117,9 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         raise OptionError("--correction-focus belongs to stage 2 (it weighs the JCM correction loss)")
     if features and stage != 2:
         raise OptionError("--features belongs to stage 2 (cached rounds of the frozen model)")
+    if features and product_references:
+        raise OptionError("--product-references changes generated dialogues; --features reads cached rounds whose "
+                          "references were fixed when they were collected")
     if correction_attention and not correction_context:
         raise OptionError("--correction-attention comes with --correction-context (it reads the first decode)")
     if correction_refiner and not residual_correction:
