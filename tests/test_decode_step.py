@@ -148,3 +148,31 @@ def test_engine_answers_and_masks_unchanged(tiny_engine, monkeypatch):
         assert a.round.answer == b.round.answer
         torch.testing.assert_close(a.prompt, b.prompt, rtol=1e-5, atol=1e-5)
         assert (a.round.mask == b.round.mask).mean() > 0.999
+
+
+def test_engine_moved_to_cpu_float32_after_a_round_keeps_answering(tiny_engine):
+    """The CPU fallback (device.move_engine_to_cpu) casts the model after rounds were answered in another dtype:
+    the next round decodes with the cast weights, with the answer an engine built in float32 gives."""
+    import copy
+
+    import numpy as np
+
+    from MediRoundCore.device import move_engine_to_cpu
+    from MediRoundCore.imaging import SliceImage
+    from MediRoundCore.session import Session
+
+    model = copy.deepcopy(tiny_engine.model).to(torch.bfloat16)
+    engine = Engine(model, tiny_engine.tokenizer)
+    pixels = np.zeros((48, 48), np.float32)
+    pixels[10:30, 12:40] = 1.0
+    image = SliceImage(pixels=pixels, view="axial", index=0, axis=2, transpose=False, flip_rows=False,
+                       flip_cols=False, modality="MR")
+    session = Session("vol")
+    engine.ask(session, "Segment the liver.", image)
+    move_engine_to_cpu(engine, "test")
+    assert engine.model.dtype == torch.float32
+    moved = engine.ask(session, "Now the lesion inside it.", image)
+    fresh = Engine(engine.model, tiny_engine.tokenizer, fast_decode=False)
+    again = Session("vol")
+    again.add_round(session.rounds[0])
+    assert fresh.ask(again, "Now the lesion inside it.", image).round.answer == moved.round.answer
