@@ -82,3 +82,13 @@ def test_training_stream_takes_the_option():
         assert b.ref_indices == product_references(a.queries, a.entities, (a.meta or {}).get("absent"), scorer)
         changed += b.ref_indices != a.ref_indices
     assert changed > 0
+
+
+def test_repeated_structures_keep_the_reference_the_product_read_from_their_name():
+    """A repeat round says "Segment it." because the product resolved the structure's name to its round
+    (data/repeats.py); re-resolving "it" would lose that, so its reference stays."""
+    sample = _sample(["Segment the liver.", "Segment the spleen.", "Now the lesion inside it.", "Segment it."],
+                     ["liver", "spleen", "lesion in the spleen", "liver"], [None, None, 1, 0])
+    sample.meta["repeat"] = [False, False, False, True]
+    out = with_product_references(sample, np.random.default_rng(0), 1.0)
+    assert out.ref_indices == [None, 0, 1, 0] and out.queries[3] == "Segment it."

@@ -34,11 +34,16 @@ def product_references(queries: Sequence[str], entities: Sequence[str | None],
 
 
 def with_product_references(sample, rng: np.random.Generator, share: float, scorer=None):
-    """With probability `share`, a copy of `sample` whose references are the product's (see the module's text);
-    otherwise `sample` itself."""
+    """With probability `share`, a copy of `sample` whose references are the product's (see the module's text),
+    but for rounds flagged `meta["repeat"]`, already read as the product reads them; otherwise `sample` itself."""
     if share <= 0 or rng.uniform() >= share:
         return sample
     refs = product_references(sample.queries, sample.entities, (sample.meta or {}).get("absent"), scorer)
+    # a repeated structure (data/repeats.py) is already read as the product reads it: the product resolved its
+    # name to the earlier round and said "it"; its text no longer names the round, so its reference stays
+    for k, repeated in enumerate((sample.meta or {}).get("repeat") or []):
+        if repeated:
+            refs[k] = sample.ref_indices[k]
     out = copy.copy(sample)
     out.ref_indices = refs
     out.queries = [q if r is None else refer_as_it(q, sample.entities[r]) for q, r in zip(sample.queries, refs)]
