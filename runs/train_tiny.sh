@@ -25,10 +25,12 @@
 # Phase M (runs/tiny13, from L) trains on inserted rounds that renumber the rounds they follow
 # (data/inserted_rounds.py; J-L's answers still cited stale round numbers), with more and tighter crops (70 %,
 # sides from 0.3): L still lost 0.05 of the gallbladder next to the 256 x 176 demo crop's cut; stopped at step 300
+# (runs/tiny13_300, shipped: `BETA=0.9 CONFIGS=ind+jcm,ind-nojcm,resolver+jcm bash runs/ship.sh runs/tiny13_300`)
 # for phase N (runs/tiny14, from M's step 300), which adds the references a user gets: half of the dialogues refer
 # where the product's resolver reads them from the text (`--product-references 0.5`, targets unchanged), as the
 # hard split with the product's references scored 81.7 against 88.2 with the dataset's. N's steps 1-250 ran before
 # repeated-structure rounds kept their reference under --product-references (2d36077); it was resumed from step 250.
+# N was not shipped: no gain with the product's references, and a reach-back of the demo answered with its reference.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}

@@ -61,7 +61,13 @@ def _compare(lm, steps=6, step=None, tolerance=1e-5):
 
 
 def test_random_grouped_query_model_matches_transformers():
-    _compare(_random_mistral())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _compare(_random_mistral())
+        assert torch.get_num_threads() == 2  # the step's single thread is given back
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no shipped weights")
