@@ -25,6 +25,7 @@ import argparse
 import csv
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -399,7 +400,8 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
     L.append("## CPU\n")
     L.append(f"- Machine: {info['cpu']}, {info['cores']} core(s) available to the process, "
              f"`torch.set_num_threads({info['threads']})`, torch {info['torch']}, Python {info['python']}, "
-             f"{info['platform']}.")
+             f"{info['platform']}; OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY') or 'default, as in Slicer'}"
+             " (our training scripts set PASSIVE to share the cores; it makes every small step slower).")
     L.append(f"- Load average (1/5/15 min) at start: {info['load']}; at the end: {memory['load_end']}. "
              "Figures from a machine with other work running are not final.")
     L.append(f"- Model: {model_desc}; {params / 1e6:.1f} M parameters.")

@@ -20,7 +20,7 @@ if [ -z "${BETA:-}" ]; then
 fi
 echo "shipping $CKPT with beta $BETA"
 .venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
-.venv/bin/mediround bench
+env -u OMP_WAIT_POLICY .venv/bin/mediround bench  # timed as a user runs it (PASSIVE slows small steps 2-3x)
 .venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks \
   --configs "${CONFIGS:-ind+jcm,ind-nojcm,resolver+jcm,noref,nohistory,prevround}"
 .venv/bin/mediround eval --sets paraphrase,absent,real,variants --set-limit 40 --split hard --threads 2 --out benchmarks

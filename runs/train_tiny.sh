@@ -25,7 +25,7 @@
 # Phase M (runs/tiny13, from L) trains on inserted rounds that renumber the rounds they follow
 # (data/inserted_rounds.py; J-L's answers still cited stale round numbers), with more and tighter crops (70 %,
 # sides from 0.3): L still lost 0.05 of the gallbladder next to the 256 x 176 demo crop's cut; stopped at step 300
-# (runs/tiny13_300, shipped: `BETA=0.9 CONFIGS=ind+jcm,ind-nojcm,resolver+jcm bash runs/ship.sh runs/tiny13_300`)
+# (runs/tiny13_300; not shipped: two cut demo crops now differ by more than 0.05, upwards, and no hard-split gain)
 # for phase N (runs/tiny14, from M's step 300), which adds the references a user gets: half of the dialogues refer
 # where the product's resolver reads them from the text (`--product-references 0.5`, targets unchanged), as the
 # hard split with the product's references scored 81.7 against 88.2 with the dataset's. N's steps 1-250 ran before

@@ -12,6 +12,7 @@ MEASURED = (0.848, 0.928, 0.955, 0.952)
 FLOORS = tuple(round(m - 0.05, 3) for m in MEASURED)
 
 # Variants the shipped model does not yet answer within 0.05 of the original (QUALITY.md, "Same anatomy, other
-# field of view or orientation"): largest per-round drop measured. The behaviour test expects them to fail, strictly,
+# field of view or orientation"): the largest per-round difference measured. The behaviour test expects them to
+# fail, strictly,
 # so a model that fixes one makes it say so.
 NOT_YET = {"cut_256x176": "round 3 (gallbladder) 0.904 vs 0.955"}
