@@ -118,11 +118,7 @@ def locate(name: str, path: str | Path | None = None) -> Path:
     given, else the cache, else the package installed in this Python (its files are copied into the cache)."""
     weights = ALL[name]
     if path is not None:
-        path = Path(path)
-        if not path.is_dir() or not _complete(path, weights):
-            raise CheckpointError(f"{path}: expected {', '.join(weights.files)} of {weights.package} "
-                                  f"{weights.version} in this folder")
-        return _verify_folder(path, weights)
+        return locate_spec(weights, path)
     cached = cache_root(weights.kind) / weights.folder_name
     if _complete(cached, weights):
         return _verify_folder(cached, weights)

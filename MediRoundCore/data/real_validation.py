@@ -118,36 +118,30 @@ def real_sample(case: str, data_dir: str | Path | None = None) -> Sample:
 
 
 def mni152_folder(fetch: bool = False) -> Path | None:
-    """The verified folder of the MNI152 files (fetched first when `fetch`), or None where they are not here."""
+    """The verified folder of the MNI152 files (fetched first when `fetch`), or None where they are not here; a
+    changed file is a CheckpointError naming it."""
     from ..checkpoints import base_weights
-    from ..errors import CheckpointError
 
+    if fetch:
+        return base_weights.fetch(MNI152)
     folder = base_weights.cache_root(MNI152.kind) / MNI152.folder_name
-    try:
-        if fetch:
-            return base_weights.fetch(MNI152)
-        if all((folder / name).is_file() for name in MNI152.files):
-            return base_weights.locate_spec(MNI152, folder)
-    except CheckpointError:
-        if fetch:
-            raise
-    return None
+    if not all((folder / name).is_file() for name in MNI152.files):
+        return None
+    return base_weights.locate_spec(MNI152, folder)
 
 
 def mni152_sample(folder: str | Path) -> Sample:
     """The hemispheres dialogue on the MNI152 T1 template (see the module docstring)."""
-    import SimpleITK as sitk
-
     from ..imaging import Volume, extract_slice, load_volume
 
     folder = Path(folder)
     names = list(MNI152.files)
     volume = load_volume(folder / names[0], modality="MR")
     tissue = sum(load_volume(folder / n).array.astype(np.float32) for n in names[1:]) / 255.0 > 0.5
-    reference = sitk.ReadImage(str(folder / names[0]))
-    columns = np.arange(volume.array.shape[2])
-    x_lps = np.array([reference.TransformIndexToPhysicalPoint((int(i), 0, 0))[0] for i in columns])
-    left_side = (x_lps > 0)[None, None, :]  # LPS: +x is the patient's left
+    k, j, i = np.indices(volume.array.shape, sparse=True)
+    step = np.asarray(volume.direction) * np.asarray(volume.spacing)[None, :]  # physical step per voxel index
+    x_lps = volume.origin[0] + step[0, 0] * i + step[0, 1] * j + step[0, 2] * k
+    left_side = x_lps > 0  # LPS: +x is the patient's left
     labels = np.where(tissue & left_side, 1, np.where(tissue & ~left_side, 2, 0)).astype(np.uint8)
     index = int(np.argmax(tissue.reshape(tissue.shape[0], -1).sum(1)))
     image = extract_slice(volume, "axial", index)
