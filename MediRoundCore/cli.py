@@ -578,6 +578,7 @@ def main(argv=None) -> int:
     point is one "interrupted" line and exit 130."""
     try:
         if _EARLY and argv is None:  # from here a Ctrl-C unwinds (removing temporary files) to one line
+            _import_native_modules(sys.argv[1:])
             signal.signal(signal.SIGINT, _on_sigint)
         code = _main(argv)
     except KeyboardInterrupt:
@@ -587,6 +588,25 @@ def main(argv=None) -> int:
     if argv is None:  # done: a Ctrl-C while the interpreter shuts down must not turn the exit into a signal death
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
+
+
+NATIVE_MODULES = ("torch", "transformers", "SimpleITK")  # C/C++ extensions every model command imports
+
+
+def _import_native_modules(argv) -> None:
+    """Import the big extension modules while Ctrl-C still exits at once (`_interrupted_early`): nothing of ours
+    has started, and a KeyboardInterrupt raised inside their initialisation can cross C++ and abort the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'", seen with torch). Skipped
+    for help and version, which need none; a module that is missing is left for the command to report."""
+    if not argv or any(a in ("-h", "--help", "--version") for a in argv):
+        return
+    import importlib
+
+    for name in NATIVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the command that needs it reports it clearly
+            pass
 
 
 def _interrupted() -> int:
