@@ -51,13 +51,19 @@ def crop_sample(rng: np.random.Generator, sample, cfg: FieldOfView = FieldOfView
     out = copy.copy(sample)
     out.image = np.ascontiguousarray(sample.image[r0:r0 + rows, c0:c0 + cols])
     out.masks = np.ascontiguousarray(np.asarray(sample.masks)[:, r0:r0 + rows, c0:c0 + cols])
+    extent = crop_extent(sample.image.shape[:2], (rows, cols), (sample.meta or {}).get("frame_extent"))
+    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols), "frame_extent": extent}
+    return out
+
+
+def crop_extent(slice_hw, crop_hw, extent=None) -> tuple[float, float]:
+    """A crop's share of the model's field of view: the slice's share (`extent`; a whole slice fills the frame)
+    scaled by the crop's share of the slice's rows and columns."""
     from ..model.processing import frame_shares
 
-    h, w = sample.image.shape[:2]
-    extent = (sample.meta or {}).get("frame_extent") or frame_shares((h, w))  # a whole slice fills the frame
-    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols),
-                "frame_extent": (extent[0] * rows / h, extent[1] * cols / w)}
-    return out
+    h, w = slice_hw
+    extent = extent or frame_shares((h, w))
+    return extent[0] * crop_hw[0] / h, extent[1] * crop_hw[1] / w
 
 
 def with_crops(stream, share: float, seed: int, cfg: FieldOfView = FieldOfView()):

@@ -73,7 +73,11 @@ def sample_extent(sample, config) -> tuple[float, float] | None:
     """A training slice's share of the model's field of view: a crop records its share (`data/field_of_view.py`);
     None (the slice fills the frame, its aspect kept: a whole generated slice, or any slice of a model without a
     physical field)."""
-    extent = (sample.meta or {}).get("frame_extent")
+    return shown_extent((sample.meta or {}).get("frame_extent"), config)
+
+
+def shown_extent(extent, config) -> tuple[float, float] | None:
+    """A recorded share of the field of view as the model uses it: None for a model without a physical field."""
     return tuple(extent) if extent is not None and config.field_of_view_mm else None
 
 

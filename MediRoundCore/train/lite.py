@@ -26,6 +26,7 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     from tqdm import tqdm
 
     from ..model.processing import segmenter_pixels
+    from .batching import shown_extent
 
     entries = range(pool.slices * pool.views if limit is None else min(limit, pool.slices * pool.views))
     before = cache.misses
@@ -33,7 +34,7 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     for entry in tqdm(entries, disable=not progress, desc="encoding", unit="view"):
         index, view = divmod(entry, pool.views)
         _, image, extent = pool_view(pool.split, pool.seed, index, view)
-        shown = extent if model.config.field_of_view_mm else None  # as train/batching.py: sample_extent
+        shown = shown_extent(extent, model.config)
         pending.append(segmenter_pixels(image.astype("float32") / 255.0, model.config, shown)[0])
         if len(pending) == batch:
             model.encode_segmenter_image(torch.stack(pending))

@@ -5,7 +5,8 @@ A pool entry is (slice index, view): the slice of generated training dialogue `i
 and, for view > 0, one domain-randomised view of it (data/augment.py: window, resolution, blur, noise, field
 of view; masks follow). A smaller field of view is cut out at the slice's scale, not magnified, and records its
 share of the model's field (`meta["frame_extent"]`), so a model with a physical field of view
-(`MediRoundConfig.field_of_view_mm`) sees its anatomy at the size it has in every other view. Each draw builds a new dialogue on the entry (the generator's relations, train
+(`MediRoundConfig.field_of_view_mm`) sees its anatomy at the size it has in every other view.
+Each draw builds a new dialogue on the entry (the generator's relations, train
 templates), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
 absent-target rounds (data/absent.py). The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
@@ -23,6 +24,7 @@ from ..data.absent import with_absent_rounds
 from ..data.augment import Randomization, randomize
 from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
+from ..data.field_of_view import crop_extent
 from ..data.paraphrase import rephrase_dialogue
 from ..data.splits import SPLITS, make_dialogue
 
@@ -47,12 +49,8 @@ def pool_view(split: str, seed: int, index: int, view: int):
     rng = np.random.default_rng([seed, index, view, 17])
     masks = np.stack([i.mask for i in sl.instances])
     image, masks = randomize(rng, sl.image, masks, sl.modality, sl.region, Randomization(keep_scale=True))
-    extent = None
-    if image.shape != sl.image.shape:  # a field-of-view crop at the slice's scale
-        from ..model.processing import frame_shares
-
-        whole = frame_shares(sl.image.shape[:2])
-        extent = (whole[0] * image.shape[0] / sl.image.shape[0], whole[1] * image.shape[1] / sl.image.shape[1])
+    # a field-of-view crop at the slice's scale records its share of the frame
+    extent = crop_extent(sl.image.shape[:2], image.shape[:2]) if image.shape != sl.image.shape else None
     instances = [dataclasses.replace(inst, mask=m, area=int(m.sum())) for inst, m in zip(sl.instances, masks)]
     return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8), extent
 
