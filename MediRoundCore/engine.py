@@ -26,6 +26,7 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
+from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
 from .reference_scorer import ReferenceScorer
@@ -60,7 +61,8 @@ class _SliceState:
     input_hw: tuple[int, int]
     image_tokens: torch.Tensor
     seg_pixels: torch.Tensor  # (3,S,S) segmenter input (a refining JCM correction looks at it)
-    extent: tuple[float, float] | None = None  # the slice's share of the model's field of view (frame_extent)
+    extent: tuple[float, float] | None = None  # the padded slice's share of the model's field of view
+    padding: FieldPadding = NO_PADDING  # what puts the slice at its place in the field (model/field_placement.py)
     cache: object = None  # transformers DynamicCache
     cache_len: int = 0
     # The session's rounds (the objects: an undone round and its redone successor share a number) whose tokens
@@ -214,8 +216,8 @@ class Engine:
             out = self.model.decode_masks(state.seg_embedding, raw, use_jcm=use_jcm, beta=beta,
                                           pixels=state.seg_pixels[None])
             logits = logits_to_slice(out.logits, state.input_hw, self.model.config.segmenter.image_size,
-                                     image.pixels.shape)
-            mask = (logits[0] > self.model.segmenter.mask_threshold).cpu().numpy()
+                                     state.pixels01.shape)
+            mask = state.padding.unpad((logits[0] > self.model.segmenter.mask_threshold).cpu().numpy())
             prompts = out.prompts
             jcm_score = None if out.scores is None else float(out.scores[0])
             corrected = bool(out.corrected[0]) if out.corrected is not None else False
@@ -244,15 +246,14 @@ class Engine:
         state = self._slices.get(key)
         if state is None:
             t = time.perf_counter()
-            pixels01 = image.normalized(self.model.config.ct_windows)
-            extent = image.frame_extent(self.model.config.field_of_view_mm)
+            pixels01, extent, padding = slice_in_field(image, self.model.config)
             seg_pixels, input_hw = segmenter_pixels(pixels01, self.model.config, extent)
             seg_embedding = self.model.encode_segmenter_image(seg_pixels[None])
             timings["segmenter_encoder_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             image_tokens = self.model.encode_image_tokens(vision_pixels(pixels01, self.model.config, extent)[None])
             timings["vision_tower_ms"] = (time.perf_counter() - t) * 1000
-            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens, seg_pixels, extent)
+            state = _SliceState(key, pixels01, seg_embedding, input_hw, image_tokens, seg_pixels, extent, padding)
             self._slices[key] = state
             while len(self._slices) > self._max_slices:
                 self._slices.popitem(last=False)
@@ -323,9 +324,8 @@ class Engine:
     def _reference_features(self, session, reference, state, image):
         """Crop (via the vision tower's CLS) and box features of the referenced round's mask, on its own slice."""
         ref = session.round(reference)
-        windows, fields = self.model.config.ct_windows, self.model.config.field_of_view_mm
         if (ref.view, ref.slice_index) == state.key[1:3]:
-            pixels01, extent = state.pixels01, state.extent
+            pixels01, extent, padding = state.pixels01, state.extent, state.padding
         else:
             if hasattr(session, "slice_image"):  # a server's session: the slices its client uploaded
                 other = session.slice_image(ref.view, ref.slice_index)
@@ -334,10 +334,11 @@ class Engine:
             else:
                 raise SessionError(f"round {reference} lies on another slice ({ref.view} {ref.slice_index}); attach "
                                    f"the volume to the session (session.volume) to refer to it")
-            pixels01, extent = other.normalized(windows), other.frame_extent(fields)
-        if ref.mask.shape != pixels01.shape:
-            raise SessionError(f"round {reference}'s mask has shape {ref.mask.shape}, its slice {pixels01.shape}")
-        crop_pixels, box = reference_inputs(pixels01, ref.mask, self.model.config, extent)
+            pixels01, extent, padding = slice_in_field(other, self.model.config)
+        if padding.padded_hw(ref.mask.shape) != pixels01.shape:
+            raise SessionError(f"round {reference}'s mask has shape {ref.mask.shape}, its slice "
+                               f"{padding.unpad(pixels01).shape}")
+        crop_pixels, box = reference_inputs(pixels01, padding.pad(ref.mask), self.model.config, extent)
         return self.model.encode_crops(crop_pixels[None]), self.model.encode_boxes(box[None])
 
     def _lm(self, embeds, state: _SliceState, forward_tokens):
@@ -404,14 +405,14 @@ def _holds_rounds(state: _SliceState, session: Session) -> bool:
 def _slice_key(session: Session, image: SliceImage, config) -> tuple:
     """What identifies a slice's caches: everything that changes its encoding (the session's volume, the view
     and voxel plane, the slice index and shape, the modality, the CT window the model sees it through and its
-    extent in the model's frame) and the
+    extent and place in the model's field) and the
     pixels themselves (a digest): on a server the volume fingerprint is only what a client claims, so encodings are
     never shared between slices whose pixels differ (another user's, or a re-upload)."""
     pixels = np.ascontiguousarray(image.pixels)
     digest = hashlib.blake2b(pixels.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
     return (session.volume_fingerprint, image.view, image.index, pixels.shape, str(pixels.dtype), image.axis,
             image.modality, image.ct_window(config.ct_windows), _rounded(image.frame_extent(config.field_of_view_mm)),
-            digest)
+            _rounded(image.frame_shift(config.field_of_view_mm)), digest)
 
 
 def _rounded(extent):

@@ -102,6 +102,8 @@ class SliceImage:
     spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) mm
     region: str | None = None  # CT body region of the volume (picks the window)
     window: tuple[float, float] | None = None  # explicit CT window (level, width); wins over the region's
+    # the slice centre's patient coordinates (mm) along the display's down and right directions; None: unknown
+    centre_mm: tuple[float, float] | None = None
 
     def to_plane(self, mask: np.ndarray) -> np.ndarray:
         """A display-oriented 2D mask back into the array plane (order of the remaining array axes)."""
@@ -123,6 +125,14 @@ class SliceImage:
             return None
         rows, cols = np.shape(self.pixels)
         return rows * float(self.spacing[0]) / field_mm, cols * float(self.spacing[1]) / field_mm
+
+    def frame_shift(self, fields_mm: dict | None) -> tuple[float, float] | None:
+        """The slice centre's offset from the patient origin, down and right, as shares of the model's field for
+        its region (`model/field_placement.py`), or None when `frame_extent` is None or the position unknown."""
+        field_mm = (fields_mm or {}).get(self.region) if self.region else None
+        if not field_mm or self.centre_mm is None:
+            return None
+        return float(self.centre_mm[0]) / field_mm, float(self.centre_mm[1]) / field_mm
 
     def ct_window(self, windows: dict | None = None) -> tuple[float, float] | None:
         """The (level, width) this slice is shown with: the explicit window, else its region's in `windows`
@@ -288,7 +298,21 @@ def extract_slice(volume: Volume, view: str, index: int) -> SliceImage:
         plane = plane[:, ::-1]
     spacing = (float(volume.spacing[row_axis]), float(volume.spacing[col_axis]))
     return SliceImage(as_slice_pixels(plane), view, int(index), axis, bool(transpose),
-                      bool(flip_rows), bool(flip_cols), volume.modality, spacing, volume.region, volume.window)
+                      bool(flip_rows), bool(flip_cols), volume.modality, spacing, volume.region, volume.window,
+                      _display_centre_mm(volume, axis, int(index), row_axis, col_axis, flip_rows, flip_cols))
+
+
+def _display_centre_mm(volume: Volume, axis: int, index: int, row_axis: int, col_axis: int, flip_rows: bool,
+                       flip_cols: bool) -> tuple[float, float]:
+    """The patient coordinates (mm) of a displayed slice's centre along its down and right directions: the
+    centre voxel position projected on the in-plane voxel axes as the display orients them."""
+    size = volume.array.shape[::-1]  # voxels along i, j, k
+    ijk = [(n - 1) / 2.0 for n in size]
+    ijk[axis] = float(index)
+    centre = volume.ijk_to_lps() @ np.r_[ijk, 1.0]
+    down = volume.direction[:, row_axis] * (-1.0 if flip_rows else 1.0)
+    right = volume.direction[:, col_axis] * (-1.0 if flip_cols else 1.0)
+    return float(centre[:3] @ down), float(centre[:3] @ right)
 
 
 def mask_into_volume(volume: Volume, slice_image: SliceImage, mask: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@
 # hard split with the product's references scored 81.7 against 88.2 with the dataset's. N's steps 1-250 ran before
 # repeated-structure rounds kept their reference under --product-references (2d36077); it was resumed from step 250.
 # N was not shipped: no gain with the product's references, and a reach-back of the demo answered with its reference.
+# Phase O (runs/tiny15, from L, L's data) shows every crop where it lay in the whole slice, as the engine now shows
+# a cropped scan at its place in patient coordinates (model/field_placement.py) instead of centring it.
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -74,4 +76,7 @@ case $PHASE in
        --steps "${STEPS:-600}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.3 --absent 0.12 --paraphrase 0.3 --repeat 0.25 \
        --product-references 0.5 ;;
+  O) exec nice -n -5 .venv/bin/mediround train --out runs/tiny15 --stage 1 --init runs/tiny12/stage1/checkpoint \
+       --steps "${STEPS:-400}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
 esac

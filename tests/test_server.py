@@ -121,6 +121,32 @@ def test_a_slice_is_seen_through_the_same_ct_window_as_locally(server, volume, t
     assert not np.array_equal(other.mask, local.rounds[0].mask)
 
 
+def test_a_cropped_scan_lies_in_the_field_as_locally(server, tmp_path):
+    """A field of view cut out of the demo scan, off the patient origin: the slice's place in patient coordinates
+    travels with the upload, so the server pads it into the model's field as the local engine does (the same
+    masks), and a server that lost it would answer otherwise (the place changes the answer)."""
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.evaluate.demo_variants import demo_variant
+
+    vol, _, index, dialogue = demo_variant("cut_200x160_offcentre")
+    image = extract_slice(vol, "axial", index)
+    assert image.centre_mm is not None and abs(image.centre_mm[1]) > 10
+    local_engine = Engine.load()
+    local, remote = open_session(None, vol), open_session(tmp_path / "client", vol)
+    engine = RemoteEngine.connect(server.url, token=ALICE)
+    for step in dialogue[:2]:
+        reference = None if step.get("refers_to") is None else step["refers_to"] + 1
+        mine = local_engine.ask(local, step["query"], image, reference=reference).round
+        theirs = engine.ask(remote, step["query"], image, reference=reference).round
+        assert theirs.answer == mine.answer
+        np.testing.assert_array_equal(theirs.mask, mine.mask)
+    import dataclasses
+
+    centred = dataclasses.replace(image, centre_mm=None)
+    other = local_engine.ask(open_session(None, vol), dialogue[0]["query"], centred).round
+    assert not np.array_equal(other.mask, local.rounds[0].mask)
+
+
 def test_undo_on_both_sides_and_a_reconnect_resumes(server, volume, tmp_path):
     vol = other_volume(volume, 1)
     session = open_session(tmp_path / "client", vol)

@@ -7,7 +7,9 @@ slice: each side an independent share of the slice (so most crops are non-square
 keeping every mask of the dialogue whole with a margin, and so often cutting the body outline. The crop records
 its share of the slice's field of view (`meta["frame_extent"]`): a model with a physical field of view
 (`MediRoundConfig.field_of_view_mm`) sees it at the training scale, padded, as it sees a real scan's slice of
-that extent; one without fills its frame with it.
+that extent; one without fills its frame with it. It also records where its centre lies in the field
+(`meta["frame_shift"]`): such a model sees it where it lay in the whole slice (`model/field_placement.py`), as it
+sees a cropped scan at its place in patient coordinates.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def crop_sample(rng: np.random.Generator, sample, cfg: FieldOfView = FieldOfView
     out.image = np.ascontiguousarray(sample.image[r0:r0 + rows, c0:c0 + cols])
     out.masks = np.ascontiguousarray(np.asarray(sample.masks)[:, r0:r0 + rows, c0:c0 + cols])
     extent = crop_extent(sample.image.shape[:2], (rows, cols), (sample.meta or {}).get("frame_extent"))
-    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols), "frame_extent": extent}
+    shift = crop_shift(sample.image.shape[:2], (r0, c0, rows, cols), (sample.meta or {}).get("frame_extent"),
+                       (sample.meta or {}).get("frame_shift"))
+    out.meta = {**(sample.meta or {}), "field_of_view": (r0, c0, rows, cols), "frame_extent": extent,
+                "frame_shift": shift}
     return out
 
 
@@ -64,6 +69,20 @@ def crop_extent(slice_hw, crop_hw, extent=None) -> tuple[float, float]:
     h, w = slice_hw
     extent = extent or frame_shares((h, w))
     return extent[0] * crop_hw[0] / h, extent[1] * crop_hw[1] / w
+
+
+def crop_shift(slice_hw, box, extent=None, shift=None) -> tuple[float, float]:
+    """A crop's centre, down and right of the field's centre, in shares of the field (`SliceImage.frame_shift`):
+    the slice's own (`shift`; a generated slice is centred on the patient origin) plus the crop centre's offset
+    from the slice centre (`box` (row0, col0, rows, cols) in slice pixels)."""
+    from ..model.processing import frame_shares
+
+    h, w = slice_hw
+    r0, c0, rows, cols = box
+    extent = extent or frame_shares((h, w))
+    base = shift or (0.0, 0.0)
+    return (float(base[0]) + (r0 + rows / 2 - h / 2) * extent[0] / h,
+            float(base[1]) + (c0 + cols / 2 - w / 2) * extent[1] / w)
 
 
 def with_crops(stream, share: float, seed: int, cfg: FieldOfView = FieldOfView()):

@@ -357,6 +357,8 @@ class RemoteEngine:
             params["region"] = meta["region"]
         if meta["window"] is not None:
             params["window_level"], params["window_width"] = meta["window"]
+        if meta["centre_mm"] is not None:  # where the slice lies in the model's field, as in a local Ask
+            params["centre_row_mm"], params["centre_col_mm"] = meta["centre_mm"]
         payload = array_to_npy(piece.pixels)
         limit = int(self.info.get("max_request_bytes") or 0)
         if limit and len(payload) > limit:  # the server would refuse it unread (and cut the connection)

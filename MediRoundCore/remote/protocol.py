@@ -77,7 +77,8 @@ def slice_meta(image) -> dict:
     return {"axis": int(image.axis), "transpose": bool(image.transpose), "flip_rows": bool(image.flip_rows),
             "flip_cols": bool(image.flip_cols), "modality": str(image.modality),
             "spacing": [float(s) for s in image.spacing], "region": image.region,
-            "window": None if image.window is None else [float(v) for v in image.window]}
+            "window": None if image.window is None else [float(v) for v in image.window],
+            "centre_mm": None if image.centre_mm is None else [float(v) for v in image.centre_mm]}
 
 
 # -- masks and rounds -----------------------------------------------------------------------------------------

@@ -185,6 +185,8 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
                         region: str | None = Query(None, pattern="^(abdomen|chest|brain)$"),
                         window_level: float | None = Query(None, ge=-1e5, le=1e5),
                         window_width: float | None = Query(None, gt=0, le=1e5),
+                        centre_row_mm: float | None = Query(None, ge=-1e6, le=1e6),
+                        centre_col_mm: float | None = Query(None, ge=-1e6, le=1e6),
                         user: str = Depends(current_user)):
         if view not in VIEWS or not 0 <= index <= 100000:
             raise Refused(400, "bad_slice", f"unknown view {view!r} or slice index {index}")
@@ -200,8 +202,11 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         if (window_level is None) != (window_width is None):
             raise Refused(400, "bad_slice", "a CT window needs both window_level and window_width")
         window = None if window_level is None else (window_level, window_width)
+        if (centre_row_mm is None) != (centre_col_mm is None):
+            raise Refused(400, "bad_slice", "a slice centre needs both centre_row_mm and centre_col_mm")
+        centre = None if centre_row_mm is None else (centre_row_mm, centre_col_mm)
         image = SliceImage(as_slice_pixels(pixels), view, index, axis, transpose, flip_rows, flip_cols, modality,
-                           (spacing_row, spacing_col), region, window)
+                           (spacing_row, spacing_col), region, window, centre)
 
         def store_slice():
             session = store.get(sid, user)

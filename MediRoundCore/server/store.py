@@ -62,7 +62,8 @@ class ServerSession(Session):
         meta = json.dumps({"axis": image.axis, "transpose": image.transpose, "flip_rows": image.flip_rows,
                            "flip_cols": image.flip_cols, "modality": image.modality,
                            "spacing": list(image.spacing), "region": image.region,
-                           "window": None if image.window is None else list(image.window)})
+                           "window": None if image.window is None else list(image.window),
+                           "centre_mm": None if image.centre_mm is None else list(image.centre_mm)})
         np.savez(buffer, pixels=as_slice_pixels(image.pixels), meta=np.array(meta))
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
@@ -82,7 +83,8 @@ class ServerSession(Session):
         image = SliceImage(pixels, view, int(index), int(meta["axis"]), bool(meta["transpose"]),
                            bool(meta["flip_rows"]), bool(meta["flip_cols"]), meta["modality"],
                            tuple(meta["spacing"]), meta.get("region"),
-                           None if meta.get("window") is None else tuple(meta["window"]))
+                           None if meta.get("window") is None else tuple(meta["window"]),
+                           None if meta.get("centre_mm") is None else tuple(meta["centre_mm"]))
         if self.slice_cache is not None:
             self.slice_cache.put(key, image)
         return image

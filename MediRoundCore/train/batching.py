@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..answers import strip_seg
+from ..model.field_placement import field_padding
 from ..model.processing import (PromptBuilder, masks_to_segmenter_frame, reference_inputs, segmenter_pixels,
                                 vision_pixels)
 from .reference_noise import perturb_reference
@@ -81,6 +82,17 @@ def shown_extent(extent, config) -> tuple[float, float] | None:
     return tuple(extent) if extent is not None and config.field_of_view_mm else None
 
 
+def sample_in_field(sample, config) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
+    """A training slice and its masks as the model sees them, padded to the crop's place in the field
+    (`model/field_placement.py`, the engine's `_in_field`), and the padded slice's share of the field."""
+    extent = sample_extent(sample, config)
+    shift = (sample.meta or {}).get("frame_shift") if extent is not None else None
+    padding = field_padding(np.shape(sample.image)[:2], extent, shift)
+    masks = np.asarray(sample.masks, dtype=bool)
+    return (padding.pad(sample.image), padding.pad(masks),
+            padding.padded_extent(np.shape(sample.image)[:2], extent))
+
+
 def make_batch(samples, builder: PromptBuilder, config, reference_noise: float = 0.0,
                rng: np.random.Generator | None = None) -> Batch:
     """Tensors of one step; each reference mask is perturbed with probability `reference_noise` (uses `rng`)."""
@@ -92,19 +104,18 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
         ids, labels, positions = sample_tokens(sample, builder)
         rows.append((ids, labels))
         seg_pos += [(b, p) for p in positions]
-        extent = sample_extent(sample, config)
-        px, hw = segmenter_pixels(sample.image, config, extent)
+        image, masks, extent = sample_in_field(sample, config)
+        px, hw = segmenter_pixels(image, config, extent)
         seg_px.append(px)
         valid.append(hw)
-        vis_px.append(vision_pixels(sample.image, config, extent))
-        masks = np.asarray(sample.masks, dtype=bool)
+        vis_px.append(vision_pixels(image, config, extent))
         targets.append(masks_to_segmenter_frame(masks[segmented_rounds(sample)], hw, size))
         for ref in sample.ref_indices:
             if ref is not None:
                 ref_mask = masks[ref]
                 if reference_noise and rng.uniform() < reference_noise:
                     ref_mask = perturb_reference(ref_mask, rng)
-                crop, box = reference_inputs(sample.image, ref_mask, config, extent)
+                crop, box = reference_inputs(image, ref_mask, config, extent)
                 crops.append(crop)
                 boxes.append(box)
     length = max(len(ids) for ids, _ in rows)
