@@ -110,9 +110,9 @@ def test_pool_crops_record_their_share_of_the_frame():
 
     found = 0
     for index in range(12):
-        plain, plain_image, none = pool_view("train", 0, index, 0)
-        assert none is None
-        sl, image, extent = pool_view("train", 0, index, 1)
+        plain, plain_image, none, no_shift = pool_view("train", 0, index, 0)
+        assert none is None and no_shift is None
+        sl, image, extent, shift = pool_view("train", 0, index, 1)
         if extent is None:
             assert image.shape == plain_image.shape
             continue
@@ -124,4 +124,28 @@ def test_pool_crops_record_their_share_of_the_frame():
         sample = next(s for s in (pool_sample(PoolConfig(slices=12), 2 * index + 1, d) for d in range(1, 30))
                       if s is not None)
         assert sample.meta["frame_extent"] == extent and sample.image.shape == image.shape
+        assert sample.meta["frame_shift"] == shift
+        _assert_shown_where_it_lay(plain, plain_image, sl, image, extent, shift)
     assert found > 0
+
+
+def _assert_shown_where_it_lay(plain, plain_image, sl, image, extent, shift):
+    """A pool crop, padded to its place as the batcher and the pool encoder pad it, has every instance mask
+    exactly where the plain view has it in the frame (inside the crop's window; nothing outside it)."""
+    from MediRoundCore.model import tiny_config
+    from MediRoundCore.model.field_placement import field_padding
+    from MediRoundCore.model.processing import frame_shares, masks_to_segmenter_frame, segmenter_pixels
+
+    config = tiny_config()
+    size = config.segmenter.image_size
+    padding = field_padding(image.shape, extent, shift)
+    shown = padding.padded_extent(image.shape, extent)
+    padded_shape = padding.padded_hw(image.shape)
+    hw = segmenter_pixels(np.zeros(padded_shape, np.float32), config, shown)[1]
+    window = masks_to_segmenter_frame(padding.pad(np.ones((1,) + image.shape, bool)), hw, size)[0] > 0
+    plain_hw = segmenter_pixels(plain_image.astype(np.float32), config, frame_shares(plain_image.shape))[1]
+    assert int(window.sum()) == image.shape[0] * image.shape[1]
+    for crop_inst, plain_inst in zip(sl.instances, plain.instances):
+        framed = masks_to_segmenter_frame(padding.pad(crop_inst.mask[None]), hw, size)[0]
+        whole = masks_to_segmenter_frame(plain_inst.mask[None], plain_hw, size)[0]
+        assert torch.equal(framed[window], whole[window]) and not framed[~window].any()

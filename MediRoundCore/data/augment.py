@@ -79,6 +79,12 @@ def randomize(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, mo
               cfg: Randomization = Randomization()) -> tuple[np.ndarray, np.ndarray]:
     """(display image in [0,1] float32, masks (R,·,·) bool) of one randomised view of a raw slice: the slice's
     shape, or with `cfg.keep_scale` the field-of-view crop's (its share of the slice is the shape ratio)."""
+    return randomized_view(rng, image, masks, modality, region, cfg)[:2]
+
+
+def randomized_view(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, modality: str, region: str,
+                    cfg: Randomization = Randomization()):
+    """`randomize`, and the field-of-view crop's box (row0, col0, rows, cols) in the slice, or None."""
     masks = np.asarray(masks, bool)
     shape = image.shape
     out = display_window(rng, np.asarray(image, np.float64), modality, region, cfg)
@@ -101,7 +107,7 @@ def randomize(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, mo
     sd = rng.uniform(*cfg.noise)
     if sd > 0:
         out = out + rng.normal(0, sd, shape)
-    return np.clip(out, 0, 1).astype(np.float32), masks
+    return np.clip(out, 0, 1).astype(np.float32), masks, box
 
 
 def randomize_sample(rng: np.random.Generator, dlg, sample, cfg: Randomization = Randomization()):

@@ -25,6 +25,7 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     """Encode every pool view not yet in the cache; returns how many were encoded."""
     from tqdm import tqdm
 
+    from ..model.field_placement import field_padding
     from ..model.processing import segmenter_pixels
     from .batching import shown_extent
 
@@ -33,9 +34,11 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     pending = []
     for entry in tqdm(entries, disable=not progress, desc="encoding", unit="view"):
         index, view = divmod(entry, pool.views)
-        _, image, extent = pool_view(pool.split, pool.seed, index, view)
-        shown = shown_extent(extent, model.config)
-        pending.append(segmenter_pixels(image.astype("float32") / 255.0, model.config, shown)[0])
+        _, image, extent, shift = pool_view(pool.split, pool.seed, index, view)
+        shown = shown_extent(extent, model.config)  # placed as the batcher places it (batching.sample_in_field)
+        padding = field_padding(image.shape, shown, shift if shown is not None else None)
+        pending.append(segmenter_pixels(padding.pad(image.astype("float32") / 255.0), model.config,
+                                        padding.padded_extent(image.shape, shown))[0])
         if len(pending) == batch:
             model.encode_segmenter_image(torch.stack(pending))
             pending = []

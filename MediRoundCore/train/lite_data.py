@@ -21,10 +21,10 @@ from functools import lru_cache
 import numpy as np
 
 from ..data.absent import with_absent_rounds
-from ..data.augment import Randomization, randomize
+from ..data.augment import Randomization, randomized_view
 from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
-from ..data.field_of_view import crop_extent
+from ..data.field_of_view import crop_extent, crop_shift
 from ..data.paraphrase import rephrase_dialogue
 from ..data.splits import SPLITS, make_dialogue
 
@@ -42,23 +42,25 @@ class PoolConfig:
 @lru_cache(maxsize=256)
 def pool_view(split: str, seed: int, index: int, view: int):
     """(AnatomySlice with the view's instance masks, display image uint8, share of the whole slice's frame
-    (rows, cols), None for the whole slice) of one pool entry."""
+    (rows, cols), place of its centre in the field (`SliceImage.frame_shift`); both None for the whole slice) of
+    one pool entry."""
     sl = make_dialogue(split, seed, index).slice
     if view == 0:
-        return sl, np.round(sl.display() * 255).astype(np.uint8), None
+        return sl, np.round(sl.display() * 255).astype(np.uint8), None, None
     rng = np.random.default_rng([seed, index, view, 17])
     masks = np.stack([i.mask for i in sl.instances])
-    image, masks = randomize(rng, sl.image, masks, sl.modality, sl.region, Randomization(keep_scale=True))
-    # a field-of-view crop at the slice's scale records its share of the frame
-    extent = crop_extent(sl.image.shape[:2], image.shape[:2]) if image.shape != sl.image.shape else None
+    image, masks, box = randomized_view(rng, sl.image, masks, sl.modality, sl.region, Randomization(keep_scale=True))
+    # a field-of-view crop at the slice's scale records its share of the frame and its place in it
+    extent = None if box is None else crop_extent(sl.image.shape[:2], image.shape[:2])
+    shift = None if box is None else crop_shift(sl.image.shape[:2], box)
     instances = [dataclasses.replace(inst, mask=m, area=int(m.sum())) for inst, m in zip(sl.instances, masks)]
-    return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8), extent
+    return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8), extent, shift
 
 
 def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     """Dialogue `draw` on pool entry `entry` (None when that view supports no dialogue of the drawn length)."""
     index, view = divmod(entry, cfg.views)
-    sl, image, extent = pool_view(cfg.split, cfg.seed, index, view)
+    sl, image, extent, shift = pool_view(cfg.split, cfg.seed, index, view)
     p = SPLITS[cfg.split]
     rng = np.random.default_rng([cfg.seed, entry, draw, 29])
     policy = DialoguePolicy(p.use_reserved, p.p_reach_back, p.p_distractor, p.p_first_inferential)
@@ -72,7 +74,7 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
                     masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
                     ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
                     meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality,
-                          **({} if extent is None else {"frame_extent": extent})})
+                          **({} if extent is None else {"frame_extent": extent, "frame_shift": shift})})
     return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
 
 
