@@ -2,7 +2,8 @@
 
 Each mutant is one realistic one-line bug in a core module (slice extraction and display orientation, masks back
 into the volume, the volume fingerprint, the CT window, the model's square frame and box, mask unpadding, the
-slice-range check, reference resolution, the Slicer plane finder, the language model's one-token decoding step). Mutants are applied one at a time to a copy of
+slice-range check, reference resolution, the Slicer plane finder, the language model's one-token decoding step,
+a slice's place in the model's field). Mutants are applied one at a time to a copy of
 the working tree (this checkout is never changed); the guard tests run against each with `-x`, and a mutant is
 *killed* when a test fails. The report names each mutant, its kind, and the first test that failed (or SURVIVED).
 
@@ -32,6 +33,7 @@ GUARD_TESTS = [
     "tests/test_geometry_properties.py",
     "tests/test_model_frame.py",
     "tests/test_physical_frame.py",
+    "tests/test_field_placement.py",
     "tests/test_session.py",
     "tests/test_reference_scorer.py",
     "tests/test_model.py",
@@ -61,6 +63,7 @@ IMAGING, PROCESSING, REFERENCES = "MediRoundCore/imaging.py", "MediRoundCore/mod
     "MediRoundCore/references.py"
 GEOMETRY = "MediRoundSlicer/MediRoundLib/geometry.py"
 DECODE_STEP = "MediRoundCore/model/decode_step.py"
+PLACEMENT = "MediRoundCore/model/field_placement.py"
 
 MUTANTS = [
     # -- the bugs of issue 26 ---------------------------------------------------------------------------------
@@ -220,6 +223,23 @@ MUTANTS = [
            "logits, hidden = step(embeds, state.cache, state.cache_len)",
            "logits, hidden = step(embeds, state.cache, state.cache_len + 1)",
            "each answer token encoded one position too far"),
+    # -- a slice's place in the model's field (model/field_placement.py, imaging.py) ---------------------------
+    Mutant("placement-wrong-side", "placement", PLACEMENT,
+           "pads += [(wanted, 0) if offset > 0 else (0, wanted)]",
+           "pads += [(0, wanted) if offset > 0 else (wanted, 0)]",
+           "a crop padded on the side away from its place (mirrored about the field's centre)"),
+    Mutant("placement-centre-unflipped", "placement", IMAGING,
+           "right = volume.direction[:, col_axis] * (-1.0 if flip_cols else 1.0)",
+           "right = volume.direction[:, col_axis]",
+           "a slice's place read along the stored column axis, not the displayed one (flipped volumes)"),
+    Mutant("placement-unpad-late", "placement", PLACEMENT,
+           "return array[..., self.top:h - self.bottom, self.left:w - self.right]",
+           "return array[..., self.bottom:h - self.top, self.right:w - self.left]",
+           "the padding taken off the mask from the wrong sides"),
+    Mutant("placement-not-trained", "placement", "MediRoundCore/train/batching.py",
+           'shift = (sample.meta or {}).get("frame_shift") if extent is not None else None',
+           "shift = None",
+           "training crops shown centred while the engine shows a scan's crop at its place"),
 ]
 
 

@@ -26,6 +26,27 @@ def test_chest_dialogue(case):
     assert 0.03 < lungs["left lung"].mean() < 0.3 and 0.03 < lungs["right lung"].mean() < 0.3
 
 
+@pytest.mark.parametrize("case", ["lung1", "lung2", "brain2"])
+def test_a_real_slice_is_evaluated_as_a_users_ask_shows_it(case):
+    """The evaluator's slice of a real case (`protocol.sample_image`) meets the model exactly as the slice a user
+    asks on in Slicer (`extract_slice` of the file): same pixels in [0,1], share of the field and padding to its
+    place in patient coordinates. Before, the evaluator's slice filled the frame: a 292-mm chest CT was magnified
+    1.3x, which no user's Ask does."""
+    from MediRoundCore.evaluate.protocol import sample_image
+    from MediRoundCore.model import tiny_config
+    from MediRoundCore.model.field_placement import slice_in_field
+
+    config = tiny_config()
+    sample = real_sample(case)
+    asked = extract_slice(load_volume(DATA / f"{case}_image.nrrd", modality=CASES[case]), "axial",
+                          sample.meta["slice"])
+    evaluated = slice_in_field(sample_image(sample), config)
+    shown = slice_in_field(asked, config)
+    assert np.array_equal(evaluated[0], shown[0]) and evaluated[1:] == shown[1:]
+    if CASES[case] == "CT":
+        assert shown[1] is not None and shown[1] != (1.0, 1.0)  # at the physical scale, not filling the frame
+
+
 @pytest.mark.parametrize("case", ["brain1", "brain2", "breast1"])
 def test_mr_dialogue(case):
     sample = real_sample(case)

@@ -99,7 +99,7 @@ def real_sample(case: str, data_dir: str | Path | None = None) -> Sample:
     image = extract_slice(volume, "axial", index)
     label = extract_slice(label_volume, "axial", index).pixels > 0
     meta = {"source": SOURCE, "case": case, "slice": index, "view": "axial", "modality": modality,
-            "window": image.ct_window()}
+            "window": image.ct_window(), "geometry": slice_geometry(image)}
     if modality == "CT":
         lungs = lung_masks(image.pixels)
         if lungs:
@@ -153,8 +153,14 @@ def mni152_sample(folder: str | Path) -> Sample:
                   answers=[format_answer(side, "brain tissue on that side of the midline") for side in sides],
                   masks=np.stack(masks), ref_indices=[None, 0], entities=sides,
                   meta={"source": "nilearn-0.14.1 ICBM152 2009a", "case": "mni152", "slice": index, "view": "axial",
-                        "modality": "MR", "window": None,
+                        "modality": "MR", "window": None, "geometry": slice_geometry(image),
                         "label_sources": ["ICBM152 grey+white matter maps, midline split"] * 2})
+
+
+def slice_geometry(image) -> dict:
+    """What places a real slice in a model's field as the product does (`evaluate.protocol.sample_image`)."""
+    return {"spacing": [float(v) for v in image.spacing], "region": image.region,
+            "centre_mm": None if image.centre_mm is None else [float(v) for v in image.centre_mm]}
 
 
 def _largest_piece(mask: np.ndarray) -> np.ndarray:

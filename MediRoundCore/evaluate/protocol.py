@@ -82,10 +82,15 @@ def parse_configs(items) -> list[EvalConfig]:
 
 # -- samples ------------------------------------------------------------------------------------------------
 def sample_image(sample) -> SliceImage:
-    """The sample's [0,1] image as a slice whose normalisation is the identity (modality 'normalized')."""
+    """The sample's [0,1] image as a slice whose normalisation is the identity (modality 'normalized'). A slice of
+    a real scan (`meta["geometry"]`: its pixel spacing, CT body region and place in patient coordinates) keeps
+    them, so the model sees it at the scale and place a user's Ask on that scan gets (model/field_placement.py)."""
     pixels = np.asarray(sample.image, dtype=np.float32)
+    geometry = (sample.meta or {}).get("geometry") or {}
+    centre = geometry.get("centre_mm")
     return SliceImage(pixels=pixels, view="axial", index=0, axis=2, transpose=False, flip_rows=False,
-                      flip_cols=False, modality="normalized")
+                      flip_cols=False, modality="normalized", spacing=tuple(geometry.get("spacing", (1.0, 1.0))),
+                      region=geometry.get("region"), centre_mm=None if centre is None else tuple(centre))
 
 
 def sample_fingerprint(sample) -> str:
