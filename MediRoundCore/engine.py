@@ -381,9 +381,14 @@ class Engine:
         return state
 
     def slice_embedding(self, session: Session, image: SliceImage) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The cached segmenter image embedding (1,C,g,g) of a slice asked on, and its unpadded extent."""
+        """The cached segmenter image embedding (1,C,g,g) of a slice asked on, and the extent in the frame of the
+        slice as it was shown (padded to its place in the field: `slice_padding`), before the frame's padding."""
         state = self._asked_state(session, image)
         return state.seg_embedding, state.input_hw
+
+    def slice_padding(self, session: Session, image: SliceImage) -> FieldPadding:
+        """What put a slice asked on at its place in the model's field (pad its masks with it to frame them)."""
+        return self._asked_state(session, image).padding
 
     def slice_pixels(self, session: Session, image: SliceImage) -> torch.Tensor:
         """The cached (3,S,S) segmenter input of a slice asked on."""

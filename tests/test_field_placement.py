@@ -137,6 +137,11 @@ def test_the_padding_stays_inside_the_field(h, w, er, ec, sy, sx):
     pr, pc = padding.padded_extent((h, w), (er, ec))
     longest = max(er, ec, 1.0)
     assert pr <= longest * (1 + 1e-6) + er / h and pc <= longest * (1 + 1e-6) + ec / w
+    scale = 1 / max(er, ec, 1.0)
+    if abs(sy) * scale + er * scale / 2 > 0.5 + er * scale / h:
+        assert padding.top == padding.bottom == 0  # reaches outside the field: centred
+    if abs(sx) * scale + ec * scale / 2 > 0.5 + ec * scale / w:
+        assert padding.left == padding.right == 0
     assert (padding.top == 0 or sy > 0) and (padding.bottom == 0 or sy < 0)
     assert (padding.left == 0 or sx > 0) and (padding.right == 0 or sx < 0)
     array = np.arange(h * w, dtype=np.float32).reshape(h, w)
@@ -147,10 +152,21 @@ def test_the_padding_stays_inside_the_field(h, w, er, ec, sy, sx):
     assert field_padding((h, w), None, (sy, sx)) == field_padding((h, w), (er, ec), None) == NO_PADDING
 
 
-def test_a_slice_far_from_the_patient_origin_is_clamped_to_the_fields_edge():
-    padding = field_padding((100, 200), (0.5, 0.5), (5.0, -5.0))
-    assert (padding.top, padding.bottom, padding.left, padding.right) == (100, 0, 0, 200)
-    assert padding.padded_extent((100, 200), (0.5, 0.5)) == pytest.approx((1.0, 1.0))
+def test_a_slice_reaching_outside_the_origin_centred_field_is_centred_along_that_axis():
+    """A scan not centred on the patient origin (pyradiomics' lung1: 512 px of 0.57 mm, its centre 179 mm
+    anterior of the origin) is centred along that axis, as before, not pushed against the frame's edge; along the
+    other axis, where it lies inside the field, it still goes to its place."""
+    mm = 0.5703125
+    field = CFG.field_of_view_mm["chest"]
+    extent = (512 * mm / field, 512 * mm / field)
+    padding = field_padding((512, 512), extent, (-179.3 / field, -12.0 / field))
+    assert (padding.top, padding.bottom) == (0, 0)
+    assert (padding.left, padding.right) == (0, round(2 * 12.0 / mm))
+    # a crop of its posterior half reaches outside the field too: centred, as the whole slice is
+    assert field_padding((256, 512), (256 * mm / field, extent[1]), ((-179.3 + 73.0) / field, 0.0)).top == 0
+    # inside the field (a scan centred on the origin): to its place, by exactly twice its offset
+    inside = field_padding((256, 512), (256 * mm / field, extent[1]), (73.0 / field, 0.0))
+    assert (inside.top, inside.bottom) == (round(2 * 73.0 / mm), 0)
 
 
 def test_training_crops_are_shown_where_they_lay_in_the_whole_slice():

@@ -35,6 +35,32 @@ def predicted(engine, samples):
     return collect_predicted(engine, samples)
 
 
+def test_predicted_targets_lie_where_the_engine_showed_a_placed_slice(engine, samples):
+    """A sample of a real scan's slice (`meta["geometry"]`: a CT region and a place off the field's centre) is
+    padded to its place before the engine frames it; the collected targets are padded the same way: each target
+    covers the bright square the segmenter input shows (the image is the first round's mask)."""
+    import copy
+
+    sample = copy.copy(samples[0])
+    mask = np.zeros((120, 100), bool)
+    mask[40:70, 30:60] = True
+    sample.image = mask.astype(np.float32)
+    sample.masks = np.stack([mask] * sample.num_rounds)
+    sample.meta = {**(sample.meta or {}), "geometry": {"spacing": [1.5, 1.5], "region": "abdomen",
+                                                       "centre_mm": [60.0, -70.0]}}
+    features = collect_predicted(engine, [sample])
+    target = features.batch(torch.arange(sample.num_rounds)).targets[0] > 0
+    shown = sample_image(sample)
+    from MediRoundCore.model.field_placement import slice_in_field
+    from MediRoundCore.model.processing import segmenter_pixels
+
+    pixels, extent, padding = slice_in_field(shown, engine.model.config)
+    assert not padding.none and padding.left == 0 and padding.top > 0  # below and left of the field's centre
+    bright = segmenter_pixels(pixels, engine.model.config, extent)[0][0] > 0.5
+    overlap = (target & bright).sum() / (target | bright).sum()  # resampled into the frame: edges may differ
+    assert bright.sum() > 0 and overlap > 0.9, float(overlap)
+
+
 def test_predicted_features_are_the_protocols_rounds(engine, samples, predicted):
     assert len(predicted) == sum(s.num_rounds for s in samples) and predicted.num_dialogues == len(samples)
     size = engine.model.config.segmenter.image_size

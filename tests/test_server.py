@@ -145,6 +145,49 @@ def test_a_cropped_scan_lies_in_the_field_as_locally(server, tmp_path):
     centred = dataclasses.replace(image, centre_mm=None)
     other = local_engine.ask(open_session(None, vol), dialogue[0]["query"], centred).round
     assert not np.array_equal(other.mask, local.rounds[0].mask)
+    # a server that does not use the place is refused by the client, not silently answered otherwise
+    older = RemoteEngine.connect(server.url, token=ALICE)
+    del older.info["slice_placement"]
+    with pytest.raises(RemoteError, match="older than the MediRound client") as caught:
+        older.ask(open_session(None, other_volume(vol, 3)), dialogue[0]["query"], image)
+    assert caught.value.code == "server_too_old"
+
+
+def test_a_slice_stored_without_its_place_is_uploaded_again(tmp_path):
+    """A server upgraded over sessions whose slices were stored without their place in patient coordinates
+    treats those slices as missing: the client uploads them again, and the answer is the local engine's."""
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.evaluate.demo_variants import demo_variant
+
+    vol, _, index, dialogue = demo_variant("cut_200x160_offcentre")
+    image = extract_slice(vol, "axial", index)
+    sessions, tokens = tmp_path / "sessions", write_tokens(tmp_path)
+    first = ServerProcess(sessions, tokens=tokens)
+    try:
+        RemoteEngine.connect(first.url, token=ALICE).ask(open_session(tmp_path / "client", vol),
+                                                         dialogue[0]["query"], image)
+    finally:
+        first.stop()
+    (stored,) = sessions.rglob("slices/*.npz")
+    with np.load(stored, allow_pickle=False) as data:
+        pixels, meta = data["pixels"], json.loads(str(data["meta"]))
+    del meta["centre_mm"]  # as a server before placement stored it
+    with open(stored, "wb") as handle:
+        np.savez(handle, pixels=pixels, meta=np.array(json.dumps(meta)))
+    upgraded = ServerProcess(sessions, tokens=tokens)
+    try:
+        resumed = open_session(tmp_path / "client", vol)
+        theirs = RemoteEngine.connect(upgraded.url, token=ALICE).ask(resumed, dialogue[1]["query"], image,
+                                                                     reference=1).round
+    finally:
+        upgraded.stop()
+    local = open_session(None, vol)
+    engine = Engine.load()
+    engine.ask(local, dialogue[0]["query"], image)
+    mine = engine.ask(local, dialogue[1]["query"], image, reference=1).round
+    np.testing.assert_array_equal(theirs.mask, mine.mask)
+    with np.load(stored, allow_pickle=False) as data:
+        assert json.loads(str(data["meta"]))["centre_mm"] == list(image.centre_mm)
 
 
 def test_undo_on_both_sides_and_a_reconnect_resumes(server, volume, tmp_path):

@@ -5,9 +5,12 @@ the rest of its square frame black. Centring every such slice made a crop of a s
 place than the same anatomy in the whole slice: the tiny model's 16-px patches then cut it at another phase,
 and its answer moved by more than a crop should move it (issue 26; `runs/probe/frame_phase.py`: the same crop
 placed 0-15 px apart scored 0.81-0.96 on one target). Here the field is a window fixed in patient coordinates,
-centred on the patient origin (scanners reconstruct around the isocentre, and a cropped volume keeps its
-patient coordinates): the slice is padded black on the side that brings it to its place in that window, as far
-as the window has room. A crop of a scan then lies in the frame exactly where it lay in the whole slice.
+centred on the patient origin (the generator's scans, and scanners that centre the patient on the isocentre; a
+cropped volume keeps its patient coordinates): a slice inside that window is padded black on the side that
+brings it to its place. A crop of such a scan then lies in the frame where it lay in the whole slice (to the
+pixel at the same scale; within a frame pixel when the whole slice was shrunk to fit). Along an axis where the
+slice reaches outside the window the scan is evidently not centred on the origin (a chest CT 179 mm anterior of
+it, a table offset): there the slice is centred, as before, rather than pushed against the frame's edge.
 
 `field_padding` decides the padding; every consumer applies the same `FieldPadding` before framing the slice
 (`processing.segmenter_pixels`, `vision_pixels`, `reference_inputs`, the training targets) and takes it off the
@@ -78,8 +81,8 @@ def field_padding(slice_hw: tuple[int, int], extent: tuple[float, float] | None,
     """The padding that puts a slice of `slice_hw` (share `extent` of the field, centre `shift` from the field's
     centre in shares of the field, down and right positive) at its place in the field. A slice larger than the
     field is shrunk to fit its longest side (`processing.frame_shares`): the field then grows with it. Along an
-    axis the slice fills, or with no extent or shift, nothing is added; a place beyond the field's edge is
-    clamped to the edge."""
+    axis the slice fills, or where it reaches outside the field (by more than a pixel), or with no extent or
+    shift, nothing is added: the slice is centred there."""
     if extent is None or shift is None:
         return NO_PADDING
     er, ec = float(extent[0]), float(extent[1])
@@ -89,7 +92,8 @@ def field_padding(slice_hw: tuple[int, int], extent: tuple[float, float] | None,
                              (int(slice_hw[1]), ec * scale, float(shift[1]) * scale)):
         per_share = n / share  # slice pixels across the whole field
         room = max(0, int(np.floor(per_share - n + 1e-6)))
-        wanted = min(room, int(round(2 * abs(offset) * per_share)))
+        inside = (abs(offset) + share / 2) * per_share <= per_share / 2 + 1.0
+        wanted = min(room, int(round(2 * abs(offset) * per_share))) if inside else 0
         # the field's centre lies `offset` before the slice's centre: pad the side towards it
         pads += [(wanted, 0) if offset > 0 else (0, wanted)]
     (top, bottom), (left, right) = pads

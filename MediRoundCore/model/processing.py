@@ -19,9 +19,9 @@ SAM_STD = (58.395, 57.12, 57.375)
 
 
 def pad_offsets(input_hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(top, left) of a resized slice of `input_hw` inside the size×size model frame: centred, so a slice whose
-    field of view was cropped in one direction keeps its anatomy where a square slice would have it (the model
-    was trained on square slices, where the offsets are 0; see docs/design-notes.md, "Non-square slices")."""
+    """(top, left) of a resized slice of `input_hw` inside the size×size model frame: centred. A slice with a
+    place in the model's field arrives already padded to it (`model/field_placement.py`), so centring the padded
+    slice puts its anatomy there; one without is centred (docs/design-notes.md, "Non-square slices")."""
     return (size - int(input_hw[0])) // 2, (size - int(input_hw[1])) // 2
 
 
@@ -57,7 +57,8 @@ def _into_frame(img: torch.Tensor, size: int, extent=None) -> tuple[torch.Tensor
 
 def frame_box(box: tuple[int, int, int, int], slice_hw: tuple[int, int], extent=None) -> list[float]:
     """A pixel box (x0, y0, x1, y1) of a slice of `slice_hw` normalised to the square frame the model sees the
-    slice in (`frame_shares`, centred): [x0/W, y0/H, x1/W, y1/H] for a square slice that fills the frame."""
+    slice in (`frame_shares`, centred as `pad_offsets`; a slice padded to its place in the field is given padded):
+    [x0/W, y0/H, x1/W, y1/H] for a square slice that fills the frame."""
     h, w = slice_hw
     fr, fc = frame_shares(slice_hw, extent)
     oy, ox = (1.0 - fr) / 2, (1.0 - fc) / 2

@@ -350,6 +350,10 @@ class RemoteEngine:
             raise SessionError(f"the server needs {view} slice {index} (a referenced round lies there); attach the "
                                f"volume to the session (session.volume) to send it")
         meta = slice_meta(piece)
+        if meta["centre_mm"] is not None and meta["region"] is not None and not self.info.get("slice_placement"):
+            raise RemoteError("this server is older than the MediRound client: it would show the model this slice "
+                              "at another place in its field than a local Ask does (other masks); update the "
+                              "server", None, "server_too_old")
         params = {"axis": meta["axis"], "transpose": meta["transpose"], "flip_rows": meta["flip_rows"],
                   "flip_cols": meta["flip_cols"], "modality": meta["modality"],
                   "spacing_row": meta["spacing"][0], "spacing_col": meta["spacing"][1]}

@@ -81,6 +81,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
     auth = Auth(tokens)
     info = {"server": "mediround", "version": __version__, "protocol": PROTOCOL_VERSION, "replica": replica,
             "auth": auth.mode, "max_request_bytes": max_request_bytes,
+            "slice_placement": True,  # an uploaded slice's place in patient coordinates is used (centre_*_mm)
             **model_info(engine, checkpoint, random_model)}
 
     app = FastAPI(title="MediRound server", version=f"{__version__} (protocol {PROTOCOL_VERSION})",

@@ -50,7 +50,18 @@ class ServerSession(Session):
         return self.folder / "slices" / f"{view}-{int(index)}.npz"
 
     def has_slice(self, view: str, index: int) -> bool:
-        return self.slice_path(view, index).is_file()
+        """Whether the slice is stored, with everything the engine needs: a slice stored by a server that did not
+        keep its place in patient coordinates counts as missing, so the client uploads it again."""
+        path = self.slice_path(view, index)
+        if not path.is_file():
+            return False
+        if self.slice_cache is not None and self.slice_cache.get((self.sid, view, int(index))) is not None:
+            return True
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return "centre_mm" in json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError):
+            return False
 
     def store_slice(self, image: SliceImage, limit: int = MAX_SLICES_PER_SESSION) -> None:
         """Keep an uploaded slice (replacing one of the same view and index); a new one beyond `limit` is refused."""

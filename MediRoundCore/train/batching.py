@@ -84,7 +84,7 @@ def shown_extent(extent, config) -> tuple[float, float] | None:
 
 def sample_in_field(sample, config) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
     """A training slice and its masks as the model sees them, padded to the crop's place in the field
-    (`model/field_placement.py`, the engine's `_in_field`), and the padded slice's share of the field."""
+    (`model/field_placement.py`, as the engine's `slice_in_field`), and the padded slice's share of the field."""
     extent = sample_extent(sample, config)
     shift = (sample.meta or {}).get("frame_shift") if extent is not None else None
     padding = field_padding(np.shape(sample.image)[:2], extent, shift)

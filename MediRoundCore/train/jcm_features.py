@@ -216,6 +216,7 @@ def add_images(path, config) -> FeatureSet:
     and dialogue range (`config`: the model's, for the segmenter frame); checks each extent against the file's."""
     from ..data.splits import make_dialogue, to_sample
     from ..evaluate.protocol import sample_image
+    from ..model.field_placement import slice_in_field
     from ..model.processing import segmenter_pixels
 
     features = FeatureSet.load(path)
@@ -224,7 +225,8 @@ def add_images(path, config) -> FeatureSet:
     images = []
     for i in range(meta["start"], meta["start"] + features.num_dialogues):
         sample = to_sample(make_dialogue(names[i % len(names)], meta["seed"], i // len(names)))
-        pixels, valid_hw = segmenter_pixels(sample_image(sample).normalized(), config)
+        shown, extent, _ = slice_in_field(sample_image(sample), config)  # as the engine showed it
+        pixels, valid_hw = segmenter_pixels(shown, config, extent)
         if tuple(valid_hw) != tuple(features.valid_hw[len(images)].tolist()):
             raise ValueError(f"{path}: dialogue {i} regenerates with another extent: not the file's dialogues")
         images.append(segmenter_image(pixels)[None])
@@ -250,7 +252,8 @@ def collect_predicted(engine, samples, progress=None) -> FeatureSet:
             result = engine.ask(session, query, image, reference=config_reference(config, sample, k), use_jcm=False)
             prompts.append(result.raw_prompt)
         embedding, valid_hw = engine.slice_embedding(session, image)
-        targets = masks_to_segmenter_frame(np.asarray(sample.masks, bool), valid_hw, size)
+        masks = engine.slice_padding(session, image).pad(np.asarray(sample.masks, bool))  # as the slice was padded
+        targets = masks_to_segmenter_frame(masks, valid_hw, size)
         acc.add_dialogue(embedding, valid_hw, torch.stack(prompts), targets, engine.slice_pixels(session, image))
         engine.forget()
         if progress:
