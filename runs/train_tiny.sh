@@ -33,6 +33,8 @@
 # N was not shipped: no gain with the product's references, and a reach-back of the demo answered with its reference.
 # Phase O (runs/tiny15, from L, L's data) shows every crop where it lay in the whole slice, as the engine now shows
 # a cropped scan at its place in patient coordinates (model/field_placement.py) instead of centring it.
+# Phase P (runs/tiny16, from L, 200 steps at lr 3e-5) is phase O shorter and slower: the least change to L that
+# adapts it to the placement (O moved further from L than the placement needs: see the design notes).
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 PHASE=${PHASE:-C}
@@ -78,5 +80,8 @@ case $PHASE in
        --product-references 0.5 ;;
   O) exec nice -n -5 .venv/bin/mediround train --out runs/tiny15 --stage 1 --init runs/tiny12/stage1/checkpoint \
        --steps "${STEPS:-400}" --lr 5e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
+       --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
+  P) exec nice -n -5 .venv/bin/mediround train --out runs/tiny16 --stage 1 --init runs/tiny12/stage1/checkpoint \
+       --steps "${STEPS:-200}" --lr 3e-5 --batch-size 8 --save-every 50 --dice-weight 2.0 --data train+train-long \
        --reference-noise 0.3 --fov-crop 0.6 --fov-min-side 0.35 --absent 0.12 --paraphrase 0.3 --repeat 0.25 ;;
 esac
