@@ -257,7 +257,11 @@ def copy_tree(dest: Path) -> None:
 def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[str, str, float]:
     """('passed' | 'failed' | 'timeout', first failing test or '', seconds)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "QT_QPA_PLATFORM": "offscreen", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-rfE", *tests]
+    # One seed for every run and no examples carried from one mutant's run to the next: a kill never depends on
+    # which random examples a run drew, or on a failing example another mutant left in hypothesis' database.
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-rfE",
+           "--hypothesis-seed=0", *tests]
+    shutil.rmtree(tree / ".hypothesis", ignore_errors=True)
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
