@@ -89,6 +89,7 @@ def test_explicit_window_wins_and_model_windows_apply():
 
 
 def test_engine_encodes_through_the_model_window_and_keys_the_cache_by_it(tiny_engine, ct_volume):
+    from MediRoundCore.model.field_placement import field_padding
     from MediRoundCore.model.processing import segmenter_pixels
     from MediRoundCore.session import Session
 
@@ -99,9 +100,14 @@ def test_engine_encodes_through_the_model_window_and_keys_the_cache_by_it(tiny_e
     image = extract_slice(volume, "axial", 1)
     first = engine.ask(session, "Segment the liver.", image)
     assert "segmenter_encoder_ms" in first.round.timings
-    fields = engine.model.config.field_of_view_mm  # the slice is framed at the model's scale (test_physical_frame)
-    expected, _ = segmenter_pixels(normalize_intensity(image.pixels, "CT", engine.model.config.ct_windows["chest"]),
-                                   engine.model.config, image.frame_extent(fields))
+    # the slice is framed at the model's scale (test_physical_frame), at its place in the field (test_field_placement)
+    fields = engine.model.config.field_of_view_mm
+    extent = image.frame_extent(fields)
+    padding = field_padding(image.pixels.shape, extent, image.frame_shift(fields))
+    assert not padding.none  # this small slice lies off the field's centre
+    windowed = normalize_intensity(image.pixels, "CT", engine.model.config.ct_windows["chest"])
+    expected, _ = segmenter_pixels(padding.pad(windowed), engine.model.config,
+                                   padding.padded_extent(image.pixels.shape, extent))
     assert np.allclose(engine.slice_pixels(session, image).numpy(), expected.numpy())
     again = engine.ask(session, "Now the lesion inside it.", image)
     assert "segmenter_encoder_ms" not in again.round.timings  # same slice, same window: cached
