@@ -70,10 +70,16 @@ def slice_in_field(image, config) -> tuple[np.ndarray, tuple[float, float] | Non
     """An `imaging.SliceImage` as a model of `config` is shown it: in [0,1] through the model's CT windows, padded
     to its place in the model's field; the padded slice's share of the field (`SliceImage.frame_extent`); and the
     padding, to take off the mask that comes back."""
-    pixels01 = image.normalized(config.ct_windows)
-    extent = image.frame_extent(config.field_of_view_mm)
-    padding = field_padding(pixels01.shape, extent, image.frame_shift(config.field_of_view_mm))
-    return padding.pad(pixels01), padding.padded_extent(pixels01.shape, extent), padding
+    return into_field(image.normalized(config.ct_windows), image.frame_extent(config.field_of_view_mm),
+                      image.frame_shift(config.field_of_view_mm))
+
+
+def into_field(pixels: np.ndarray, extent: tuple[float, float] | None, shift: tuple[float, float] | None
+               ) -> tuple[np.ndarray, tuple[float, float] | None, FieldPadding]:
+    """(H, W) pixels of share `extent` of the field and centre `shift` (`field_padding`): padded to their place,
+    the padded share of the field, and the padding."""
+    padding = field_padding(np.shape(pixels)[:2], extent, shift)
+    return padding.pad(pixels), padding.padded_extent(np.shape(pixels)[:2], extent), padding
 
 
 def field_padding(slice_hw: tuple[int, int], extent: tuple[float, float] | None,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..answers import strip_seg
-from ..model.field_placement import field_padding
+from ..model.field_placement import into_field
 from ..model.processing import (PromptBuilder, masks_to_segmenter_frame, reference_inputs, segmenter_pixels,
                                 vision_pixels)
 from .reference_noise import perturb_reference
@@ -85,12 +85,9 @@ def shown_extent(extent, config) -> tuple[float, float] | None:
 def sample_in_field(sample, config) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
     """A training slice and its masks as the model sees them, padded to the crop's place in the field
     (`model/field_placement.py`, as the engine's `slice_in_field`), and the padded slice's share of the field."""
-    extent = sample_extent(sample, config)
-    shift = (sample.meta or {}).get("frame_shift") if extent is not None else None
-    padding = field_padding(np.shape(sample.image)[:2], extent, shift)
-    masks = np.asarray(sample.masks, dtype=bool)
-    return (padding.pad(sample.image), padding.pad(masks),
-            padding.padded_extent(np.shape(sample.image)[:2], extent))
+    image, extent, padding = into_field(sample.image, sample_extent(sample, config),
+                                        (sample.meta or {}).get("frame_shift"))
+    return image, padding.pad(np.asarray(sample.masks, dtype=bool)), extent
 
 
 def make_batch(samples, builder: PromptBuilder, config, reference_noise: float = 0.0,

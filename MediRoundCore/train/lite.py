@@ -25,7 +25,7 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     """Encode every pool view not yet in the cache; returns how many were encoded."""
     from tqdm import tqdm
 
-    from ..model.field_placement import field_padding
+    from ..model.field_placement import into_field
     from ..model.processing import segmenter_pixels
     from .batching import shown_extent
 
@@ -35,10 +35,9 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     for entry in tqdm(entries, disable=not progress, desc="encoding", unit="view"):
         index, view = divmod(entry, pool.views)
         _, image, extent, shift = pool_view(pool.split, pool.seed, index, view)
-        shown = shown_extent(extent, model.config)  # placed as the batcher places it (batching.sample_in_field)
-        padding = field_padding(image.shape, shown, shift if shown is not None else None)
-        pending.append(segmenter_pixels(padding.pad(image.astype("float32") / 255.0), model.config,
-                                        padding.padded_extent(image.shape, shown))[0])
+        # placed as the batcher places it (batching.sample_in_field)
+        placed, shown, _ = into_field(image.astype("float32") / 255.0, shown_extent(extent, model.config), shift)
+        pending.append(segmenter_pixels(placed, model.config, shown)[0])
         if len(pending) == batch:
             model.encode_segmenter_image(torch.stack(pending))
             pending = []
