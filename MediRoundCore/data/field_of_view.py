@@ -73,8 +73,8 @@ def crop_extent(slice_hw, crop_hw, extent=None) -> tuple[float, float]:
 
 def crop_shift(slice_hw, box, extent=None, shift=None) -> tuple[float, float]:
     """A crop's centre, down and right of the field's centre, in shares of the field (`SliceImage.frame_shift`):
-    the slice's own (`shift`; a generated training slice is taken as centred on the patient origin) plus the crop centre's offset
-    from the slice centre (`box` (row0, col0, rows, cols) in slice pixels)."""
+    the slice's own (`shift`; a generated training slice is taken as centred on the patient origin) plus the
+    crop centre's offset from the slice centre (`box` (row0, col0, rows, cols) in slice pixels)."""
     from ..model.processing import frame_shares
 
     h, w = slice_hw
