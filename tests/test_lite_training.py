@@ -149,3 +149,29 @@ def _assert_shown_where_it_lay(plain, plain_image, sl, image, extent, shift):
         framed = masks_to_segmenter_frame(padding.pad(crop_inst.mask[None]), hw, size)[0]
         whole = masks_to_segmenter_frame(plain_inst.mask[None], plain_hw, size)[0]
         assert torch.equal(framed[window], whole[window]) and not framed[~window].any()
+
+
+def test_vision_tower_taken_from_a_trained_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from MediRoundCore.errors import CheckpointError
+    from MediRoundCore.train.lite import take_vision_tower
+
+    model, _ = small_lite(seed=0)
+    trained, _ = small_lite(seed=1)
+    save_file({k: v.clone() for k, v in trained.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+    assert take_vision_tower(model, tmp_path) > 0
+    for key, value in model.state_dict().items():
+        if key.startswith("vision_tower."):
+            assert torch.equal(value, trained.state_dict()[key]), key
+        else:
+            assert torch.equal(value, before[key]), key  # nothing else moves
+    # a checkpoint whose vision tower has another shape is refused, and changes nothing
+    wrong = {k: (v[..., :1] if k.endswith("weight") and v.dim() > 1 else v) for k, v in trained.state_dict().items()}
+    save_file({k: v.clone() for k, v in wrong.items()}, str(tmp_path / "wrong.safetensors"))
+    fresh, _ = small_lite(seed=2)
+    kept = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="vision tower does not fit"):
+        take_vision_tower(fresh, tmp_path / "wrong.safetensors")
+    assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())

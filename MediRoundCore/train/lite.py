@@ -1,6 +1,7 @@
 """Train MediRound-Lite stage 1 on these machines: base parts frozen, each slice view encoded once.
 
     python -m MediRoundCore.train.lite --out runs/lite --steps 20000 [--encode-only] [--pool-slices 2000]
+        [--vision-from MediRoundCore/weights/mediround-tiny]
 
 The model starts from the pinned base weights (`model/lite.py: build_lite`) or resumes `<out>/checkpoint`
 (the trainer's optimiser state beside it); segmenter embeddings are cached in `<out>/embeddings` (2 MB per
@@ -46,6 +47,25 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     return cache.misses - before
 
 
+def take_vision_tower(model, checkpoint: str | Path) -> int:
+    """Start the vision tower from a trained checkpoint of the same vision config (e.g. the shipped tiny
+    model's, which learned to find generated anatomy); returns how many tensors were taken."""
+    from ..checkpoints.safety import load_tensors
+    from ..errors import CheckpointError
+
+    path = Path(checkpoint)
+    path = path / "model.safetensors" if path.is_dir() else path
+    tensors = {k: v for k, v in load_tensors(path).items() if k.startswith("vision_tower.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("vision_tower.")}
+    if set(tensors) != set(own) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in own.items()):
+        raise CheckpointError(f"{path}: its vision tower does not fit this model's ({len(tensors)} tensors "
+                              f"there, {len(own)} here)")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(tensors[key].to(value.dtype))
+    return len(own)
+
+
 def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig) -> Trainer:
     from .lite_data import pool_stream
 
@@ -68,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--encode-only", action="store_true")
+    parser.add_argument("--vision-from", default=None,
+                        help="a checkpoint whose vision tower starts this run's (ignored when resuming)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,6 +97,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     model, tokenizer = build_lite()
+    if args.vision_from and not (out / "checkpoint").exists():
+        print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase)
     config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          save_every=args.save_every, reference_noise=args.reference_noise,
