@@ -15,8 +15,12 @@ mask back at slice size.
      re-run of the whole conversation every round (`Engine(..., reuse_cache=False)`), same model, same process,
      interleaved round by round; latency and the tokens the language model processed, split into the prompt side
      and the generated answer.
-  3. Peak resident memory (getrusage).
-It writes the `<!-- cpu -->` section of RESULTS.md, `cpu_rounds.csv` and `cpu_rounds.png` in `--out`.
+  3. The Ask on a slice encoded ahead: `Engine.prepare` (what the panel runs while the user types or scrolls),
+     then the first Ask, each timed.
+  4. Peak resident memory (getrusage).
+It writes the `<!-- cpu -->` section of RESULTS.md, `cpu_rounds.csv` and `cpu_rounds.png` in `--out`; a model of
+another size than the shipped one (`lite`) gets its own section (`<!-- cpu-lite -->`, `cpu-lite_rounds.*`) and
+its own targets.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from MediRoundCore.session import Session  # noqa: E402
 TARGET_FIRST_MS = 150.0
 TARGET_LATER_MS = 50.0
 TARGET_GROWTH = 1.2
+# issue 23's targets for the default model on LiteMedSAM, whose encoder alone takes about 1 s per slice here
+TARGETS_BY_SIZE = {"lite": {"first": 1500.0, "later": 80.0}}
+TARGET_PREPARED_MS = 300.0  # an Ask on a slice encoded ahead (`Engine.prepare`, while the user typed or scrolled)
 # the lesion counts `long_dialogue` draws its slice with (to render the same anatomy at 512²; checked below)
 _LONG_LESIONS = {"liver": 2, "spleen": 2, "left kidney": 2, "right kidney": 2, "force_gallbladder": 1}
 
@@ -168,6 +175,27 @@ def bench_asks(engine: Engine, volume: Volume, queries, refs, runs: int, warmup:
             if i >= warmup:
                 (first if k == 0 else later_rows).append(rec)
     return {"first": first, "later": later_rows}
+
+
+def bench_prepared(engine: Engine, volume: Volume, query: str, runs: int, warmup: int) -> list[dict]:
+    """`Engine.prepare` on a fresh slice cache, then the first Ask; `runs` timed repetitions. Each record is the
+    Ask's (`round_record`) with the prepare's wall time added as `prepare_ms`."""
+    timer = ForwardTimer(engine)
+    fingerprint = volume.fingerprint()
+    rows = []
+    for i in range(warmup + runs):
+        engine.forget()
+        session = Session(fingerprint, volume_name=volume.name)
+        session.volume = volume
+        gc.collect()
+        t = time.perf_counter()
+        engine.prepare(session, extract_slice(volume, "axial", 0))
+        prepare_ms = (time.perf_counter() - t) * 1000
+        rec = _ask(engine, timer, session, volume, query, None, engine.builder)
+        rec["prepare_ms"] = prepare_ms
+        if i >= warmup:
+            rows.append(rec)
+    return rows
 
 
 # -- 2. cost growth -------------------------------------------------------------------------------------------
@@ -388,16 +416,30 @@ def explain_later(recs, target) -> str:
     return text
 
 
+def targets_for(size: str) -> dict:
+    """Latency targets (ms) of a model size: the shipped tiny model's own, or the issue's for `lite`."""
+    return {"first": TARGET_FIRST_MS, "later": TARGET_LATER_MS, "prepared": TARGET_PREPARED_MS,
+            **TARGETS_BY_SIZE.get(size, {})}
+
+
+def section_name(size: str) -> str:
+    return "cpu" if size not in TARGETS_BY_SIZE else f"cpu-{size}"
+
+
 def render_section(info: dict, model_desc: str, is_random: bool, params: int, args, source: str, asks: dict,
-                   growth: dict, ratios: dict, memory: dict, files: dict) -> str:
+                   growth: dict, ratios: dict, memory: dict, files: dict, size: str = "tiny") -> str:
+    target = targets_for(size)
     first_med = summary([r["wall_ms"] for r in asks["first"]])["median"]
     later_med = summary([r["wall_ms"] for r in asks["later"]])["median"]
+    prepared = asks.get("prepared") or []
+    prepared_med = summary([r["wall_ms"] for r in prepared])["median"] if prepared else float("nan")
     ours, naive = growth["rows"]["ours"], growth["rows"]["naive"]
     last = ours[-1]["round"]
     r_ours, r_naive = ratios["ours"], ratios["naive"]
     no_reread = all(r["reread_tokens"] == 0 for r in ours[1:])
     L = []
-    L.append("## CPU\n")
+    L.append("## CPU" + ("" if size not in TARGETS_BY_SIZE else f": the {size} model (a default-model candidate)")
+             + "\n")
     L.append(f"- Machine: {info['cpu']}, {info['cores']} core(s) available to the process, "
              f"`torch.set_num_threads({info['threads']})`, torch {info['torch']}, Python {info['python']}, "
              f"{info['platform']}; OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY') or 'default, as in Slicer'}"
@@ -421,10 +463,12 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
 
     L.append("### Targets\n")
     rows = [
-        ["first Ask on a slice (median)", f"≤ {TARGET_FIRST_MS:.0f} ms", f"{fmt(first_med)} ms",
-         verdict(first_med <= TARGET_FIRST_MS)],
-        ["later rounds, same slice (median)", f"≤ {TARGET_LATER_MS:.0f} ms", f"{fmt(later_med)} ms",
-         verdict(later_med <= TARGET_LATER_MS)],
+        ["first Ask on a slice (median)", f"≤ {target['first']:.0f} ms", f"{fmt(first_med)} ms",
+         verdict(first_med <= target["first"])],
+        ["first Ask on a slice encoded ahead (`Engine.prepare` first; median)", f"≤ {target['prepared']:.0f} ms",
+         f"{fmt(prepared_med)} ms", verdict(prepared_med <= target["prepared"])],
+        ["later rounds, same slice (median)", f"≤ {target['later']:.0f} ms", f"{fmt(later_med)} ms",
+         verdict(later_med <= target["later"])],
         [f"ours: latency round {last} / round 2, at equal answer length ({growth['fixed_answer_tokens']} tokens)",
          f"≤ {TARGET_GROWTH}", fmt(r_ours["latency_fixed_answer_ms"], 2),
          verdict(r_ours["latency_fixed_answer_ms"] <= TARGET_GROWTH)],
@@ -437,10 +481,13 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
     L.append(table(["what", "target", "measured", ""], rows))
     L.append("")
     misses = []
-    if not first_med <= TARGET_FIRST_MS:
-        misses.append(explain_first(asks["first"], TARGET_FIRST_MS))
-    if not later_med <= TARGET_LATER_MS:
-        misses.append(explain_later(asks["later"], TARGET_LATER_MS))
+    if not first_med <= target["first"]:
+        misses.append(explain_first(asks["first"], target["first"]))
+    if not prepared_med <= target["prepared"]:
+        misses.append(f"Encoded ahead: the Ask after `Engine.prepare` took {fmt(prepared_med)} ms; its query and "
+                      "answer are all that is left to do, so it costs what a later round costs (above).")
+    if not later_med <= target["later"]:
+        misses.append(explain_later(asks["later"], target["later"]))
     if not r_ours["latency_fixed_answer_ms"] <= TARGET_GROWTH:
         misses.append(f"Growth: at equal answer length round {last} takes {r_ours['latency_fixed_answer_ms']:.2f}× "
                       f"round 2 (prompt forward {fmt(r_ours['prompt_ms'], 2)}×, time per answer token "
@@ -471,6 +518,13 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
         ["answers closed without `[SEG]` from the model", f"{sum(r['seg_forced'] for r in first)} of {len(first)}",
          f"{sum(r['seg_forced'] for r in later)} of {len(later)}"],
     ]))
+    if prepared:
+        L.append(f"\nEncoded ahead ({len(prepared)} timed runs, each on a fresh slice cache and session): "
+                 f"`Engine.prepare` median {fmt(summary([r['prepare_ms'] for r in prepared])['median'])} ms "
+                 f"(not seen by the user: the panel runs it while the query is typed or the slice scrolled), then "
+                 f"the first Ask median {fmt(prepared_med)} ms (min – max "
+                 f"{_stat_cells([r['wall_ms'] for r in prepared])[1]}), answers of "
+                 f"{_int_range([r['answer_tokens'] for r in prepared])} tokens.")
     L.append("\nWhere the time goes (medians of each part, so they need not add up to the median total; "
              "`round.timings` of the engine, the answer-decoding split from timing each language-model forward):\n")
     L.append(table(["part", "first Ask (ms)", "share", "later round (ms)", "share"], breakdown_rows(asks)))
@@ -540,6 +594,7 @@ def run(argv=None) -> dict:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     say(f"bench: {model_desc}; {args.size}² slice; {args.warmup}+{args.runs} runs × {1 + args.later} rounds")
     asks = bench_asks(engine, volume, queries, refs, args.runs, args.warmup, args.later)
+    asks["prepared"] = bench_prepared(engine, volume, queries[0], args.runs, args.warmup)
     memory["asks"] = peak_rss_mib()
     say(f"bench: first Ask median {summary([r['wall_ms'] for r in asks['first']])['median']:.1f} ms, later rounds "
         f"{summary([r['wall_ms'] for r in asks['later']])['median']:.1f} ms; cost growth over {len(queries)} rounds")
@@ -550,13 +605,16 @@ def run(argv=None) -> dict:
 
     memory["load_end"] = _load()
     ratios = growth_ratios(growth)
-    files = {"csv": "cpu_rounds.csv", "png": "cpu_rounds.png"}
+    size = engine.model.config.size
+    name = section_name(size)
+    files = {"csv": f"{name}_rounds.csv", "png": f"{name}_rounds.png"}
     write_csv(out / files["csv"], growth)
     short = model_desc.split(":")[0].split(";")[0].split(",")[0]
     plot(out / files["png"], growth, f"MediRound on CPU ({info['cpu']}, {info['threads']} threads), {short}, "
                                      f"{args.size}² slice, {growth['repeats']} repeat(s)")
-    section = render_section(info, model_desc, is_random, params, args, source, asks, growth, ratios, memory, files)
-    results = write_section(out / "RESULTS.md", "cpu", section)
+    section = render_section(info, model_desc, is_random, params, args, source, asks, growth, ratios, memory, files,
+                             size)
+    results = write_section(out / "RESULTS.md", name, section)
     say(f"bench: wrote {results}, {out / files['csv']}, {out / files['png']}")
     return {"args": args, "info": info, "model": model_desc, "random": is_random, "asks": asks, "growth": growth,
             "ratios": ratios, "memory": memory, "results": results, "builder": engine.builder,

@@ -75,6 +75,29 @@ def test_cpu_results_have_sections_numbers_csv_and_png(cpu_run):
     assert (out / "cpu_rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ask_after_encoding_ahead_runs_neither_encoder_nor_prefix(cpu_run):
+    result, out = cpu_run
+    prepared = result["asks"]["prepared"]
+    assert len(prepared) == 2
+    for rec in prepared:
+        # the slice was encoded and the image prefix fed by `Engine.prepare`: the Ask starts at its query
+        assert rec["prepare_ms"] > 0
+        assert rec["segmenter_encoder_ms"] == 0 and rec["vision_tower_ms"] == 0 and rec["prefix_ms"] == 0
+        assert rec["answer_tokens"] >= 1 and rec["round"] == 1
+    section = _bench.read_section(out / "RESULTS.md", "cpu")
+    median = float(np.median([r["wall_ms"] for r in prepared]))
+    assert re.search(rf"first Ask on a slice encoded ahead \(`Engine.prepare` first; median\) \| ≤ 300 ms \| "
+                     rf"{median:.1f} ms \| \*\*{'PASS' if median <= 300 else 'MISS'}\*\*", section)
+    assert "`Engine.prepare` median" in section
+
+
+def test_a_lite_model_gets_its_own_section_and_the_issues_targets():
+    assert bench_cpu.section_name("tiny") == "cpu" and bench_cpu.section_name("lite") == "cpu-lite"
+    assert bench_cpu.targets_for("lite") == {"first": 1500.0, "later": 80.0, "prepared": 300.0}
+    assert bench_cpu.targets_for("tiny") == {"first": 150.0, "later": 50.0, "prepared": 300.0}
+    assert "cpu-lite" in _bench.SECTIONS
+
+
 def test_token_growth_ours_flat_naive_grows(cpu_run):
     result, _ = cpu_run
     builder, queries, refs = result["builder"], result["queries"], result["refs"]
