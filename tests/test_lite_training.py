@@ -175,3 +175,26 @@ def test_vision_tower_taken_from_a_trained_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="vision tower does not fit"):
         take_vision_tower(fresh, tmp_path / "wrong.safetensors")
     assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())
+
+
+def test_pool_draws_long_dialogues_with_the_hard_splits_settings():
+    from MediRoundCore.data.splits import SPLITS
+
+    def drawn(share, n=40):
+        cfg = PoolConfig(slices=4, views=1, long_share=share, absent=0.0, paraphrase=0.0)
+        return [s for s in (pool_sample(cfg, e % 4, d) for e, d in zip(range(n), range(100, 100 + n)))
+                if s is not None]
+
+    short, long_, mixed = drawn(0.0), drawn(1.0), drawn(0.5)
+    lo, hi = SPLITS["train"].rounds
+    assert {s.meta["dialogue_settings"] for s in short} == {"train"}
+    assert all(lo <= s.num_rounds <= hi for s in short)
+    lo, hi = SPLITS["train-long"].rounds
+    assert {s.meta["dialogue_settings"] for s in long_} == {"train-long"}
+    assert all(lo <= s.num_rounds <= hi for s in long_)
+    assert np.mean([s.num_rounds for s in long_]) > np.mean([s.num_rounds for s in short]) + 1
+    assert {s.meta["dialogue_settings"] for s in mixed} == {"train", "train-long"}
+    # a reach-back: a round referring to an earlier round than the previous one
+    def reach_backs(samples):
+        return sum(r is not None and r < k - 1 for s in samples for k, r in enumerate(s.ref_indices))
+    assert reach_backs(long_) > reach_backs(short)

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pool-slices", type=int, default=2000)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--paraphrase", type=float, default=0.7)
+    parser.add_argument("--long-share", type=float, default=0.5,
+                        help="share of dialogues with train-long's (the hard split's) settings")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--encode-only", action="store_true")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     model, tokenizer = build_lite()
     if args.vision_from and not (out / "checkpoint").exists():
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
-    pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase)
+    pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
+                      long_share=args.long_share)
     config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          save_every=args.save_every, reference_noise=args.reference_noise,
                          loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight})

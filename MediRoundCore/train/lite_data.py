@@ -7,7 +7,8 @@ of view; masks follow). A smaller field of view is cut out at the slice's scale,
 share of the model's field (`meta["frame_extent"]`), so a model with a physical field of view
 (`MediRoundConfig.field_of_view_mm`) sees its anatomy at the size it has in every other view.
 Each draw builds a new dialogue on the entry (the generator's relations, train
-templates), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
+templates; half of them with the long dialogues, reach-backs and distractors of `train-long`, the hard split's
+settings), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
 absent-target rounds (data/absent.py). The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
 """
@@ -35,6 +36,9 @@ class PoolConfig:
     views: int = 2  # views per slice: the plain one and views-1 randomised ones
     paraphrase: float = 0.7  # share of rounds re-worded by the grammar (the rest keep their train template)
     absent: float = 0.1  # chance of an absent-target round after each round (data/absent.py)
+    long_share: float = 0.5  # share of dialogues drawn with `long_split`'s settings (rounds, reach-backs,
+    # distractors: the hard split's, data/splits.py), the rest with `split`'s
+    long_split: str = "train-long"
     split: str = "train"
     seed: int = 0
 
@@ -61,8 +65,8 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     """Dialogue `draw` on pool entry `entry` (None when that view supports no dialogue of the drawn length)."""
     index, view = divmod(entry, cfg.views)
     sl, image, extent, shift = pool_view(cfg.split, cfg.seed, index, view)
-    p = SPLITS[cfg.split]
     rng = np.random.default_rng([cfg.seed, entry, draw, 29])
+    p = SPLITS[cfg.long_split if rng.random() < cfg.long_share else cfg.split]
     policy = DialoguePolicy(p.use_reserved, p.p_reach_back, p.p_distractor, p.p_first_inferential)
     n_rounds = int(rng.integers(p.rounds[0], p.rounds[1] + 1))
     try:
@@ -74,6 +78,7 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
                     masks=np.stack([sl.instance(r.target).mask for r in dlg.rounds]),
                     ref_indices=[r.ref for r in dlg.rounds], entities=[r.entity for r in dlg.rounds],
                     meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality,
+                          "dialogue_settings": p.name,
                           **({} if extent is None else {"frame_extent": extent, "frame_shift": shift})})
     return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
 
