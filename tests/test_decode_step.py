@@ -70,6 +70,34 @@ def test_random_grouped_query_model_matches_transformers():
         torch.set_num_threads(before)
 
 
+def test_a_step_bound_by_reading_its_weights_keeps_the_callers_threads():
+    """Small steps run on one thread; one that reads more weights than ONE_THREAD_MAX_BYTES (a large vocabulary
+    head, as lite's) runs on the caller's threads, and is still transformers' computation."""
+    from MediRoundCore.model.decode_step import ONE_THREAD_MAX_BYTES
+
+    small, large = _random_mistral(), _random_mistral(vocab_size=ONE_THREAD_MAX_BYTES // (64 * 4) + 1)
+    seen = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, lm in (("small", small), ("large", large)):
+            step = DecodeStep.for_model(lm)
+            inner = step._step
+
+            def recording(*args, _inner=inner, _name=name):
+                seen[_name] = torch.get_num_threads()
+                return _inner(*args)
+
+            step._step = recording
+            _compare(lm, steps=2, step=step)
+            assert torch.get_num_threads() == 2
+        assert seen == {"small": 1, "large": 2}
+        assert DecodeStep.for_model(large).weight_bytes > ONE_THREAD_MAX_BYTES >= DecodeStep.for_model(
+            small).weight_bytes
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no shipped weights")
 def test_shipped_model_matches_transformers():
     engine = Engine.load(device="cpu")

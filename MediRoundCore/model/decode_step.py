@@ -21,7 +21,9 @@ version counter of every parameter).
 
 A small model's step runs on one CPU thread (the caller's thread count is restored after it): its matrix
 products are too small to split, and with OpenMP's default spinning two threads on a busy machine took 7–27 ms
-per token against 2 ms on one (measured while an evaluation used both cores).
+per token against 2 ms on one (measured while an evaluation used both cores). A step that reads more weights
+than `ONE_THREAD_MAX_BYTES` keeps the caller's threads: it is bound by reading them (lite, 73 MB with its
+30.5 k-word head: 6.5–7.1 ms per token on one thread, 3.7 ms on two, idle machine; tiny: 1.4 ms on one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 FUSE_LIMIT_BYTES = 256 << 20  # fuse q/k/v and gate/up only when the copies take at most this
+ONE_THREAD_MAX_BYTES = 16 << 20  # a step reading at most this many weight bytes runs on one thread
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,6 +67,10 @@ class DecodeStep:
                        (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
                         layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)]
         self.fused = sum(w.numel() * w.element_size() for w in projections) <= FUSE_LIMIT_BYTES
+        read = projections + [language_model.lm_head.weight] + [w for layer in self.base.layers for w in
+                                                                 (layer.self_attn.o_proj.weight,
+                                                                  layer.mlp.down_proj.weight)]
+        self.weight_bytes = sum(w.numel() * w.element_size() for w in read)  # read once per step
 
     @classmethod
     def for_model(cls, language_model) -> "DecodeStep | None":
@@ -128,7 +135,8 @@ class DecodeStep:
 
     def __call__(self, embeds: torch.Tensor, cache, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         threads = torch.get_num_threads()
-        if not self.fused or threads == 1 or embeds.device.type != "cpu":
+        if (not self.fused or threads == 1 or embeds.device.type != "cpu"
+                or self.weight_bytes > ONE_THREAD_MAX_BYTES):
             return self._step(embeds, cache, position)
         torch.set_num_threads(1)
         try:
