@@ -10,6 +10,7 @@ Module names (the keys of our checkpoints):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, Mistr
 
 from .._sam import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .config import MediRoundConfig
+from .decoder_image_side import two_way_forward
 from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
 from .tiny_vit import build_tiny_vit
@@ -106,6 +108,7 @@ class MediRound(nn.Module):
         self.seg_projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.segmenter.prompt_dim))
         self.segmenter = build_segmenter(config.segmenter)
         self.jcm = build_jcm(config)
+        self._image_side_cache = None  # (weakref to a slice's embedding, key, ImageSide): `cached_image_side`
         self.query_encoder = self.query_projection = None
         if config.query_encoder == "minilm":
             from .text_encoder import build_bert
@@ -288,21 +291,51 @@ class MediRound(nn.Module):
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
         k = prompts.shape[0]
-        if image_embeddings.shape[0] == 1 and k > 1:
-            image_embeddings = image_embeddings.expand(k, -1, -1, -1)
         decoder = self.segmenter.mask_decoder
         pe = self.segmenter.prompt_encoder
-        b, c, h, w = image_embeddings.shape
         out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), prompts.unsqueeze(1).to(out_tokens.dtype)], 1)
-        src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        pos_src = self.dense_positional_encoding().to(src.dtype).expand(k, -1, -1, -1)
-        hs, src = decoder.transformer(src, pos_src, tokens)
+        side = self.cached_image_side(image_embeddings)
+        if side is not None:  # inference on one slice: the first block's image side computed once per slice
+            hs, src = two_way_forward(decoder.transformer, side, tokens)
+            b, (c, h, w) = k, image_embeddings.shape[1:]
+        else:
+            if image_embeddings.shape[0] == 1 and k > 1:
+                image_embeddings = image_embeddings.expand(k, -1, -1, -1)
+            b, c, h, w = image_embeddings.shape
+            src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            pos_src = self.dense_positional_encoding().to(src.dtype).expand(k, -1, -1, -1)
+            hs, src = decoder.transformer(src, pos_src, tokens)
         mask_token_out = hs[:, 1, :]  # the first mask token: SAM's single-mask output
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
         bu, cu, hu, wu = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu), mask_token_out
+
+    def cached_image_side(self, image_embedding: torch.Tensor):
+        """The decoder's first-block image side for one slice's embedding (1,256,g,g), kept while the same
+        embedding tensor and decoder weights come back (`model/decoder_image_side.py`); None while gradients are
+        recorded, for a batch of images, or a transformer of another layout."""
+        from .decoder_image_side import image_side, supports
+
+        transformer = self.segmenter.mask_decoder.transformer
+        if torch.is_grad_enabled() or image_embedding.shape[0] != 1 or not supports(transformer):
+            return None
+        first = transformer.layers[0]
+        pe = self.segmenter.prompt_encoder
+        weights = (pe.no_mask_embed.weight, pe.pe_layer.positional_encoding_gaussian_matrix,
+                   *first.cross_attn_token_to_image.k_proj.parameters(),
+                   *first.cross_attn_token_to_image.v_proj.parameters(),
+                   *first.cross_attn_image_to_token.q_proj.parameters())
+        key = (image_embedding.data_ptr(), tuple(image_embedding.shape), image_embedding.dtype,
+               tuple((w.data_ptr(), w.dtype, w._version) for w in weights))
+        cached = self._image_side_cache
+        if cached is not None and cached[0]() is image_embedding and cached[1] == key:
+            return cached[2]
+        src = image_embedding + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        side = image_side(transformer, src, self.dense_positional_encoding().to(src.dtype))
+        self._image_side_cache = (weakref.ref(image_embedding), key, side)
+        return side
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """SAM's dense positional encoding of the embedding grid, computed in float32 whatever the model's dtype

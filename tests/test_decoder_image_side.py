@@ -1,0 +1,92 @@
+"""The mask decoder's first-block image side computed once per slice (model/decoder_image_side.py): the decode
+equals SAM's own transformer forward, for the tiny preset's decoder and LiteMedSAM's, one prompt or several; the
+products are reused for the same slice and made again for another slice or changed weights."""
+
+import pytest
+import torch
+
+from MediRoundCore.model.config import lite_segmenter_config, tiny_config
+from MediRoundCore.model.decoder_image_side import image_side, two_way_forward
+from MediRoundCore.model.modeling import MediRound
+from MediRoundCore.model.tokenizer import TokenIds, train_tiny_tokenizer
+
+
+def _model(lite_decoder: bool):
+    tokenizer = train_tiny_tokenizer(["segment the liver.", "user: assistant:"] * 20, vocab_size=300)
+    config = tiny_config(len(tokenizer))
+    if lite_decoder:
+        config.segmenter = lite_segmenter_config()
+    torch.manual_seed(0)
+    model = MediRound(config, TokenIds.from_tokenizer(tokenizer)).eval()
+    with torch.no_grad():  # a decoder that is not at its initialisation (SAM's zero-ish biases hide mistakes)
+        for p in model.segmenter.mask_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.segmenter.prompt_encoder.no_mask_embed.weight.add_(0.3)
+    return model
+
+
+def _sam_decode(model, embedding, prompts):
+    """The decode through segment_anything's own `TwoWayTransformer.forward` (the path used while training)."""
+    with torch.enable_grad():
+        return [t.detach() for t in model.decode_with_tokens(embedding, prompts)]
+
+
+@pytest.mark.parametrize("lite_decoder", [False, True], ids=["tiny", "litemedsam"])
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_decode_with_the_cached_image_side_equals_sams_forward(lite_decoder, prompts):
+    model = _model(lite_decoder)
+    grid = model.config.segmenter.image_size // model.config.segmenter.patch_size
+    embedding = torch.randn(1, 256, grid, grid)
+    p = torch.randn(prompts, 256)
+    reference = _sam_decode(model, embedding, p)
+    with torch.inference_mode():
+        first = model.decode_with_tokens(embedding, p)
+        again = model.decode_with_tokens(embedding, p)
+    for ours, theirs in zip(first, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_the_image_side_is_reused_for_the_same_slice_and_remade_otherwise():
+    model = _model(False)
+    made = []
+    original = image_side
+
+    def counting(*args):
+        made.append(1)
+        return original(*args)
+
+    import MediRoundCore.model.decoder_image_side as module
+    module_image_side, module.image_side = module.image_side, counting
+    try:
+        embedding, other = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 16, 16)
+        p = torch.randn(1, 256)
+        with torch.inference_mode():
+            model.decode_with_tokens(embedding, p)
+            model.decode_with_tokens(embedding, torch.randn(1, 256))  # a later round, same slice
+            assert len(made) == 1
+            model.decode_with_tokens(other, p)  # another slice
+            assert len(made) == 2
+        with torch.no_grad():  # a weight the products depend on changes in place (fine-tuning, a load)
+            model.segmenter.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+        with torch.inference_mode():
+            after = model.decode_with_tokens(other, p)
+        assert len(made) == 3
+        torch.testing.assert_close(after[0], _sam_decode(model, other, p)[0], rtol=1e-4, atol=1e-4)
+        with torch.enable_grad():  # training never reads the cache
+            model.decode_with_tokens(other, p)
+        assert len(made) == 3
+    finally:
+        module.image_side = module_image_side
+
+
+def test_two_way_forward_matches_the_transformer_directly():
+    model = _model(True)
+    transformer = model.segmenter.mask_decoder.transformer
+    src, pos = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    tokens = torch.randn(2, 6, 256)
+    with torch.no_grad():
+        q_ref, k_ref = transformer(src.expand(2, -1, -1, -1), pos.expand(2, -1, -1, -1), tokens)
+        q, k = two_way_forward(transformer, image_side(transformer, src, pos), tokens)
+    torch.testing.assert_close(q, q_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-4)
