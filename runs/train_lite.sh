@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Background training of MediRound-Lite stage 1 (issue 23; resumable across sessions: rerun to continue).
+# Steps 0-100: the defaults below with --dice-weight 0.5 and every dialogue from the train split's settings.
+# From step 100: half of the dialogues with train-long's (the hard split's) settings. From step 150: Dice weight
+# 2.0, as MediRound-Tiny needed against empty masks (phase A in train_tiny.sh).
+# The vision tower starts from the shipped tiny model's (ignored when resuming). One step of 4 dialogues is about
+# 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE
+exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite --steps 8000 --pool-slices 1000 \
+  --views 2 --save-every 50 --threads 2 --long-share 0.5 --dice-weight 2.0 \
+  --vision-from MediRoundCore/weights/mediround-tiny "$@"
