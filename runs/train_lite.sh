@@ -7,7 +7,6 @@
 # 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY=PASSIVE
 exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite --steps 8000 --pool-slices 1000 \
   --views 2 --save-every 50 --threads 2 --long-share 0.5 --dice-weight 2.0 \
   --vision-from MediRoundCore/weights/mediround-tiny "$@"
