@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# A point of the lite run's learning curve: snapshot runs/lite/checkpoint (with the shipped reference scorer, which
+# is model-independent) and evaluate it on small sets; reports land in runs/lite/eval/step<N>/.
+#   bash runs/lite_curve.sh            # hard split 20 dialogues (JCM off: lite's JCM is not trained yet),
+#                                      # paraphrase and absent sets 10 dialogues each, the real set
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEP=$(tail -1 runs/lite/log_stage1.csv | cut -d, -f5)
+DIR=runs/lite/eval/step$STEP
+mkdir -p "$DIR"
+cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$DIR"/
+cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$DIR"/
+.venv/bin/mediround eval --checkpoint "$DIR" --split hard --limit "${HARD:-20}" --configs ind-nojcm,resolver-nojcm \
+  --threads 2 --out "$DIR/hard" --quiet
+.venv/bin/mediround eval --checkpoint "$DIR" --sets paraphrase,absent,real --set-limit "${SETS:-10}" --split hard \
+  --threads 2 --out "$DIR/sets" --quiet
+echo "$DIR"
