@@ -12,6 +12,7 @@ cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_
 cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$DIR"/
 .venv/bin/mediround eval --checkpoint "$DIR" --split hard --limit "${HARD:-20}" --configs ind-nojcm,resolver-nojcm \
   --threads 2 --out "$DIR/hard" --quiet
+# the sets run the ind+jcm protocol; β 0 leaves every mask uncorrected (the untrained JCM scores above 0)
 .venv/bin/mediround eval --checkpoint "$DIR" --sets paraphrase,absent,real --set-limit "${SETS:-10}" --split hard \
-  --threads 2 --out "$DIR/sets" --quiet
+  --threads 2 --out "$DIR/sets" --quiet --beta 0
 echo "$DIR"
