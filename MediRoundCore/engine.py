@@ -399,6 +399,9 @@ class Engine:
         self._slices.clear()
         if self._decode_step is not None:
             self._decode_step.clear()
+        forget_image_side = getattr(self.model, "forget_image_side", None)
+        if forget_image_side is not None:
+            forget_image_side()
 
 
 def _holds_rounds(state: _SliceState, session: Session) -> bool:

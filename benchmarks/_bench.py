@@ -26,7 +26,7 @@ import torch
 from MediRoundCore import report_sections
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("cpu", "cpu-lite", "gpu", "slicer", "server")
+SECTIONS = ("cpu", "cpu-lite", "cpu-full", "gpu", "slicer", "server")
 HEADER = """# MediRound: speed and memory
 
 Written by the benchmark scripts (`benchmarks/bench_cpu.py`, run by `mediround bench`,

@@ -93,6 +93,7 @@ def test_ask_after_encoding_ahead_runs_neither_encoder_nor_prefix(cpu_run):
 
 def test_a_lite_model_gets_its_own_section_and_the_issues_targets():
     assert bench_cpu.section_name("tiny") == "cpu" and bench_cpu.section_name("lite") == "cpu-lite"
+    assert bench_cpu.section_name("full") == "cpu-full" and "cpu-full" in _bench.SECTIONS
     assert bench_cpu.targets_for("lite") == {"first": 1500.0, "later": 80.0, "prepared": 300.0}
     assert bench_cpu.targets_for("tiny") == {"first": 150.0, "later": 50.0, "prepared": 300.0}
     assert "cpu-lite" in _bench.SECTIONS

@@ -90,3 +90,46 @@ def test_two_way_forward_matches_the_transformer_directly():
         q, k = two_way_forward(transformer, image_side(transformer, src, pos), tokens)
     torch.testing.assert_close(q, q_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_changes_autocast_inference_weights_pickling_and_forget():
+    import io
+
+    model = _model(False)
+    embedding, p = torch.randn(1, 256, 16, 16), torch.randn(1, 256)
+    with torch.no_grad():
+        model.decode_with_tokens(embedding, p)
+        embedding.mul_(2.0)  # the same tensor changed in place: its version counter moved
+        after = model.decode_with_tokens(embedding, p)
+    torch.testing.assert_close(after[0], _sam_decode(model, embedding, p)[0], rtol=1e-4, atol=1e-4)
+    # autocast never reads or fills the cache (its products would have the wrong dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.cached_image_side(embedding) is None
+        model.decode_with_tokens(embedding, p)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode_with_tokens(embedding, p)[0], after[0])
+    # a model whose weights were made in inference mode (no version counters) still decodes, cached
+    with torch.inference_mode():
+        inference_model = _model(True)
+        grid = inference_model.config.segmenter.image_size // inference_model.config.segmenter.patch_size
+        e = torch.randn(1, 256, grid, grid)
+        first = inference_model.decode_with_tokens(e, p)[0]
+        assert inference_model.cached_image_side(e) is not None
+        torch.testing.assert_close(inference_model.decode_with_tokens(e, p)[0], first)
+    # the whole model pickles after a decode (the weak reference is not saved), and forget drops the products
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert model._image_side_cache is not None
+    model.forget_image_side()
+    assert model._image_side_cache is None
+
+
+def test_engine_forget_drops_the_decoders_image_side():
+    from MediRoundCore.engine import Engine
+
+    engine = Engine.random_tiny(0)
+    with torch.inference_mode():
+        engine.model.decode_with_tokens(torch.randn(1, 256, 16, 16), torch.randn(1, 256))
+    assert engine.model._image_side_cache is not None
+    engine.forget()
+    assert engine.model._image_side_cache is None

@@ -198,3 +198,9 @@ def test_pool_draws_long_dialogues_with_the_hard_splits_settings():
     def reach_backs(samples):
         return sum(r is not None and r < k - 1 for s in samples for k, r in enumerate(s.ref_indices))
     assert reach_backs(long_) > reach_backs(short)
+
+
+def test_pool_refuses_evaluation_splits_and_shares_outside_0_1():
+    for bad in (dict(long_split="hard"), dict(split="val"), dict(long_share=1.5), dict(long_share=-0.1)):
+        with pytest.raises(ValueError):
+            PoolConfig(**bad)

@@ -27,6 +27,18 @@ from .tiny_vit import build_tiny_vit
 from .tokenizer import TokenIds
 
 
+def _version_of(tensor: torch.Tensor):
+    """A tensor's version counter, or None for an inference-mode tensor (which has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def build_language_model(cfg) -> MistralForCausalLM:
     config = MistralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -315,11 +327,17 @@ class MediRound(nn.Module):
     def cached_image_side(self, image_embedding: torch.Tensor):
         """The decoder's first-block image side for one slice's embedding (1,256,g,g), kept while the same
         embedding tensor and decoder weights come back (`model/decoder_image_side.py`); None while gradients are
-        recorded, for a batch of images, or a transformer of another layout."""
+        recorded or autocast is on, for a batch of images, or a transformer of another layout.
+
+        The key holds the embedding's identity and every weight the products read (storage, dtype, version
+        counter), so a load, an optimiser step, a cast or a move makes them again. Not seen: changes through
+        `.data` (no version bump) and in-place changes of an inference-mode embedding (no version counter);
+        callers that do either call `forget_image_side()`."""
         from .decoder_image_side import image_side, supports
 
         transformer = self.segmenter.mask_decoder.transformer
-        if torch.is_grad_enabled() or image_embedding.shape[0] != 1 or not supports(transformer):
+        if (torch.is_grad_enabled() or image_embedding.shape[0] != 1 or not supports(transformer)
+                or _autocast_on(image_embedding.device.type)):
             return None
         first = transformer.layers[0]
         pe = self.segmenter.prompt_encoder
@@ -328,14 +346,25 @@ class MediRound(nn.Module):
                    *first.cross_attn_token_to_image.v_proj.parameters(),
                    *first.cross_attn_image_to_token.q_proj.parameters())
         key = (image_embedding.data_ptr(), tuple(image_embedding.shape), image_embedding.dtype,
-               tuple((w.data_ptr(), w.dtype, w._version) for w in weights))
+               _version_of(image_embedding), tuple((w.data_ptr(), w.dtype, _version_of(w)) for w in weights))
         cached = self._image_side_cache
         if cached is not None and cached[0]() is image_embedding and cached[1] == key:
             return cached[2]
+        self._image_side_cache = None  # the old slice's products are not kept beside the new ones
         src = image_embedding + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         side = image_side(transformer, src, self.dense_positional_encoding().to(src.dtype))
         self._image_side_cache = (weakref.ref(image_embedding), key, side)
         return side
+
+    def forget_image_side(self) -> None:
+        """Drop the kept decoder image side (`cached_image_side`), e.g. with the engine's other slice caches."""
+        self._image_side_cache = None
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_image_side_cache"] = None  # a weak reference does not pickle; the products are made again
+        return state
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """SAM's dense positional encoding of the embedding grid, computed in float32 whatever the model's dtype

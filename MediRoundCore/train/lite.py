@@ -18,7 +18,7 @@ import torch
 
 from .embedding_cache import EmbeddingCache
 from .lite_data import PoolConfig, pool_view
-from .trainer import TrainConfig, Trainer
+from .trainer import STATE_FILE, TrainConfig, Trainer
 
 
 def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, limit: int | None = None,
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     model, tokenizer = build_lite()
-    if args.vision_from and not (out / "checkpoint").exists():
+    if args.vision_from and not (out / "checkpoint" / STATE_FILE).is_file():  # not a run the trainer resumes
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
                       long_share=args.long_share)

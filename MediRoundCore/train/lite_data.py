@@ -42,6 +42,15 @@ class PoolConfig:
     split: str = "train"
     seed: int = 0
 
+    def __post_init__(self):
+        from ..data.splits import TRAINING_SPLITS
+
+        for name in (self.split, self.long_split):
+            if name not in TRAINING_SPLITS:  # the evaluation splits' reserved settings stay out of training
+                raise ValueError(f"pool split {name!r} is not a training split; expected one of {TRAINING_SPLITS}")
+        if not 0.0 <= self.long_share <= 1.0:
+            raise ValueError(f"long_share must be from 0 to 1, got {self.long_share}")
+
 
 @lru_cache(maxsize=256)
 def pool_view(split: str, seed: int, index: int, view: int):
