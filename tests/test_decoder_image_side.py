@@ -133,3 +133,33 @@ def test_engine_forget_drops_the_decoders_image_side():
     assert engine.model._image_side_cache is not None
     engine.forget()
     assert engine.model._image_side_cache is None
+
+
+@pytest.mark.parametrize("lite_decoder", [False, True], ids=["tiny", "litemedsam"])
+def test_training_decode_with_one_image_side_per_image_equals_sams_forward_with_gradients(lite_decoder):
+    """Training decodes many rounds on a few images: `rows` makes the first block's image side once per image.
+    Outputs and every gradient (image embeddings, prompts, decoder weights) equal SAM's forward on the gathered
+    rows."""
+    model = _model(lite_decoder).train()
+    grid = model.config.segmenter.image_size // model.config.segmenter.patch_size
+    torch.manual_seed(3)
+    images = torch.randn(3, 256, grid, grid)
+    prompts = torch.randn(7, 256)
+    rows = torch.tensor([0, 0, 2, 1, 2, 2, 0])
+    weights = [p for p in model.segmenter.mask_decoder.parameters() if p.requires_grad]
+
+    def run(shared: bool):
+        e, p = images.clone().requires_grad_(), prompts.clone().requires_grad_()
+        out = model.decode_with_prompts(e, p, rows=rows) if shared else model.decode_with_prompts(e[rows], p)
+        loss = (out.sigmoid() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        grads = torch.autograd.grad(loss, [e, p, *weights], allow_unused=True)  # IoU head, other mask tokens
+        return out.detach(), grads
+
+    ours, our_grads = run(True)
+    theirs, their_grads = run(False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert our_grads[0].abs().sum() > 0 and our_grads[1].abs().sum() > 0
+    for a, b in zip(our_grads, their_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(b.abs().max())))

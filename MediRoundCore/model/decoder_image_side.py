@@ -8,8 +8,10 @@ decode; `ImageSide` keeps them, so a later round on the same slice runs only the
 LiteMedSAM's 64² embedding that is about a third of the transformer's arithmetic.
 
 `two_way_forward(transformer, side, tokens)` is `TwoWayTransformer.forward` with those three products read from
-`side`: the same operations in the same order otherwise (the tests hold it to SAM's forward). It is for
-inference: nothing here tracks gradients through the cached products.
+`side`: the same operations in the same order otherwise (the tests hold it to SAM's forward). At inference the
+engine keeps one slice's side across rounds (`MediRound.cached_image_side`). In training, where a batch holds a
+few images and many rounds on each, the side is made once per image and each round reads its image's rows
+(`rows`), with gradients, instead of projecting the same image again for every round.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from torch import Tensor
 
 @dataclass
 class ImageSide:
-    """One image's prompt-independent products of the decoder's first block (batch 1, broadcast over prompts)."""
+    """B images' prompt-independent products of the decoder's first block (B = 1: broadcast over prompts)."""
 
-    keys: Tensor  # (1, HW, C) src, flattened as the transformer flattens it
+    keys: Tensor  # (B, HW, C) src, flattened as the transformer flattens it
     key_pe: Tensor  # (1, HW, C)
-    token_to_image_k: Tensor  # (1, heads, HW, c) first block, token→image attention keys
-    token_to_image_v: Tensor  # (1, heads, HW, c) its values
-    image_to_token_q: Tensor  # (1, heads, HW, c) first block, image→token attention queries
+    token_to_image_k: Tensor  # (B, heads, HW, c) first block, token→image attention keys
+    token_to_image_v: Tensor  # (B, heads, HW, c) its values
+    image_to_token_q: Tensor  # (B, heads, HW, c) first block, image→token attention queries
+
+    def rows(self, index: Tensor) -> "ImageSide":
+        """The side of image index[k] for prompt k."""
+        return ImageSide(self.keys[index], self.key_pe, self.token_to_image_k[index],
+                         self.token_to_image_v[index], self.image_to_token_q[index])
 
 
 def supports(transformer) -> bool:
@@ -39,9 +46,9 @@ def supports(transformer) -> bool:
 
 
 def image_side(transformer, src: Tensor, pos: Tensor) -> ImageSide:
-    """The first block's image-side products for src and pos, each (1, C, h, w)."""
-    if src.shape[0] != 1:
-        raise ValueError(f"one image at a time, got a batch of {src.shape[0]}")
+    """The first block's image-side products for src (B, C, h, w) and one positional encoding pos (1, C, h, w)."""
+    if pos.shape[0] != 1:
+        raise ValueError(f"one positional encoding for every image, got a batch of {pos.shape[0]}")
     first = transformer.layers[0]
     keys = src.flatten(2).permute(0, 2, 1)
     key_pe = pos.flatten(2).permute(0, 2, 1)
@@ -61,8 +68,8 @@ def _attend(attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def two_way_forward(transformer, side: ImageSide, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-    """`TwoWayTransformer.forward(image_embedding, image_pe, point_embedding)` for the image `side` was made of:
-    (queries (K, N, C), keys (K, HW, C))."""
+    """`TwoWayTransformer.forward(image_embedding, image_pe, point_embedding)` for the image(s) `side` was made of
+    (one image for every prompt, or one per prompt): (queries (K, N, C), keys (K, HW, C))."""
     first = transformer.layers[0]
     # first block: self-attention without the query PE (skip_first_layer_pe)
     queries = first.norm1(first.self_attn(q=point_embedding, k=point_embedding, v=point_embedding))

@@ -292,23 +292,33 @@ class MediRound(nn.Module):
                                    self.dense_positional_encoding().to(dtype), weights.to(dtype)).float())
         return torch.cat(parts, -1).to(mask_tokens.dtype)
 
-    def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row.
+    def decode_with_prompts(self, image_embeddings: torch.Tensor, prompts: torch.Tensor,
+                            rows: torch.Tensor | None = None) -> torch.Tensor:
+        """SAM's mask decoder (single-mask output) for K prompts, each with its own image embedding row (or row
+        `rows[k]` of B image embeddings).
 
         SAM's `MaskDecoder.forward` pairs every prompt with every image; here prompt k meets image row k, in
         one batched pass (the same computation as its `predict_masks`, batched over prompts)."""
-        return self.decode_with_tokens(image_embeddings, prompts)[0]
+        return self.decode_with_tokens(image_embeddings, prompts, rows)[0]
 
-    def decode_with_tokens(self, image_embeddings: torch.Tensor, prompts: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_with_tokens(self, image_embeddings: torch.Tensor, prompts: torch.Tensor,
+                           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
+        from .decoder_image_side import image_side, supports
+
         k = prompts.shape[0]
         decoder = self.segmenter.mask_decoder
         pe = self.segmenter.prompt_encoder
         out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), prompts.unsqueeze(1).to(out_tokens.dtype)], 1)
-        side = self.cached_image_side(image_embeddings)
-        if side is not None:  # inference on one slice: the first block's image side computed once per slice
+        side = self.cached_image_side(image_embeddings) if rows is None else None
+        if side is None and rows is not None and supports(decoder.transformer):
+            # several rounds on each of a few images (training): the first block's image side once per image
+            src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            side = image_side(decoder.transformer, src, self.dense_positional_encoding().to(src.dtype)).rows(rows)
+        elif side is None and rows is not None:
+            image_embeddings, rows = image_embeddings[rows], None
+        if side is not None:  # the first block's image side computed once per slice
             hs, src = two_way_forward(decoder.transformer, side, tokens)
             b, (c, h, w) = k, image_embeddings.shape[1:]
         else:
@@ -453,7 +463,7 @@ def seg_hidden_states(model: "MediRound", batch):
 def decode_for_samples(model: "MediRound", image_embeddings, batch, prompts):
     """Upsampled (K,S,S) mask logits of each [SEG] prompt on its own sample's image embedding."""
     rows = batch.seg_positions[:, 0]
-    return upsample_logits(model, model.decode_with_prompts(image_embeddings[rows], prompts))
+    return upsample_logits(model, model.decode_with_prompts(image_embeddings, prompts, rows=rows))
 
 
 def upsample_logits(model: "MediRound", low_res: torch.Tensor) -> torch.Tensor:
