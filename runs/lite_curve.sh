@@ -5,10 +5,11 @@
 #                                      # paraphrase and absent sets 10 dialogues each, the real set
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEP=$(tail -1 runs/lite/log_stage1.csv | cut -d, -f5)
+SNAP=$(mktemp -d runs/lite/eval/snapshot.XXXX)  # copied first: the run may save a newer checkpoint meanwhile
+cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,trainer_state.pt} "$SNAP"/
+STEP=$(.venv/bin/python -c "from MediRoundCore.train.trainer import load_trainer_state as l; print(l('$SNAP/trainer_state.pt')['step'])")
 DIR=runs/lite/eval/step$STEP
-mkdir -p "$DIR"
-cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$DIR"/
+rm -rf "$DIR" && rm "$SNAP/trainer_state.pt" && mv "$SNAP" "$DIR"
 cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$DIR"/
 .venv/bin/mediround eval --checkpoint "$DIR" --split hard --limit "${HARD:-20}" --configs ind-nojcm,resolver-nojcm \
   --threads 2 --out "$DIR/hard" --quiet
