@@ -52,7 +52,10 @@ class PoolConfig:
             raise ValueError(f"long_share must be from 0 to 1, got {self.long_share}")
 
 
-@lru_cache(maxsize=256)
+POOL_VIEWS_KEPT = 4096  # about 1 MiB each: a whole pool of 2000 views stays in memory (4 GiB at most)
+
+
+@lru_cache(maxsize=POOL_VIEWS_KEPT)  # rendering a view takes about 1 s, reading it back nothing: keep the pool
 def pool_view(split: str, seed: int, index: int, view: int):
     """(AnatomySlice with the view's instance masks, display image uint8, share of the whole slice's frame
     (rows, cols), place of its centre in the field (`SliceImage.frame_shift`); both None for the whole slice) of
