@@ -53,6 +53,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/box_prompt.py
   MediRoundCore/model/config.py
   MediRoundCore/model/decode_step.py
+  MediRoundCore/model/decoder_image_side.py
   MediRoundCore/model/field_placement.py
   MediRoundCore/model/jcm.py
   MediRoundCore/model/lite.py
