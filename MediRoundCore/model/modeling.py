@@ -304,21 +304,20 @@ class MediRound(nn.Module):
     def decode_with_tokens(self, image_embeddings: torch.Tensor, prompts: torch.Tensor,
                            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
-        from .decoder_image_side import image_side, supports
+        from .decoder_image_side import supports
 
         k = prompts.shape[0]
         decoder = self.segmenter.mask_decoder
         pe = self.segmenter.prompt_encoder
         out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), prompts.unsqueeze(1).to(out_tokens.dtype)], 1)
-        side = self.cached_image_side(image_embeddings) if rows is None else None
-        if side is None and rows is not None and supports(decoder.transformer):
-            # several rounds on each of a few images (training): the first block's image side once per image
-            src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            side = image_side(decoder.transformer, src, self.dense_positional_encoding().to(src.dtype)).rows(rows)
-        elif side is None and rows is not None:
-            image_embeddings, rows = image_embeddings[rows], None
-        if side is not None:  # the first block's image side computed once per slice
+        if rows is None:
+            side = self.cached_image_side(image_embeddings)
+        elif supports(decoder.transformer):  # several rounds on each of a few images (training)
+            side = self._first_block_image_side(image_embeddings).rows(rows)
+        else:
+            side, image_embeddings = None, image_embeddings[rows]
+        if side is not None:  # the first block's image side made once per image
             hs, src = two_way_forward(decoder.transformer, side, tokens)
             b, (c, h, w) = k, image_embeddings.shape[1:]
         else:
@@ -343,7 +342,7 @@ class MediRound(nn.Module):
         counter), so a load, an optimiser step, a cast or a move makes them again. Not seen: changes through
         `.data` (no version bump) and in-place changes of an inference-mode embedding (no version counter);
         callers that do either call `forget_image_side()`."""
-        from .decoder_image_side import image_side, supports
+        from .decoder_image_side import supports
 
         transformer = self.segmenter.mask_decoder.transformer
         if (torch.is_grad_enabled() or image_embedding.shape[0] != 1 or not supports(transformer)
@@ -361,10 +360,18 @@ class MediRound(nn.Module):
         if cached is not None and cached[0]() is image_embedding and cached[1] == key:
             return cached[2]
         self._image_side_cache = None  # the old slice's products are not kept beside the new ones
-        src = image_embedding + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        side = image_side(transformer, src, self.dense_positional_encoding().to(src.dtype))
+        side = self._first_block_image_side(image_embedding)
         self._image_side_cache = (weakref.ref(image_embedding), key, side)
         return side
+
+    def _first_block_image_side(self, image_embeddings: torch.Tensor):
+        """`decoder_image_side.image_side` of (B,256,g,g) embeddings, as SAM's decoder prepares its input: the
+        no-mask embedding added, the dense positional encoding of the grid."""
+        from .decoder_image_side import image_side
+
+        src = image_embeddings + self.segmenter.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return image_side(self.segmenter.mask_decoder.transformer, src,
+                          self.dense_positional_encoding().to(src.dtype))
 
     def forget_image_side(self) -> None:
         """Drop the kept decoder image side (`cached_image_side`), e.g. with the engine's other slice caches."""
