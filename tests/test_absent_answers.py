@@ -21,7 +21,7 @@ def test_the_engine_reads_the_wording_training_teaches():
     assert not says_absent("liver: the large organ on this slice")
 
 
-STEPS = 100
+STEPS = 200  # 100 memorised the answers on one float path of the decoder and not on another (130-250 all do)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_an_absent_answer_draws_nothing_and_is_saved(trained, tmp_path):
     assert absent.absent and not absent.seg_forced and not absent.mask.any() and absent.jcm_score is None
     assert "[SEG]" not in absent.answer and "closed with one" not in absent.answer
     # the rounds around it segment, and the history after the absent round (EOS only, as trained) holds
-    # (a hundred steps teach the words and [SEG], not yet the masks)
+    # (a few hundred steps teach the words and [SEG], not yet the masks)
     assert not present.absent and not present.seg_forced and present.entity == "liver"
     assert not after.absent and not after.seg_forced
     # the same rounds with the history rebuilt from the session (no cache) end the same way
