@@ -26,6 +26,7 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
+from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
@@ -349,7 +350,8 @@ class Engine:
         else:
             positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
             out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
-                                            output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+                                            output_hidden_states=True, **{_CACHE_KWARG: state.cache},
+                                            **LAST_LOGITS_ONLY)
             logits, hidden = out.logits[0, -1], out.hidden_states[-1][0, -1]
         # the DynamicCache was extended in place
         state.cache_len += n

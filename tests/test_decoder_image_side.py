@@ -67,12 +67,19 @@ def test_the_image_side_is_reused_for_the_same_slice_and_remade_otherwise():
             assert len(made) == 1
             model.decode_with_tokens(other, p)  # another slice
             assert len(made) == 2
+        first_block = model.segmenter.mask_decoder.transformer.layers[0]
         with torch.no_grad():  # a weight the products depend on changes in place (fine-tuning, a load)
-            model.segmenter.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+            first_block.cross_attn_image_to_token.q_proj.weight.mul_(1.5)
         with torch.inference_mode():
             after = model.decode_with_tokens(other, p)
         assert len(made) == 3
         torch.testing.assert_close(after[0], _sam_decode(model, other, p)[0], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # a weight read per prompt, not kept: the same products, the new weight applied
+            first_block.cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+        with torch.inference_mode():
+            changed = model.decode_with_tokens(other, p)
+        assert len(made) == 3 and not torch.allclose(changed[0], after[0])
+        torch.testing.assert_close(changed[0], _sam_decode(model, other, p)[0], rtol=1e-4, atol=1e-4)
         with torch.enable_grad():  # training never reads the cache
             model.decode_with_tokens(other, p)
         assert len(made) == 3
@@ -160,6 +167,11 @@ def test_training_decode_with_one_image_side_per_image_equals_sams_forward_with_
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert our_grads[0].abs().sum() > 0 and our_grads[1].abs().sum() > 0
     for a, b in zip(our_grads, their_grads):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(b.abs().max())))
+        if b is None:  # SAM's decode leaves it unused too (the IoU head, the other mask tokens)
+            assert a is None
+            continue
+        if a is None:  # the folded attention does not read token→image k_proj biases: their gradient is zero,
+            # in SAM's forward a sum of terms that cancel (rounding noise at the scale of the other gradients)
+            assert float(b.abs().max()) < 1e-5 * max(float(g.abs().max()) for g in their_grads if g is not None)
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(b.abs().max())))

@@ -176,3 +176,35 @@ def test_language_model_rope_theta_reaches_the_rotary_embedding():
     head_dim = text.hidden_size // text.num_attention_heads
     expected = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     torch.testing.assert_close(lm.model.rotary_emb.inv_freq, expected)
+
+
+def test_answer_loss_equals_transformers_causal_lm_loss_with_gradients(tiny_engine):
+    """The training loss runs the LM head only where a label is; loss and gradients are transformers' own."""
+    from MediRoundCore.model.modeling import LAST_LOGITS_ONLY, answer_loss
+
+    lm = tiny_engine.model.language_model
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 12, lm.config.hidden_size)
+    labels = torch.full((2, 12), -100)
+    labels[0, 5:9] = torch.randint(0, lm.config.vocab_size, (4,))
+    labels[1, 2:4] = torch.randint(0, lm.config.vocab_size, (2,))
+    weights = [p for p in lm.parameters()]
+
+    def run(ours: bool):
+        x = embeds.clone().requires_grad_()
+        with torch.enable_grad():
+            if ours:
+                out = lm(inputs_embeds=x, output_hidden_states=True, **LAST_LOGITS_ONLY)
+                assert out.logits.shape[1] == (1 if LAST_LOGITS_ONLY else 12)
+                loss = answer_loss(lm, out.hidden_states[-1], labels)
+            else:
+                loss = lm(inputs_embeds=x, labels=labels).loss
+            return loss.detach(), torch.autograd.grad(loss, [x, *weights], allow_unused=True)
+
+    ours, our_grads = run(True)
+    theirs, their_grads = run(False)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(our_grads, their_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

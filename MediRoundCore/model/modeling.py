@@ -10,6 +10,7 @@ Module names (the keys of our checkpoints):
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -25,6 +26,14 @@ from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
 from .tiny_vit import build_tiny_vit
 from .tokenizer import TokenIds
+
+
+IGNORE_INDEX = -100  # labels not trained on (torch's and transformers' ignore index)
+# a forward that returns only the last position's logits (the rest are never read); transformers < 4.50 named it
+# num_logits_to_keep, older ones had neither
+_FORWARD_PARAMS = inspect.signature(MistralForCausalLM.forward).parameters
+LAST_LOGITS_ONLY = ({"logits_to_keep": 1} if "logits_to_keep" in _FORWARD_PARAMS else
+                    {"num_logits_to_keep": 1} if "num_logits_to_keep" in _FORWARD_PARAMS else {})
 
 
 def _version_of(tensor: torch.Tensor):
@@ -305,6 +314,7 @@ class MediRound(nn.Module):
                            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,1,4g,4g) low-res mask logits and (K,256) mask-token outputs; see `decode_with_prompts`."""
         from .decoder_image_side import supports
+        from .decoder_upscaling import supports as upscaling_supports, upscaled_masks
 
         k = prompts.shape[0]
         decoder = self.segmenter.mask_decoder
@@ -328,8 +338,10 @@ class MediRound(nn.Module):
             pos_src = self.dense_positional_encoding().to(src.dtype).expand(k, -1, -1, -1)
             hs, src = decoder.transformer(src, pos_src, tokens)
         mask_token_out = hs[:, 1, :]  # the first mask token: SAM's single-mask output
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
+        if side is not None and upscaling_supports(decoder.output_upscaling):  # channels last, no image copies
+            return upscaled_masks(decoder.output_upscaling, src, (h, w), hyper), mask_token_out
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         bu, cu, hu, wu = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu), mask_token_out
 
@@ -351,8 +363,6 @@ class MediRound(nn.Module):
         first = transformer.layers[0]
         pe = self.segmenter.prompt_encoder
         weights = (pe.no_mask_embed.weight, pe.pe_layer.positional_encoding_gaussian_matrix,
-                   *first.cross_attn_token_to_image.k_proj.parameters(),
-                   *first.cross_attn_token_to_image.v_proj.parameters(),
                    *first.cross_attn_image_to_token.q_proj.parameters())
         key = (image_embedding.data_ptr(), tuple(image_embedding.shape), image_embedding.dtype,
                _version_of(image_embedding), tuple((w.data_ptr(), w.dtype, _version_of(w)) for w in weights))
@@ -460,11 +470,21 @@ def seg_hidden_states(model: "MediRound", batch):
     crops = model.encode_crops(batch.crop_pixels) if batch.crop_pixels is not None else None
     boxes = model.encode_boxes(batch.boxes) if batch.boxes is not None else None
     embeds = model.embed_inputs(batch.input_ids, image_tokens, crops, boxes)
-    out = model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels,
-                               output_hidden_states=True)
+    out = model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True,
+                               **LAST_LOGITS_ONLY)
     last = out.hidden_states[-1]
     hidden = last[batch.seg_positions[:, 0], batch.seg_positions[:, 1]]
-    return out.loss, hidden
+    return answer_loss(model.language_model, last, batch.labels), hidden
+
+
+def answer_loss(language_model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss (position t predicts label t+1, mean over labelled tokens, float logits) with
+    the LM head run only where a label is: its loss computes the head at every position, image and prompt tokens
+    included, which for lite's 30.5 k-word head was most of the language model's training time."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = language_model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])
 
 
 def decode_for_samples(model: "MediRound", image_embeddings, batch, prompts):
