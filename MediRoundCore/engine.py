@@ -26,6 +26,7 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
+from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
@@ -92,12 +93,14 @@ def validate_query(query) -> str:
 
 class Engine:
     def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4, reference_scorer=None,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, answer_drafts=None):
         from .model.decode_step import DecodeStep
 
         self.model = model.eval()
         # answer tokens one at a time without transformers' per-call work (None: its forward for every token)
         self._decode_step = DecodeStep.for_model(model.language_model) if fast_decode else None
+        # drafts of the next answer tokens, checked in one forward (model/answer_drafts.py; None: one per forward)
+        self.answer_drafts = answer_drafts if fast_decode else None
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.reuse_cache = reuse_cache
@@ -121,6 +124,8 @@ class Engine:
         folder = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, tokenizer = MediRound.from_pretrained(folder, device=device, dtype=dtype)
         kwargs.setdefault("reference_scorer", ReferenceScorer.from_pretrained(folder))
+        kwargs.setdefault("answer_drafts", AnswerDrafts.from_pretrained(folder, model.config.text.vocab_size,
+                                                                        stop=_stop_tokens(model.token_ids)))
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
@@ -360,21 +365,61 @@ class Engine:
             forward_tokens.append(n)
         return logits, hidden
 
+    def _lm_draft(self, tokens: list[int], state: _SliceState, forward_tokens):
+        """Feed a decoded token and a draft of the next ones: (logits (n,V), last hidden states (n,h)) of every
+        position; the cache keeps all n until `_drop_rejected`."""
+        n = len(tokens)
+        positions = torch.arange(state.cache_len, state.cache_len + n)[None]
+        out = self.model.language_model(inputs_embeds=self.model.embed_inputs(torch.tensor([tokens])),
+                                        use_cache=True, position_ids=positions, output_hidden_states=True,
+                                        **{_CACHE_KWARG: state.cache})
+        state.cache_len += n
+        self.forward_log.append(n)
+        if forward_tokens is not None:
+            forward_tokens.append(n)
+        return out.logits[0], out.hidden_states[-1][0]
+
+    @staticmethod
+    def _drop_rejected(state: _SliceState, count: int) -> None:
+        """Remove the last `count` positions (rejected draft tokens) from the slice's cache."""
+        if count:
+            state.cache.crop(-count)
+            state.cache_len -= count
+
     def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
-        """Greedy decoding with the KV cache until [SEG] (or EOS / the token limit, then closed with [SEG])."""
+        """Greedy decoding with the KV cache until [SEG] (or EOS / the token limit, then closed with [SEG]).
+
+        With answer drafts, each decoded token is fed together with a draft of the next ones; drafted tokens are
+        kept while they are the model's own greedy choice at their position, so the answer is greedy decoding's."""
         ids = self.model.token_ids
+        ends = _stop_tokens(ids)
+        stop = ends - {ids.seg}
+        limit = self.model.config.max_answer_tokens
         embeds = self.model.embed_inputs(torch.tensor([new_tokens]), None, crop_tokens, box_tokens)
         logits, hidden = self._lm(embeds, state, forward_tokens)
+        token = int(logits.argmax())
         answer: list[int] = []
-        for _ in range(self.model.config.max_answer_tokens):
-            token = int(logits.argmax())
+        while True:
             if token == ids.seg:
                 return hidden, answer, False
-            if token in (ids.eos, ids.pad, ids.image, ids.crop, ids.box, ids.bos):
+            if token in stop:
                 return hidden, answer, True
             answer.append(token)
-            logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
-        return hidden, answer, True
+            draft = self.answer_drafts.draft(answer, limit - len(answer)) if self.answer_drafts is not None else []
+            draft = draft[:next((i for i, t in enumerate(draft) if t in ends), len(draft))]  # never fed
+            if not draft:
+                logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
+            else:
+                all_logits, all_hidden = self._lm_draft([token] + draft, state, forward_tokens)
+                kept = 0  # position i predicts the token after draft[:i]
+                while kept < len(draft) and int(all_logits[kept].argmax()) == draft[kept]:
+                    answer.append(draft[kept])
+                    kept += 1
+                self._drop_rejected(state, len(draft) - kept)
+                logits, hidden = all_logits[kept], all_hidden[kept]
+            if len(answer) >= limit:
+                return hidden, answer, True
+            token = int(logits.argmax())
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:
         state = self._slices.get(_slice_key(session, image, self.model.config))
@@ -404,6 +449,11 @@ class Engine:
         forget_image_side = getattr(self.model, "forget_image_side", None)
         if forget_image_side is not None:
             forget_image_side()
+
+
+def _stop_tokens(ids) -> frozenset:
+    """Tokens that end an answer: [SEG], and those the model should never write (EOS, padding, placeholders)."""
+    return frozenset((ids.seg, ids.eos, ids.pad, ids.image, ids.crop, ids.box, ids.bos))
 
 
 def _holds_rounds(state: _SliceState, session: Session) -> bool:

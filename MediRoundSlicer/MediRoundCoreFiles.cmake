@@ -53,7 +53,9 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/box_prompt.py
   MediRoundCore/model/config.py
   MediRoundCore/model/decode_step.py
+  MediRoundCore/model/decoder_few_tokens.py
   MediRoundCore/model/decoder_image_side.py
+  MediRoundCore/model/decoder_upscaling.py
   MediRoundCore/model/field_placement.py
   MediRoundCore/model/jcm.py
   MediRoundCore/model/lite.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A point of the lite run's learning curve: snapshot runs/lite/checkpoint (with the shipped reference scorer, which
-# is model-independent) and evaluate it on small sets; reports land in runs/lite/eval/step<N>/.
+# is model-independent, and answer drafts) and evaluate it on small sets; reports land in runs/lite/eval/step<N>/.
 #   bash runs/lite_curve.sh            # hard split 20 dialogues (JCM off: lite's JCM is not trained yet),
 #                                      # paraphrase and absent sets 10 dialogues each, the real set
 set -euo pipefail
@@ -11,6 +11,10 @@ STEP=$(.venv/bin/python -c "from MediRoundCore.train.trainer import load_trainer
 DIR=runs/lite/eval/step$STEP
 rm -rf "$DIR" && rm "$SNAP/trainer_state.pt" && mv "$SNAP" "$DIR"
 cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$DIR"/
+# answer drafts depend on the tokenizer alone (MiniLM's, every step): made once, copied into each snapshot
+[ -f runs/lite/answer_drafts.json ] || { .venv/bin/python -m MediRoundCore.model.answer_drafts "$DIR" \
+  && cp "$DIR/answer_drafts.json" runs/lite/; }
+cp runs/lite/answer_drafts.json "$DIR"/
 .venv/bin/mediround eval --checkpoint "$DIR" --split hard --limit "${HARD:-20}" --configs ind-nojcm,resolver-nojcm \
   --threads 2 --out "$DIR/hard" --quiet
 # the sets run the ind+jcm protocol; β 0 leaves every mask uncorrected (the untrained JCM scores above 0)

@@ -103,7 +103,7 @@ def test_broken_files_are_named(tmp_path):
         ReferenceScorer.from_pretrained(tmp_path)
 
 
-def test_export_keeps_the_scorer(tmp_path):
+def test_export_keeps_the_scorer_and_makes_answer_drafts(tmp_path):
     from MediRoundCore.engine import Engine
     from MediRoundCore.train.export import export_default
 
@@ -113,10 +113,12 @@ def test_export_keeps_the_scorer(tmp_path):
     dest = tmp_path / "shipped"
     scorer = fit(_rounds(60), ReferenceScorerConfig(buckets=1 << 12), epochs=1, progress=False)
     scorer.save_pretrained(dest)  # the folder's scorer survives an export of a checkpoint without one
-    export_default(checkpoint, dest)
-    loaded = Engine.load(dest, device="cpu").reference_scorer
+    export_default(checkpoint, dest, drafts_dialogues=10)
+    engine = Engine.load(dest, device="cpu")
+    loaded = engine.reference_scorer
     assert loaded is not None and np.array_equal(loaded.weights, ReferenceScorer.from_pretrained(dest).weights)
     assert np.count_nonzero(loaded.weights) > 0
+    assert engine.answer_drafts is not None and engine.answer_drafts.table  # made for the checkpoint's tokenizer
 
 
 def test_the_shipped_scorer_beats_the_previous_round_on_val():
