@@ -350,8 +350,9 @@ class Engine:
     def _lm(self, embeds, state: _SliceState, forward_tokens):
         n = embeds.shape[1]
         step = self._decode_step
-        if n == 1 and step is not None and step.supports(state.cache_len):  # one answer token: same computation
-            logits, hidden = step(embeds, state.cache, state.cache_len)
+        if step is not None and step.supports(state.cache_len, n):  # the same computation, lighter
+            logits, hidden = step.many(embeds, state.cache, state.cache_len, last_only=True)
+            logits, hidden = logits[0], hidden[0]
         else:
             positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
             out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
@@ -369,15 +370,20 @@ class Engine:
         """Feed a decoded token and a draft of the next ones: (logits (n,V), last hidden states (n,h)) of every
         position; the cache keeps all n until `_drop_rejected`."""
         n = len(tokens)
-        positions = torch.arange(state.cache_len, state.cache_len + n)[None]
-        out = self.model.language_model(inputs_embeds=self.model.embed_inputs(torch.tensor([tokens])),
-                                        use_cache=True, position_ids=positions, output_hidden_states=True,
-                                        **{_CACHE_KWARG: state.cache})
+        embeds = self.model.embed_inputs(torch.tensor([tokens]))
+        step = self._decode_step
+        if step is not None and step.supports(state.cache_len, n):  # the same computation, without transformers'
+            logits, hidden = step.many(embeds, state.cache, state.cache_len)  # per-call work
+        else:
+            positions = torch.arange(state.cache_len, state.cache_len + n)[None]
+            out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                                            output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+            logits, hidden = out.logits[0], out.hidden_states[-1][0]
         state.cache_len += n
         self.forward_log.append(n)
         if forward_tokens is not None:
             forward_tokens.append(n)
-        return out.logits[0], out.hidden_states[-1][0]
+        return logits, hidden
 
     @staticmethod
     def _drop_rejected(state: _SliceState, count: int) -> None:
@@ -397,9 +403,9 @@ class Engine:
         limit = self.model.config.max_answer_tokens
         embeds = self.model.embed_inputs(torch.tensor([new_tokens]), None, crop_tokens, box_tokens)
         logits, hidden = self._lm(embeds, state, forward_tokens)
-        token = int(logits.argmax())
         answer: list[int] = []
-        while True:
+        while len(answer) < limit:
+            token = int(logits.argmax())
             if token == ids.seg:
                 return hidden, answer, False
             if token in stop:
@@ -417,9 +423,7 @@ class Engine:
                     kept += 1
                 self._drop_rejected(state, len(draft) - kept)
                 logits, hidden = all_logits[kept], all_hidden[kept]
-            if len(answer) >= limit:
-                return hidden, answer, True
-            token = int(logits.argmax())
+        return hidden, answer, True
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:
         state = self._slices.get(_slice_key(session, image, self.model.config))

@@ -210,3 +210,26 @@ def test_engine_moved_to_cpu_float32_after_a_round_keeps_answering(tiny_engine):
     again = Session("vol")
     again.add_round(session.rounds[0])
     assert fresh.ask(again, "Now the lesion inside it.", image).round.answer == moved.round.answer
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_several_new_tokens_match_transformers(n):
+    """`DecodeStep.many`: a token and its answer draft in one step, causal among themselves: logits and hidden
+    states of every position, and the cache, as transformers' forward of the same tokens."""
+    lm = _random_mistral()
+    step = DecodeStep.for_model(lm)
+    ours, theirs = _prefilled(lm), _prefilled(lm)
+    g = torch.Generator().manual_seed(4)
+    for i in range(2):
+        embeds = torch.randn(1, n, lm.config.hidden_size, generator=g) * 3
+        start = ours[1] + i * n
+        with torch.inference_mode():
+            logits, hidden = step.many(embeds, ours[0], start)
+            out = lm(inputs_embeds=embeds, use_cache=True, position_ids=torch.arange(start, start + n)[None],
+                     output_hidden_states=True, **{_CACHE_KWARG: theirs[0]})
+        assert logits.shape == (n, lm.config.vocab_size)
+        torch.testing.assert_close(logits, out.logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, out.hidden_states[-1][0], rtol=1e-5, atol=1e-5)
+    for index in range(lm.config.num_hidden_layers):
+        for a, b in zip(_layer_tensors(ours[0], index), _layer_tensors(theirs[0], index)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

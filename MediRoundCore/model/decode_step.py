@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 FUSE_LIMIT_BYTES = 256 << 20  # fuse q/k/v and gate/up only when the copies take at most this
 ONE_THREAD_MAX_BYTES = 16 << 20  # a step reading at most this many weight bytes runs on one thread
+ONE_THREAD_MAX_TOKENS = 8  # … and feeding at most this many tokens (an answer draft; a query's products split)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,7 +51,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeStep:
-    """`step(embeds (1,1,h), cache, position) -> (logits (V,), last hidden state (h,))` for one new token."""
+    """`step(embeds (1,1,h), cache, position) -> (logits (V,), last hidden state (h,))` for one new token;
+    `step.many` for a few (a token and its answer draft)."""
 
     def __init__(self, language_model):
         self.lm = language_model
@@ -127,50 +129,69 @@ class DecodeStep:
         self._signature, self._layers = [], []
 
     # -- the step --------------------------------------------------------------------------------------
-    def supports(self, position: int) -> bool:
-        """False where transformers would mask by a sliding window, or the model is training."""
+    def supports(self, position: int, n: int = 1) -> bool:
+        """False where transformers would mask by a sliding window (n tokens from `position`), or the model is
+        training."""
         if self.lm.training:
             return False
-        return self.sliding_window is None or position < self.sliding_window
+        return self.sliding_window is None or position + n - 1 < self.sliding_window
 
     def __call__(self, embeds: torch.Tensor, cache, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token (embeds (1,1,h)): (logits (V,), last hidden state (h,))."""
+        logits, hidden = self.many(embeds, cache, position)
+        return logits[0], hidden[0]
+
+    def many(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n new tokens at positions position.. (embeds (1,n,h); causal among themselves, as transformers' forward
+        over a cache): (logits (n,V), last hidden states (n,h)), or only the last position's with `last_only`.
+        The engine checks answer drafts, and feeds a round's query, this way."""
         threads = torch.get_num_threads()
         if (not self.fused or threads == 1 or embeds.device.type != "cpu"
-                or self.weight_bytes > ONE_THREAD_MAX_BYTES):
-            return self._step(embeds, cache, position)
+                or self.weight_bytes > ONE_THREAD_MAX_BYTES or embeds.shape[1] > ONE_THREAD_MAX_TOKENS):
+            return self._step(embeds, cache, position, last_only)
         torch.set_num_threads(1)
         try:
-            return self._step(embeds, cache, position)
+            return self._step(embeds, cache, position, last_only)
         finally:
             torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def _step(self, embeds: torch.Tensor, cache, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         layers = self._weights()
-        hidden = embeds.reshape(1, -1)
+        n = embeds.shape[1]
+        hidden = embeds.reshape(n, -1)
         dtype = hidden.dtype
-        inv_freq = self.base.rotary_emb.inv_freq
-        freqs = float(position) * inv_freq.to(torch.float32)
-        angles = torch.cat((freqs, freqs))
+        inv_freq = self.base.rotary_emb.inv_freq.to(torch.float32)
+        positions = torch.arange(position, position + n, dtype=torch.float32, device=hidden.device)
+        freqs = positions[:, None] * inv_freq[None]
+        angles = torch.cat((freqs, freqs), dim=-1)  # (n, d)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         nq, nkv, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        mask = None
+        if n > 1:  # token i sees the cache and the new tokens up to itself
+            seen = torch.arange(position + n, device=hidden.device)
+            mask = seen[None, :] <= torch.arange(position, position + n, device=hidden.device)[:, None]
         for index, p in enumerate(layers):
             x = _rms_norm(hidden, *p["norm1"])
             qkv = self._project(x, p["qkv"])
-            q = qkv[:, :nq].view(1, self.heads, 1, d)
-            k = qkv[:, nq:nq + nkv].view(1, self.kv_heads, 1, d)
-            v = qkv[:, nq + nkv:].view(1, self.kv_heads, 1, d)
+            q = qkv[:, :nq].reshape(n, self.heads, d).transpose(0, 1)[None]
+            k = qkv[:, nq:nq + nkv].reshape(n, self.kv_heads, d).transpose(0, 1)[None]
+            v = qkv[:, nq + nkv:].reshape(n, self.kv_heads, d).transpose(0, 1)[None]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = cache.update(k, v, index)
             if self.heads != self.kv_heads:  # as transformers' repeat_kv: each key/value head serves a group
                 keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            attn = F.scaled_dot_product_attention(q, keys, values, scale=d ** -0.5)
-            hidden = hidden + F.linear(attn.reshape(1, nq), p["o"])
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5)
+            hidden = hidden + F.linear(attn[0].transpose(0, 1).reshape(n, nq), p["o"])
             x = _rms_norm(hidden, *p["norm2"])
             gate_up = self._project(x, p["gate_up"])
             hidden = hidden + F.linear(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], p["down"])
+        if last_only:
+            hidden = hidden[-1:]
         norm = self.base.norm
         hidden = _rms_norm(hidden, norm.weight, norm.variance_epsilon)
-        return self.lm.lm_head(hidden)[0], hidden[0]
+        return self.lm.lm_head(hidden), hidden
