@@ -50,6 +50,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/sets.py
   MediRoundCore/imaging.py
   MediRoundCore/model/__init__.py
+  MediRoundCore/model/answer_drafts.py
   MediRoundCore/model/box_prompt.py
   MediRoundCore/model/config.py
   MediRoundCore/model/decode_step.py
@@ -62,6 +63,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/lora.py
   MediRoundCore/model/modeling.py
   MediRoundCore/model/processing.py
+  MediRoundCore/model/query_encoder_step.py
   MediRoundCore/model/text_encoder.py
   MediRoundCore/model/tiny_vit.py
   MediRoundCore/model/tokenizer.py

@@ -24,6 +24,7 @@ from .config import MediRoundConfig
 from .decoder_image_side import two_way_forward
 from .jcm import build_jcm, refiner_image
 from .processing import SAM_MEAN, SAM_STD
+from .query_encoder_step import QueryEncoderStep
 from .tiny_vit import build_tiny_vit
 from .tokenizer import TokenIds
 
@@ -246,7 +247,11 @@ class MediRound(nn.Module):
             batch[k, : e - s + 2] = torch.cat([ids.new_tensor([cls]), ids[row, s:e], ids.new_tensor([sep])])
             mask[k, : e - s + 2] = 1
         with torch.no_grad():
-            states = self.query_encoder(input_ids=batch, attention_mask=mask).last_hidden_state
+            step = QueryEncoderStep.for_model(self.query_encoder)  # one query at inference: without per-call work
+            if step is not None and step.supports(batch):
+                states = step(batch)
+            else:
+                states = self.query_encoder(input_ids=batch, attention_mask=mask).last_hidden_state
         projected = self.query_projection(states.to(self.query_projection.weight.dtype))
         for k, (row, s, e) in enumerate(spans):
             out[row, s:e] = projected[k, 1: e - s + 1]

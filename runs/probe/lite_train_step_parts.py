@@ -42,9 +42,9 @@ b = batches[1]
 t0 = time.perf_counter(); ce, hidden = seg_hidden_states(model, b); t1 = time.perf_counter()
 print(f"LM pass (with all-position logits) {t1 - t0:.2f} s")
 from torch.profiler import profile
-if False:
+with profile() as p:
     step(b)
-#print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 _encode = model.encode_segmenter_image
 def _encode_fp32(pixels):
