@@ -49,6 +49,9 @@ class RoundResult:
     prompt: torch.Tensor  # (256,) the [SEG] prompt that was decoded (after JCM)
     raw_prompt: torch.Tensor  # (256,) before JCM
     forward_tokens: list[int] = field(default_factory=list)  # tokens given to each language-model forward
+    answer_tokens: int = 0  # tokens the model generated (without [SEG])
+    decode_forwards: int = 0  # the last forwards of `forward_tokens`, made while generating them (one token,
+    # or one token and its draft, each)
 
     @property
     def mask(self) -> np.ndarray:
@@ -208,7 +211,9 @@ class Engine:
         new_tokens = list(state.pending) + user_ids
         t1 = time.perf_counter()
         held, state.rounds = state.rounds, None  # the cache grows now: until the round is added it matches none
+        before = len(forward_tokens) + 1  # and the prompt forward
         hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
+        decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
         answer = self.builder.decode(answer_ids)
         absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
@@ -244,7 +249,8 @@ class Engine:
         state.rounds = None if held is None else held + [round_]
         state.pending = self._round_end(round_)
         say("done", 1.0)
-        return RoundResult(round_, prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens)
+        return RoundResult(round_, prompts[0].float().cpu(), raw[0].float().cpu(), forward_tokens, len(answer_ids),
+                           decode_forwards)
 
     # -- pieces --------------------------------------------------------------------------------------
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:

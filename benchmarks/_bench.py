@@ -136,24 +136,27 @@ def verdict(ok: bool) -> str:
 
 # -- instrumentation -------------------------------------------------------------------------------------------
 class ForwardTimer:
-    """Times every language-model forward of one engine (wraps the instance's `_lm`; the engine is unchanged).
+    """Times every language-model forward of one engine (wraps the instance's `_lm` and `_lm_draft`, a token
+    fed with its answer draft; the engine is unchanged).
 
     `calls` holds (tokens, ms) per forward since the last `clear()`."""
 
     def __init__(self, engine):
         self.calls: list[tuple[int, float]] = []
-        inner = engine._lm
         cuda = engine.model.device.type == "cuda"
 
-        def timed(embeds, state, forward_tokens):
-            t = time.perf_counter()
-            out = inner(embeds, state, forward_tokens)
-            if cuda:
-                torch.cuda.synchronize()
-            self.calls.append((int(embeds.shape[1]), (time.perf_counter() - t) * 1000))
-            return out
+        def timing(inner, tokens_of):
+            def timed(fed, state, forward_tokens):
+                t = time.perf_counter()
+                out = inner(fed, state, forward_tokens)
+                if cuda:
+                    torch.cuda.synchronize()
+                self.calls.append((tokens_of(fed), (time.perf_counter() - t) * 1000))
+                return out
+            return timed
 
-        engine._lm = timed
+        engine._lm = timing(engine._lm, lambda embeds: int(embeds.shape[1]))
+        engine._lm_draft = timing(engine._lm_draft, len)
 
     def clear(self) -> None:
         self.calls.clear()
@@ -164,15 +167,11 @@ TIMING_KEYS = ("segmenter_encoder_ms", "vision_tower_ms", "prefix_ms", "language
 
 def round_record(result, calls: list[tuple[int, float]], wall_ms: float, query_tokens: int | None = None) -> dict:
     """One Ask's figures: wall time, the engine's timings, and the tokens of its language-model forwards split into
-    the prompt side (every forward before decoding) and the generated answer (one 1-token forward per token)."""
+    the prompt side (every forward before decoding) and the generated answer (the engine's `decode_forwards`:
+    one forward per answer token, or fewer with answer drafts)."""
     ft = list(result.forward_tokens)
-    answer = 0
-    for n in reversed(ft):
-        if n != 1:
-            break
-        answer += 1
-    answer = min(answer, max(len(ft) - 1, 0))  # the prompt forward is never counted as an answer token
-    k = len(ft) - answer
+    answer = result.answer_tokens
+    k = len(ft) - result.decode_forwards
     timed = len(calls) == len(ft) and [c[0] for c in calls] == ft
     prompt_ms = sum(ms for _, ms in calls[:k]) if timed else float("nan")
     decode_ms = sum(ms for _, ms in calls[k:]) if timed else float("nan")
@@ -180,7 +179,8 @@ def round_record(result, calls: list[tuple[int, float]], wall_ms: float, query_t
     rec = {
         "round": result.round.number, "wall_ms": wall_ms, "total_ms": timings.get("total_ms", float("nan")),
         "lm_tokens": sum(ft), "prompt_tokens": sum(ft[:k]), "first_forward_tokens": ft[0] if ft else 0,
-        "answer_tokens": answer, "forwards": len(ft), "prompt_ms": prompt_ms, "decode_ms": decode_ms,
+        "answer_tokens": answer, "forwards": len(ft), "decode_forwards": result.decode_forwards,
+        "prompt_ms": prompt_ms, "decode_ms": decode_ms,
         "decode_ms_per_token": decode_ms / answer if answer and timed else float("nan"),
         "seg_forced": bool(result.round.seg_forced), "answer": result.round.answer,
     }

@@ -204,6 +204,8 @@ def bench_prepared(engine: Engine, volume: Volume, query: str, runs: int, warmup
 # -- 2. cost growth -------------------------------------------------------------------------------------------
 def bench_growth(engine: Engine, volume: Volume, queries, refs, repeats: int) -> dict:
     """Rounds 1..N with our engine and with the naive re-run, interleaved round by round; per-round medians."""
+    # both decode one token per forward (no answer drafts, whose hits vary from round to round): the time per
+    # answer token then measures what the growing cache costs
     engines = {"ours": Engine(engine.model, engine.tokenizer, reuse_cache=True, reference_scorer=engine.reference_scorer),
                "naive": Engine(engine.model, engine.tokenizer, reuse_cache=False)}
     timers = {mode: ForwardTimer(e) for mode, e in engines.items()}
@@ -415,8 +417,19 @@ def explain_later(recs, target) -> str:
     else:
         text += (f"The target leaves {target - rest:.0f} ms for the answer, about {int((target - rest) // per)} "
                  f"tokens at this speed: the answer length decides. A trained model that names the entity and "
-                 f"stops (or an answer-length cap) would reach it; so would a faster decoding step.")
+                 f"stops (or an answer-length cap) would reach it; so would faster decoding (fewer forwards: "
+                 f"longer accepted drafts; or a cheaper step).")
     return text
+
+
+def drafts_note(engine) -> str:
+    """How this engine decodes answers: with the checkpoint's answer drafts, or one token per forward."""
+    drafts = getattr(engine, "answer_drafts", None)
+    if drafts is None:
+        return "this checkpoint has no `answer_drafts.json`: one token per forward"
+    return (f"`answer_drafts.json`, {len(drafts.table)} contexts; drafts of up to {drafts.max_tokens} tokens, "
+            f"each continuation seen at least {drafts.min_share:.0%} of the time; the answer stays greedy "
+            f"decoding's")
 
 
 def targets_for(size: str) -> dict:
@@ -431,7 +444,8 @@ def section_name(size: str) -> str:
 
 
 def render_section(info: dict, model_desc: str, is_random: bool, params: int, args, source: str, asks: dict,
-                   growth: dict, ratios: dict, memory: dict, files: dict, size: str = "tiny") -> str:
+                   growth: dict, ratios: dict, memory: dict, files: dict, size: str = "tiny",
+                   decoding: str = "") -> str:
     target = targets_for(size)
     first_med = summary([r["wall_ms"] for r in asks["first"]])["median"]
     later_med = summary([r["wall_ms"] for r in asks["later"]])["median"]
@@ -515,6 +529,8 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
          _stat_cells([r["wall_ms"] for r in later])[1]],
         ["answer tokens generated, median (min–max)", _int_range([r["answer_tokens"] for r in first]),
          _int_range([r["answer_tokens"] for r in later])],
+        ["language-model forwards while decoding, median (min–max)", _int_range([r["decode_forwards"] for r in first]),
+         _int_range([r["decode_forwards"] for r in later])],
         ["time per answer token, median (ms)", fmt(_nanmedian([r["decode_ms_per_token"] for r in first]), 2),
          fmt(_nanmedian([r["decode_ms_per_token"] for r in later]), 2)],
         ["tokens through the language model, median", _int_range([r["lm_tokens"] for r in first]),
@@ -532,15 +548,18 @@ def render_section(info: dict, model_desc: str, is_random: bool, params: int, ar
     L.append("\nWhere the time goes (medians of each part, so they need not add up to the median total; "
              "`round.timings` of the engine, the answer-decoding split from timing each language-model forward):\n")
     L.append(table(["part", "first Ask (ms)", "share", "later round (ms)", "share"], breakdown_rows(asks)))
-    L.append("\nThe answer length dominates later rounds: each answer token is one language-model forward.\n")
+    L.append(f"\nThe answer length dominates later rounds: the first answer token comes with the query's forward; "
+             f"each later one takes a forward of its own, or shares it with the next ones when the model's answer "
+             f"drafts are right ({decoding or 'one token per forward'}).\n")
 
     L.append(f"### Cost growth over a {last}-round dialogue\n")
     L.append(f"Rounds 1–{last} of the generated long dialogue (`long_dialogue(seed={args.seed})`, references as the "
              "dialogue gives them) on the slice above. *Ours*: the engine keeps the slice's KV cache, so a round "
              "feeds the previous answer's closing `[SEG]`+EOS and its own query, then decodes. *Naive*: "
              "`Engine(..., reuse_cache=False)` feeds the image prefix and the whole conversation again every round, "
-             "as the public code does (its image encoders stay cached per slice, which favours it). Same model, same "
-             "process, rounds interleaved. *Prompt side* = every token fed before decoding (independent of the answer "
+             "as the public code does (its image encoders stay cached per slice, which favours it). Both decode one "
+             "answer token per forward here (no answer drafts), so that the time per answer token shows what a "
+             "longer cache costs. Same model, same process, rounds interleaved. *Prompt side* = every token fed before decoding (independent of the answer "
              "length); *LM tokens* adds one per generated answer token. Latency at equal answer length replaces "
              f"each round's decoding time by {growth['fixed_answer_tokens']} tokens × its own time per token. "
              f"Answers of the two engines identical in every round: {'yes' if growth['answers_match'] else '**no**'}.\n")
@@ -618,7 +637,7 @@ def run(argv=None) -> dict:
     plot(out / files["png"], growth, f"MediRound on CPU ({info['cpu']}, {info['threads']} threads), {short}, "
                                      f"{args.size}² slice, {growth['repeats']} repeat(s)")
     section = render_section(info, model_desc, is_random, params, args, source, asks, growth, ratios, memory, files,
-                             size)
+                             size, drafts_note(engine))
     results = write_section(out / "RESULTS.md", name, section)
     say(f"bench: wrote {results}, {out / files['csv']}, {out / files['png']}")
     return {"args": args, "info": info, "model": model_desc, "random": is_random, "asks": asks, "growth": growth,
