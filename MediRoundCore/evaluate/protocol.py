@@ -10,6 +10,7 @@ Configurations (`CONFIGS`), all run on the same dialogues in one run:
 | resolver+jcm    | the product's resolver reads the query     | on  | –                                     |
 | resolver-nojcm  | the product's resolver                     | off | –                                     |
 | noref           | the dataset's `ind`                        | on  | reference crop/box (features of a blank mask) |
+| noref-nojcm     | the dataset's `ind`                        | off | reference crop/box (as noref)         |
 | nohistory       | the dataset's `ind`                        | on  | earlier rounds' text (the reference mask stays) |
 | prevround       | always round t-1                           | on  | the true reference                    |
 
@@ -59,6 +60,9 @@ CONFIGS: dict[str, EvalConfig] = {c.name: c for c in (
     EvalConfig("resolver-nojcm", "resolver", False, description="references from the product's resolver, JCM off"),
     EvalConfig("noref", "dataset", True, blank_reference=True,
                description="ablation: reference crop and box replaced by those of a blank mask"),
+    EvalConfig("noref-nojcm", "dataset", False, blank_reference=True,
+               description="ablation: blank reference crop and box, JCM off (against ind-nojcm: a model whose JCM "
+                           "is not trained yet)"),
     EvalConfig("nohistory", "dataset", True, no_history=True,
                description="ablation: no dialogue history (each round alone), the reference mask kept"),
     EvalConfig("prevround", "previous", True, description="ablation: always the previous round as reference"),
