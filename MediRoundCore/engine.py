@@ -279,7 +279,7 @@ class Engine:
 
     def _rebuild_prefix(self, session: Session, state: _SliceState, forward_tokens, timings) -> _SliceState:
         """Fill the cache with prefix + every round of the session (one forward)."""
-        from transformers import DynamicCache
+        from .model.kv_cache import new_cache
 
         t = time.perf_counter()
         # One reading of the rounds (a prepare runs beside the main thread, where an Undo may remove one), and no
@@ -303,7 +303,7 @@ class Engine:
         # The last round's closing tokens ([SEG] EOS, or EOS of an absent round) are fed with the next round.
         keep = len(self._round_end(rounds[-1])) if rounds else 0
         feed, state.pending = (ids[:-keep], ids[-keep:]) if keep else (ids, [])
-        state.cache = DynamicCache()
+        state.cache = new_cache()
         state.cache_len = 0
         embeds = self.model.embed_inputs(torch.tensor([feed]), state.image_tokens,
                                          torch.cat(crops) if crops else None, torch.cat(boxes) if boxes else None)

@@ -216,10 +216,10 @@ class EvalEngine(Engine):
         state.cache_len = 0
         if not self.no_history:
             return super()._rebuild_prefix(session, state, forward_tokens, timings)
-        from transformers import DynamicCache
+        from ..model.kv_cache import new_cache
 
         t = time.perf_counter()
-        state.cache = DynamicCache()
+        state.cache = new_cache()
         embeds = self.model.embed_inputs(torch.tensor([self.builder.prefix()]), state.image_tokens)
         self._lm(embeds, state, forward_tokens)
         state.pending = []

@@ -36,6 +36,19 @@ ONE_THREAD_MAX_BYTES = 16 << 20  # a step reading at most this many weight bytes
 ONE_THREAD_MAX_TOKENS = 8  # … and feeding at most this many tokens (an answer draft; a query's products split)
 
 
+def _sdpa_groups_heads() -> bool:
+    """Whether this torch's scaled_dot_product_attention shares key/value heads among query heads (enable_gqa,
+    torch 2.5+)."""
+    try:
+        q, kv = torch.zeros(1, 4, 1, 2), torch.zeros(1, 2, 3, 2)
+        return F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True).shape == (1, 4, 1, 2)
+    except (TypeError, RuntimeError):
+        return False
+
+
+_SDPA_GQA = _sdpa_groups_heads()
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """MistralRMSNorm: in float32, weight applied in the input's dtype."""
     dtype = x.dtype
@@ -182,10 +195,14 @@ class DecodeStep:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = cache.update(k, v, index)
+            grouped = {}
             if self.heads != self.kv_heads:  # as transformers' repeat_kv: each key/value head serves a group
-                keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
-                values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5)
+                if _SDPA_GQA:  # without copying the cache per group
+                    grouped = {"enable_gqa": True}
+                else:
+                    keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                    values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5, **grouped)
             hidden = hidden + F.linear(attn[0].transpose(0, 1).reshape(n, nq), p["o"])
             x = _rms_norm(hidden, *p["norm2"])
             gate_up = self._project(x, p["gate_up"])
