@@ -59,6 +59,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/decoder_upscaling.py
   MediRoundCore/model/field_placement.py
   MediRoundCore/model/jcm.py
+  MediRoundCore/model/kv_cache.py
   MediRoundCore/model/lite.py
   MediRoundCore/model/lora.py
   MediRoundCore/model/modeling.py
