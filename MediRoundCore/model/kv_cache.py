@@ -17,13 +17,19 @@ import torch
 
 
 def _layer_class():
+    import inspect
+
     from transformers.cache_utils import DynamicLayer
+
+    # transformers 4.5x initialise a layer from the keys alone, 5.x from keys and values
+    init_arity = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) - 1
 
     class RoomyLayer(DynamicLayer):
         """A `DynamicLayer` whose keys and values are views of buffers with room to grow."""
 
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args) -> None:
-            super().lazy_initialization(key_states, value_states)
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None,
+                                *args) -> None:
+            super().lazy_initialization(*(key_states, value_states)[:init_arity])
             self._key_buffer = self._value_buffer = None
             self._length = 0
 
