@@ -353,43 +353,25 @@ class Engine:
         crop_pixels, box = reference_inputs(pixels01, padding.pad(ref.mask), self.model.config, extent)
         return self.model.encode_crops(crop_pixels[None]), self.model.encode_boxes(box[None])
 
-    def _lm(self, embeds, state: _SliceState, forward_tokens):
+    def _lm(self, embeds, state: _SliceState, forward_tokens, every_position: bool = False):
+        """Feed `embeds` (1,n,h) after the slice's cache: (logits, last hidden state) of the last position, or of
+        every position (n,V), (n,h) with `every_position` (a token and its answer draft). The cache keeps all n."""
         n = embeds.shape[1]
         step = self._decode_step
         if step is not None and step.supports(state.cache_len, n):  # the same computation, lighter
-            logits, hidden = step.many(embeds, state.cache, state.cache_len, last_only=True)
-            logits, hidden = logits[0], hidden[0]
+            logits, hidden = step.many(embeds, state.cache, state.cache_len, last_only=not every_position)
         else:
             positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
             out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
                                             output_hidden_states=True, **{_CACHE_KWARG: state.cache},
-                                            **LAST_LOGITS_ONLY)
-            logits, hidden = out.logits[0, -1], out.hidden_states[-1][0, -1]
-        # the DynamicCache was extended in place
-        state.cache_len += n
-        self.forward_log.append(n)
-        if forward_tokens is not None:
-            forward_tokens.append(n)
-        return logits, hidden
-
-    def _lm_draft(self, tokens: list[int], state: _SliceState, forward_tokens):
-        """Feed a decoded token and a draft of the next ones: (logits (n,V), last hidden states (n,h)) of every
-        position; the cache keeps all n until `_drop_rejected`."""
-        n = len(tokens)
-        embeds = self.model.embed_inputs(torch.tensor([tokens]))
-        step = self._decode_step
-        if step is not None and step.supports(state.cache_len, n):  # the same computation, without transformers'
-            logits, hidden = step.many(embeds, state.cache, state.cache_len)  # per-call work
-        else:
-            positions = torch.arange(state.cache_len, state.cache_len + n)[None]
-            out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
-                                            output_hidden_states=True, **{_CACHE_KWARG: state.cache})
+                                            **({} if every_position else LAST_LOGITS_ONLY))
             logits, hidden = out.logits[0], out.hidden_states[-1][0]
+        # the cache was extended in place
         state.cache_len += n
         self.forward_log.append(n)
         if forward_tokens is not None:
             forward_tokens.append(n)
-        return logits, hidden
+        return (logits, hidden) if every_position else (logits[-1], hidden[-1])
 
     @staticmethod
     def _drop_rejected(state: _SliceState, count: int) -> None:
@@ -419,16 +401,14 @@ class Engine:
             answer.append(token)
             draft = self.answer_drafts.draft(answer, limit - len(answer)) if self.answer_drafts is not None else []
             draft = draft[:next((i for i, t in enumerate(draft) if t in ends), len(draft))]  # never fed
-            if not draft:
-                logits, hidden = self._lm(self.model.embed_inputs(torch.tensor([[token]])), state, forward_tokens)
-            else:
-                all_logits, all_hidden = self._lm_draft([token] + draft, state, forward_tokens)
-                kept = 0  # position i predicts the token after draft[:i]
-                while kept < len(draft) and int(all_logits[kept].argmax()) == draft[kept]:
-                    answer.append(draft[kept])
-                    kept += 1
-                self._drop_rejected(state, len(draft) - kept)
-                logits, hidden = all_logits[kept], all_hidden[kept]
+            all_logits, all_hidden = self._lm(self.model.embed_inputs(torch.tensor([[token] + draft])), state,
+                                              forward_tokens, every_position=True)
+            kept = 0  # position i predicts the token after draft[:i]
+            while kept < len(draft) and int(all_logits[kept].argmax()) == draft[kept]:
+                answer.append(draft[kept])
+                kept += 1
+            self._drop_rejected(state, len(draft) - kept)
+            logits, hidden = all_logits[kept], all_hidden[kept]
         return hidden, answer, True
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:

@@ -136,27 +136,24 @@ def verdict(ok: bool) -> str:
 
 # -- instrumentation -------------------------------------------------------------------------------------------
 class ForwardTimer:
-    """Times every language-model forward of one engine (wraps the instance's `_lm` and `_lm_draft`, a token
-    fed with its answer draft; the engine is unchanged).
+    """Times every language-model forward of one engine (wraps the instance's `_lm`; the engine is unchanged).
 
     `calls` holds (tokens, ms) per forward since the last `clear()`."""
 
     def __init__(self, engine):
         self.calls: list[tuple[int, float]] = []
+        inner = engine._lm
         cuda = engine.model.device.type == "cuda"
 
-        def timing(inner, tokens_of):
-            def timed(fed, state, forward_tokens):
-                t = time.perf_counter()
-                out = inner(fed, state, forward_tokens)
-                if cuda:
-                    torch.cuda.synchronize()
-                self.calls.append((tokens_of(fed), (time.perf_counter() - t) * 1000))
-                return out
-            return timed
+        def timed(embeds, state, forward_tokens, **kwargs):
+            t = time.perf_counter()
+            out = inner(embeds, state, forward_tokens, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            self.calls.append((int(embeds.shape[1]), (time.perf_counter() - t) * 1000))
+            return out
 
-        engine._lm = timing(engine._lm, lambda embeds: int(embeds.shape[1]))
-        engine._lm_draft = timing(engine._lm_draft, len)
+        engine._lm = timed
 
     def clear(self) -> None:
         self.calls.clear()

@@ -1,13 +1,14 @@
-"""One answer token through the language model, without transformers' per-call machinery.
+"""Answer tokens (and a round's query) through the language model, without transformers' per-call machinery.
 
 Greedy decoding feeds the language model one token at a time. For the small default model the arithmetic of
 such a step is a few hundred microseconds; transformers' forward (causal-mask construction, output recording,
 module dispatch of 29 linear layers) costs several times that. `DecodeStep` runs the same computation as
 `transformers.MistralForCausalLM.forward` for one new token over a `DynamicCache` (RMSNorm, rotary embedding
 of the default type, grouped-query attention over the cached keys and values, SiLU-gated MLP, final norm, LM
-head; `models/mistral/modeling_mistral.py`), with the query/key/value and gate/up projections fused into one
-matrix product each, and extends the caller's cache through its public `update`, so the cache stays the one
-transformers reads for the next multi-token forward.
+head; `models/mistral/modeling_mistral.py`), `many` the same for a few new tokens (causal among themselves: a
+token and its answer draft, or a round's query, whose LM head then runs at the last position only), with the
+query/key/value and gate/up projections fused into one matrix product each, and extends the caller's cache
+through its public `update`, so the cache stays the one transformers reads for its next forward.
 
 It is used only where it is the same computation: a `MistralForCausalLM` itself (not a peft wrapper, no adapters
 on its projections), default RoPE, no sliding window shorter than the sequence, SiLU, in eval mode. Anything
