@@ -14,7 +14,6 @@ The result is SAM's up to float rounding (tests hold it to `output_upscaling`, g
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -5,7 +5,6 @@ conversation's token ids so far (queries, earlier answers, this round's query); 
 of the latest earlier occurrence of the last n answer-or-context tokens (n = 3, 2, 1), up to K tokens.
 A verification forward of (accepted + 1) tokens then yields accepted + 1 tokens."""
 import sys
-import numpy as np
 from MediRoundCore.data.splits import long_dialogue
 from MediRoundCore.model.lite import lite_tokenizer
 from MediRoundCore.model.processing import PromptBuilder

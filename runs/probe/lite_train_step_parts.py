@@ -1,5 +1,5 @@
 """Probe: where a lite training step's time goes (forward parts, backward), on real pool batches (issue 23)."""
-import time, sys
+import time
 import numpy as np
 import torch
 from MediRoundCore.model.lite import build_lite

@@ -3,7 +3,6 @@ import time, sys
 import torch
 from transformers import DynamicCache
 from MediRoundCore.model.modeling import MediRound
-from MediRoundCore.model.decode_step import DecodeStep
 
 torch.set_num_threads(2)
 model = MediRound.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else "runs/lite/eval/step350")[0].eval()
