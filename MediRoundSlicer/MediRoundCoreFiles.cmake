@@ -95,6 +95,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/reference_noise.py
   MediRoundCore/train/reference_scorer.py
   MediRoundCore/train/run.py
+  MediRoundCore/train/snapshot.py
   MediRoundCore/train/trainer.py
   MediRoundCore/volume_files.py
   )

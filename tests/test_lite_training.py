@@ -204,3 +204,50 @@ def test_pool_refuses_evaluation_splits_and_shares_outside_0_1():
     for bad in (dict(long_split="hard"), dict(split="val"), dict(long_share=1.5), dict(long_share=-0.1)):
         with pytest.raises(ValueError):
             PoolConfig(**bad)
+
+
+def test_run_carried_by_a_snapshot_continues_on_a_fresh_clone(tmp_path):
+    """`train.snapshot`: a run's float16 weights and step, committed, continue it where `<out>` is gone; the
+    optimiser starts afresh, so the learning rate warms up again, and a later resume keeps that warm-up."""
+    from safetensors import safe_open
+
+    from MediRoundCore.train.lite import make_trainer
+    from MediRoundCore.train.snapshot import load_snapshot, main as snapshot_main, save_snapshot
+    from MediRoundCore.train.trainer import TrainConfig, warmup_linear
+
+    pool = PoolConfig(slices=2, views=1)
+    model, tokenizer = small_lite()
+    cfg = TrainConfig(output_dir=str(tmp_path / "first"), steps=2, batch_size=2, save_every=2, warmup_steps=1,
+                      rewarm_steps=8)
+    make_trainer(model, tokenizer, tmp_path / "first", pool, cfg).train(progress=False)
+    info = save_snapshot(tmp_path / "first" / "checkpoint", tmp_path / "snap")
+    assert info["step"] == 2 and info["float16"] == info["tensors"]
+    with safe_open(str(tmp_path / "snap" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    size = (tmp_path / "snap" / "model.safetensors").stat().st_size
+    assert size < 0.55 * (tmp_path / "first" / "checkpoint" / "model.safetensors").stat().st_size
+
+    again, tok = small_lite(seed=5)
+    cfg_on = TrainConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "fresh"), "steps": 4, "save_every": 1})
+    trainer = make_trainer(again, tok, tmp_path / "fresh", pool, cfg_on)
+    assert trainer.step == 0
+    weights, step = load_snapshot(tmp_path / "snap")
+    trainer.start_from(weights, step, "snap")
+    assert trainer.step == 2 and not trainer.optimizer.state_dict()["state"]
+    trained = model.state_dict()
+    for key, value in again.state_dict().items():
+        if not key.startswith(tuple(again.config.base_weights)):  # filled from the base packages, not stored
+            assert value.dtype == trained[key].dtype
+            torch.testing.assert_close(value, trained[key], rtol=1e-3, atol=1e-4)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * warmup_linear(2, 1, 4) / 8)
+    history = trainer.train(progress=False)
+    assert [h["step"] for h in history] == [3, 4]
+    assert history[0]["lr"] == pytest.approx(cfg.lr * warmup_linear(3, 1, 4) * 2 / 8)
+    # a later resume from the run's own checkpoint keeps the warm-up where it was
+    third, tok3 = small_lite(seed=6)
+    resumed = make_trainer(third, tok3, tmp_path / "fresh", pool, TrainConfig(**{**cfg_on.__dict__, "steps": 6}))
+    assert resumed.step == 4 and resumed.rewarm_from == 2
+    assert resumed.train(progress=False)[0]["lr"] == pytest.approx(cfg.lr * warmup_linear(5, 1, 6) * 4 / 8)
+
+    assert snapshot_main(["save", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 1  # a message, no traceback
+    assert not (tmp_path / "x").exists()

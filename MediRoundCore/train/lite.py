@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--encode-only", action="store_true")
     parser.add_argument("--vision-from", default=None,
                         help="a checkpoint whose vision tower starts this run's (ignored when resuming)")
+    parser.add_argument("--from-snapshot", default=None,
+                        help="a `train.snapshot` folder to continue from when --out holds no checkpoint yet "
+                             "(e.g. on a fresh clone); ignored when resuming")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     model, tokenizer = build_lite()
-    if args.vision_from and not (out / "checkpoint" / STATE_FILE).is_file():  # not a run the trainer resumes
+    resuming = (out / "checkpoint" / STATE_FILE).is_file()
+    if args.vision_from and not resuming and not args.from_snapshot:
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
                       long_share=args.long_share)
@@ -112,6 +116,11 @@ def main(argv=None) -> int:
         print(f"encoded {encode_pool(model, pool, model.embedding_cache)} new views")
         return 0
     trainer = make_trainer(model, tokenizer, out, pool, config)
+    if args.from_snapshot and not resuming:
+        from .snapshot import load_snapshot
+
+        weights, step = load_snapshot(args.from_snapshot)
+        trainer.start_from(weights, step, args.from_snapshot)
     trainer.train()
     cache = model.embedding_cache
     print(f"done at step {trainer.step}; embedding cache hits {cache.hits}, misses {cache.misses}")

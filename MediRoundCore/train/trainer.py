@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,6 +51,7 @@ class TrainConfig:
     reference_noise: float = 0.0  # share of reference masks replaced by a prediction-like perturbation
     correction_focus: bool = False  # stage 2: weigh the correction loss towards poor masks
     loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
+    rewarm_steps: int = 50  # warm-up again after `Trainer.start_from` (weights without optimiser state)
 
 
 def stream_seed(seed: int, step: int) -> int:
@@ -61,6 +63,14 @@ def warmup_linear(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def rewarmed(step: int, rewarm_from: int | None, rewarm_steps: int) -> float:
+    """The factor on the schedule after a run restarted from weights alone (fresh optimiser moments): linear
+    from 1/rewarm_steps to 1 over `rewarm_steps` steps from `rewarm_from`; 1 for a run that never was."""
+    if rewarm_from is None or step < rewarm_from:
+        return 1.0
+    return min(1.0, (step - rewarm_from + 1) / max(1, rewarm_steps))
 
 
 def set_trainable(model, stage: int, lora: bool) -> list[torch.nn.Parameter]:
@@ -161,8 +171,10 @@ class Trainer:
         params = set_trainable(model, config.stage, config.lora)
         self.raw_model = model
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+        self.rewarm_from: int | None = None  # the step a `start_from` restarted at, kept in the trainer state
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_linear(s, config.warmup_steps, config.steps))
+            optimizer, lambda s: warmup_linear(s, config.warmup_steps, config.steps)
+            * rewarmed(s, self.rewarm_from, config.rewarm_steps))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model.train(), optimizer, scheduler)
         self.step = 0
         self.batch_source = None  # an iterator of ready Batches (e.g. a DataLoader); else built here
@@ -183,7 +195,25 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.rewarm_from = state.get("rewarm_from")
         self.accelerator.print(f"resumed from step {self.step}")
+
+    def start_from(self, weights: dict[str, torch.Tensor], step: int, source: str) -> None:
+        """Continue a run at `step` from its weights alone (e.g. a `snapshot` carried in the repository): the
+        optimiser's moments start afresh, so the learning rate warms up again over `rewarm_steps`."""
+        from ..checkpoints.ours import not_stored
+        from ..checkpoints.safety import load_strict
+
+        own = self.raw_model.state_dict()
+        load_strict(self.raw_model, {k: v.to(own[k].dtype) if k in own else v for k, v in weights.items()},
+                    source, ignore_missing=not_stored(self.raw_model.config))
+        self.step = self.rewarm_from = int(step)
+        inner = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps it
+        inner.last_epoch = self.step - 1
+        with warnings.catch_warnings():  # "scheduler stepped before the optimiser": deliberate, to reach `step`
+            warnings.simplefilter("ignore", UserWarning)
+            inner.step()
+        self.accelerator.print(f"started from {source} at step {self.step} (learning rate warms up again)")
 
     def save(self) -> Path:
         folder = self.out / "checkpoint"
@@ -192,7 +222,7 @@ class Trainer:
             model.save_pretrained(folder, self.tokenizer)
             tmp = folder / (STATE_FILE + ".tmp")
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step, "config": json.dumps(asdict(self.cfg))}, tmp)
+                        "step": self.step, "rewarm_from": self.rewarm_from, "config": json.dumps(asdict(self.cfg))}, tmp)
             tmp.replace(folder / STATE_FILE)
         return folder
 
