@@ -7,11 +7,12 @@
 # 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
 # On a fresh clone (runs/lite gone) it continues from runs/lite-snapshot, the run's weights and step carried in
 # the repository (`python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot`, then
-# commit it); the segmenter's embeddings are then encoded again (~1 s per view, 2000 views, over the first
-# ~500 steps).
+# commit it). Each (re)start renders and encodes at most 600 views it has not encoded before (--new-views; ~2 s
+# each on two cores, ~20 min), so a fresh clone trains at full speed within the hour; restarts cover the pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=(--vision-from MediRoundCore/weights/mediround-tiny)
 if [ -f runs/lite-snapshot/snapshot.json ]; then start=(--from-snapshot runs/lite-snapshot); fi
 exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite --steps 8000 --pool-slices 1000 \
-  --views 2 --save-every 50 --threads 2 --long-share 0.5 --dice-weight 2.0 "${start[@]}" "$@"
+  --views 2 --save-every 50 --threads 2 --long-share 0.5 --dice-weight 2.0 \
+  --new-views 600 "${start[@]}" "$@"

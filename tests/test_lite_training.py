@@ -69,6 +69,30 @@ def test_pool_reuses_views_with_new_dialogues():
     assert all(m.any() for m in a.masks)
 
 
+def test_a_restart_renders_and_encodes_a_bounded_number_of_new_views(tmp_path):
+    """`--new-views`: a (re)started stream draws from the entries its ledger lists (encoded on this machine
+    before) and a bounded number of others, and lists what it draws; without a bound, from the whole pool."""
+    import itertools
+
+    from MediRoundCore.train.lite_data import read_ledger, stream_entries
+
+    rng = np.random.default_rng(0)
+    assert stream_entries(10, 0, [1, 2], rng) is None and stream_entries(10, 8, [1, 2], rng) is None
+    picked = stream_entries(10, 3, [7, 2, 2, 99], rng)
+    assert sorted(picked[:2]) == [2, 7] and len(set(picked)) == 5 and set(picked[2:]).isdisjoint({2, 7})
+
+    cfg = PoolConfig(slices=12, views=1, absent=0.0)
+    ledger = tmp_path / "pool_entries.txt"
+    ledger.write_text("3\n5\ncut-by-a-cra")
+    first = [s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg, 2, ledger)(0), 30)]
+    assert {3, 5} <= set(first) and len(set(first)) <= 4  # the two known ones and at most two new ones
+    assert set(read_ledger(ledger)) == {3, 5} | set(first) and len(read_ledger(ledger)) == len(set(first) | {3, 5})
+    again = [s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg, 2, ledger)(1), 40)]
+    assert set(first) <= set(again) | set(first) and len(set(again) - set(first)) <= 2
+    whole = {s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg)(2), 40)}
+    assert len(whole) > 6  # no bound: the whole pool
+
+
 @pytest.mark.slow
 def test_stage1_run_checkpoints_resumes_and_keeps_base_frozen(tmp_path):
     from MediRoundCore.train.lite import make_trainer

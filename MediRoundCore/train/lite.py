@@ -66,11 +66,13 @@ def take_vision_tower(model, checkpoint: str | Path) -> int:
     return len(own)
 
 
-def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig) -> Trainer:
+def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig, new_views: int = 0) -> Trainer:
+    """A stage-1 trainer on the pool; `new_views` bounds the views each (re)start renders and encodes afresh
+    (`lite_data.pool_stream`; the ledger of drawn entries lives beside the embeddings, and goes with them)."""
     from .lite_data import pool_stream
 
     model.embedding_cache = EmbeddingCache(out / "embeddings", model)
-    return Trainer(model, tokenizer, config, pool_stream(pool))
+    return Trainer(model, tokenizer, config, pool_stream(pool, new_views, out / "embeddings" / "pool_entries.txt"))
 
 
 def main(argv=None) -> int:
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--long-share", type=float, default=0.5,
                         help="share of dialogues with train-long's (the hard split's) settings")
     parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--new-views", type=int, default=0,
+                        help="views a (re)start may render and encode afresh, besides those already encoded here "
+                             "(0: the whole pool)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--encode-only", action="store_true")
     parser.add_argument("--vision-from", default=None,
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
         model.embedding_cache = EmbeddingCache(out / "embeddings", model)
         print(f"encoded {encode_pool(model, pool, model.embedding_cache)} new views")
         return 0
-    trainer = make_trainer(model, tokenizer, out, pool, config)
+    trainer = make_trainer(model, tokenizer, out, pool, config, args.new_views)
     if args.from_snapshot and not resuming:
         from .snapshot import load_snapshot
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -95,15 +96,54 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
 
 
-def pool_stream(cfg: PoolConfig):
-    """A resumable stream factory for `Trainer`: seed → endless samples over random pool entries."""
+def pool_stream(cfg: PoolConfig, new_views: int = 0, ledger: str | Path | None = None):
+    """A resumable stream factory for `Trainer`: seed → endless samples over random pool entries.
+
+    `new_views` > 0 bounds what a (re)started run renders and encodes afresh (about 2 s per view on two CPU
+    cores): each stream draws from the entries the `ledger` file lists (those an earlier stream on this machine
+    drew, hence already encoded) and `new_views` other random ones, instead of from the whole pool. A fresh
+    clone then starts in minutes, not in an hour, and the pool is covered over restarts."""
+    ledger = Path(ledger) if ledger is not None else None
+
     def stream(seed: int):
         rng = np.random.default_rng([cfg.seed, seed, 31])
+        entries = stream_entries(cfg.slices * cfg.views, new_views, read_ledger(ledger), rng)
+        recorded = set(read_ledger(ledger))
+        if ledger is not None and ledger.is_file() and not ledger.read_bytes().endswith(b"\n"):
+            with ledger.open("a") as handle:  # a line cut by a crash ends here; the next starts afresh
+                handle.write("\n")
         draw = 0
         while True:
-            entry = int(rng.integers(cfg.slices * cfg.views))
+            entry = int(rng.integers(cfg.slices * cfg.views)) if entries is None else int(rng.choice(entries))
             draw += 1
+            if ledger is not None and entry not in recorded:
+                recorded.add(entry)
+                with ledger.open("a") as handle:
+                    handle.write(f"{entry}\n")
             sample = pool_sample(cfg, entry, seed * 1_000_003 + draw)
             if sample is not None:
                 yield sample
     return stream
+
+
+def read_ledger(path: Path | None) -> list[int]:
+    """Pool entries a ledger lists (one per line; unreadable lines, e.g. one cut by a crash, are skipped)."""
+    if path is None or not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(int(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def stream_entries(total: int, new_views: int, known: list[int], rng) -> np.ndarray | None:
+    """The entries a stream draws from: None for the whole pool (no bound, or the bound covers it), else the
+    known ones in range and `new_views` others drawn without replacement."""
+    known = sorted({e for e in known if 0 <= e < total})
+    if new_views <= 0 or len(known) + new_views >= total:
+        return None
+    others = np.setdiff1d(np.arange(total), known)
+    return np.concatenate([np.array(known, dtype=np.int64), rng.choice(others, new_views, replace=False)])
