@@ -205,7 +205,8 @@ def test_pool_draws_long_dialogues_with_the_hard_splits_settings():
     from MediRoundCore.data.splits import SPLITS
 
     def drawn(share, n=40):
-        cfg = PoolConfig(slices=4, views=1, long_share=share, absent=0.0, paraphrase=0.0)
+        cfg = PoolConfig(slices=4, views=1, long_share=share, absent=0.0, paraphrase=0.0, repeat=0.0,
+                         product_references=0.0)
         return [s for s in (pool_sample(cfg, e % 4, d) for e, d in zip(range(n), range(100, 100 + n)))
                 if s is not None]
 
@@ -222,6 +223,33 @@ def test_pool_draws_long_dialogues_with_the_hard_splits_settings():
     def reach_backs(samples):
         return sum(r is not None and r < k - 1 for s in samples for k, r in enumerate(s.ref_indices))
     assert reach_backs(long_) > reach_backs(short)
+
+
+def test_pool_dialogues_carry_what_tinys_last_phases_needed():
+    """Repeated structures, absent rounds (also opening a dialogue) contrasted by direct requests for present
+    structures, inserted rounds referring to the round before, and a share read with the product's references."""
+    cfg = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.3, repeat=0.3, product_references=0.5)
+    samples = [s for s in (pool_sample(cfg, e % 6, d) for e, d in zip(range(60), range(200, 260))) if s is not None]
+    meta = [s.meta for s in samples]
+    repeats = [(s, k) for s in samples for k, flag in enumerate(s.meta.get("repeat") or []) if flag]
+    assert repeats and all(s.masks[k].any() and s.ref_indices[k] is not None
+                           and np.array_equal(s.masks[k], s.masks[s.ref_indices[k]]) for s, k in repeats)
+    absent = [(s, k) for s in samples for k, flag in enumerate(s.meta.get("absent") or []) if flag]
+    assert any(k == 0 for _, k in absent) and any(k > 0 for _, k in absent)
+    assert all(not s.masks[k].any() and "not on this slice" in s.answers[k] for s, k in absent)
+    assert 0.25 < np.mean([m.get("product_references", False) for m in meta]) < 0.75
+    # direct requests for present structures: segmented rounds beyond the dialogue's own (same entry and draw)
+    inserted = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.3, repeat=0.0, product_references=0.0)
+    base = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.0, repeat=0.0, product_references=0.0)
+    present = 0
+    for e, d in zip(range(60), range(200, 260)):
+        a, b = pool_sample(inserted, e % 6, d), pool_sample(base, e % 6, d)
+        if a is not None:
+            flags = a.meta.get("absent") or [False] * a.num_rounds
+            segmented = [k for k in range(a.num_rounds) if not flags[k]]
+            present += len(segmented) - b.num_rounds
+            assert all(a.ref_indices[k] == k - 1 for k in range(1, a.num_rounds) if a.queries[k] not in b.queries)
+    assert present > 0
 
 
 def test_pool_refuses_evaluation_splits_and_shares_outside_0_1():

@@ -8,8 +8,10 @@ share of the model's field (`meta["frame_extent"]`), so a model with a physical 
 (`MediRoundConfig.field_of_view_mm`) sees its anatomy at the size it has in every other view.
 Each draw builds a new dialogue on the entry (the generator's relations, train
 templates; half of them with the long dialogues, reach-backs and distractors of `train-long`, the hard split's
-settings), re-words its queries with the paraphrase grammar (data/paraphrase.py) and inserts some
-absent-target rounds (data/absent.py). The image of an entry
+settings), re-words its queries with the paraphrase grammar (data/paraphrase.py), inserts rounds that ask again
+for an earlier structure (data/repeats.py), absent-target rounds with direct requests for present structures
+to contrast them (data/absent.py), and refers a share of the dialogues where the product's resolver reads them
+(data/product_references.py), as MediRound-Tiny's last phases learned to need. The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
 """
 
@@ -28,6 +30,8 @@ from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
 from ..data.field_of_view import crop_extent, crop_shift
 from ..data.paraphrase import rephrase_dialogue
+from ..data.product_references import shipped_scorer, with_product_references
+from ..data.repeats import with_repeated_rounds
 from ..data.splits import SPLITS, make_dialogue
 
 
@@ -36,7 +40,11 @@ class PoolConfig:
     slices: int = 2000  # distinct generated slices
     views: int = 2  # views per slice: the plain one and views-1 randomised ones
     paraphrase: float = 0.7  # share of rounds re-worded by the grammar (the rest keep their train template)
-    absent: float = 0.1  # chance of an absent-target round after each round (data/absent.py)
+    absent: float = 0.12  # chance of an absent-target round after each round and before the first, and of a
+    # direct request for a structure on the slice to contrast them (data/absent.py)
+    repeat: float = 0.2  # chance of a round asking again for an earlier structure after each round (data/repeats.py)
+    product_references: float = 0.3  # share of dialogues referring where the product's resolver reads them
+    # (data/product_references.py; targets unchanged)
     long_share: float = 0.5  # share of dialogues drawn with `long_split`'s settings (rounds, reach-backs,
     # distractors: the hard split's, data/splits.py), the rest with `split`'s
     long_split: str = "train-long"
@@ -74,6 +82,11 @@ def pool_view(split: str, seed: int, index: int, view: int):
     return dataclasses.replace(sl, instances=instances), np.round(image * 255).astype(np.uint8), extent, shift
 
 
+@lru_cache(maxsize=1)
+def _scorer():
+    return shipped_scorer()  # read once per process: it does not change during a run
+
+
 def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     """Dialogue `draw` on pool entry `entry` (None when that view supports no dialogue of the drawn length)."""
     index, view = divmod(entry, cfg.views)
@@ -93,7 +106,14 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
                     meta={"pool_entry": entry, "draw": draw, "region": sl.region, "modality": sl.modality,
                           "dialogue_settings": p.name,
                           **({} if extent is None else {"frame_extent": extent, "frame_shift": shift})})
-    return with_absent_rounds(sample, sl, rng, cfg.absent) if cfg.absent > 0 else sample
+    if cfg.repeat > 0:  # before the absent rounds, so that each inserted round refers to the one before it
+        sample = with_repeated_rounds(sample, rng, cfg.repeat)
+    if cfg.absent > 0:
+        sample = with_absent_rounds(sample, sl, rng, cfg.absent, present=cfg.absent, refer_previous=True,
+                                    first=cfg.absent)
+    if cfg.product_references > 0:
+        sample = with_product_references(sample, rng, cfg.product_references, _scorer())
+    return sample
 
 
 def pool_stream(cfg: PoolConfig, new_views: int = 0, ledger: str | Path | None = None):
