@@ -155,3 +155,38 @@ def test_real_scan_box_prompt_dice(real_segmenter, case, index, modality, window
     box = np.zeros_like(label)
     box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
     assert _dice(mask, label) > _dice(box, label) + 0.05
+
+
+def test_encoder_fast_paths_compute_the_plain_forward():
+    """TinyViT runs channels-last, and a CPU batch without gradients one image at a time: the same embedding
+    as the plain (NCHW, whole-batch) forward, batched or not, with gradients or not."""
+    from MediRoundCore.model.config import TinyViTConfig
+    from MediRoundCore.model.tiny_vit import build_tiny_vit
+
+    torch.manual_seed(3)
+    enc = build_tiny_vit(TinyViTConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                                       window_sizes=(4, 4, 4, 4)), img_size=64, out_chans=32)
+    for module in enc.modules():  # running statistics other than BatchNorm's defaults
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    enc.eval()
+    x = torch.rand(3, 3, 64, 64)
+
+    def plain(pixels):
+        y = enc.patch_embed(pixels)
+        for layer in enc.layers:
+            y = layer(y)
+        return enc.neck(y)
+
+    with torch.no_grad():
+        expected = plain(x)
+        batched = enc(x)
+        single = enc(x[1:2])
+    assert batched.shape == (3, 32, 16, 16) and batched.is_contiguous()
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single, expected[1:2], rtol=1e-5, atol=1e-5)
+    with_grad = enc(x.requires_grad_())
+    torch.testing.assert_close(with_grad, expected, rtol=1e-5, atol=1e-5)
+    with_grad.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
