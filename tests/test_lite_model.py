@@ -42,6 +42,12 @@ def test_parts_come_from_the_base_weights(lite):
     assert torch.equal(embed[kidney], words[kidney])
     assert model.language_model.lm_head.weight is embed  # tied
     assert tokenizer.convert_tokens_to_ids("[SEG]") == 30522 and model.token_ids.bos == tokenizer.cls_token_id
+    # the base a training snapshot stores the word embeddings against is where they start
+    from MediRoundCore.train.snapshot import BASES
+
+    key, make = BASES["lite_word_embeddings"]
+    assert torch.equal(make(tuple(embed.shape)), embed.detach()) and key in model.state_dict()
+    assert make((300, 384)) is None
     # the frozen base parts get no gradient; the mask decoder does
     assert not any(p.requires_grad for p in model.segmenter.image_encoder.parameters())
     assert all(p.requires_grad for p in model.segmenter.mask_decoder.parameters())

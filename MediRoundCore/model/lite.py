@@ -64,20 +64,28 @@ def load_base_weights(model, lite_medsam_path: str | Path | None = None, minilm_
             param.requires_grad_(False)
 
 
-def init_word_embeddings(model, minilm_folder: str | Path | None = None) -> None:
-    """Rows 0..30521 of the language model's word embeddings ← MiniLM's; our four tokens ← their mean."""
+def initial_word_embeddings(extra: int = 4, minilm_folder: str | Path | None = None) -> torch.Tensor:
+    """(30522 + extra, 384): MiniLM's word embeddings, then `extra` rows (our tokens) of their mean: where the
+    language model's word embeddings start (also the base a training snapshot stores them against)."""
     from ..checkpoints import base_weights
     from ..checkpoints.safety import load_tensors
 
     path = base_weights.locate("minilm", minilm_folder) / "model.safetensors"
     words = load_tensors(path)["embeddings.word_embeddings.weight"]
+    if words.shape[0] != MINILM_VOCAB:
+        raise CheckpointError(f"{path}: expected {MINILM_VOCAB} word embeddings, got {tuple(words.shape)}")
+    return torch.cat([words, words.mean(0, keepdim=True).expand(extra, -1)])
+
+
+def init_word_embeddings(model, minilm_folder: str | Path | None = None) -> None:
+    """Rows 0..30521 of the language model's word embeddings ← MiniLM's; our four tokens ← their mean."""
     embed = model.language_model.get_input_embeddings().weight
-    if words.shape != (MINILM_VOCAB, embed.shape[1]):
-        raise CheckpointError(f"{path}: word embeddings {tuple(words.shape)} do not fit the language model's "
+    start = initial_word_embeddings(embed.shape[0] - MINILM_VOCAB, minilm_folder)
+    if start.shape != embed.shape:
+        raise CheckpointError(f"MiniLM's word embeddings {tuple(start.shape)} do not fit the language model's "
                               f"{tuple(embed.shape)}")
     with torch.no_grad():
-        embed[:MINILM_VOCAB] = words.to(embed.dtype)
-        embed[MINILM_VOCAB:] = words.mean(0).to(embed.dtype)
+        embed.copy_(start.to(embed.dtype))
 
 
 def build_lite(config: MediRoundConfig | None = None, lite_medsam_path=None, minilm_folder=None, seed: int = 0):

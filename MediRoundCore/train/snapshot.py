@@ -2,8 +2,11 @@
 
 Our machines may start a session with a fresh clone: a run's `<out>/checkpoint` (float32 weights and the
 optimiser state, ~280 MB for MediRound-Lite) is then gone. A snapshot keeps what the run cannot recompute, its
-weights in float16 and its step, in a folder small enough to commit (~48 MB for Lite); `train.lite
---from-snapshot` continues from it with fresh optimiser moments (`Trainer.start_from`).
+weights and its step, in a folder small enough to commit (~35 MB for Lite); `train.lite --from-snapshot`
+continues from it with fresh optimiser moments (`Trainer.start_from`). Tensors are stored in float16, but for
+those that start from a pinned base (Lite's word embeddings: MiniLM's, `model/lite.py:
+initial_word_embeddings`), which are stored as their difference from it in int8 with one scale per row: the
+table is half of Lite's weights, and its rows move little from where they started.
 
     python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot
     python -m MediRoundCore.train.snapshot show runs/lite-snapshot
@@ -23,20 +26,52 @@ from ..errors import CheckpointError
 WEIGHTS = "model.safetensors"
 INFO = "snapshot.json"
 FP16_MAX = float(torch.finfo(torch.float16).max)
+DELTA, SCALE = "::int8_delta", "::delta_scale"  # key suffixes of a tensor stored against its base
+
+
+def lite_word_embeddings(shape) -> torch.Tensor | None:
+    """Lite's starting word embeddings when they fit `shape` and the pinned MiniLM weights are here, else None."""
+    from ..model.config import MINILM_VOCAB
+    from ..model.lite import initial_word_embeddings
+
+    if len(shape) != 2 or shape[0] < MINILM_VOCAB:
+        return None
+    try:
+        base = initial_word_embeddings(shape[0] - MINILM_VOCAB)
+    except (CheckpointError, OSError):
+        return None
+    return base if tuple(base.shape) == tuple(shape) else None
+
+
+BASES = {"lite_word_embeddings": ("language_model.model.embed_tokens.weight", lite_word_embeddings)}
+
+
+def quantize_delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, float32 scale per row) of value - base: symmetric, each row's largest change is ±127."""
+    delta = value.float() - base.float()
+    scale = delta.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(delta / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_delta(rows: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return base.float() + rows.float() * scale.float()
 
 
 def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float tensors as float16 where every value fits its range (else kept as they are); others unchanged."""
+    """Float tensors as float16 where it keeps ~3 digits of them: every value finite and within its range, and
+    the largest at least 1e-3 (smaller values fall among float16's subnormals and lose digits; such tensors,
+    e.g. a key bias that no gradient reaches, are small and stay as they are). Other tensors unchanged."""
     out = {}
     for key, value in tensors.items():
-        fits = value.is_floating_point() and (value.numel() == 0 or (bool(torch.isfinite(value).all())
-                                                                     and float(value.abs().max()) < FP16_MAX))
+        top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
+        fits = value.is_floating_point() and bool(torch.isfinite(value).all()) and 1e-3 <= top < FP16_MAX
         out[key] = value.to(torch.float16).contiguous() if fits else value.contiguous()
     return out
 
 
-def save_snapshot(checkpoint: str | Path, dest: str | Path) -> dict:
-    """Write `dest` from a trainer checkpoint folder (weights + trainer state); returns its info."""
+def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None = None) -> dict:
+    """Write `dest` from a trainer checkpoint folder (weights + trainer state); returns its info. `bases` (name →
+    (key, shape → base tensor or None); default `BASES`) are the tensors stored against their starting point."""
     from safetensors.torch import save_file
 
     from ..checkpoints.safety import load_tensors
@@ -46,34 +81,54 @@ def save_snapshot(checkpoint: str | Path, dest: str | Path) -> dict:
     if not (checkpoint / WEIGHTS).is_file() or not (checkpoint / STATE_FILE).is_file():
         raise CheckpointError(f"{checkpoint}: not a training checkpoint (needs {WEIGHTS} and {STATE_FILE})")
     step = int(load_trainer_state(checkpoint / STATE_FILE)["step"])
-    tensors = compact(load_tensors(checkpoint / WEIGHTS))
-    info = {"step": step, "tensors": len(tensors),
+    tensors = load_tensors(checkpoint / WEIGHTS)
+    stored, against = {}, {}
+    for name, (key, make) in (BASES if bases is None else bases).items():
+        base = make(tuple(tensors[key].shape)) if key in tensors else None
+        if base is not None:
+            stored[key + DELTA], stored[key + SCALE] = quantize_delta(tensors.pop(key), base)
+            against[key] = name
+    stored.update(compact(tensors))
+    tensors = stored
+    info = {"step": step, "tensors": len(tensors) - len(against),
             "float16": sum(1 for v in tensors.values() if v.dtype == torch.float16),
-            "from": str(checkpoint)}
+            "int8_delta": against, "from": str(checkpoint)}
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / WEIGHTS))
     (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, tmp / name)
+    if (checkpoint / "config.json").is_file():  # for the reader; the model is rebuilt by the training command
+        shutil.copy2(checkpoint / "config.json", tmp / "config.json")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     return info
 
 
-def load_snapshot(folder: str | Path) -> tuple[dict[str, torch.Tensor], int]:
-    """(weights, step) of a snapshot folder."""
+def load_snapshot(folder: str | Path, bases: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """(weights, step) of a snapshot folder; tensors stored against a base are rebuilt from it."""
     from ..checkpoints.safety import load_tensors
 
     folder = Path(folder)
     try:
         info = json.loads((folder / INFO).read_text())
         step = int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        against = dict(info.get("int8_delta") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: not a training snapshot ({INFO} unreadable: {exc})") from None
-    return load_tensors(folder / WEIGHTS), step
+    tensors = load_tensors(folder / WEIGHTS)
+    bases = BASES if bases is None else bases
+    for key, name in against.items():
+        if name not in bases or key + DELTA not in tensors or key + SCALE not in tensors:
+            raise CheckpointError(f"{folder}: {key} is stored against base {name!r}, which is "
+                                  f"{'unknown' if name not in bases else 'missing from the file'}")
+        rows, scale = tensors.pop(key + DELTA), tensors.pop(key + SCALE)
+        base = bases[name][1](tuple(rows.shape))
+        if base is None:
+            raise CheckpointError(f"{folder}: {key} is stored against {name}, which is not available here "
+                                  f"(python -m MediRoundCore.checkpoints.base_weights fetch)")
+        tensors[key] = dequantize_delta(rows, scale, base)
+    return tensors, step
 
 
 def main(argv=None) -> int:
