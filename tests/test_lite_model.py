@@ -47,7 +47,7 @@ def test_parts_come_from_the_base_weights(lite):
 
     key, make = BASES["lite_word_embeddings"]
     assert torch.equal(make(tuple(embed.shape)), embed.detach()) and key in model.state_dict()
-    assert make((300, 384)) is None
+    assert make((300, 384)) is None and make((embed.shape[0], 128)) is None
     # the frozen base parts get no gradient; the mask decoder does
     assert not any(p.requires_grad for p in model.segmenter.image_encoder.parameters())
     assert all(p.requires_grad for p in model.segmenter.mask_decoder.parameters())

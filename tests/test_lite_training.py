@@ -81,14 +81,16 @@ def test_a_restart_renders_and_encodes_a_bounded_number_of_new_views(tmp_path):
     picked = stream_entries(10, 3, [7, 2, 2, 99], rng)
     assert sorted(picked[:2]) == [2, 7] and len(set(picked)) == 5 and set(picked[2:]).isdisjoint({2, 7})
 
-    cfg = PoolConfig(slices=12, views=1, absent=0.0)
+    cfg = PoolConfig(slices=12, views=1, absent=0.0, repeat=0.0, product_references=0.0)
     ledger = tmp_path / "pool_entries.txt"
-    ledger.write_text("3\n5\ncut-by-a-cra")
+    ledger.write_text("3\nx\n5\n45")  # "45": a last line cut by a crash (it may have been 456)
+    assert read_ledger(ledger) == [3, 5]
     first = [s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg, 2, ledger)(0), 30)]
     assert {3, 5} <= set(first) and len(set(first)) <= 4  # the two known ones and at most two new ones
-    assert set(read_ledger(ledger)) == {3, 5} | set(first) and len(read_ledger(ledger)) == len(set(first) | {3, 5})
-    again = [s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg, 2, ledger)(1), 40)]
-    assert set(first) <= set(again) | set(first) and len(set(again) - set(first)) <= 2
+    assert sorted(read_ledger(ledger)) == sorted({3, 5} | set(first))  # each listed once, after the cut line
+    known = set(read_ledger(ledger))
+    again = [s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg, 2, ledger)(1), 60)]
+    assert known <= set(again) and 0 < len(set(again) - known) <= 2  # all it knew, and at most two more
     whole = {s.meta["pool_entry"] for s in itertools.islice(pool_stream(cfg)(2), 40)}
     assert len(whole) > 6  # no bound: the whole pool
 
@@ -318,3 +320,32 @@ def test_run_carried_by_a_snapshot_continues_on_a_fresh_clone(tmp_path):
     assert change.max() > 0 and bool(((weights[key] - trained[key]).abs() <= change / 254 + 1e-7).all())
     with pytest.raises(CheckpointError, match="toy_words"):
         load_snapshot(tmp_path / "snap8", {})
+    with pytest.raises(CheckpointError, match="not available here"):
+        load_snapshot(tmp_path / "snap8", {"toy_words": (key, lambda shape: None)})
+    # a snapshot further on than the checkpoint (the run went on elsewhere) is kept; none replaces its source
+    (tmp_path / "snap8" / "snapshot.json").write_text('{"step": 99}')
+    with pytest.raises(CheckpointError, match="further on"):
+        save_snapshot(tmp_path / "first" / "checkpoint", tmp_path / "snap8", bases)
+    assert save_snapshot(tmp_path / "first" / "checkpoint", tmp_path / "snap8", bases, force=True)["step"] == 2
+    with pytest.raises(CheckpointError, match="replace the checkpoint"):
+        save_snapshot(tmp_path / "first" / "checkpoint", tmp_path / "first" / "checkpoint")
+    # a run resumed from its own, older checkpoint continues from a snapshot ahead of it with fresh moments
+    behind = make_trainer(*small_lite(seed=7), tmp_path / "first", pool, TrainConfig(**{**cfg.__dict__, "steps": 9}))
+    assert behind.step == 2 and behind.optimizer.state_dict()["state"]
+    behind.start_from(weights, 6, "snap8")
+    assert behind.step == 6 and not behind.optimizer.state_dict()["state"]
+
+
+def test_encode_only_fills_the_cache_and_lists_the_entries(tmp_path):
+    """`--encode-only`: every pool view encoded once and listed in the ledger, so a later bounded run knows it."""
+    from MediRoundCore.train.lite import encode_pool, pool_ledger
+    from MediRoundCore.train.lite_data import read_ledger
+
+    model, _ = small_lite()
+    model.eval()
+    model.embedding_cache = cache = EmbeddingCache(tmp_path, model)
+    pool = PoolConfig(slices=2, views=1)
+    assert encode_pool(model, pool, cache, progress=False, ledger=pool_ledger(cache)) == 2
+    assert pool_ledger(cache).parent == cache.folder and read_ledger(pool_ledger(cache)) == [0, 1]
+    assert encode_pool(model, pool, cache, progress=False, ledger=pool_ledger(cache)) == 0
+    assert read_ledger(pool_ledger(cache)) == [0, 1]

@@ -22,8 +22,9 @@ from .trainer import STATE_FILE, TrainConfig, Trainer
 
 
 def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, limit: int | None = None,
-                progress: bool = True) -> int:
-    """Encode every pool view not yet in the cache; returns how many were encoded."""
+                progress: bool = True, ledger: Path | None = None) -> int:
+    """Encode every pool view not yet in the cache, listing each in `ledger` (if given) once it is stored;
+    returns how many were encoded."""
     from tqdm import tqdm
 
     from ..model.field_placement import into_field
@@ -44,6 +45,11 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
             pending = []
     if pending:
         model.encode_segmenter_image(torch.stack(pending))
+    if ledger is not None:
+        from .lite_data import read_ledger, record_entries
+
+        listed = set(read_ledger(ledger))
+        record_entries(ledger, [e for e in entries if e not in listed])
     return cache.misses - before
 
 
@@ -71,8 +77,13 @@ def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainCon
     (`lite_data.pool_stream`; the ledger of drawn entries lives beside the embeddings, and goes with them)."""
     from .lite_data import pool_stream
 
-    model.embedding_cache = EmbeddingCache(out / "embeddings", model)
-    return Trainer(model, tokenizer, config, pool_stream(pool, new_views, out / "embeddings" / "pool_entries.txt"))
+    model.embedding_cache = cache = EmbeddingCache(out / "embeddings", model)
+    return Trainer(model, tokenizer, config, pool_stream(pool, new_views, pool_ledger(cache)))
+
+
+def pool_ledger(cache: EmbeddingCache) -> Path:
+    """The ledger of pool entries drawn for this encoder (`lite_data.pool_stream`), inside its cache folder."""
+    return cache.folder / "pool_entries.txt"
 
 
 def main(argv=None) -> int:
@@ -98,8 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-from", default=None,
                         help="a checkpoint whose vision tower starts this run's (ignored when resuming)")
     parser.add_argument("--from-snapshot", default=None,
-                        help="a `train.snapshot` folder to continue from when --out holds no checkpoint yet "
-                             "(e.g. on a fresh clone); ignored when resuming")
+                        help="a `train.snapshot` folder to continue from when --out holds no checkpoint (e.g. on "
+                             "a fresh clone) or an older one than it (the run went on on another machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,14 +129,20 @@ def main(argv=None) -> int:
     if args.encode_only:
         model.eval()
         model.embedding_cache = EmbeddingCache(out / "embeddings", model)
-        print(f"encoded {encode_pool(model, pool, model.embedding_cache)} new views")
+        print(f"encoded {encode_pool(model, pool, model.embedding_cache, ledger=pool_ledger(model.embedding_cache))} "
+              f"new views")
         return 0
     trainer = make_trainer(model, tokenizer, out, pool, config, args.new_views)
-    if args.from_snapshot and not resuming:
-        from .snapshot import load_snapshot
+    if args.from_snapshot:
+        from .snapshot import load_snapshot, snapshot_step
 
-        weights, step = load_snapshot(args.from_snapshot)
-        trainer.start_from(weights, step, args.from_snapshot)
+        ahead = snapshot_step(args.from_snapshot)
+        if ahead > trainer.step:  # none here yet, or this machine's run is behind the one carried
+            if resuming:
+                print(f"{args.from_snapshot} is at step {ahead}, ahead of {out / 'checkpoint'} (step "
+                      f"{trainer.step}): continuing from the snapshot")
+            weights, step = load_snapshot(args.from_snapshot)
+            trainer.start_from(weights, step, args.from_snapshot)
     trainer.train()
     cache = model.embedding_cache
     print(f"done at step {trainer.step}; embedding cache hits {cache.hits}, misses {cache.misses}")

@@ -120,26 +120,25 @@ def pool_stream(cfg: PoolConfig, new_views: int = 0, ledger: str | Path | None =
     """A resumable stream factory for `Trainer`: seed → endless samples over random pool entries.
 
     `new_views` > 0 bounds what a (re)started run renders and encodes afresh (about 2 s per view on two CPU
-    cores): each stream draws from the entries the `ledger` file lists (those an earlier stream on this machine
-    drew, hence already encoded) and `new_views` other random ones, instead of from the whole pool. A fresh
-    clone then starts in minutes, not in an hour, and the pool is covered over restarts."""
+    cores): each stream draws from the entries the `ledger` file lists and `new_views` other random ones,
+    instead of from the whole pool. The ledger lists the entries streams drew before (an entry is encoded in
+    the step that draws it; one drawn just before a crash may not be yet, and costs one encoding later), so it
+    belongs with the cache (`train.lite.pool_ledger`). A fresh clone then starts in minutes, not in an hour, and
+    the pool is covered over restarts."""
     ledger = Path(ledger) if ledger is not None else None
 
     def stream(seed: int):
         rng = np.random.default_rng([cfg.seed, seed, 31])
-        entries = stream_entries(cfg.slices * cfg.views, new_views, read_ledger(ledger), rng)
-        recorded = set(read_ledger(ledger))
-        if ledger is not None and ledger.is_file() and not ledger.read_bytes().endswith(b"\n"):
-            with ledger.open("a") as handle:  # a line cut by a crash ends here; the next starts afresh
-                handle.write("\n")
+        known = read_ledger(ledger)
+        entries = stream_entries(cfg.slices * cfg.views, new_views, known, rng)
+        recorded = set(known)
         draw = 0
         while True:
             entry = int(rng.integers(cfg.slices * cfg.views)) if entries is None else int(rng.choice(entries))
             draw += 1
             if ledger is not None and entry not in recorded:
                 recorded.add(entry)
-                with ledger.open("a") as handle:
-                    handle.write(f"{entry}\n")
+                record_entries(ledger, [entry])
             sample = pool_sample(cfg, entry, seed * 1_000_003 + draw)
             if sample is not None:
                 yield sample
@@ -147,16 +146,29 @@ def pool_stream(cfg: PoolConfig, new_views: int = 0, ledger: str | Path | None =
 
 
 def read_ledger(path: Path | None) -> list[int]:
-    """Pool entries a ledger lists (one per line; unreadable lines, e.g. one cut by a crash, are skipped)."""
+    """Pool entries a ledger lists, one per line; a last line without its newline (cut by a crash: "456"
+    may read "45") and unreadable lines are skipped."""
     if path is None or not path.is_file():
         return []
+    lines = path.read_text().split("\n")[:-1]  # the part after the last newline is not a whole line
     entries = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             entries.append(int(line))
         except ValueError:
             continue
     return entries
+
+
+def record_entries(path: Path, entries: list[int]) -> None:
+    """Append entries to a ledger; a last line cut by a crash is dropped first (`read_ledger` never read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[:data.rfind(b"\n") + 1])
+    with path.open("a") as handle:
+        handle.write("".join(f"{e}\n" for e in entries))
 
 
 def stream_entries(total: int, new_views: int, known: list[int], rng) -> np.ndarray | None:

@@ -49,6 +49,8 @@ BASES = {"lite_word_embeddings": ("language_model.model.embed_tokens.weight", li
 def quantize_delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 rows, float32 scale per row) of value - base: symmetric, each row's largest change is ±127."""
     delta = value.float() - base.float()
+    if not bool(torch.isfinite(delta).all()):
+        raise CheckpointError("the weights hold non-finite values: no snapshot of a diverged run")
     scale = delta.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
     return torch.round(delta / scale).clamp(-127, 127).to(torch.int8), scale
 
@@ -58,9 +60,9 @@ def dequantize_delta(rows: torch.Tensor, scale: torch.Tensor, base: torch.Tensor
 
 
 def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float tensors as float16 where it keeps ~3 digits of them: every value finite and within its range, and
-    the largest at least 1e-3 (smaller values fall among float16's subnormals and lose digits; such tensors,
-    e.g. a key bias that no gradient reaches, are small and stay as they are). Other tensors unchanged."""
+    """Float tensors as float16 where every value is finite and within its range and the largest is at least
+    1e-3: ~3 digits of every value from 6e-5 up, below that an absolute error under 3e-8 (a tensor all of
+    whose values are that small, e.g. a key bias that no gradient reaches, stays as it is). Others unchanged."""
     out = {}
     for key, value in tensors.items():
         top = float(value.abs().max()) if value.is_floating_point() and value.numel() else 0.0
@@ -69,9 +71,18 @@ def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None = None) -> dict:
+def snapshot_step(folder: str | Path) -> int:
+    """The step of a snapshot folder (-1 where there is none)."""
+    try:
+        return int(json.loads((Path(folder) / INFO).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None = None, force: bool = False) -> dict:
     """Write `dest` from a trainer checkpoint folder (weights + trainer state); returns its info. `bases` (name →
-    (key, shape → base tensor or None); default `BASES`) are the tensors stored against their starting point."""
+    (key, shape → base tensor or None); default `BASES`) are the tensors stored against their starting point.
+    A `dest` snapshot further on than the checkpoint (the run went on elsewhere) is kept unless `force`."""
     from safetensors.torch import save_file
 
     from ..checkpoints.safety import load_tensors
@@ -80,8 +91,18 @@ def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None =
     checkpoint, dest = Path(checkpoint), Path(dest)
     if not (checkpoint / WEIGHTS).is_file() or not (checkpoint / STATE_FILE).is_file():
         raise CheckpointError(f"{checkpoint}: not a training checkpoint (needs {WEIGHTS} and {STATE_FILE})")
-    step = int(load_trainer_state(checkpoint / STATE_FILE)["step"])
-    tensors = load_tensors(checkpoint / WEIGHTS)
+    if dest.resolve() == checkpoint.resolve():
+        raise CheckpointError(f"{dest}: the snapshot would replace the checkpoint it is made from")
+    for _ in range(3):  # the trainer may save meanwhile: the weights must be those of the step read
+        step = int(load_trainer_state(checkpoint / STATE_FILE)["step"])
+        tensors = load_tensors(checkpoint / WEIGHTS)
+        if int(load_trainer_state(checkpoint / STATE_FILE)["step"]) == step:
+            break
+    else:
+        raise CheckpointError(f"{checkpoint}: saved again while read, three times; try again")
+    if snapshot_step(dest) > step and not force:
+        raise CheckpointError(f"{dest} is at step {snapshot_step(dest)}, further on than {checkpoint} (step "
+                              f"{step}): kept (--force to replace it)")
     stored, against = {}, {}
     for name, (key, make) in (BASES if bases is None else bases).items():
         base = make(tuple(tensors[key].shape)) if key in tensors else None
@@ -137,12 +158,13 @@ def main(argv=None) -> int:
     save = sub.add_parser("save", help="write a snapshot of a trainer checkpoint")
     save.add_argument("checkpoint")
     save.add_argument("dest")
+    save.add_argument("--force", action="store_true", help="replace a snapshot further on than the checkpoint")
     show = sub.add_parser("show", help="print a snapshot's info")
     show.add_argument("folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "save":
-            info = save_snapshot(args.checkpoint, args.dest)
+            info = save_snapshot(args.checkpoint, args.dest, force=args.force)
             size = (Path(args.dest) / WEIGHTS).stat().st_size / 2**20
             print(f"{args.dest}: step {info['step']}, {info['tensors']} tensors ({info['float16']} float16), "
                   f"{size:.1f} MiB")

@@ -67,7 +67,8 @@ def warmup_linear(step: int, warmup: int, total: int) -> float:
 
 def rewarmed(step: int, rewarm_from: int | None, rewarm_steps: int) -> float:
     """The factor on the schedule after a run restarted from weights alone (fresh optimiser moments): linear
-    from 1/rewarm_steps to 1 over `rewarm_steps` steps from `rewarm_from`; 1 for a run that never was."""
+    from 1/rewarm_steps to 1 over `rewarm_steps` steps from `rewarm_from`; 1 for a run never restarted so
+    (`rewarm_from` None). Steps count the scheduler's steps: one per optimiser step on one process."""
     if rewarm_from is None or step < rewarm_from:
         return 1.0
     return min(1.0, (step - rewarm_from + 1) / max(1, rewarm_steps))
@@ -208,6 +209,7 @@ class Trainer:
         load_strict(self.raw_model, {k: v.to(own[k].dtype) if k in own else v for k, v in weights.items()},
                     source, ignore_missing=not_stored(self.raw_model.config))
         self.step = self.rewarm_from = int(step)
+        getattr(self.optimizer, "optimizer", self.optimizer).state.clear()  # moments of a run resumed here
         inner = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps it
         inner.last_epoch = self.step - 1
         with warnings.catch_warnings():  # "scheduler stepped before the optimiser": deliberate, to reach `step`
