@@ -132,13 +132,15 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
-    def random_tiny(cls, seed: int = 0, **kwargs) -> "Engine":
-        """An untrained tiny model (same code paths), for tests and for machines without weights."""
+    def random_tiny(cls, seed: int = 0, corpus: tuple[str, ...] = (), **kwargs) -> "Engine":
+        """An untrained tiny model (same code paths), for tests and for machines without weights; `corpus`: more
+        text its small tokenizer learns words from (else words outside its own few sentences are spelt out in
+        letters, as the `tokenizers` release in use splits them)."""
         from .model.modeling import MediRound
         from .model.config import tiny_config
         from .model.tokenizer import TokenIds, train_tiny_tokenizer
 
-        tokenizer = train_tiny_tokenizer(_SMALL_CORPUS, vocab_size=400)
+        tokenizer = train_tiny_tokenizer(list(_SMALL_CORPUS) + list(corpus), vocab_size=400)
         torch.manual_seed(seed)
         config = tiny_config(vocab_size=len(tokenizer))
         config.max_answer_tokens = 12  # an untrained model rarely stops by itself; keep its babble short

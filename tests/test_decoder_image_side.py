@@ -174,4 +174,5 @@ def test_training_decode_with_one_image_side_per_image_equals_sams_forward_with_
             # in SAM's forward a sum of terms that cancel (rounding noise at the scale of the other gradients)
             assert float(b.abs().max()) < 1e-5 * max(float(g.abs().max()) for g in their_grads if g is not None)
             continue
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(b.abs().max())))
+        # float32 sums over 4096 rows in another order: on an AMD EPYC one of 128 elements differed by 2.2e-4
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4 * max(1.0, float(b.abs().max())))
