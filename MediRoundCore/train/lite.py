@@ -74,7 +74,7 @@ def take_vision_tower(model, checkpoint: str | Path) -> int:
 
 def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig, new_views: int = 0) -> Trainer:
     """A stage-1 trainer on the pool; `new_views` bounds the views each (re)start renders and encodes afresh
-    (`lite_data.pool_stream`; the ledger of drawn entries lives beside the embeddings, and goes with them)."""
+    (`lite_data.pool_stream`; the ledger of drawn entries lives in the embeddings' folder, and goes with them)."""
     from .lite_data import pool_stream
 
     model.embedding_cache = cache = EmbeddingCache(out / "embeddings", model)
@@ -118,8 +118,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     model, tokenizer = build_lite()
+    from .snapshot import snapshot_step
+
     resuming = (out / "checkpoint" / STATE_FILE).is_file()
-    if args.vision_from and not resuming and not args.from_snapshot:
+    carried = args.from_snapshot is not None and snapshot_step(args.from_snapshot) >= 0
+    if args.from_snapshot is not None and not carried:
+        print(f"no training snapshot in {args.from_snapshot}: not continuing from one")
+    if args.vision_from and not resuming and not carried:  # a run starting afresh
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
                       long_share=args.long_share)
@@ -133,8 +138,8 @@ def main(argv=None) -> int:
               f"new views")
         return 0
     trainer = make_trainer(model, tokenizer, out, pool, config, args.new_views)
-    if args.from_snapshot:
-        from .snapshot import load_snapshot, snapshot_step
+    if carried:
+        from .snapshot import load_snapshot
 
         ahead = snapshot_step(args.from_snapshot)
         if ahead > trainer.step:  # none here yet, or this machine's run is behind the one carried
