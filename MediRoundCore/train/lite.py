@@ -46,9 +46,10 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
     if pending:
         model.encode_segmenter_image(torch.stack(pending))
     if ledger is not None:
-        from .lite_data import read_ledger, record_entries
+        from .lite_data import read_ledger, record_entries, repair_ledger
 
         listed = set(read_ledger(ledger))
+        repair_ledger(ledger)
         record_entries(ledger, [e for e in entries if e not in listed])
     return cache.misses - before
 
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
     from .snapshot import snapshot_step
 
     resuming = (out / "checkpoint" / STATE_FILE).is_file()
-    carried = args.from_snapshot is not None and snapshot_step(args.from_snapshot) >= 0
+    ahead = snapshot_step(args.from_snapshot) if args.from_snapshot is not None else -1
+    carried = ahead >= 0
     if args.from_snapshot is not None and not carried:
         print(f"no training snapshot in {args.from_snapshot}: not continuing from one")
     if args.vision_from and not resuming and not carried:  # a run starting afresh
@@ -141,7 +143,6 @@ def main(argv=None) -> int:
     if carried:
         from .snapshot import load_snapshot
 
-        ahead = snapshot_step(args.from_snapshot)
         if ahead > trainer.step:  # none here yet, or this machine's run is behind the one carried
             if resuming:
                 print(f"{args.from_snapshot} is at step {ahead}, ahead of {out / 'checkpoint'} (step "

@@ -130,6 +130,7 @@ def pool_stream(cfg: PoolConfig, new_views: int = 0, ledger: str | Path | None =
     def stream(seed: int):
         rng = np.random.default_rng([cfg.seed, seed, 31])
         known = read_ledger(ledger)
+        repair_ledger(ledger)
         entries = stream_entries(cfg.slices * cfg.views, new_views, known, rng)
         recorded = set(known)
         draw = 0
@@ -160,13 +161,17 @@ def read_ledger(path: Path | None) -> list[int]:
     return entries
 
 
-def record_entries(path: Path, entries: list[int]) -> None:
-    """Append entries to a ledger; a last line cut by a crash is dropped first (`read_ledger` never read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
+def repair_ledger(path: Path | None) -> None:
+    """Drop a last line cut by a crash (`read_ledger` never read it), so that appended entries start a line."""
+    if path is not None and path.is_file():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
             path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
+def record_entries(path: Path, entries: list[int]) -> None:
+    """Append entries to a ledger (repaired, `repair_ledger`, before the first append of a process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write("".join(f"{e}\n" for e in entries))
 

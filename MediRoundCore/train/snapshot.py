@@ -100,8 +100,9 @@ def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None =
             break
     else:
         raise CheckpointError(f"{checkpoint}: saved again while read, three times; try again")
-    if snapshot_step(dest) > step and not force:
-        raise CheckpointError(f"{dest} is at step {snapshot_step(dest)}, further on than {checkpoint} (step "
+    there = snapshot_step(dest)
+    if there > step and not force:
+        raise CheckpointError(f"{dest} is at step {there}, further on than {checkpoint} (step "
                               f"{step}): kept (--force to replace it)")
     stored, against = {}, {}
     for name, (key, make) in (BASES if bases is None else bases).items():
