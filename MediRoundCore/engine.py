@@ -356,24 +356,25 @@ class Engine:
         return self.model.encode_crops(crop_pixels[None]), self.model.encode_boxes(box[None])
 
     def _lm(self, embeds, state: _SliceState, forward_tokens, every_position: bool = False):
-        """Feed `embeds` (1,n,h) after the slice's cache: (logits, last hidden state) of the last position, or of
-        every position (n,V), (n,h) with `every_position` (a token and its answer draft). The cache keeps all n."""
+        """Feed `embeds` (1,n,h) after the slice's cache: (greedy next token, last hidden state) of the last
+        position, or of every position (n,), (n,h) with `every_position` (a token and its answer draft). The cache
+        keeps all n."""
         n = embeds.shape[1]
         step = self._decode_step
         if step is not None and step.supports(state.cache_len, n):  # the same computation, lighter
-            logits, hidden = step.many(embeds, state.cache, state.cache_len, last_only=not every_position)
+            tokens, hidden = step.greedy(embeds, state.cache, state.cache_len, last_only=not every_position)
         else:
             positions = torch.arange(state.cache_len, state.cache_len + n, device=embeds.device)[None]
             out = self.model.language_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
                                             output_hidden_states=True, **{_CACHE_KWARG: state.cache},
                                             **({} if every_position else LAST_LOGITS_ONLY))
-            logits, hidden = out.logits[0], out.hidden_states[-1][0]
+            tokens, hidden = out.logits[0].argmax(-1), out.hidden_states[-1][0]
         # the cache was extended in place
         state.cache_len += n
         self.forward_log.append(n)
         if forward_tokens is not None:
             forward_tokens.append(n)
-        return (logits, hidden) if every_position else (logits[-1], hidden[-1])
+        return (tokens, hidden) if every_position else (tokens[-1], hidden[-1])
 
     @staticmethod
     def _drop_rejected(state: _SliceState, count: int) -> None:
@@ -392,10 +393,10 @@ class Engine:
         stop = ends - {ids.seg}
         limit = self.model.config.max_answer_tokens
         embeds = self.model.embed_inputs(torch.tensor([new_tokens]), None, crop_tokens, box_tokens)
-        logits, hidden = self._lm(embeds, state, forward_tokens)
+        next_token, hidden = self._lm(embeds, state, forward_tokens)
         answer: list[int] = []
         while len(answer) < limit:
-            token = int(logits.argmax())
+            token = int(next_token)
             if token == ids.seg:
                 return hidden, answer, False
             if token in stop:
@@ -403,14 +404,14 @@ class Engine:
             answer.append(token)
             draft = self.answer_drafts.draft(answer, limit - len(answer)) if self.answer_drafts is not None else []
             draft = draft[:next((i for i, t in enumerate(draft) if t in ends), len(draft))]  # never fed
-            all_logits, all_hidden = self._lm(self.model.embed_inputs(torch.tensor([[token] + draft])), state,
+            all_tokens, all_hidden = self._lm(self.model.embed_inputs(torch.tensor([[token] + draft])), state,
                                               forward_tokens, every_position=True)
             kept = 0  # position i predicts the token after draft[:i]
-            while kept < len(draft) and int(all_logits[kept].argmax()) == draft[kept]:
+            while kept < len(draft) and int(all_tokens[kept]) == draft[kept]:
                 answer.append(draft[kept])
                 kept += 1
             self._drop_rejected(state, len(draft) - kept)
-            logits, hidden = all_logits[kept], all_hidden[kept]
+            next_token, hidden = all_tokens[kept], all_hidden[kept]
         return hidden, answer, True
 
     def _asked_state(self, session: Session, image: SliceImage) -> _SliceState:

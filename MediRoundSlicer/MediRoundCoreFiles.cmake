@@ -58,6 +58,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/model/decoder_image_side.py
   MediRoundCore/model/decoder_upscaling.py
   MediRoundCore/model/field_placement.py
+  MediRoundCore/model/greedy_head.py
   MediRoundCore/model/jcm.py
   MediRoundCore/model/kv_cache.py
   MediRoundCore/model/lite.py

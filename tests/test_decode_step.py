@@ -168,8 +168,8 @@ def test_engine_answers_and_masks_unchanged(tiny_engine, monkeypatch):
     image = SliceImage(pixels=pixels, view="axial", index=0, axis=2, transpose=False, flip_rows=False,
                        flip_cols=False, modality="MR")
     calls = []
-    real_many = DecodeStep.many
-    monkeypatch.setattr(DecodeStep, "many", lambda self, *a, **k: calls.append(1) or real_many(self, *a, **k))
+    real_greedy = DecodeStep.greedy
+    monkeypatch.setattr(DecodeStep, "greedy", lambda self, *a, **k: calls.append(1) or real_greedy(self, *a, **k))
     results = []
     for engine in (slow, fast):
         session = Session("vol")

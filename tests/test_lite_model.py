@@ -72,6 +72,32 @@ def test_one_ask_end_to_end_on_a_real_ct(lite):
     assert result.round.timings["segmenter_encoder_ms"] > 0 and result.round.lm_tokens > 64
     second = engine.ask(session, "Go back to the first one.", image)
     assert second.round.reference == 1 and "segmenter_encoder_ms" not in second.round.timings
+    # MiniLM's 30.5 k-word head is read through its int8 screen, and the answers are the float32 head's
+    screen = engine._decode_step._screen
+    assert screen is not None and screen.usable and screen.rescored > 0
+    plain = Engine(model, tokenizer, fast_decode=False)
+    again = Session(volume.fingerprint())
+    assert [plain.ask(again, q, image).round.answer for q in ("Segment the right lung.", "Go back to the first one.")
+            ] == [result.round.answer, second.round.answer]
+
+
+def test_the_word_heads_screen_picks_the_float32_argmax(lite):
+    """MiniLM's own word embeddings as the head, states leaning towards words through the final RMSNorm's scale:
+    the int8 screen's tokens are the float32 argmax, rescoring a few rows each."""
+    import torch.nn.functional as F
+
+    from MediRoundCore.model.greedy_head import ScreenedArgmax
+
+    model, _ = lite
+    head = model.language_model.lm_head
+    screen = ScreenedArgmax.for_head(head)
+    g = torch.Generator().manual_seed(0)
+    words = head.weight.detach()[torch.randint(0, head.weight.shape[0], (200,), generator=g)]
+    states = words / words.norm(dim=1, keepdim=True) * 3 * 384 ** 0.5 + torch.randn(200, 384, generator=g)
+    with torch.inference_mode():
+        expected = F.linear(states, head.weight).argmax(-1)
+    assert torch.equal(screen(states), expected)
+    assert screen.usable and screen.fallbacks == 0 and screen.rescored <= 200 * 16
 
 
 def test_checkpoint_stores_only_what_we_train(lite, tmp_path):

@@ -24,13 +24,19 @@ A small model's step runs on one CPU thread (the caller's thread count is restor
 products are too small to split, and with OpenMP's default spinning two threads on a busy machine took 7–27 ms
 per token against 2 ms on one (measured while an evaluation used both cores). A step that reads more weights
 than `ONE_THREAD_MAX_BYTES` keeps the caller's threads: it is bound by reading them (lite, 73 MB with its
-30.5 k-word head: 6.5–7.1 ms per token on one thread, 3.7 ms on two, idle machine; tiny: 1.4 ms on one).
+30.5 k-word head in float32: 6.5–7.1 ms per token on one thread, 3.7 ms on two, idle machine; tiny: 1.4 ms on
+one).
+
+`greedy` is what the engine calls: the next tokens rather than the logits, so a large head is read through its
+int8 screen (`greedy_head.py`; lite: 37 MB a step instead of 73, the same tokens).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .greedy_head import ScreenedArgmax
 
 FUSE_LIMIT_BYTES = 256 << 20  # fuse q/k/v and gate/up only when the copies take at most this
 ONE_THREAD_MAX_BYTES = 16 << 20  # a step reading at most this many weight bytes runs on one thread
@@ -66,7 +72,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class DecodeStep:
     """`step(embeds (1,1,h), cache, position) -> (logits (V,), last hidden state (h,))` for one new token;
-    `step.many` for a few (a token and its answer draft)."""
+    `step.many` for a few (a token and its answer draft); `step.greedy` their greedy next tokens."""
 
     def __init__(self, language_model):
         self.lm = language_model
@@ -83,10 +89,15 @@ class DecodeStep:
                        (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
                         layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)]
         self.fused = sum(w.numel() * w.element_size() for w in projections) <= FUSE_LIMIT_BYTES
-        read = projections + [language_model.lm_head.weight] + [w for layer in self.base.layers for w in
-                                                                 (layer.self_attn.o_proj.weight,
-                                                                  layer.mlp.down_proj.weight)]
-        self.weight_bytes = sum(w.numel() * w.element_size() for w in read)  # read once per step
+        read = projections + [w for layer in self.base.layers for w in
+                              (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
+        self._screen = ScreenedArgmax.for_head(language_model.lm_head)  # greedy choice without the float32 head
+        head = language_model.lm_head.weight
+        layer_bytes = sum(w.numel() * w.element_size() for w in read)
+        self.weight_bytes = layer_bytes + head.numel() * head.element_size()  # read once per step (`many`)
+        # … and once per greedy step: the head through its int8 screen where it has one
+        self.greedy_weight_bytes = layer_bytes + (head.numel() if self._screen is not None else
+                                                  head.numel() * head.element_size())
 
     @classmethod
     def for_model(cls, language_model) -> "DecodeStep | None":
@@ -158,20 +169,34 @@ class DecodeStep:
     def many(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """n new tokens at positions position.. (embeds (1,n,h); causal among themselves, as transformers' forward
-        over a cache): (logits (n,V), last hidden states (n,h)), or only the last position's with `last_only`.
-        The engine checks answer drafts, and feeds a round's query, this way."""
+        over a cache): (logits (n,V), last hidden states (n,h)), or only the last position's with `last_only`."""
+        return self._run(embeds, cache, position, last_only, self.lm.lm_head, self.weight_bytes)
+
+    def greedy(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `many`, but (greedy next tokens (n,), last hidden states (n,h)): the argmax of the same logits, from
+        the head's bfloat16 screen where it has one (`greedy_head.ScreenedArgmax`). The engine checks answer
+        drafts, and feeds a round's query, this way."""
+        if self._screen is not None and self._screen.head is not self.lm.lm_head:  # the head module was replaced
+            self._screen = ScreenedArgmax.for_head(self.lm.lm_head)
+        if self._screen is None:
+            return self._run(embeds, cache, position, last_only, lambda h: self.lm.lm_head(h).argmax(-1),
+                             self.weight_bytes)
+        return self._run(embeds, cache, position, last_only, self._screen, self.greedy_weight_bytes)
+
+    def _run(self, embeds, cache, position, last_only, head, weight_bytes):
         threads = torch.get_num_threads()
         if (not self.fused or threads == 1 or embeds.device.type != "cpu"
-                or self.weight_bytes > ONE_THREAD_MAX_BYTES or embeds.shape[1] > ONE_THREAD_MAX_TOKENS):
-            return self._step(embeds, cache, position, last_only)
+                or weight_bytes > ONE_THREAD_MAX_BYTES or embeds.shape[1] > ONE_THREAD_MAX_TOKENS):
+            return self._step(embeds, cache, position, last_only, head)
         torch.set_num_threads(1)
         try:
-            return self._step(embeds, cache, position, last_only)
+            return self._step(embeds, cache, position, last_only, head)
         finally:
             torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def _step(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
+    def _step(self, embeds: torch.Tensor, cache, position: int, last_only: bool, head
               ) -> tuple[torch.Tensor, torch.Tensor]:
         layers = self._weights()
         n = embeds.shape[1]
@@ -212,4 +237,4 @@ class DecodeStep:
             hidden = hidden[-1:]
         norm = self.base.norm
         hidden = _rms_norm(hidden, norm.weight, norm.variance_epsilon)
-        return self.lm.lm_head(hidden), hidden
+        return head(hidden), hidden
