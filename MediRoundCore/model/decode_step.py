@@ -18,7 +18,8 @@ Fusing copies the projections, so only small models are fused (`FUSE_LIMIT_BYTES
 7B `full` model would need gigabytes more and gains little, its step being compute-bound): larger ones run the
 same step on their own weight tensors. The fused copies are rebuilt whenever a source weight is replaced,
 moved, cast or changed through autograd-visible in-place operations (identity, storage, device, dtype and
-version counter of every parameter).
+version counter of every parameter; the step holds the tensors it fused, so a cast's new storage cannot reuse
+their addresses). A change through `.data` is invisible: `clear()` after one.
 
 A small model's step runs on one CPU thread (the caller's thread count is restored after it): its matrix
 products are too small to split, and with OpenMP's default spinning two threads on a busy machine took 7–27 ms
@@ -40,7 +41,8 @@ from .greedy_head import ScreenedArgmax
 
 FUSE_LIMIT_BYTES = 256 << 20  # fuse q/k/v and gate/up only when the copies take at most this
 ONE_THREAD_MAX_BYTES = 16 << 20  # a step reading at most this many weight bytes runs on one thread
-ONE_THREAD_MAX_TOKENS = 8  # … and feeding at most this many tokens (an answer draft; a query's products split)
+ONE_THREAD_MAX_TOKENS = 11  # … and feeding at most this many tokens (a token and its draft of up to 10; a
+# query's products split)
 
 
 def _sdpa_groups_heads() -> bool:
@@ -85,19 +87,19 @@ class DecodeStep:
         self.sliding_window = getattr(cfg, "sliding_window", None)
         self._signature: list[tuple] = []
         self._layers: list[dict] = []
+        self._held: list[torch.Tensor] = []
         projections = [w for layer in self.base.layers for w in
                        (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
                         layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)]
         self.fused = sum(w.numel() * w.element_size() for w in projections) <= FUSE_LIMIT_BYTES
         read = projections + [w for layer in self.base.layers for w in
                               (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
-        self._screen = ScreenedArgmax.for_head(language_model.lm_head)  # greedy choice without the float32 head
+        self._layer_bytes = sum(w.numel() * w.element_size() for w in read)
         head = language_model.lm_head.weight
-        layer_bytes = sum(w.numel() * w.element_size() for w in read)
-        self.weight_bytes = layer_bytes + head.numel() * head.element_size()  # read once per step (`many`)
-        # … and once per greedy step: the head through its int8 screen where it has one
-        self.greedy_weight_bytes = layer_bytes + (head.numel() if self._screen is not None else
-                                                  head.numel() * head.element_size())
+        self.weight_bytes = self._layer_bytes + head.numel() * head.element_size()  # read once per step (`many`)
+        screen = ScreenedArgmax.for_head(language_model.lm_head)  # greedy choice without the float32 head
+        if screen is not None:
+            screen.prepare()  # its tables and check now, not in the first Ask
 
     @classmethod
     def for_model(cls, language_model) -> "DecodeStep | None":
@@ -131,6 +133,7 @@ class DecodeStep:
             with torch.no_grad():
                 self._layers = [self._layer_weights(layer, True) for layer in self.base.layers]
             self._signature = signature
+            self._held = [p.detach() for p in self.lm.parameters()]  # their addresses cannot be reused meanwhile
         return self._layers
 
     @staticmethod
@@ -150,8 +153,11 @@ class DecodeStep:
         return F.linear(x, weight)
 
     def clear(self) -> None:
-        """Drop the fused copies (rebuilt at the next step)."""
-        self._signature, self._layers = [], []
+        """Drop the fused copies and the head's screen tables (rebuilt at the next step)."""
+        self._signature, self._layers, self._held = [], [], []
+        screen = self._screen
+        if screen is not None:
+            screen.clear()
 
     # -- the step --------------------------------------------------------------------------------------
     def supports(self, position: int, n: int = 1) -> bool:
@@ -175,14 +181,26 @@ class DecodeStep:
     def greedy(self, embeds: torch.Tensor, cache, position: int, last_only: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `many`, but (greedy next tokens (n,), last hidden states (n,h)): the argmax of the same logits, from
-        the head's bfloat16 screen where it has one (`greedy_head.ScreenedArgmax`). The engine checks answer
+        the head's int8 screen where it has one (`greedy_head.ScreenedArgmax`). The engine checks answer
         drafts, and feeds a round's query, this way."""
-        if self._screen is not None and self._screen.head is not self.lm.lm_head:  # the head module was replaced
-            self._screen = ScreenedArgmax.for_head(self.lm.lm_head)
-        if self._screen is None:
+        screen = self._screen
+        if screen is None:
             return self._run(embeds, cache, position, last_only, lambda h: self.lm.lm_head(h).argmax(-1),
                              self.weight_bytes)
-        return self._run(embeds, cache, position, last_only, self._screen, self.greedy_weight_bytes)
+        return self._run(embeds, cache, position, last_only, screen, self.greedy_weight_bytes)
+
+    @property
+    def _screen(self) -> ScreenedArgmax | None:
+        """The head's int8 screen (looked up each time: the head may have been replaced or cast)."""
+        return ScreenedArgmax.for_head(self.lm.lm_head)
+
+    @property
+    def greedy_weight_bytes(self) -> int:
+        """Weight bytes a greedy step reads: the layers, and the head through its screen where one is in use."""
+        head = self.lm.lm_head.weight
+        screen = self._screen
+        screened = screen is not None and screen.usable
+        return self._layer_bytes + head.numel() * (1 if screened else head.element_size())
 
     def _run(self, embeds, cache, position, last_only, head, weight_bytes):
         threads = torch.get_num_threads()
