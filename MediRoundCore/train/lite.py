@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--paraphrase", type=float, default=0.7)
     parser.add_argument("--long-share", type=float, default=0.5,
                         help="share of dialogues with train-long's (the hard split's) settings")
+    parser.add_argument("--repeat", type=float, default=PoolConfig.repeat,
+                        help="chance of a round asking again for an earlier structure after each round "
+                             "(data/repeats.py; mostly worded 'Segment it.': only the reference tells which)")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--new-views", type=int, default=0,
                         help="views a (re)start may render and encode afresh, besides those already encoded here "
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     if args.vision_from and not resuming and not carried:  # a run starting afresh
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
-                      long_share=args.long_share)
+                      long_share=args.long_share, repeat=args.repeat)
     config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          save_every=args.save_every, reference_noise=args.reference_noise,
                          loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight})
