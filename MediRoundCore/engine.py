@@ -107,8 +107,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.reuse_cache = reuse_cache
-        self.builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template,
-                                     model.config.vision.num_patches)
+        self.builder = PromptBuilder.for_model(tokenizer, model)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
         self._max_slices = max_slices
         # Per live session (weakly held, so closed sessions free their memory): round number -> generated
@@ -207,7 +206,7 @@ class Engine:
         if reference is not None:
             crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
         user_ids = self.builder.user(self._model_text(session, query, reference), reference is not None,
-                                     first=not session.rounds)
+                                     first=not session.rounds, number=len(session.rounds) + 1, reference=reference)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
         new_tokens = list(state.pending) + user_ids
@@ -297,7 +296,7 @@ class Engine:
                 crops.append(crop)
                 boxes.append(box)
             ids += self.builder.user(self._model_text(session, r.query, r.reference), r.reference is not None,
-                                     first=r.number == 1)
+                                     first=r.number == 1, number=r.number, reference=r.reference)
             answer_ids = memory["answers"].get(r.number)
             if answer_ids is None:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]

@@ -154,7 +154,8 @@ def _ask(engine, timer, session, volume, query, reference, builder) -> dict:
     result = engine.ask(session, query, image, reference=reference)
     wall = (time.perf_counter() - t) * 1000
     q = " ".join(query.split())
-    query_tokens = len(builder.user(q, result.round.reference is not None, first=first))
+    query_tokens = len(builder.user(q, result.round.reference is not None, first=first, number=result.round.number,
+                                    reference=result.round.reference))
     return round_record(result, timer.calls, wall, query_tokens)
 
 

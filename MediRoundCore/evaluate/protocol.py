@@ -172,8 +172,8 @@ class _FirstTurnBuilder:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def user(self, query, has_reference, first):
-        return self._inner.user(query, has_reference, True)
+    def user(self, query, has_reference, first, **round_tags):
+        return self._inner.user(query, has_reference, True, **round_tags)
 
 
 class EvalEngine(Engine):

@@ -120,7 +120,7 @@ def build_for_checkpoint(folder: str | Path, dialogues: int = 400) -> Path:
     from .processing import PromptBuilder
 
     model, tokenizer = MediRound.from_pretrained(folder)
-    builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template, model.config.vision.num_patches)
+    builder = PromptBuilder.for_model(tokenizer, model)
     drafts = AnswerDrafts.from_answers(training_answers(builder, dialogues), model.config.text.vocab_size)
     return drafts.save(folder)
 

@@ -179,6 +179,10 @@ class MediRoundConfig:
     # `query_markers` are the token ids that open ("start") and close ("end") a user query in the template.
     query_encoder: str | None = None
     query_markers: dict = field(default_factory=dict)
+    # Round numbers in the text (the lite preset from session 35): each answer opens with "round N:" (fed, not
+    # generated) and a query with a reference says "(about round M)", so the referenced round's answer in the
+    # history is one look-up away (`PromptBuilder.user`). Lite ignored the reference's crop and box without it.
+    round_tags: bool = False
 
     def __post_init__(self):
         try:
@@ -335,6 +339,7 @@ def lite_config(vocab_size: int = MINILM_VOCAB + 4) -> MediRoundConfig:
         base_weights=dict(LITE_BASE_WEIGHTS),
         query_encoder="minilm",
         query_markers={k: list(v) for k, v in LITE_QUERY_MARKERS.items()},
+        round_tags=True,
     )
 
 

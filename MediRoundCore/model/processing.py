@@ -137,6 +137,14 @@ class PromptBuilder:
     ids: TokenIds
     template: str
     num_image_tokens: int
+    round_tags: bool = False  # MediRoundConfig.round_tags
+
+    @classmethod
+    def for_model(cls, tokenizer, model) -> "PromptBuilder":
+        """The builder of a model's prompts (its template, image tokens and round tags)."""
+        config = model.config
+        return cls(tokenizer, model.token_ids, config.chat_template, config.vision.num_patches,
+                   getattr(config, "round_tags", False))
 
     def _encode(self, text: str) -> list[int]:
         if self.template == "plain":
@@ -148,12 +156,23 @@ class PromptBuilder:
         opener = self._encode("[INST] ") if self.template == "llava_mistral" else []
         return [self.ids.bos] + opener + [self.ids.image] * self.num_image_tokens + self._encode("\n")
 
-    def user(self, query: str, has_reference: bool, first: bool) -> list[int]:
+    def user(self, query: str, has_reference: bool, first: bool, number: int | None = None,
+             reference: int | None = None) -> list[int]:
+        """A user turn, through the start of the answer. With round tags (`number`: this round's, `reference`:
+        the referenced round's), the query says "(about round M)" and the answer opens with "round N:"."""
         ref = [self.ids.crop, self.ids.box] if has_reference else []
+        query = query.strip()
+        opening = []
+        if self.round_tags:
+            if number is None:
+                raise ValueError("this model's prompts carry round numbers: give the round's number")
+            if reference is not None:
+                query = f"(about round {reference}) {query}"
+            opening = self._encode(f" round {number}:")
         if self.template == "llava_mistral":
             head = [] if first else self._encode("[INST] ")
-            return head + ref + self._encode(" " + query.strip() + " [/INST]")
-        return self._encode("user:") + ref + self._encode(" " + query.strip() + "\nassistant:")
+            return head + ref + self._encode(" " + query + " [/INST]") + opening
+        return self._encode("user:") + ref + self._encode(" " + query + "\nassistant:") + opening
 
     def answer(self, answer_text: str) -> list[int]:
         """Answer tokens, then [SEG] and EOS (the answer text is given without the [SEG] marker)."""

@@ -57,7 +57,8 @@ def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int],
     labels = [IGNORE] * len(ids)
     segmented = set(segmented_rounds(sample))
     for r, (query, answer) in enumerate(zip(sample.queries, sample.answers)):
-        user = builder.user(query, sample.ref_indices[r] is not None, first=r == 0)
+        ref = sample.ref_indices[r]
+        user = builder.user(query, ref is not None, first=r == 0, number=r + 1, reference=None if ref is None else ref + 1)
         ans = builder.answer(strip_seg(answer))
         if r not in segmented:
             ans = ans[:-2] + [builder.ids.eos]

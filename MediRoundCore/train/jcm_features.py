@@ -269,7 +269,7 @@ def collect_teacher(model, tokenizer, samples, reference_noise: float = 0.3, bat
     from ..model.processing import PromptBuilder
     from .batching import make_batch
 
-    builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template, model.config.vision.num_patches)
+    builder = PromptBuilder.for_model(tokenizer, model)
     rng = np.random.default_rng(seed)
     acc = _Accumulator(model.config.segmenter.image_size)
     it = iter(samples)

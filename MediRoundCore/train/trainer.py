@@ -167,8 +167,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.tokenizer = tokenizer
         self.sample_stream = sample_stream
-        self.builder = PromptBuilder(tokenizer, model.token_ids, model.config.chat_template,
-                                     model.config.vision.num_patches)
+        self.builder = PromptBuilder.for_model(tokenizer, model)
         params = set_trainable(model, config.stage, config.lora)
         self.raw_model = model
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
