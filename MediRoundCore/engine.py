@@ -205,8 +205,7 @@ class Engine:
         crop_tokens = box_tokens = None
         if reference is not None:
             crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
-        user_ids = self.builder.user(self._model_text(session, query, reference), reference is not None,
-                                     first=not session.rounds, number=len(session.rounds) + 1, reference=reference)
+        user_ids = self._user_turn(session, query, reference, len(session.rounds) + 1)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
         new_tokens = list(state.pending) + user_ids
@@ -295,8 +294,7 @@ class Engine:
                 crop, box = memory["refs"].get(r.number) or self._reference_features(session, r.reference, state, None)
                 crops.append(crop)
                 boxes.append(box)
-            ids += self.builder.user(self._model_text(session, r.query, r.reference), r.reference is not None,
-                                     first=r.number == 1, number=r.number, reference=r.reference)
+            ids += self._user_turn(session, r.query, r.reference, r.number)
             answer_ids = memory["answers"].get(r.number)
             if answer_ids is None:
                 answer_ids = self.builder.answer(_strip_note(r.answer))[:-2]
@@ -318,6 +316,15 @@ class Engine:
         (as in training, train/batching.py)."""
         ids = self.model.token_ids
         return [ids.eos] if round_.absent else [ids.seg, ids.eos]
+
+    def _user_turn(self, session: Session, query: str, reference: int | None, number: int) -> list[int]:
+        """Token ids of round `number`'s user turn, through the opening of its answer."""
+        return self.builder.user(self._model_text(session, query, reference), reference is not None,
+                                 first=number == 1, number=number, reference=self._tagged_reference(reference))
+
+    def _tagged_reference(self, reference: int | None) -> int | None:
+        """The reference a tagged prompt names (the evaluation's blank-reference ablation names none)."""
+        return reference
 
     @staticmethod
     def _model_text(session: Session, query: str, reference: int | None) -> str:

@@ -2,7 +2,8 @@
 # A point of the lite run's learning curve: snapshot runs/lite/checkpoint (with the shipped reference scorer, which
 # is model-independent, and answer drafts) and evaluate it on small sets; reports land in runs/lite/eval/step<N>/.
 #   bash runs/lite_curve.sh            # hard split 20 dialogues (JCM off: lite's JCM is not trained yet; with a
-#                                      # blank reference too: does the model read the reference's crop and box?),
+#                                      # blank reference too: does the model read the reference? with round tags
+#                                      # the blank also leaves the round unnamed),
 #                                      # paraphrase and absent sets 10 dialogues each, the real set
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -128,13 +128,13 @@ def test_query_states_reach_exactly_the_query_tokens(lite):
     from MediRoundCore.model.processing import PromptBuilder
 
     model, tokenizer = lite
-    builder = PromptBuilder(tokenizer, model.token_ids, "plain", model.config.vision.num_patches)
-    first = builder.user("Segment the right lung.", False, True)
-    second = builder.user("Now the lesion inside it.", True, False)
+    builder = PromptBuilder.for_model(tokenizer, model)  # the lite preset's prompts carry round tags
+    first = builder.user("Segment the right lung.", False, True, number=1)
+    second = builder.user("Now the lesion inside it.", True, False, number=2, reference=1)
     ids = torch.tensor([builder.prefix() + first + builder.answer("right lung: the lung.") + second])
     spans = model.query_spans(ids)
     words = [tokenizer.decode(ids[0, s:e].tolist()) for _, s, e in spans]
-    assert words == ["segment the right lung.", "now the lesion inside it."]
+    assert words == ["segment the right lung.", "( about round 1 ) now the lesion inside it."]  # not "round 2:"
     inside = torch.zeros(ids.shape[1], dtype=torch.bool)
     for _, s, e in spans:
         inside[s:e] = True

@@ -72,8 +72,8 @@ def test_query_states_of_the_lite_model_are_the_same_with_the_step(monkeypatch):
     except CheckpointError:
         pytest.skip("the lite base weights are not on this machine")
     model.eval()
-    builder = PromptBuilder(tokenizer, model.token_ids, "plain", model.config.vision.num_patches)
-    ids = torch.tensor([builder.user("Now the smaller lesion inside it, please.", True, False)])
+    builder = PromptBuilder.for_model(tokenizer, model)
+    ids = torch.tensor([builder.user("Now the smaller lesion inside it, please.", True, False, number=2, reference=1)])
     with torch.no_grad():
         model.query_projection.weight.normal_(0, 0.02)
         calls = []

@@ -59,10 +59,11 @@ CONFIGS: dict[str, EvalConfig] = {c.name: c for c in (
                description="references from the product's resolver (query text), JCM on"),
     EvalConfig("resolver-nojcm", "resolver", False, description="references from the product's resolver, JCM off"),
     EvalConfig("noref", "dataset", True, blank_reference=True,
-               description="ablation: reference crop and box replaced by those of a blank mask"),
+               description="ablation: reference crop and box replaced by those of a blank mask (a model with round "
+                           "tags: its query does not name the round either)"),
     EvalConfig("noref-nojcm", "dataset", False, blank_reference=True,
-               description="ablation: blank reference crop and box, JCM off (against ind-nojcm: a model whose JCM "
-                           "is not trained yet)"),
+               description="ablation: blank reference crop and box (and no round named), JCM off (against "
+                           "ind-nojcm: a model whose JCM is not trained yet)"),
     EvalConfig("nohistory", "dataset", True, no_history=True,
                description="ablation: no dialogue history (each round alone), the reference mask kept"),
     EvalConfig("prevround", "previous", True, description="ablation: always the previous round as reference"),
@@ -172,8 +173,9 @@ class _FirstTurnBuilder:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def user(self, query, has_reference, first, **round_tags):
-        return self._inner.user(query, has_reference, True, **round_tags)
+    def user(self, query, has_reference, first, number=None, reference=None):
+        # as a first turn, round tags included: "round 1:", the reference's round not named (it is not there)
+        return self._inner.user(query, has_reference, True, number=1, reference=None)
 
 
 class EvalEngine(Engine):
@@ -201,6 +203,10 @@ class EvalEngine(Engine):
         finally:
             self.blank_reference = self.no_history = False
             self.builder = self._plain_builder
+
+    def _tagged_reference(self, reference):
+        # blank: no crop, no box, and (round tags) no "(about round M)" either; the turn keeps its placeholders
+        return None if self.blank_reference else reference
 
     def _reference_features(self, session, reference, state, image):
         if not self.blank_reference:

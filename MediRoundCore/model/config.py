@@ -199,6 +199,8 @@ class MediRoundConfig:
             raise ConfigError(f"field_of_view_mm: every field must be a positive size, got {self.field_of_view_mm!r}")
         if self.segmenter_normalization not in ("minmax", "sam_mean_std"):
             raise ConfigError(f"segmenter_normalization must be 'minmax' or 'sam_mean_std', got {self.segmenter_normalization!r}")
+        if type(self.round_tags) is not bool:
+            raise ConfigError(f"round_tags must be true or false, got {self.round_tags!r}")
         if self.chat_template not in ("plain", "llava_mistral"):
             raise ConfigError(f"chat_template must be 'plain' or 'llava_mistral', got {self.chat_template!r}")
         if self.segmenter.prompt_dim != 256:

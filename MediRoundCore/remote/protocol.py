@@ -128,8 +128,11 @@ def round_from_wire(data: dict):
         round_ = Round(mask=unpack_mask(data["mask"]), **fields, **optional)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed round ({type(exc).__name__}: {exc})") from None
-    if not isinstance(round_.number, int) or round_.number < 1 or round_.view not in VIEWS:
+    if type(round_.number) is not int or round_.number < 1 or round_.view not in VIEWS:
         raise ValueError(f"malformed round (number {round_.number!r}, view {round_.view!r})")
+    ref = round_.reference
+    if ref is not None and (type(ref) is not int or not 1 <= ref < round_.number):
+        raise ValueError(f"malformed round {round_.number}: reference {ref!r} is not an earlier round")
     if "digest" in data and data["digest"] != round_digest(round_):
         raise ValueError(f"round {round_.number} arrived damaged (its digest does not match)")
     return round_

@@ -87,6 +87,18 @@ def pool_ledger(cache: EmbeddingCache) -> Path:
     return cache.folder / "pool_entries.txt"
 
 
+def _round_tags(choice: str | None, continued_from: Path | None, preset: bool) -> bool:
+    """Round tags of this run: as asked, else as the run it continues (its config.json; untagged when the field
+    is absent: written before tags), else the preset's. A prompt layout never changes silently on a resume."""
+    if choice is not None:
+        return choice == "on"
+    if continued_from is not None and (continued_from / "config.json").is_file():
+        import json
+
+        return bool(json.loads((continued_from / "config.json").read_text()).get("round_tags", False))
+    return preset
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MediRoundCore.train.lite", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -104,6 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=float, default=PoolConfig.repeat,
                         help="chance of a round asking again for an earlier structure after each round "
                              "(data/repeats.py; mostly worded 'Segment it.': only the reference tells which)")
+    parser.add_argument("--round-tags", choices=("on", "off"), default=None,
+                        help="round numbers in the prompt text (MediRoundConfig.round_tags); default: as the "
+                             "checkpoint or snapshot continued from, else the lite preset's (on)")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--new-views", type=int, default=0,
                         help="views a (re)start may render and encode afresh, besides those already encoded here "
@@ -129,6 +144,13 @@ def main(argv=None) -> int:
     carried = ahead >= 0
     if args.from_snapshot is not None and not carried:
         print(f"no training snapshot in {args.from_snapshot}: not continuing from one")
+    from .trainer import load_trainer_state
+
+    resumed_step = load_trainer_state(out / "checkpoint" / STATE_FILE)["step"] if resuming else -1
+    continued = (Path(args.from_snapshot) if carried and ahead > resumed_step else
+                 out / "checkpoint" if resuming else None)  # the run this one goes on from, if any
+    model.config.round_tags = _round_tags(args.round_tags, continued, model.config.round_tags)
+    print(f"round tags: {'on' if model.config.round_tags else 'off'}")
     if args.vision_from and not resuming and not carried:  # a run starting afresh
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,

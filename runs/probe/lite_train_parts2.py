@@ -19,7 +19,7 @@ model, tok = build_lite()
 model.load_state_dict(load_tensors("runs/lite/checkpoint/model.safetensors"), strict=False)
 model.embedding_cache = EmbeddingCache(Path("runs/lite/embeddings"), model)
 set_trainable(model, 1, False); model.train()
-builder = PromptBuilder(tok, model.token_ids, model.config.chat_template, model.config.vision.num_patches)
+builder = PromptBuilder.for_model(tok, model)
 stream = pool_stream(PoolConfig(slices=1000, views=2, paraphrase=0.7, long_share=0.5))(12345)
 rng = np.random.default_rng(0)
 batches = [make_batch([next(stream) for _ in range(4)], builder, model.config, 0.3, rng) for _ in range(3)]
