@@ -187,7 +187,7 @@ class DecodeStep:
         if screen is None:
             return self._run(embeds, cache, position, last_only, lambda h: self.lm.lm_head(h).argmax(-1),
                              self.weight_bytes)
-        return self._run(embeds, cache, position, last_only, screen, self.greedy_weight_bytes)
+        return self._run(embeds, cache, position, last_only, screen, self._greedy_bytes(screen))
 
     @property
     def _screen(self) -> ScreenedArgmax | None:
@@ -197,8 +197,10 @@ class DecodeStep:
     @property
     def greedy_weight_bytes(self) -> int:
         """Weight bytes a greedy step reads: the layers, and the head through its screen where one is in use."""
+        return self._greedy_bytes(self._screen)
+
+    def _greedy_bytes(self, screen: ScreenedArgmax | None) -> int:
         head = self.lm.lm_head.weight
-        screen = self._screen
         screened = screen is not None and screen.usable
         return self._layer_bytes + head.numel() * (1 if screened else head.element_size())
 
