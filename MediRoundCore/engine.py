@@ -319,8 +319,10 @@ class Engine:
 
     def _user_turn(self, session: Session, query: str, reference: int | None, number: int) -> list[int]:
         """Token ids of round `number`'s user turn, through the opening of its answer."""
+        tagged = self._tagged_reference(reference)
         return self.builder.user(self._model_text(session, query, reference), reference is not None,
-                                 first=number == 1, number=number, reference=self._tagged_reference(reference))
+                                 first=number == 1, number=number, reference=tagged,
+                                 reference_entity=None if tagged is None else session.round(tagged).entity)
 
     def _tagged_reference(self, reference: int | None) -> int | None:
         """The reference a tagged prompt names (the evaluation's blank-reference ablation names none)."""

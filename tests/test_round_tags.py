@@ -1,5 +1,5 @@
 """Round numbers in the prompt text (`MediRoundConfig.round_tags`, the lite preset): each answer opens with
-"round N:" and a query with a reference says "(about round M)"; training batches, the engine's incremental
+"round N:" and a query with a reference says "(about round M: <its entity>)"; training batches, the engine's incremental
 prompt and its full rebuild all read the same tokens; models without tags are unchanged."""
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def test_a_tagged_user_turn(tagged, tiny_engine):
     assert turn[:turn.index(model.token_ids.crop)] == builder._encode("user:")
     text = builder.decode(turn)
     assert text.endswith("(about round 1) now the lesion inside it.\nassistant: round 3:")
+    named = builder.user("Now the lesion inside it.", True, False, number=3, reference=1, reference_entity="left kidney")
+    assert builder.decode(named).endswith("(about round 1: left kidney) now the lesion inside it.\nassistant: round 3:")
     assert builder.decode(builder.user("Segment the liver.", False, True, number=1)).endswith("assistant: round 1:")
     with pytest.raises(ValueError, match="round numbers"):
         builder.user("Segment the liver.", False, True)
@@ -59,7 +61,7 @@ def test_training_tokens_carry_the_dialogues_numbers(tagged):
     ids, labels, _ = sample_tokens(sample, builder)
     text = builder.decode(ids)
     assert "assistant: round 1: liver" in text and "assistant: round 2: spleen" in text
-    assert "(about round 1) now the lesion inside it.\nassistant: round 3: lesion" in text
+    assert "(about round 1: liver) now the lesion inside it.\nassistant: round 3: lesion" in text
     # the tags are read, never learnt: no label on them
     opening = builder._encode(" round 3:")
     start = next(i for i in range(len(ids)) if ids[i:i + len(opening)] == opening)
@@ -133,7 +135,7 @@ def test_the_engine_feeds_a_restored_dialogue_as_training_reads_it(tagged, ct_vo
     through_turn = len(ids) - len(engine.builder.answer("gallbladder: next to the liver."))  # then the answer
     assert fed[:through_turn] == ids[:through_turn]  # after it the engine feeds what it generates
     assert engine.builder.decode(ids[:through_turn]).endswith(
-        "(about round 3) the structure next to it.\nassistant: round 5:")
+        "(about round 3: lesion in the liver) the structure next to it.\nassistant: round 5:")
 
 
 def test_the_ablations_drop_what_they_say(tagged, ct_volume):
@@ -144,17 +146,19 @@ def test_the_ablations_drop_what_they_say(tagged, ct_volume):
     model, tokenizer = tagged
     engine = EvalEngine(model, tokenizer)
     image = extract_slice(ct_volume, "axial", 2)
-    texts = {}
+    texts, session_entity = {}, {}
     for name in ("ind-nojcm", "noref-nojcm", "nohistory"):
         session = Session(ct_volume.fingerprint())
-        engine.ask(session, "Segment the liver.", image)
+        session_entity[name] = engine.ask(session, "Segment the liver.", image).round.entity
         engine.ask(session, "Segment the spleen.", image)
         with engine.mode(CONFIGS[name]):
             text = engine.builder.decode(_fed_ids(engine, session, "Now the lesion inside it.", image, 1))
             opening = text.index("assistant: round")
             texts[name] = text[:text.index(":", opening + len("assistant: round")) + 1]  # not what it generated
         engine.forget()
-    assert texts["ind-nojcm"].endswith("(about round 1) now the lesion inside it.\nassistant: round 3:")
+    entity = session_entity["ind-nojcm"]  # what the random model's first answer named (if anything)
+    about = f"(about round 1: {entity})" if entity else "(about round 1)"
+    assert texts["ind-nojcm"].endswith(f"{about} now the lesion inside it.\nassistant: round 3:")
     assert texts["noref-nojcm"].endswith(" now the lesion inside it.\nassistant: round 3:")
     assert "about round" not in texts["noref-nojcm"]
     assert texts["nohistory"].endswith(" now the lesion inside it.\nassistant: round 1:")

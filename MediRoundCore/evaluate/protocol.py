@@ -173,7 +173,7 @@ class _FirstTurnBuilder:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def user(self, query, has_reference, first, number=None, reference=None):
+    def user(self, query, has_reference, first, number=None, reference=None, reference_entity=None):
         # as a first turn, round tags included: "round 1:", the reference's round not named (it is not there)
         return self._inner.user(query, has_reference, True, number=1, reference=None)
 

@@ -180,8 +180,8 @@ class MediRoundConfig:
     query_encoder: str | None = None
     query_markers: dict = field(default_factory=dict)
     # Round numbers in the text (the lite preset from session 35): each answer opens with "round N:" (fed, not
-    # generated) and a query with a reference says "(about round M)", so the referenced round's answer in the
-    # history is one look-up away (`PromptBuilder.user`). Lite ignored the reference's crop and box without it.
+    # generated) and a query with a reference says "(about round M: <what round M segmented>)" (`PromptBuilder.
+    # user`). Lite ignored the reference's crop and box without them.
     round_tags: bool = False
 
     def __post_init__(self):

@@ -157,9 +157,10 @@ class PromptBuilder:
         return [self.ids.bos] + opener + [self.ids.image] * self.num_image_tokens + self._encode("\n")
 
     def user(self, query: str, has_reference: bool, first: bool, number: int | None = None,
-             reference: int | None = None) -> list[int]:
+             reference: int | None = None, reference_entity: str | None = None) -> list[int]:
         """A user turn, through the start of the answer. With round tags (`number`: this round's, `reference`:
-        the referenced round's), the query says "(about round M)" and the answer opens with "round N:"."""
+        the referenced round's, `reference_entity`: what that round segmented, where known), the query says
+        "(about round M: <entity>)" and the answer opens with "round N:"."""
         ref = [self.ids.crop, self.ids.box] if has_reference else []
         query = query.strip()
         opening = []
@@ -167,7 +168,8 @@ class PromptBuilder:
             if number is None:
                 raise ValueError("this model's prompts carry round numbers: give the round's number")
             if reference is not None:
-                query = f"(about round {reference}) {query}"
+                about = f"round {reference}: {reference_entity.strip()}" if reference_entity else f"round {reference}"
+                query = f"(about {about}) {query}"
             opening = self._encode(f" round {number}:")
         if self.template == "llava_mistral":
             head = [] if first else self._encode("[INST] ")

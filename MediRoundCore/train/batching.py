@@ -58,7 +58,8 @@ def sample_tokens(sample, builder: PromptBuilder) -> tuple[list[int], list[int],
     segmented = set(segmented_rounds(sample))
     for r, (query, answer) in enumerate(zip(sample.queries, sample.answers)):
         ref = sample.ref_indices[r]
-        user = builder.user(query, ref is not None, first=r == 0, number=r + 1, reference=None if ref is None else ref + 1)
+        user = builder.user(query, ref is not None, first=r == 0, number=r + 1, reference=None if ref is None else ref + 1,
+                            reference_entity=None if ref is None or not sample.entities else sample.entities[ref])
         ans = builder.answer(strip_seg(answer))
         if r not in segmented:
             ans = ans[:-2] + [builder.ids.eos]
