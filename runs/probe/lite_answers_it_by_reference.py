@@ -3,6 +3,7 @@ with ground-truth masks and answers): does the answer, and the mask, follow the 
   python runs/probe/lite_answers_it_by_reference.py CHECKPOINT DIALOGUES"""
 import sys, numpy as np, torch
 from MediRoundCore.data.splits import make_dialogue, to_sample
+from MediRoundCore.answers import parse_entity
 from MediRoundCore.engine import Engine
 from MediRoundCore.imaging import SliceImage
 from MediRoundCore.session import Round, Session
@@ -17,7 +18,7 @@ for index in range(int(sys.argv[2])):
     session = Session(f"p{index}")
     for r in range(t):
         session.add_round(Round(number=r + 1, view="axial", slice_index=0, query=d.queries[r],
-                                answer=d.answers[r].replace("[SEG]", "").strip(), entity=None,
+                                answer=d.answers[r].replace("[SEG]", "").strip(), entity=parse_entity(d.answers[r]),
                                 reference=None if d.ref_indices[r] is None else d.ref_indices[r] + 1,
                                 mask=d.masks[r].astype(bool)))
     for j in range(t):

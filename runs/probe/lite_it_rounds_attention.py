@@ -31,7 +31,7 @@ for e in range(40):
         if b.round_tags:
             pos = find(opening[k]) + len(opening[k]) - 1  # predicts the first answer token
             hist = find(opening[ref]) + len(opening[ref])  # first answer token of the referenced round
-            about = find(b._encode(f"(about round {ref + 1})"))
+            about = find(b._encode(f"(about round {ref + 1}"))  # with or without the entity after it
             if pos < 0 or hist < 0 or about < 0: continue
         else:  # untagged: the position before the k-th answer
             seg_ends = [i for i, l in enumerate(labels) if l != -100 and (i == 0 or labels[i - 1] == -100)]
