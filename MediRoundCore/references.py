@@ -1,7 +1,7 @@
 """Which earlier round a query refers to: the one given; else one the query names ("round 2", "the second
-round", "the first structure", "the first one", an entity named before, "back to the kidney" for an earlier
-"left kidney"); else the one a model's learned reference scorer picks (reference_scorer.py); else the previous
-round."""
+round", "the first structure", "the first one", "the original structure", "the one you just segmented", an
+entity named before, "back to the kidney" for an earlier "left kidney"); else the one a model's learned
+reference scorer picks (reference_scorer.py); else the previous round."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ _ROUND_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\s+(?:round|turn|a
 _GENERIC_NOUNS = (r"one|structure|structures|organ|thing|object|item|segmentation|selection|"
                   r"finding|target|outline|contour|question|request|query|step|mask|answer|result|round|turn")
 # (not "segment": "the fourth segment" is a liver segment)
-_GENERIC_ORDINAL = re.compile(r"\bthe\s+(" + "|".join(_ORDINALS) + r"|very\s+first|last|previous|latest|"
-                              r"penultimate|second[\s-]+to[\s-]+last)\s+(?:" + _GENERIC_NOUNS + r")\b", re.IGNORECASE)
+_GENERIC_ORDINAL = re.compile(r"\bthe\s+(" + "|".join(_ORDINALS) + r"|very\s+first|original|initial|last|previous|"
+                              r"latest|penultimate|second[\s-]+to[\s-]+last)\s+(?:" + _GENERIC_NOUNS + r")\b",
+                              re.IGNORECASE)
+# "the one you just segmented", "what we just did", "the one before": the latest round
+_JUST_DONE = re.compile(r"\b(?:you|we|i)\s+just\s+(?:did|done|segmented|made|drew|outlined|marked|found|got)\b|"
+                        r"\bthe\s+one\s+before\b", re.IGNORECASE)
 _HEAD_STOP = re.compile(r"\b(?:in|inside|within|of|on|at|near|next|beside|around|along|behind|from|to|with|"
                         r"adjacent|between|under|over|above|below)\b")
 
@@ -42,6 +46,8 @@ def _ordinal_value(word: str, n: int) -> int:
     word = re.sub(r"[\s-]+", " ", word.lower())
     if word in ("last", "previous", "latest"):
         return n
+    if word in ("original", "initial"):
+        return 1
     if word in ("penultimate", "second to last"):
         return n - 1
     return _ORDINALS[word.replace("very ", "")]
@@ -86,6 +92,8 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
         if match:
             number = value(match)
             return number if 1 <= number <= n else None
+    if _JUST_DONE.search(text):
+        return n or None
     lowered = " " + re.sub(r"[^a-z0-9]+", " ", text.lower()) + " "
     best: tuple[int, int] | None = None  # (name length, round)
     for number, entity in enumerate(entities, start=1):

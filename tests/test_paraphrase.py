@@ -66,3 +66,40 @@ def test_paraphrase_sample_changes_only_queries():
     assert sample.queries != templated.queries and len(sample.queries) == len(templated.queries)
     assert np.array_equal(sample.masks, templated.masks) and sample.ref_indices == templated.ref_indices
     assert sample.entities == templated.entities
+
+
+def _phrase_set(options) -> set[str]:
+    """Relation wordings with their slots as one mark, spaces and case normalised."""
+    return {re.sub(r"\{[a-z]+\}", "X", " ".join(o.split()).lower()) for o in options}
+
+
+def test_heldout_relation_wordings_are_not_in_the_grammar():
+    grammar = _phrase_set(paraphrase.INSIDE + paraphrase.PART_OF
+                          + tuple(o for v in paraphrase.SPATIAL.values() for o in v)
+                          + tuple(o for v in paraphrase.ATTRIBUTE.values() for o in v)
+                          + tuple(o for v in paraphrase.INFERENTIAL_SIDE.values() for o in v))
+    heldout = _phrase_set(paraphrase_test.INSIDE + paraphrase_test.PART_OF
+                          + tuple(paraphrase_test.SIDE.values()) + tuple(paraphrase_test.ATTRIBUTE.values()))
+    heldout |= {"X across from X", "across from X"}  # paraphrase_test.heldout_target's opposite-side wording
+    assert not {h.removeprefix("X ") for h in heldout} & {g.removeprefix("X ") for g in grammar}
+
+
+@pytest.mark.parametrize("relation", ["attribute", "inferential", "spatial"])
+def test_relation_phrases_are_reworded_and_keep_their_meaning(relation):
+    """Every generator phrase of these relations has grammar wordings, and they come out (some differing from
+    the generator's) with the reference named."""
+    rng = np.random.default_rng(3)
+    seen = 0
+    for i in range(40):
+        dlg = make_dialogue("train-long", 0, i)
+        for r in dlg.rounds:
+            if r.relation != relation:
+                continue
+            slots = paraphrase.slots_of(r.relation, r.template, r.query)
+            if relation == "inferential" and not slots["desc"].endswith(tuple(paraphrase.INFERENTIAL_SIDE)):
+                continue  # a description without a side clause names no reference
+            texts = {paraphrase.target_phrase(rng, r.relation, slots, "REF") for _ in range(30)}
+            assert all("REF" in t for t in texts), texts
+            assert len(texts) >= 3, texts
+            seen += 1
+    assert seen >= 5

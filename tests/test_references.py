@@ -25,6 +25,14 @@ ENTITIES = ["liver", "left kidney", "lesion inside the left kidney", "spleen", "
     ("Now the kidney with the same density as it.", 5),
     ("Go back to the sixth structure.", 5),           # no such round: the previous one
     ("Segment the pancreas.", 5),
+    ("The cyst inside the original structure.", 1),
+    ("Now the part of the initial one.", 1),
+    ("The vessel next to the one you just segmented.", 5),
+    ("Something beside what we just did.", 5),
+    ("The lesion in the one before.", 5),
+    ("The mask from round 3, and the spot inside it.", 3),
+    ("The spot in what round 2 found.", 2),
+    ("The very first mask again.", 1),
 ])
 def test_ordinal_and_named_references(query, expected):
     assert resolve_reference(query, ENTITIES) == expected

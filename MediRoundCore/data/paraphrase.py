@@ -29,7 +29,9 @@ _KNOWN_SLOTS = {
 }
 
 VERBS = ("segment", "outline", "delineate", "highlight", "mark", "mask", "contour", "trace", "isolate",
-         "pick out", "select", "label", "draw", "show", "find and segment", "annotate", "extract", "get")
+         "pick out", "select", "label", "draw", "show", "find and segment", "annotate", "extract", "get",
+         "demarcate", "localise", "localize", "identify and mask", "mask out", "cut out", "draw around",
+         "locate and outline")
 FRAMES = (
     "{Verb} the {target}.", "Please {verb} the {target}.", "Can you {verb} the {target}?",
     "Could you {verb} the {target} for me?", "I'd like you to {verb} the {target}.", "Now {verb} the {target}.",
@@ -39,6 +41,14 @@ FRAMES = (
     "Need the {target} too.", "Then the {target}.", "Show me the {target}.", "Where's the {target}? {Verb} it.",
     "Help me find the {target}.", "{Verb} only the {target}.", "Can I get the {target}?",
     "Please give me a mask of the {target}.", "Segmentation of the {target}, please.",
+    "{Verb} the {target} on this slice.", "Can you {verb} the {target} here?", "Need a contour of the {target}.",
+    "How about the {target}?", "{target}?", "{target}, please.", "Do the {target} next.", "Give me the {target}.",
+    "I need to see the {target}.", "Is the {target} there? {Verb} it.", "Identify the {target}.",
+    "Can you find the {target}?", "Locate the {target} and {verb} it.", "OK, {verb} the {target}.",
+    "Next one: the {target}.", "{Verb} the {target} for me, thanks.", "Okay now the {target}.",
+    "Could I get a mask for the {target}?", "Can we do the {target}?", "I'd also like the {target}.",
+    "Want the {target} now.", "Please {verb} the {target} too.", "Right, now the {target}.",
+    "Please {verb} the {target} in this scan.", "Mask for the {target}.", "Outline required: the {target}.",
 )
 # Anatomical noun variants (spelling, lay and clinical words) the grammar may swap in; keys as the generator writes.
 NOUN_VARIANTS = {
@@ -56,24 +66,80 @@ NOUN_VARIANTS = {
     "fluid-filled structure": ("fluid-containing structure",),
 }
 INSIDE = ("inside {ref}", "within {ref}", "in {ref}", "contained in {ref}", "that sits in {ref}",
-          "lying inside {ref}", "located in {ref}", "embedded in {ref}")
-PART_OF = ("{part} of {ref}", "{part} belonging to {ref}", "{part} that is part of {ref}", "{part} in {ref}")
+          "lying inside {ref}", "located in {ref}", "embedded in {ref}", "occupying {ref}", "arising in {ref}",
+          "seen in {ref}", "in the substance of {ref}", "involving {ref}", "sitting within {ref}",
+          "enclosed by {ref}", "surrounded by {ref}", "inside the outline of {ref}")
+PART_OF = ("{part} of {ref}", "{part} belonging to {ref}", "{part} that is part of {ref}", "{part} in {ref}",
+           "{part} region of {ref}", "{part} within {ref}", "{part} that belongs to {ref}", "{part} of {ref} only",
+           "{part} inside {ref}", "{part} from {ref}")
 SPATIAL = {
     "to the patient's left of it": ("to the patient's left of {ref}", "on the patient's left of {ref}",
-                                    "left of {ref} (patient's left)"),
-    "on the patient's left side of it": ("on the patient's left side of {ref}", "patient-left of {ref}"),
+                                    "left of {ref} (patient's left)", "on {ref}'s left, patient side",
+                                    "lateral to {ref} on the patient's left", "just left of {ref} (patient left)"),
+    "on the patient's left side of it": ("on the patient's left side of {ref}", "patient-left of {ref}",
+                                         "on the left of {ref} as the patient sees it", "left-sided to {ref}"),
     "to the patient's right of it": ("to the patient's right of {ref}", "on the patient's right of {ref}",
-                                     "right of {ref} (patient's right)"),
-    "on the patient's right side of it": ("on the patient's right side of {ref}", "patient-right of {ref}"),
-    "in front of it": ("in front of {ref}", "anterior to {ref}", "ventral to {ref}"),
-    "anterior to it": ("anterior to {ref}", "in front of {ref}"),
-    "above it on the image": ("above {ref} on the image", "above {ref} on screen"),
-    "behind it": ("behind {ref}", "posterior to {ref}", "dorsal to {ref}"),
-    "posterior to it": ("posterior to {ref}", "behind {ref}"),
-    "below it on the image": ("below {ref} on the image", "under {ref} on screen"),
-    "next to it": ("next to {ref}", "beside {ref}", "bordering {ref}", "alongside {ref}"),
-    "adjacent to it": ("adjacent to {ref}", "abutting {ref}"),
-    "touching it": ("touching {ref}", "in contact with {ref}"),
+                                     "right of {ref} (patient's right)", "on {ref}'s right, patient side",
+                                     "lateral to {ref} on the patient's right", "just right of {ref} (patient right)"),
+    "on the patient's right side of it": ("on the patient's right side of {ref}", "patient-right of {ref}",
+                                          "on the right of {ref} as the patient sees it", "right-sided to {ref}"),
+    "in front of it": ("in front of {ref}", "anterior to {ref}", "ventral to {ref}", "forward of {ref}",
+                       "anteriorly from {ref}", "toward the front from {ref}"),
+    "anterior to it": ("anterior to {ref}", "in front of {ref}", "ventral to {ref}", "just anterior of {ref}"),
+    "above it on the image": ("above {ref} on the image", "above {ref} on screen", "over {ref} in this view",
+                              "on top of {ref} on the image", "superior to {ref} on screen",
+                              "nearer the top of the image than {ref}", "up from {ref} on the image"),
+    "behind it": ("behind {ref}", "posterior to {ref}", "dorsal to {ref}", "in back of {ref}",
+                  "posteriorly from {ref}", "toward the back from {ref}"),
+    "posterior to it": ("posterior to {ref}", "behind {ref}", "dorsal to {ref}", "just posterior of {ref}"),
+    "below it on the image": ("below {ref} on the image", "under {ref} on screen", "beneath {ref} in this view",
+                              "underneath {ref} on the image", "inferior to {ref} on screen",
+                              "nearer the bottom of the image than {ref}", "down from {ref} on the image"),
+    "next to it": ("next to {ref}", "beside {ref}", "bordering {ref}", "alongside {ref}", "near {ref}",
+                   "neighbouring {ref}", "close to {ref}", "by {ref}"),
+    "adjacent to it": ("adjacent to {ref}", "abutting {ref}", "neighbouring {ref}", "directly beside {ref}",
+                       "immediately next to {ref}"),
+    "touching it": ("touching {ref}", "in contact with {ref}", "that touches {ref}", "contiguous with {ref}",
+                    "sharing a border with {ref}"),
+}
+# Wordings of the generator's attribute phrases (`templates.SAME_PHRASES` etc.), {ref} for the reference.
+ATTRIBUTE = {
+    "with the same density as it": ("with the same density as {ref}", "isodense to {ref}",
+                                    "equally dense as {ref}", "with {ref}'s density", "as dense as {ref}",
+                                    "with a density like {ref}'s"),
+    "of similar density to it": ("of similar density to {ref}", "with a density close to {ref}'s",
+                                 "about as dense as {ref}", "of comparable density to {ref}"),
+    "with the same signal intensity as it": ("with the same signal intensity as {ref}", "isointense to {ref}",
+                                             "as bright as {ref}", "with {ref}'s signal intensity",
+                                             "with signal like {ref}'s"),
+    "of similar signal to it": ("of similar signal to {ref}", "with a signal close to {ref}'s",
+                                "about as bright as {ref}", "of comparable signal to {ref}"),
+    "of the same tissue type as it": ("of the same tissue type as {ref}", "sharing {ref}'s tissue type",
+                                      "composed of what {ref} is composed of", "with the tissue of {ref}",
+                                      "of {ref}'s tissue type"),
+    "of the same kind as it": ("of the same kind as {ref}", "like {ref}", "of {ref}'s kind",
+                               "similar in nature to {ref}", "in the same category as {ref}",
+                               "that is another one like {ref}"),
+    "of the same type as it": ("of the same type as {ref}", "of {ref}'s type", "like {ref}",
+                               "in the same class as {ref}"),
+    "that is larger than it": ("that is larger than {ref}", "larger than {ref}", "of greater size than {ref}",
+                               "exceeding {ref} in size", "that outsizes {ref}", "more sizeable than {ref}"),
+    "that is bigger than it": ("that is bigger than {ref}", "bigger than {ref}", "that's bigger than {ref}",
+                               "of greater size than {ref}"),
+    "that is smaller than it": ("that is smaller than {ref}", "smaller than {ref}", "of lesser size than {ref}",
+                                "more compact than {ref}", "less sizeable than {ref}"),
+    "that looks smaller than it": ("that looks smaller than {ref}", "that appears smaller than {ref}",
+                                   "that seems smaller than {ref}", "looking smaller than {ref}"),
+}
+# Wordings of the side clause that ends an inferential description ("... on the same side as it").
+INFERENTIAL_SIDE = {
+    " on the same side as it": (" on the same side as {ref}", " ipsilateral to {ref}", " on {ref}'s side",
+                                " on the side of {ref}", " on the same side of the body as {ref}",
+                                " on the side where {ref} is"),
+    " on the opposite side from it": (" on the opposite side from {ref}", " contralateral to {ref}",
+                                      " on the other side from {ref}", " opposite {ref}",
+                                      " on the far side from {ref}", " on the side away from {ref}",
+                                      " mirroring {ref} on the other side"),
 }
 # Phrases inside the generator's slot values that mention the referenced round as "it".
 IT_PHRASES = (" as it", " than it", " from it", " of it", " to it", " it")
@@ -86,14 +152,16 @@ def _cap(text: str) -> str:
 
 def reference_expression(rng: np.random.Generator, ref_round: int, current: int, entity: str | None) -> str:
     """How the query names the earlier round `ref_round` (0-based) from round `current` (0-based)."""
-    options = ["it", "it", "that", "that structure", "this structure", "the structure from before"]
+    options = ["it", "it", "that", "that structure", "this structure", "the structure from before",
+               "the earlier structure", "the one before", "the one we segmented", "that mask", "the same structure"]
     if entity:
-        options += [f"the {entity}", f"the {entity}"]
-    options += [f"the one from round {ref_round + 1}", f"round {ref_round + 1}'s structure"]
+        options += [f"the {entity}", f"the {entity}", f"that {entity}", f"the {entity} from before"]
+    options += [f"the one from round {ref_round + 1}", f"round {ref_round + 1}'s structure",
+                f"the mask from round {ref_round + 1}", f"what round {ref_round + 1} found"]
     if ref_round == 0:
-        options += ["the first one", "the first structure"]
+        options += ["the first one", "the first structure", "the very first mask", "the original structure"]
     if ref_round == current - 1:
-        options += ["the previous structure", "the last one"]
+        options += ["the previous structure", "the last one", "the one you just segmented", "the latest mask"]
     return str(options[int(rng.integers(len(options)))])
 
 
@@ -135,6 +203,7 @@ def _with_ref(phrase: str, ref: str) -> str:
 
 def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str], ref: str) -> str:
     """The thing asked for, with its relation to the reference worded by the grammar."""
+    pick = lambda options: str(options[int(rng.integers(len(options)))])  # noqa: E731
     if relation == "direct":
         return vary_noun(rng, slots["name"])
     if relation == "lesion":
@@ -146,9 +215,15 @@ def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str]
         options = SPATIAL.get(slots["rel"], (slots["rel"].replace("it", "{ref}"),))
         return f"{vary_noun(rng, slots['noun'])} " + str(options[int(rng.integers(len(options)))]).format(ref=ref)
     if relation == "attribute":
-        return f"{vary_noun(rng, slots['noun'])} {_with_ref(slots['which'], ref)}"
+        options = ATTRIBUTE.get(slots["which"].lower())
+        which = _with_ref(slots["which"], ref) if options is None else pick(options).format(ref=ref)
+        return f"{vary_noun(rng, slots['noun'])} {which}"
     if relation == "inferential":
-        return _with_ref(slots["desc"], ref)
+        desc = slots["desc"]
+        for tail, options in INFERENTIAL_SIDE.items():
+            if desc.endswith(tail):
+                return desc[: -len(tail)] + pick(options).format(ref=ref)
+        return _with_ref(desc, ref)
     raise ValueError(f"unknown relation {relation!r}")
 
 
