@@ -3,6 +3,8 @@
 # Steps 0-100: the defaults below with --dice-weight 0.5 and every dialogue from the train split's settings.
 # From step 100: half of the dialogues with train-long's (the hard split's) settings. From step 150: Dice weight
 # 2.0, as MediRound-Tiny needed against empty masks (phase A in train_tiny.sh).
+# From step 2000 the training grammar words relations many more ways (session 36), and steps run under
+# bfloat16 autocast where the CPU multiplies bf16 natively (--precision auto; float32 weights and Adam state).
 # The vision tower starts from the shipped tiny model's (ignored when resuming). One step of 4 dialogues is about
 # 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
 # On a fresh clone (runs/lite gone) it continues from runs/lite-snapshot, the run's weights and step carried in

@@ -349,3 +349,64 @@ def test_encode_only_fills_the_cache_and_lists_the_entries(tmp_path):
     assert pool_ledger(cache).parent == cache.folder and read_ledger(pool_ledger(cache)) == [0, 1]
     assert encode_pool(model, pool, cache, progress=False, ledger=pool_ledger(cache)) == 0
     assert read_ledger(pool_ledger(cache)) == [0, 1]
+
+
+def test_bf16_steps_run_under_autocast_near_float32_and_keep_float32_weights(tmp_path):
+    """`TrainConfig(precision="bf16")`: the step's products run in bfloat16 (the mask decoder's hypernetwork output
+    is bf16), its loss stays near the float32 step's on the same batch and weights, and what is optimised and
+    saved stays float32."""
+    from safetensors import safe_open
+
+    from MediRoundCore.model.modeling import stage1_losses
+    from MediRoundCore.train.batching import make_batch
+    from MediRoundCore.train.lite import make_trainer
+    from MediRoundCore.train.trainer import TrainConfig
+
+    pool = PoolConfig(slices=2, views=1)
+    losses, dtypes = {}, []
+    for precision in ("fp32", "bf16"):
+        model, tokenizer = small_lite()
+        cfg = TrainConfig(output_dir=str(tmp_path / precision), steps=2, batch_size=2, save_every=2, warmup_steps=1,
+                          precision=precision, loss_weights={"ce": 1.0, "bce": 2.0, "dice": 2.0})
+        trainer = make_trainer(model, tokenizer, tmp_path / precision, pool, cfg)
+        samples = [s for s in (pool_sample(pool, e, 0) for e in range(6)) if s is not None][:2]
+        batch = make_batch(samples, trainer.builder, model.config, 0.0, np.random.default_rng(0))
+        hook = model.segmenter.mask_decoder.output_hypernetworks_mlps[0].register_forward_hook(
+            lambda module, args, out: dtypes.append((precision, out.dtype)))
+        with torch.no_grad(), trainer.autocast():
+            losses[precision] = float(stage1_losses(model, batch, **cfg.loss_weights)["loss"])
+        hook.remove()
+        history = trainer.train(progress=False)
+        assert all(np.isfinite(h["loss"]) for h in history)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with safe_open(str(tmp_path / precision / "checkpoint" / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert set(dtypes) == {("fp32", torch.float32), ("bf16", torch.bfloat16)}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05) and losses["bf16"] != losses["fp32"]
+
+
+def test_embeddings_are_encoded_in_float32_under_autocast(tmp_path):
+    """A cache miss met inside a bf16 training step is encoded as inference encodes it (float32), so the cache
+    never holds a bfloat16 encoding of a view."""
+    model, _ = small_lite()
+    model.eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    direct = model.segmenter.image_encoder(pixels)
+    cache = EmbeddingCache(tmp_path, model, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = cache.encode(model.segmenter.image_encoder, pixels)
+        plain_bf16 = model.segmenter.image_encoder(pixels)
+    assert torch.allclose(under_autocast, direct, atol=1e-5)
+    assert not torch.allclose(plain_bf16.float(), direct, atol=1e-5)  # what the guard keeps out
+
+
+def test_precision_choice():
+    from MediRoundCore.train.trainer import TrainConfig, Trainer, choose_precision, native_bf16
+
+    assert choose_precision("fp32") == "fp32" and choose_precision("bf16") == "bf16"
+    assert choose_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    with pytest.raises(ValueError):
+        choose_precision("fp16")
+    model, tokenizer = small_lite()
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(model, tokenizer, TrainConfig(output_dir="unused", precision="auto"), lambda seed: iter(()))

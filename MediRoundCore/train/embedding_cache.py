@@ -73,7 +73,13 @@ class EmbeddingCache:
 
     @torch.no_grad()
     def encode(self, encoder, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) → (B,256,g,g): cached rows read back, the others encoded (in one batch) and stored."""
+        """(B,3,S,S) → (B,256,g,g): cached rows read back, the others encoded (in one batch) and stored. Outside
+        any autocast (a bf16 training step's): stored as inference computes them, returned in the encoder's
+        dtype."""
+        with torch.autocast(pixels.device.type, enabled=False):
+            return self._encode(encoder, pixels)
+
+    def _encode(self, encoder, pixels: torch.Tensor) -> torch.Tensor:
         keys = [self.key(p) for p in pixels]
         found = [self._get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]

@@ -18,7 +18,7 @@ import torch
 
 from .embedding_cache import EmbeddingCache
 from .lite_data import PoolConfig, pool_view
-from .trainer import STATE_FILE, TrainConfig, Trainer
+from .trainer import PRECISIONS, STATE_FILE, TrainConfig, Trainer, choose_precision
 
 
 def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, limit: int | None = None,
@@ -124,6 +124,9 @@ def main(argv=None) -> int:
                         help="views a (re)start may render and encode afresh, besides those already encoded here "
                              "(0: the whole pool)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16: bfloat16 autocast, float32 weights (auto: where the CPU or GPU multiplies "
+                             "bfloat16 natively; 1.7x faster steps on an AVX512-BF16 CPU)")
     parser.add_argument("--encode-only", action="store_true")
     parser.add_argument("--vision-from", default=None,
                         help="a checkpoint whose vision tower starts this run's (ignored when resuming)")
@@ -157,7 +160,9 @@ def main(argv=None) -> int:
                       long_share=args.long_share, repeat=args.repeat)
     config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          save_every=args.save_every, reference_noise=args.reference_noise,
-                         loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight})
+                         loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight},
+                         precision=choose_precision(args.precision))
+    print(f"precision: {config.precision}")
     if args.encode_only:
         model.eval()
         model.embedding_cache = EmbeddingCache(out / "embeddings", model)

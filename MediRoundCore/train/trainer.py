@@ -52,6 +52,29 @@ class TrainConfig:
     correction_focus: bool = False  # stage 2: weigh the correction loss towards poor masks
     loss_weights: dict = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5})
     rewarm_steps: int = 50  # warm-up again after `Trainer.start_from` (weights without optimiser state)
+    precision: str = "fp32"  # "bf16": forward and backward under bfloat16 autocast, float32 weights and Adam state
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether this machine multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bfloat16 is emulated, slower than float32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def choose_precision(choice: str, device_type: str | None = None) -> str:
+    """"bf16" or "fp32" for a `--precision` choice; "auto" takes bf16 where it is native (`native_bf16`)."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if native_bf16(device_type) else "fp32"
 
 
 def stream_seed(seed: int, step: int) -> int:
@@ -164,6 +187,9 @@ class Trainer:
         self.cfg = config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        if config.precision not in ("bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision is 'bf16' or 'fp32' (choose_precision resolves 'auto'), "
+                             f"got {config.precision!r}")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.tokenizer = tokenizer
         self.sample_stream = sample_stream
@@ -179,6 +205,13 @@ class Trainer:
         self.step = 0
         self.batch_source = None  # an iterator of ready Batches (e.g. a DataLoader); else built here
         self._resume()
+
+    def autocast(self):
+        """The context a step's forward runs in: bfloat16 autocast for `precision="bf16"` (our own, not
+        Accelerate's, whose mixed precision is fixed once per process), else Accelerate's (a launch config's)."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -250,7 +283,7 @@ class Trainer:
         t0 = time.perf_counter()
         while self.step < cfg.steps:
             batch = next(batches).to(self.accelerator.device)
-            with self.accelerator.autocast():
+            with self.autocast():
                 terms = self._losses(batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(terms["loss"])
