@@ -43,7 +43,7 @@ def test_parts_come_from_the_base_weights(lite):
     assert model.language_model.lm_head.weight is embed  # tied
     assert tokenizer.convert_tokens_to_ids("[SEG]") == 30522 and model.token_ids.bos == tokenizer.cls_token_id
     # the base a training snapshot stores the word embeddings against is where they start
-    from MediRoundCore.train.snapshot import BASES
+    from MediRoundCore.checkpoints.base_delta import BASES
 
     key, make = BASES["lite_word_embeddings"]
     assert torch.equal(make(tuple(embed.shape)), embed.detach()) and key in model.state_dict()
@@ -152,3 +152,24 @@ def test_query_states_reach_exactly_the_query_tokens(lite):
     assert not model.segmenter.image_encoder.training and not model.query_encoder.training
     assert model.segmenter.mask_decoder.training
     model.eval()
+
+
+def test_answers_decode_as_written(lite):
+    """MiniLM's WordPiece splits off every punctuation mark; the chat shows what the answer said, not
+    "left kidney : it lies on the patient ' s left" (every generated answer of two splits, lower-cased as lite
+    reads them, comes back exactly)."""
+    from MediRoundCore.data.splits import make_dialogue, to_sample
+    from MediRoundCore.model.processing import PromptBuilder
+
+    model, tokenizer = lite
+    builder = PromptBuilder.for_model(tokenizer, model)
+    answers = {a.replace("[SEG]", "").strip().lower() for split in ("train-long", "hard") for i in range(25)
+               for a in to_sample(make_dialogue(split, 0, i)).answers}
+    answers |= {"left kidney: not on this slice.", "it is 3.5 cm, fluid-filled (round 2); t2-weighted, the liver's."}
+    assert len(answers) > 100
+    for answer in answers:
+        ids = builder.answer(answer)[:-2]  # without [SEG] and EOS
+        assert builder.decode(ids) == answer
+        assert builder.answer(builder.decode(ids)) == builder.answer(answer)  # the same ids when fed again
+    raw = tokenizer.decode(builder.answer("the patient's left: (round 2)")[:-2], skip_special_tokens=True)
+    assert raw.strip() == "the patient ' s left : ( round 2 )"  # what the tidying is for

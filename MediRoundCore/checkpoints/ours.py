@@ -10,11 +10,13 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..model.config import MediRoundConfig
+from .base_delta import SCALE, decode_against_bases, encode_against_bases
 from .safety import load_strict, load_tensors
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED_HEAD = "language_model.lm_head.weight"
+AGAINST_BASES = "mediround_int8_delta"  # metadata: {key: base name} of tensors stored against a pinned base
 
 
 def not_stored(config) -> tuple[str, ...]:
@@ -24,8 +26,11 @@ def not_stored(config) -> tuple[str, ...]:
     return skip + ((TIED_HEAD,) if config.text.tie_word_embeddings else ())
 
 
-def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
-    """Write the folder; `storage_dtype` (e.g. float16 for the shipped weights) casts floating tensors on disk."""
+def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | None = None,
+                    against_bases: bool = False) -> None:
+    """Write the folder; `storage_dtype` (e.g. float16 for the shipped weights) casts floating tensors on disk;
+    `against_bases` stores tensors that start from a pinned base (lite's word embeddings) as their int8 change
+    from it (`base_delta.py`), where that base is here."""
     from safetensors.torch import save_file
 
     from ..model.lora import has_lora
@@ -37,15 +42,44 @@ def save_pretrained(model, folder, tokenizer=None, storage_dtype: torch.dtype | 
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     skip = not_stored(model.config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
+    against = {}
+    if against_bases:
+        state, against = encode_against_bases(state)
     if storage_dtype is not None:
-        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(storage_dtype) if v.is_floating_point() and not k.endswith(SCALE) else v
+                 for k, v in state.items()}
+    metadata = {"format": "pt", "mediround_size": model.config.size}
+    if against:
+        metadata[AGAINST_BASES] = json.dumps(against)
     tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "mediround_size": model.config.size})
+    save_file(state, str(tmp), metadata=metadata)
     tmp.replace(folder / WEIGHTS)
     if has_lora(model):
         model.language_model.save_pretrained(str(folder / "adapter"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def stored_against_bases(path) -> dict[str, str]:
+    """{key: base name} of the tensors a weights file stores against a pinned base (its metadata); {} if none."""
+    from safetensors import SafetensorError, safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(AGAINST_BASES)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not text:
+        return {}
+    try:
+        against = json.loads(text)
+    except ValueError:
+        against = None
+    if not isinstance(against, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in against.items()):
+        raise CheckpointError(f"{path}: its {AGAINST_BASES!r} metadata is not a map of keys to base names")
+    return against
 
 
 def read_config(folder) -> tuple[MediRoundConfig, bool]:
@@ -171,7 +205,11 @@ def from_pretrained(folder, device="cpu", dtype=torch.float32):
         load_base_weights(model)
     if lora:
         apply_lora(model)
-    state = align_vision_keys(load_tensors(folder / WEIGHTS), model.state_dict().keys())
+    state = load_tensors(folder / WEIGHTS)
+    against = stored_against_bases(folder / WEIGHTS)
+    if against:
+        state = decode_against_bases(state, against, str(folder / WEIGHTS))
+    state = align_vision_keys(state, model.state_dict().keys())
     check_finite(state, str(folder / WEIGHTS))
     load_strict(model, state, str(folder / WEIGHTS), ignore_missing=not_stored(config))
     model.to(device=device, dtype=dtype).eval()

@@ -412,10 +412,11 @@ class MediRound(nn.Module):
             layer.positional_encoding_gaussian_matrix = matrix
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, folder, tokenizer=None, storage_dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(self, folder, tokenizer=None, storage_dtype: torch.dtype | None = None,
+                        against_bases: bool = False) -> None:
         from ..checkpoints.ours import save_pretrained
 
-        save_pretrained(self, folder, tokenizer, storage_dtype)
+        save_pretrained(self, folder, tokenizer, storage_dtype, against_bases)
 
     @classmethod
     def from_pretrained(cls, folder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

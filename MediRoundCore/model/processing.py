@@ -3,6 +3,8 @@ and the token layout of a conversation (one function per piece, so training and 
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,4 +183,26 @@ class PromptBuilder:
         return self._encode(" " + answer_text.strip()) + [self.ids.seg, self.ids.eos]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return tidy_wordpiece(text) if _is_wordpiece(self.tokenizer) else text
+
+
+def _is_wordpiece(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordPiece"
+
+
+_WORD_JOINERS = re.compile(r"(\w) ([-/]) (?=\w)")
+_CONTRACTION = re.compile(r"(\w) ' (s|t|re|ve|ll|d|m)\b")
+_DECIMAL = re.compile(r"(\d) ?\. ?(?=\d)")
+
+
+def tidy_wordpiece(text: str) -> str:
+    """Text decoded from WordPiece ids (lite's MiniLM tokenizer splits off every punctuation mark and decodes
+    "left kidney : it lies on the patient ' s left") as it was written: "left kidney: it lies on the patient's
+    left". Re-encoding gives the same ids; a spaced dash between two words cannot be told from a hyphen."""
+    text = _DECIMAL.sub(r"\1.", text)
+    text = _CONTRACTION.sub(r"\1'\2", text)
+    text = _WORD_JOINERS.sub(r"\1\2", text)
+    text = re.sub(r" ([.,;:!?)\]%])", r"\1", text)
+    return re.sub(r"([(\[]) ", r"\1", text)

@@ -1,6 +1,7 @@
-"""Export a trained checkpoint as the shipped default model (float16 on disk, the chosen JCM β in its config,
-the checkpoint's reference scorer or else the one the destination had, and answer drafts for its tokenizer:
-the checkpoint's, or made from the training dialogues)."""
+"""Export a trained checkpoint as the shipped default model: float16 on disk (tensors that start from a pinned
+base as their int8 change from it: lite's word embeddings, `checkpoints/base_delta.py`), the chosen JCM β in its
+config, the checkpoint's reference scorer or else the one the destination had, and answer drafts for its
+tokenizer: the checkpoint's, or made from the training dialogues."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def export_default(checkpoint, dest=DEFAULT_CHECKPOINT, beta: float | None = Non
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16)
+    model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16, against_bases=True)
     scorer = ReferenceScorer.from_pretrained(checkpoint)
     if scorer is None and dest.is_dir():
         scorer = ReferenceScorer.from_pretrained(dest)  # keep the reference scorer the folder had

@@ -5,8 +5,9 @@ optimiser state, ~280 MB for MediRound-Lite) is then gone. A snapshot keeps what
 weights and its step, in a folder small enough to commit (~35 MB for Lite); `train.lite --from-snapshot`
 continues from it with fresh optimiser moments (`Trainer.start_from`). Tensors are stored in float16, but for
 those that start from a pinned base (Lite's word embeddings: MiniLM's, `model/lite.py:
-initial_word_embeddings`), which are stored as their difference from it in int8 with one scale per row: the
-table is half of Lite's weights, and its rows move little from where they started.
+initial_word_embeddings`), which are stored as their difference from it in int8 with one scale per row
+(`checkpoints/base_delta.py`): the table is half of Lite's weights, and its rows move little from where they
+started.
 
     python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot
     python -m MediRoundCore.train.snapshot show runs/lite-snapshot
@@ -21,42 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.base_delta import DELTA, SCALE, decode_against_bases, encode_against_bases
 from ..errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 INFO = "snapshot.json"
 FP16_MAX = float(torch.finfo(torch.float16).max)
-DELTA, SCALE = "::int8_delta", "::delta_scale"  # key suffixes of a tensor stored against its base
-
-
-def lite_word_embeddings(shape) -> torch.Tensor | None:
-    """Lite's starting word embeddings when they fit `shape` and the pinned MiniLM weights are here, else None."""
-    from ..model.config import MINILM_VOCAB
-    from ..model.lite import initial_word_embeddings
-
-    if len(shape) != 2 or shape[0] < MINILM_VOCAB:
-        return None
-    try:
-        base = initial_word_embeddings(shape[0] - MINILM_VOCAB)
-    except (CheckpointError, OSError):
-        return None
-    return base if tuple(base.shape) == tuple(shape) else None
-
-
-BASES = {"lite_word_embeddings": ("language_model.model.embed_tokens.weight", lite_word_embeddings)}
-
-
-def quantize_delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 rows, float32 scale per row) of value - base: symmetric, each row's largest change is ±127."""
-    delta = value.float() - base.float()
-    if not bool(torch.isfinite(delta).all()):
-        raise CheckpointError("the weights hold non-finite values: no snapshot of a diverged run")
-    scale = delta.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-    return torch.round(delta / scale).clamp(-127, 127).to(torch.int8), scale
-
-
-def dequantize_delta(rows: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    return base.float() + rows.float() * scale.float()
 
 
 def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,6 +40,10 @@ def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         fits = value.is_floating_point() and bool(torch.isfinite(value).all()) and 1e-3 <= top < FP16_MAX
         out[key] = value.to(torch.float16).contiguous() if fits else value.contiguous()
     return out
+
+
+def _is_delta(key: str) -> bool:
+    return key.endswith((DELTA, SCALE))
 
 
 def snapshot_step(folder: str | Path) -> int:
@@ -104,14 +79,9 @@ def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None =
     if there > step and not force:
         raise CheckpointError(f"{dest} is at step {there}, further on than {checkpoint} (step "
                               f"{step}): kept (--force to replace it)")
-    stored, against = {}, {}
-    for name, (key, make) in (BASES if bases is None else bases).items():
-        base = make(tuple(tensors[key].shape)) if key in tensors else None
-        if base is not None:
-            stored[key + DELTA], stored[key + SCALE] = quantize_delta(tensors.pop(key), base)
-            against[key] = name
-    stored.update(compact(tensors))
-    tensors = stored
+    encoded, against = encode_against_bases(tensors, bases)
+    plain = {k: v for k, v in encoded.items() if not _is_delta(k)}
+    tensors = {**{k: v for k, v in encoded.items() if _is_delta(k)}, **compact(plain)}
     info = {"step": step, "tensors": len(tensors) - len(against),
             "float16": sum(1 for v in tensors.values() if v.dtype == torch.float16),
             "int8_delta": against, "from": str(checkpoint)}
@@ -138,18 +108,7 @@ def load_snapshot(folder: str | Path, bases: dict | None = None) -> tuple[dict[s
         against = dict(info.get("int8_delta") or {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: not a training snapshot ({INFO} unreadable: {exc})") from None
-    tensors = load_tensors(folder / WEIGHTS)
-    bases = BASES if bases is None else bases
-    for key, name in against.items():
-        if name not in bases or key + DELTA not in tensors or key + SCALE not in tensors:
-            raise CheckpointError(f"{folder}: {key} is stored against base {name!r}, which is "
-                                  f"{'unknown' if name not in bases else 'missing from the file'}")
-        rows, scale = tensors.pop(key + DELTA), tensors.pop(key + SCALE)
-        base = bases[name][1](tuple(rows.shape))
-        if base is None:
-            raise CheckpointError(f"{folder}: {key} is stored against {name}, which is not available here "
-                                  f"(python -m MediRoundCore.checkpoints.base_weights fetch)")
-        tensors[key] = dequantize_delta(rows, scale, base)
+    tensors = decode_against_bases(load_tensors(folder / WEIGHTS), against, str(folder), bases)
     return tensors, step
 
 

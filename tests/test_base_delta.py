@@ -1,0 +1,74 @@
+"""Shipped lite weights store the word embeddings (half of lite's weights, also its tied output head) as their
+int8 change from MiniLM's: a real lite model round-trips through save_pretrained/from_pretrained within the
+rounding, the file shrinks, and a file whose base is missing, unknown or mis-described is a clear error."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from MediRoundCore.checkpoints import base_delta, base_weights
+from MediRoundCore.checkpoints.ours import AGAINST_BASES
+from MediRoundCore.errors import CheckpointError
+from MediRoundCore.model.modeling import MediRound
+
+KEY = "language_model.model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def trained_lite():
+    try:
+        base_weights.locate("lite_medsam")
+        base_weights.locate("minilm")
+    except CheckpointError:
+        pytest.skip("base weights not on this machine: python -m MediRoundCore.checkpoints.base_weights fetch")
+    from MediRoundCore.model.lite import build_lite
+
+    model, tokenizer = build_lite()
+    torch.manual_seed(0)
+    with torch.no_grad():  # as training moves them: a little, every row
+        model.language_model.get_input_embeddings().weight.add_(0.01 * torch.randn_like(
+            model.language_model.get_input_embeddings().weight))
+    return model.eval(), tokenizer
+
+
+def test_lite_round_trip_against_minilm(trained_lite, tmp_path):
+    model, tokenizer = trained_lite
+    model.save_pretrained(tmp_path / "plain", tokenizer, storage_dtype=torch.float16)
+    model.save_pretrained(tmp_path / "delta", tokenizer, storage_dtype=torch.float16, against_bases=True)
+    path = tmp_path / "delta" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()[AGAINST_BASES]) == {KEY: "lite_word_embeddings"}
+        assert f.get_tensor(KEY + base_delta.DELTA).dtype == torch.int8 and KEY not in f.keys()
+    plain_size, delta_size = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("plain", "delta"))
+    assert delta_size < 0.8 * plain_size  # measured 0.74 on lite (the table is half of its weights)
+    loaded, _ = MediRound.from_pretrained(tmp_path / "delta")
+    words = model.language_model.get_input_embeddings().weight.detach()
+    got = loaded.language_model.get_input_embeddings().weight.detach()
+    start = base_delta.lite_word_embeddings(tuple(words.shape))
+    step = (words - start).abs().amax(dim=1, keepdim=True) / 127.0  # the int8 grid of each row
+    assert bool(((got - words).abs() <= step / 2 + 1e-6).all())
+    assert loaded.language_model.lm_head.weight is loaded.language_model.get_input_embeddings().weight  # tied
+    plain, _ = MediRound.from_pretrained(tmp_path / "plain")
+    for key, value in plain.state_dict().items():  # everything else as the float16 save has it
+        if key not in (KEY, "language_model.lm_head.weight"):
+            assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_missing_unknown_or_malformed_base_is_a_clear_error(trained_lite, tmp_path, monkeypatch):
+    model, tokenizer = trained_lite
+    model.save_pretrained(tmp_path, tokenizer, storage_dtype=torch.float16, against_bases=True)
+    path = tmp_path / "model.safetensors"
+    monkeypatch.setitem(base_delta.BASES, "lite_word_embeddings", (KEY, lambda shape: None))
+    with pytest.raises(CheckpointError, match="not available here"):
+        MediRound.from_pretrained(tmp_path)
+    monkeypatch.undo()
+    tensors = load_file(str(path))
+    for metadata, message in (({AGAINST_BASES: json.dumps({KEY: "a base we never had"})}, "unknown"),
+                              ({AGAINST_BASES: "[1, 2]"}, "not a map"),
+                              ({}, KEY)):  # no metadata: the rows alone do not make the table
+        save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+        with pytest.raises(CheckpointError, match=message):
+            MediRound.from_pretrained(tmp_path)
