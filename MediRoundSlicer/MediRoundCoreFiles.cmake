@@ -7,6 +7,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/checkpoints/__init__.py
   MediRoundCore/checkpoints/_common.py
   MediRoundCore/checkpoints/_manifests.py
+  MediRoundCore/checkpoints/base_delta.py
   MediRoundCore/checkpoints/base_weights.py
   MediRoundCore/checkpoints/full.py
   MediRoundCore/checkpoints/lite_medsam.py
