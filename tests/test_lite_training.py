@@ -410,3 +410,35 @@ def test_precision_choice():
     model, tokenizer = small_lite()
     with pytest.raises(ValueError, match="precision"):
         Trainer(model, tokenizer, TrainConfig(output_dir="unused", precision="auto"), lambda seed: iter(()))
+
+
+def test_batches_made_in_a_worker_are_the_trainers_own(tmp_path):
+    """`train.lite --workers 1`: a worker process makes exactly the batches the trainer would make itself, in
+    order, from the step it starts at; a second worker draws other dialogues, never copies."""
+    from MediRoundCore.train.batching import batches_in_workers
+    from MediRoundCore.train.lite import make_trainer
+    from MediRoundCore.train.trainer import TrainConfig, stream_seed
+
+    pool = PoolConfig(slices=3, views=1)
+    model, tokenizer = small_lite()
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=2, batch_size=2, save_every=2, warmup_steps=1)
+    trainer = make_trainer(model, tokenizer, tmp_path, pool, cfg)
+    trainer.step = 5
+    own_samples = trainer._batches()
+    rng = np.random.default_rng(stream_seed(cfg.seed, 5))
+    from MediRoundCore.train.batching import make_batch
+
+    own = [make_batch(next(own_samples), trainer.builder, model.config, 0.0, rng) for _ in range(2)]
+    one = batches_in_workers(trainer.sample_stream, stream_seed(cfg.seed, 5), 2, trainer.builder, model.config,
+                             0.0, workers=1, prefetch=2)
+    for mine, theirs in zip(own, [next(one) for _ in range(2)]):
+        assert torch.equal(mine.input_ids, theirs.input_ids) and torch.equal(mine.target_masks, theirs.target_masks)
+    two = batches_in_workers(trainer.sample_stream, stream_seed(cfg.seed, 5), 2, trainer.builder, model.config,
+                             0.0, workers=2, prefetch=2)
+    first, second = next(two), next(two)
+    assert torch.equal(first.input_ids, own[0].input_ids)
+    assert not (first.input_ids.shape == second.input_ids.shape and torch.equal(first.input_ids, second.input_ids))
+    # and the trainer trains from them
+    trainer.step, trainer.workers = 0, 1
+    history = trainer.train(progress=False)
+    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)

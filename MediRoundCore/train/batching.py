@@ -129,3 +129,31 @@ def make_batch(samples, builder: PromptBuilder, config, reference_noise: float =
     return Batch(input_ids, attention, label_t, torch.tensor(seg_pos, dtype=torch.long), torch.stack(seg_px),
                  torch.stack(vis_px), torch.stack(crops) if crops else None, torch.stack(boxes) if boxes else None,
                  torch.cat(targets), valid, [len(segmented_rounds(s)) for s in samples])
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """Dialogues generated and batched in a worker process, overlapping the model's compute."""
+
+    def __init__(self, stream, seed, batch_size, builder, config, reference_noise: float = 0.0):
+        self.stream, self.seed, self.batch_size, self.builder, self.config = stream, seed, batch_size, builder, config
+        self.reference_noise = reference_noise
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        seed = self.seed + 7919 * (worker.id if worker is not None else 0)  # workers after the first: other dialogues
+        it = self.stream(seed)
+        rng = np.random.default_rng(seed)
+        while True:
+            yield make_batch([next(it) for _ in range(self.batch_size)], self.builder, self.config,
+                             self.reference_noise, rng)
+
+
+def batches_in_workers(stream, seed: int, batch_size: int, builder, config, reference_noise: float = 0.0,
+                       workers: int = 1, prefetch: int = 4):
+    """An iterator of Batches that `workers` processes (one torch thread each) make from `stream(seed)`: with one
+    worker, the batches `Trainer` would make itself, in the same order; further workers draw other seeds."""
+    loader = torch.utils.data.DataLoader(StreamBatches(stream, seed, batch_size, builder, config, reference_noise),
+                                         batch_size=None, num_workers=workers, prefetch_factor=prefetch,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1))
+    return iter(loader)
+

@@ -73,13 +73,19 @@ def take_vision_tower(model, checkpoint: str | Path) -> int:
     return len(own)
 
 
-def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig, new_views: int = 0) -> Trainer:
+def make_trainer(model, tokenizer, out: Path, pool: PoolConfig, config: TrainConfig, new_views: int = 0,
+                 workers: int = 0) -> Trainer:
     """A stage-1 trainer on the pool; `new_views` bounds the views each (re)start renders and encodes afresh
-    (`lite_data.pool_stream`; the ledger of drawn entries lives in the embeddings' folder, and goes with them)."""
+    (`lite_data.pool_stream`; the ledger of drawn entries lives in the embeddings' folder, and goes with them).
+    `workers` > 0 makes the dialogues and batches in that many processes, beside the steps (the views are encoded
+    by the trainer's process, through the cache)."""
     from .lite_data import pool_stream
 
     model.embedding_cache = cache = EmbeddingCache(out / "embeddings", model)
-    return Trainer(model, tokenizer, config, pool_stream(pool, new_views, pool_ledger(cache)))
+    stream = pool_stream(pool, new_views, pool_ledger(cache))
+    trainer = Trainer(model, tokenizer, config, stream)
+    trainer.workers = workers
+    return trainer
 
 
 def pool_ledger(cache: EmbeddingCache) -> Path:
@@ -124,6 +130,8 @@ def main(argv=None) -> int:
                         help="views a (re)start may render and encode afresh, besides those already encoded here "
                              "(0: the whole pool)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes making the dialogues and batches beside the steps (0: the trainer's own)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16: bfloat16 autocast, float32 weights (auto: where the CPU or GPU multiplies "
                              "bfloat16 natively; 1.7x faster steps on an AVX512-BF16 CPU)")
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
         print(f"encoded {encode_pool(model, pool, model.embedding_cache, ledger=pool_ledger(model.embedding_cache))} "
               f"new views")
         return 0
-    trainer = make_trainer(model, tokenizer, out, pool, config, args.new_views)
+    trainer = make_trainer(model, tokenizer, out, pool, config, args.new_views, args.workers)
     if carried:
         from .snapshot import load_snapshot
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
+from .batching import batches_in_workers
 from .trainer import TrainConfig, Trainer, stream_seed
 
 
@@ -35,25 +36,6 @@ def training_stream(split: str = "train", fov_crop: float = 0.0, paraphrase: flo
             samples = (with_product_references(s, rng, product_references, scorer) for s in samples)
         return with_crops(samples, fov_crop, seed, FieldOfView(side=(fov_min_side, 1.0)))
     return stream
-
-
-class _StreamDataset(torch.utils.data.IterableDataset):
-    """Generates dialogues and builds batches in a worker process, overlapping the model's compute."""
-
-    def __init__(self, stream, seed, batch_size, builder, config, reference_noise: float = 0.0):
-        self.stream, self.seed, self.batch_size, self.builder, self.config = stream, seed, batch_size, builder, config
-        self.reference_noise = reference_noise
-
-    def __iter__(self):
-        import numpy as np
-
-        from .batching import make_batch
-
-        it = self.stream(self.seed)
-        rng = np.random.default_rng(self.seed)
-        while True:
-            yield make_batch([next(it) for _ in range(self.batch_size)], self.builder, self.config,
-                             self.reference_noise, rng)
 
 
 def tokenizer_corpus(n_dialogues: int = 3000, seed: int = 999) -> list[str]:
@@ -152,10 +134,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
         check_features_match(cached, model)
         trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
     elif workers > 0:
-        dataset = _StreamDataset(stream, stream_seed(cfg.seed, trainer.step), batch_size,
-                                 trainer.builder, model.config, reference_noise)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                             worker_init_fn=lambda _: torch.set_num_threads(1))
-        trainer.batch_source = iter(loader)
+        trainer.batch_source = batches_in_workers(stream, stream_seed(cfg.seed, trainer.step), batch_size,
+                                                  trainer.builder, model.config, reference_noise, workers)
     trainer.train(progress=progress)
     return trainer.save()

@@ -27,7 +27,7 @@ from ..model.jcm import refiner_image
 from ..model.modeling import (masked_bce, masked_dice, seg_hidden_states, stage1_losses,
                               upsample_logits, valid_region_mask)
 from ..model.processing import PromptBuilder
-from .batching import make_batch
+from .batching import batches_in_workers, make_batch
 from .jcm_features import FeatureBatch
 
 STATE_FILE = "trainer_state.pt"
@@ -204,6 +204,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model.train(), optimizer, scheduler)
         self.step = 0
         self.batch_source = None  # an iterator of ready Batches (e.g. a DataLoader); else built here
+        self.workers = 0  # > 0: the batches are made in that many worker processes (`batching.batches_in_workers`)
         self._resume()
 
     def autocast(self):
@@ -274,7 +275,10 @@ class Trainer:
         history: list[dict] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
         batches = self.batch_source
-        if batches is None:
+        if batches is None and self.workers > 0:  # made at the step training starts from, as below
+            batches = batches_in_workers(self.sample_stream, stream_seed(cfg.seed, self.step), cfg.batch_size,
+                                         self.builder, self.raw_model.config, cfg.reference_noise, self.workers)
+        elif batches is None:
             built = self._batches()
             rng = np.random.default_rng(stream_seed(cfg.seed, self.step))
             batches = (make_batch(samples, self.builder, self.raw_model.config, cfg.reference_noise, rng)
