@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cached stage 2 (JCM) on the shipped stage-1 weights: collect the frozen model's rounds once, train the JCM
 # for many steps on them, rank the variants offline on val rounds, then sweep β on val with the multi-round protocol.
-#   bash runs/jcm_cached.sh collect   # on-policy rounds of 2000 train-long dialogues (two shards) + 200 val ones
+#   bash runs/jcm_cached.sh collect   # on-policy rounds of 2000 train-long dialogues (two shards; N per shard) + 200
+#                                     # val ones (N_VAL per shard); INIT: the frozen stage-1 model, OUT: the folder
 #   bash runs/jcm_cached.sh images    # add the segmenter images to feature files collected without them
 #   bash runs/jcm_cached.sh train     # the variants (resumable), each with its offline table on the val rounds
 #                                     # (VARIANTS, STEPS, LR, BATCH, DICE: the correction's Dice weight; TAG: folder suffix;
@@ -20,14 +21,15 @@ declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--cor
                  [refiner]="--correction-refiner")
 case "${1:-}" in
   collect)
+    N=${N:-1000}  # train-long dialogues per shard (two shards, one per core)
     for i in 0 1; do
-      $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split train-long --start $((i * 1000)) \
-        --dialogues 1000 --out "$OUT/pred_$i.safetensors" > "$OUT/collect_$i.log" 2>&1 &
+      $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split train-long --start $((i * N)) \
+        --dialogues "$N" --out "$OUT/pred_$i.safetensors" > "$OUT/collect_$i.log" 2>&1 &
     done
     wait
     for i in 0 1; do  # val dialogues 100-299: the β sweep uses 0-79
       $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split val --start $((100 + i * 100)) \
-        --dialogues 100 --out "$OUT/val_$i.safetensors" > "$OUT/collect_val_$i.log" 2>&1 &
+        --dialogues "${N_VAL:-100}" --out "$OUT/val_$i.safetensors" > "$OUT/collect_val_$i.log" 2>&1 &
     done
     wait ;;
   images)  # two at a time (dialogue generation is CPU work)
@@ -46,6 +48,6 @@ case "${1:-}" in
     done ;;
   sweep)
     $PY -m MediRoundCore.evaluate.select_beta --checkpoint "$OUT/$2/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" \
-      --out "benchmarks/jcm_beta_val_cached_$2.md" | tee "$OUT/beta_$2.log" ;;
+      --out "${SWEEP_OUT:-benchmarks/jcm_beta_val_cached_$2.md}" | tee "$OUT/beta_$2.log" ;;
   *) echo "usage: $0 collect | train | sweep VARIANT" >&2; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$DIR"/
   && cp "$DIR/answer_drafts.json" runs/lite/; }
 cp runs/lite/answer_drafts.json "$DIR"/
 .venv/bin/mediround eval --checkpoint "$DIR" --split hard --limit "${HARD:-20}" --configs ind-nojcm,resolver-nojcm,noref-nojcm \
-  --threads 2 --out "$DIR/hard" --quiet
+  --threads 2 --out "$DIR/hard" --quiet --records
 # the sets run the ind+jcm protocol; β 0 leaves every mask uncorrected (the untrained JCM scores above 0)
 .venv/bin/mediround eval --checkpoint "$DIR" --sets paraphrase,absent,real --set-limit "${SETS:-10}" --split hard \
   --threads 2 --out "$DIR/sets" --quiet --beta 0
