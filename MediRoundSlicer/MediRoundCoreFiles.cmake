@@ -21,6 +21,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/absent.py
   MediRoundCore/data/anatomy.py
   MediRoundCore/data/augment.py
+  MediRoundCore/data/bare_requests.py
   MediRoundCore/data/contact_sheet.py
   MediRoundCore/data/dataset.py
   MediRoundCore/data/demo.py

@@ -208,7 +208,7 @@ def test_pool_draws_long_dialogues_with_the_hard_splits_settings():
 
     def drawn(share, n=40):
         cfg = PoolConfig(slices=4, views=1, long_share=share, absent=0.0, paraphrase=0.0, repeat=0.0,
-                         product_references=0.0)
+                         product_references=0.0, bare=0.0)
         return [s for s in (pool_sample(cfg, e % 4, d) for e, d in zip(range(n), range(100, 100 + n)))
                 if s is not None]
 
@@ -241,8 +241,8 @@ def test_pool_dialogues_carry_what_tinys_last_phases_needed():
     assert all(not s.masks[k].any() and "not on this slice" in s.answers[k] for s, k in absent)
     assert 0.25 < np.mean([m.get("product_references", False) for m in meta]) < 0.75
     # direct requests for present structures: segmented rounds beyond the dialogue's own (same entry and draw)
-    inserted = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.3, repeat=0.0, product_references=0.0)
-    base = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.0, repeat=0.0, product_references=0.0)
+    inserted = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.3, repeat=0.0, product_references=0.0, bare=0.0)
+    base = PoolConfig(slices=6, views=1, paraphrase=0.0, absent=0.0, repeat=0.0, product_references=0.0, bare=0.0)
     present = 0
     for e, d in zip(range(60), range(200, 260)):
         a, b = pool_sample(inserted, e % 6, d), pool_sample(base, e % 6, d)

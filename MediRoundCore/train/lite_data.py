@@ -26,6 +26,7 @@ import numpy as np
 
 from ..data.absent import with_absent_rounds
 from ..data.augment import Randomization, randomized_view
+from ..data.bare_requests import with_bare_requests
 from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
 from ..data.field_of_view import crop_extent, crop_shift
@@ -43,6 +44,8 @@ class PoolConfig:
     absent: float = 0.12  # chance of an absent-target round after each round and before the first, and of a
     # direct request for a structure on the slice to contrast them (data/absent.py)
     repeat: float = 0.2  # chance of a round asking again for an earlier structure after each round (data/repeats.py)
+    bare: float = 0.15  # chance of a request naming no structure ("Segment the lesion.") before the first round,
+    # half that after each round, one at most (data/bare_requests.py)
     product_references: float = 0.3  # share of dialogues referring where the product's resolver reads them
     # (data/product_references.py; targets unchanged)
     long_share: float = 0.5  # share of dialogues drawn with `long_split`'s settings (rounds, reach-backs,
@@ -111,6 +114,8 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
     if cfg.absent > 0:
         sample = with_absent_rounds(sample, sl, rng, cfg.absent, present=cfg.absent, refer_previous=True,
                                     first=cfg.absent)
+    if cfg.bare > 0:
+        sample = with_bare_requests(sample, sl, rng, cfg.bare)
     if cfg.product_references > 0:
         sample = with_product_references(sample, rng, cfg.product_references, _scorer())
     return sample
