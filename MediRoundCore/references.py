@@ -23,9 +23,10 @@ _GENERIC_NOUNS = (r"one|structure|structures|organ|thing|object|item|segmentatio
 _GENERIC_ORDINAL = re.compile(r"\bthe\s+(" + "|".join(_ORDINALS) + r"|very\s+first|original|initial|last|previous|"
                               r"latest|penultimate|second[\s-]+to[\s-]+last)\s+(?:" + _GENERIC_NOUNS + r")\b",
                               re.IGNORECASE)
-# "the one you just segmented", "what we just did", "the one before": the latest round
+# "the one you just segmented", "what we just did", "the one before": the latest round (not "the one before
+# last", "the one before that", "the one before the sacrum")
 _JUST_DONE = re.compile(r"\b(?:you|we|i)\s+just\s+(?:did|done|segmented|made|drew|outlined|marked|found|got)\b|"
-                        r"\bthe\s+one\s+before\b", re.IGNORECASE)
+                        r"\bthe\s+one\s+before\b(?!\s+(?:last|that|this|it|the|a|an)\b)", re.IGNORECASE)
 _HEAD_STOP = re.compile(r"\b(?:in|inside|within|of|on|at|near|next|beside|around|along|behind|from|to|with|"
                         r"adjacent|between|under|over|above|below)\b")
 
@@ -92,8 +93,6 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
         if match:
             number = value(match)
             return number if 1 <= number <= n else None
-    if _JUST_DONE.search(text):
-        return n or None
     lowered = " " + re.sub(r"[^a-z0-9]+", " ", text.lower()) + " "
     best: tuple[int, int] | None = None  # (name length, round)
     for number, entity in enumerate(entities, start=1):
@@ -108,7 +107,7 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
 def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None,
                       scorer=None, referable: Sequence[bool] | None = None) -> int | None:
     """Reference of a new round given the entities of the rounds so far (None for a first round): the one given;
-    else the round the query names; else the one `scorer` (a `reference_scorer.ReferenceScorer`) picks; else the
+    else the round the query names; else the latest for "the one you just segmented"; else the one `scorer` (a `reference_scorer.ReferenceScorer`) picks; else the
     previous round. `referable` (one flag per round, default all) leaves out rounds with nothing to refer to (a
     target answered as not on the slice has no mask): only a query that names such a round by number or ordinal
     gets it, and with no referable round a query refers to none."""
@@ -124,8 +123,10 @@ def resolve_reference(query: str, entities: Sequence[str | None], explicit: int 
         return named
     if not any(ok):
         return None
-    return ((scorer.choose(query, entities, ok) if scorer is not None else None)
-            or max(number for number, usable in enumerate(ok, start=1) if usable))
+    latest = max(number for number, usable in enumerate(ok, start=1) if usable)
+    if _JUST_DONE.search(query or ""):  # after names: "the lesion in the kidney, not the one you just did"
+        return latest
+    return (scorer.choose(query, entities, ok) if scorer is not None else None) or latest
 
 
 def refer_as_it(query: str, entity: str | None) -> str:

@@ -42,6 +42,7 @@ def test_lite_round_trip_against_minilm(trained_lite, tmp_path):
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()[AGAINST_BASES]) == {KEY: "lite_word_embeddings"}
         assert f.get_tensor(KEY + base_delta.DELTA).dtype == torch.int8 and KEY not in f.keys()
+        assert f.get_tensor(KEY + base_delta.SCALE).dtype == torch.float32  # not cast with the rest
     plain_size, delta_size = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("plain", "delta"))
     assert delta_size < 0.8 * plain_size  # measured 0.74 on lite (the table is half of its weights)
     loaded, _ = MediRound.from_pretrained(tmp_path / "delta")
@@ -71,4 +72,11 @@ def test_missing_unknown_or_malformed_base_is_a_clear_error(trained_lite, tmp_pa
                               ({}, KEY)):  # no metadata: the rows alone do not make the table
         save_file(tensors, str(path), metadata={"format": "pt", **metadata})
         with pytest.raises(CheckpointError, match=message):
+            MediRound.from_pretrained(tmp_path)
+    against = {AGAINST_BASES: json.dumps({KEY: "lite_word_embeddings"})}
+    scale = tensors[KEY + base_delta.SCALE]
+    for broken in ({KEY + base_delta.SCALE: scale[:5]}, {KEY + base_delta.SCALE: scale[:, 0].contiguous()},
+                   {KEY + base_delta.DELTA: tensors[KEY + base_delta.DELTA].float()}):
+        save_file({**tensors, **broken}, str(path), metadata={"format": "pt", **against})
+        with pytest.raises(CheckpointError, match="one floating scale per row"):
             MediRound.from_pretrained(tmp_path)

@@ -400,7 +400,7 @@ def test_embeddings_are_encoded_in_float32_under_autocast(tmp_path):
     assert not torch.allclose(plain_bf16.float(), direct, atol=1e-5)  # what the guard keeps out
 
 
-def test_precision_choice():
+def test_precision_choice(tmp_path):
     from MediRoundCore.train.trainer import TrainConfig, Trainer, choose_precision, native_bf16
 
     assert choose_precision("fp32") == "fp32" and choose_precision("bf16") == "bf16"
@@ -409,7 +409,9 @@ def test_precision_choice():
         choose_precision("fp16")
     model, tokenizer = small_lite()
     with pytest.raises(ValueError, match="precision"):
-        Trainer(model, tokenizer, TrainConfig(output_dir="unused", precision="auto"), lambda seed: iter(()))
+        Trainer(model, tokenizer, TrainConfig(output_dir=str(tmp_path / "run"), precision="auto"),
+                lambda seed: iter(()))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_batches_made_in_a_worker_are_the_trainers_own(tmp_path):

@@ -24,6 +24,9 @@ def test_every_round_rewords_and_keeps_sides_and_target(split):
         heldout = paraphrase_test.heldout_queries(dlg, rng, misspell=0.0)
         for r, q, h in zip(dlg.rounds, grammar, heldout):
             slots = paraphrase.slots_of(r.relation, r.template, r.query)
+            # said with "it" as the generator says it, the request has exactly the generator's patient sides
+            plain = paraphrase.rephrase(rng, r.relation, slots, "it", typos=False)
+            assert _sides(plain) == _sides(r.query), (r.query, plain)
             for text in (q, h):
                 # the patient sides of the request survive (a named reference may add its own side)
                 assert _sides(r.query) <= _sides(text), (r.query, text)
@@ -103,3 +106,35 @@ def test_relation_phrases_are_reworded_and_keep_their_meaning(relation):
             assert len(texts) >= 3, texts
             seen += 1
     assert seen >= 5
+
+
+def test_the_grammar_never_writes_a_reserved_template():
+    """Reserved templates (every fifth) are the validation and test splits' own wording: the grammar must not
+    reproduce one (a frame and a verb once rebuilt 'Delineate the {name} on this slice.')."""
+    from MediRoundCore.data.templates import is_reserved, template_regex
+
+    reserved = [template_regex(rel, i) for rel in TEMPLATES for i in range(len(TEMPLATES[rel])) if is_reserved(i)]
+    rng = np.random.default_rng(7)
+    checked = 0
+    for i in range(80):
+        for r in make_dialogue("train-long", 0, i).rounds:
+            slots = paraphrase.slots_of(r.relation, r.template, r.query)
+            for _ in range(20):
+                text = paraphrase.rephrase(rng, r.relation, slots, "it", typos=False)
+                assert not any(p.match(text) for p in reserved), text
+                checked += 1
+    assert checked > 5000
+
+
+def test_possessives_only_after_noun_phrases():
+    for ref in ("it", "that", "the one we segmented", "what round 2 found", "the structure from before",
+                "the one from round 3"):
+        assert not paraphrase._possessive_ok(ref)
+    for ref in ("the left kidney", "that structure", "the first structure"):
+        assert paraphrase._possessive_ok(ref)
+    rng = np.random.default_rng(2)
+    dlg = make_dialogue("train-long", 0, 5)
+    texts = [paraphrase.rephrase(rng, r.relation, paraphrase.slots_of(r.relation, r.template, r.query), "it",
+                                 typos=False) for _ in range(100) for r in dlg.rounds]
+    assert not any("it's" in t for t in texts)
+

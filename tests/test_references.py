@@ -27,12 +27,6 @@ ENTITIES = ["liver", "left kidney", "lesion inside the left kidney", "spleen", "
     ("Segment the pancreas.", 5),
     ("The cyst inside the original structure.", 1),
     ("Now the part of the initial one.", 1),
-    ("The vessel next to the one you just segmented.", 5),
-    ("Something beside what we just did.", 5),
-    ("The lesion in the one before.", 5),
-    ("The mask from round 3, and the spot inside it.", 3),
-    ("The spot in what round 2 found.", 2),
-    ("The very first mask again.", 1),
 ])
 def test_ordinal_and_named_references(query, expected):
     assert resolve_reference(query, ENTITIES) == expected
@@ -51,3 +45,32 @@ def test_head_noun():
     assert head_noun("lesion inside the left kidney") == "lesion"
     assert head_noun("right lobe of the liver") == "lobe"
     assert head_noun(None) is None and head_noun("in") is None
+
+
+class FirstRoundScorer:
+    """Stands in for the learned reference scorer (reference_scorer.ReferenceScorer.choose) with one that always
+    picks round 1, so that a rule that takes precedence over the scorer shows."""
+
+    def choose(self, query, entities, referable):
+        return 1
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("The vessel next to the one you just segmented.", 5),  # the latest, whatever the scorer says
+    ("Something beside what we just did.", 5),
+    ("The lesion in the one before.", 5),
+    ("The lesion in the left kidney, not the one you just segmented.", 2),  # a name comes first
+    ("Segment the vertebra, the one before the sacrum.", 1),  # anatomy, not a round: the scorer's
+    ("Go back to the one before that.", 1),
+    ("The bright spot.", 1),
+])
+def test_just_done_takes_the_latest_round_before_the_scorer(query, expected):
+    assert resolve_reference(query, ENTITIES, scorer=FirstRoundScorer()) == expected
+
+
+def test_just_done_skips_rounds_without_a_mask():
+    assert resolve_reference("The one you just segmented.", ["liver", "kidney"], referable=[True, False],
+                             scorer=FirstRoundScorer()) == 1
+    assert resolve_reference("Now the part of what we just did.", ["liver", "kidney", "spleen"],
+                             referable=[True, True, False], scorer=FirstRoundScorer()) == 2
+

@@ -71,6 +71,11 @@ def decode_against_bases(tensors: dict[str, torch.Tensor], against: dict[str, st
             raise CheckpointError(f"{source}: {key} is stored against base {name!r}, which is "
                                   f"{'unknown' if name not in bases else 'missing from the file'}")
         rows, scale = tensors.pop(key + DELTA), tensors.pop(key + SCALE)
+        if (rows.dtype != torch.int8 or rows.dim() != 2 or not scale.is_floating_point()
+                or tuple(scale.shape) != (rows.shape[0], 1)):
+            raise CheckpointError(f"{source}: {key} is stored against {name} as int8 rows {tuple(rows.shape)} "
+                                  f"({rows.dtype}) with scales {tuple(scale.shape)} ({scale.dtype}): expected int8 "
+                                  f"(rows, width) and one floating scale per row")
         base = bases[name][1](tuple(rows.shape))
         if base is None:
             raise CheckpointError(f"{source}: {key} is stored against {name}, which is not available here "

@@ -41,13 +41,13 @@ FRAMES = (
     "Need the {target} too.", "Then the {target}.", "Show me the {target}.", "Where's the {target}? {Verb} it.",
     "Help me find the {target}.", "{Verb} only the {target}.", "Can I get the {target}?",
     "Please give me a mask of the {target}.", "Segmentation of the {target}, please.",
-    "{Verb} the {target} on this slice.", "Can you {verb} the {target} here?", "Need a contour of the {target}.",
+    "Can you {verb} the {target} here?", "Need a contour of the {target}.",
     "How about the {target}?", "{target}?", "{target}, please.", "Do the {target} next.", "Give me the {target}.",
     "I need to see the {target}.", "Is the {target} there? {Verb} it.", "Identify the {target}.",
     "Can you find the {target}?", "Locate the {target} and {verb} it.", "OK, {verb} the {target}.",
     "Next one: the {target}.", "{Verb} the {target} for me, thanks.", "Okay now the {target}.",
     "Could I get a mask for the {target}?", "Can we do the {target}?", "I'd also like the {target}.",
-    "Want the {target} now.", "Please {verb} the {target} too.", "Right, now the {target}.",
+    "Want the {target} now.", "Please {verb} the {target} too.", "OK then, the {target}.",
     "Please {verb} the {target} in this scan.", "Mask for the {target}.", "Outline required: the {target}.",
 )
 # Anatomical noun variants (spelling, lay and clinical words) the grammar may swap in; keys as the generator writes.
@@ -75,26 +75,26 @@ PART_OF = ("{part} of {ref}", "{part} belonging to {ref}", "{part} that is part 
 SPATIAL = {
     "to the patient's left of it": ("to the patient's left of {ref}", "on the patient's left of {ref}",
                                     "left of {ref} (patient's left)", "on {ref}'s left, patient side",
-                                    "lateral to {ref} on the patient's left", "just left of {ref} (patient left)"),
+                                    "just left of {ref} (patient left)"),
     "on the patient's left side of it": ("on the patient's left side of {ref}", "patient-left of {ref}",
                                          "on the left of {ref} as the patient sees it", "left-sided to {ref}"),
     "to the patient's right of it": ("to the patient's right of {ref}", "on the patient's right of {ref}",
                                      "right of {ref} (patient's right)", "on {ref}'s right, patient side",
-                                     "lateral to {ref} on the patient's right", "just right of {ref} (patient right)"),
+                                     "just right of {ref} (patient right)"),
     "on the patient's right side of it": ("on the patient's right side of {ref}", "patient-right of {ref}",
                                           "on the right of {ref} as the patient sees it", "right-sided to {ref}"),
     "in front of it": ("in front of {ref}", "anterior to {ref}", "ventral to {ref}", "forward of {ref}",
                        "anteriorly from {ref}", "toward the front from {ref}"),
     "anterior to it": ("anterior to {ref}", "in front of {ref}", "ventral to {ref}", "just anterior of {ref}"),
     "above it on the image": ("above {ref} on the image", "above {ref} on screen", "over {ref} in this view",
-                              "on top of {ref} on the image", "superior to {ref} on screen",
-                              "nearer the top of the image than {ref}", "up from {ref} on the image"),
+                              "on top of {ref} on the image", "nearer the top of the image than {ref}",
+                              "up from {ref} on the image"),
     "behind it": ("behind {ref}", "posterior to {ref}", "dorsal to {ref}", "in back of {ref}",
                   "posteriorly from {ref}", "toward the back from {ref}"),
     "posterior to it": ("posterior to {ref}", "behind {ref}", "dorsal to {ref}", "just posterior of {ref}"),
     "below it on the image": ("below {ref} on the image", "under {ref} on screen", "beneath {ref} in this view",
-                              "underneath {ref} on the image", "inferior to {ref} on screen",
-                              "nearer the bottom of the image than {ref}", "down from {ref} on the image"),
+                              "underneath {ref} on the image", "nearer the bottom of the image than {ref}",
+                              "down from {ref} on the image"),
     "next to it": ("next to {ref}", "beside {ref}", "bordering {ref}", "alongside {ref}", "near {ref}",
                    "neighbouring {ref}", "close to {ref}", "by {ref}"),
     "adjacent to it": ("adjacent to {ref}", "abutting {ref}", "neighbouring {ref}", "directly beside {ref}",
@@ -133,13 +133,11 @@ ATTRIBUTE = {
 }
 # Wordings of the side clause that ends an inferential description ("... on the same side as it").
 INFERENTIAL_SIDE = {
-    " on the same side as it": (" on the same side as {ref}", " ipsilateral to {ref}", " on {ref}'s side",
-                                " on the side of {ref}", " on the same side of the body as {ref}",
-                                " on the side where {ref} is"),
+    " on the same side as it": (" on the same side as {ref}", " ipsilateral to {ref}",
+                                " on the same side of the body as {ref}", " on the side where {ref} is"),
     " on the opposite side from it": (" on the opposite side from {ref}", " contralateral to {ref}",
                                       " on the other side from {ref}", " opposite {ref}",
-                                      " on the far side from {ref}", " on the side away from {ref}",
-                                      " mirroring {ref} on the other side"),
+                                      " on the far side from {ref}", " on the side away from {ref}"),
 }
 # Phrases inside the generator's slot values that mention the referenced round as "it".
 IT_PHRASES = (" as it", " than it", " from it", " of it", " to it", " it")
@@ -153,7 +151,7 @@ def _cap(text: str) -> str:
 def reference_expression(rng: np.random.Generator, ref_round: int, current: int, entity: str | None) -> str:
     """How the query names the earlier round `ref_round` (0-based) from round `current` (0-based)."""
     options = ["it", "it", "that", "that structure", "this structure", "the structure from before",
-               "the earlier structure", "the one before", "the one we segmented", "that mask", "the same structure"]
+               "the earlier structure", "the one we segmented", "that mask", "the same structure"]
     if entity:
         options += [f"the {entity}", f"the {entity}", f"that {entity}", f"the {entity} from before"]
     options += [f"the one from round {ref_round + 1}", f"round {ref_round + 1}'s structure",
@@ -161,7 +159,8 @@ def reference_expression(rng: np.random.Generator, ref_round: int, current: int,
     if ref_round == 0:
         options += ["the first one", "the first structure", "the very first mask", "the original structure"]
     if ref_round == current - 1:
-        options += ["the previous structure", "the last one", "the one you just segmented", "the latest mask"]
+        options += ["the previous structure", "the last one", "the one you just segmented", "the latest mask",
+                    "the one before"]
     return str(options[int(rng.integers(len(options)))])
 
 
@@ -201,9 +200,21 @@ def _with_ref(phrase: str, ref: str) -> str:
     return phrase
 
 
+def _possessive_ok(ref: str) -> bool:
+    """Whether "{ref}'s" reads as English: a short noun phrase ("the left kidney's"), not a pronoun ("it's") or a
+    clause ("the one we segmented's", "what round 2 found's")."""
+    words = ref.split()
+    return (ref.startswith(("the ", "that ")) and len(words) <= 4
+            and not {"one", "we", "you", "from", "before", "round", "found"} & set(words))
+
+
 def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str], ref: str) -> str:
     """The thing asked for, with its relation to the reference worded by the grammar."""
-    pick = lambda options: str(options[int(rng.integers(len(options)))])  # noqa: E731
+    possessive = _possessive_ok(ref)
+
+    def pick(options):
+        options = [o for o in options if possessive or "{ref}'s" not in o] or list(options)
+        return str(options[int(rng.integers(len(options)))])
     if relation == "direct":
         return vary_noun(rng, slots["name"])
     if relation == "lesion":
@@ -213,7 +224,7 @@ def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str]
         return frame.format(part=vary_noun(rng, slots["part"]), ref=ref)
     if relation == "spatial":
         options = SPATIAL.get(slots["rel"], (slots["rel"].replace("it", "{ref}"),))
-        return f"{vary_noun(rng, slots['noun'])} " + str(options[int(rng.integers(len(options)))]).format(ref=ref)
+        return f"{vary_noun(rng, slots['noun'])} " + pick(options).format(ref=ref)
     if relation == "attribute":
         options = ATTRIBUTE.get(slots["which"].lower())
         which = _with_ref(slots["which"], ref) if options is None else pick(options).format(ref=ref)

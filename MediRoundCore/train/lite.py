@@ -131,7 +131,9 @@ def main(argv=None) -> int:
                              "(0: the whole pool)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0,
-                        help="processes making the dialogues and batches beside the steps (0: the trainer's own)")
+                        help="processes making the dialogues and batches beside the steps (0: the trainer's own; "
+                             "each worker draws its own --new-views, and more than one may append the same entry "
+                             "to the pool ledger twice)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16: bfloat16 autocast, float32 weights (auto: where the CPU or GPU multiplies "
                              "bfloat16 natively; 1.7x faster steps on an AVX512-BF16 CPU)")

@@ -184,12 +184,12 @@ class Trainer:
     def __init__(self, model, tokenizer, config: TrainConfig, sample_stream: Callable[[int], Iterator]):
         from accelerate import Accelerator
 
-        self.cfg = config
-        self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         if config.precision not in ("bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision is 'bf16' or 'fp32' (choose_precision resolves 'auto'), "
                              f"got {config.precision!r}")
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.tokenizer = tokenizer
         self.sample_stream = sample_stream
