@@ -146,16 +146,15 @@ def dialogue_and_volume(seed: int, n_rounds: int, size: int):
     return sample.queries[:n_rounds], refs[:n_rounds], volume, source
 
 
-def _ask(engine, timer, session, volume, query, reference, builder) -> dict:
+def _ask(engine, timer, session, volume, query, reference) -> dict:
     timer.clear()
-    first = not session.rounds
     t = time.perf_counter()
     image = extract_slice(volume, "axial", 0)
     result = engine.ask(session, query, image, reference=reference)
     wall = (time.perf_counter() - t) * 1000
-    q = " ".join(query.split())
-    query_tokens = len(builder.user(q, result.round.reference is not None, first=first, number=result.round.number,
-                                    reference=result.round.reference))
+    # the user turn as the engine feeds it (round tags name the referenced round and its structure)
+    query_tokens = len(engine._user_turn(session, " ".join(query.split()), result.round.reference,
+                                         result.round.number))
     return round_record(result, timer.calls, wall, query_tokens)
 
 
@@ -174,7 +173,7 @@ def bench_asks(engine: Engine, volume: Volume, queries, refs, runs: int, warmup:
         for k in range(1 + later):
             q = queries[k % len(queries)]
             ref = refs[k % len(refs)] if k < len(refs) else None
-            rec = _ask(engine, timer, session, volume, q, ref, engine.builder)
+            rec = _ask(engine, timer, session, volume, q, ref)
             if i >= warmup:
                 (first if k == 0 else later_rows).append(rec)
     return {"first": first, "later": later_rows}
@@ -195,7 +194,7 @@ def bench_prepared(engine: Engine, volume: Volume, query: str, runs: int, warmup
         t = time.perf_counter()
         engine.prepare(session, extract_slice(volume, "axial", 0))
         prepare_ms = (time.perf_counter() - t) * 1000
-        rec = _ask(engine, timer, session, volume, query, None, engine.builder)
+        rec = _ask(engine, timer, session, volume, query, None)
         rec["prepare_ms"] = prepare_ms
         if i >= warmup:
             rows.append(rec)
@@ -223,8 +222,7 @@ def bench_growth(engine: Engine, volume: Volume, queries, refs, repeats: int) ->
         for k in range(n):
             order = list(engines) if k % 2 == 0 else list(engines)[::-1]
             for mode in order:
-                raw[mode][k].append(_ask(engines[mode], timers[mode], sessions[mode], volume, queries[k], refs[k],
-                                         engines[mode].builder))
+                raw[mode][k].append(_ask(engines[mode], timers[mode], sessions[mode], volume, queries[k], refs[k]))
     rows = {mode: [_median_round(recs) for recs in per_round] for mode, per_round in raw.items()}
     same = [all(a["answer"] == b["answer"] for a, b in zip(raw["ours"][k], raw["naive"][k])) for k in range(n)]
     fixed = _fixed_answer_length(rows)
