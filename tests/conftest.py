@@ -36,3 +36,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def build_lite_or_skip():
+    """(model, tokenizer) of an untrained MediRound-Lite on the pinned base weights; skips where they are not
+    fetched (python -m MediRoundCore.checkpoints.base_weights fetch)."""
+    from MediRoundCore.checkpoints import base_weights
+    from MediRoundCore.errors import CheckpointError
+
+    try:
+        base_weights.locate("lite_medsam")
+        base_weights.locate("minilm")
+    except CheckpointError:
+        pytest.skip("base weights not on this machine: python -m MediRoundCore.checkpoints.base_weights fetch")
+    from MediRoundCore.model.lite import build_lite
+
+    return build_lite()

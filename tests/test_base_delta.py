@@ -9,24 +9,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from MediRoundCore.checkpoints import base_delta, base_weights
+from MediRoundCore.checkpoints import base_delta
 from MediRoundCore.checkpoints.ours import AGAINST_BASES
 from MediRoundCore.errors import CheckpointError
 from MediRoundCore.model.modeling import MediRound
+from conftest import build_lite_or_skip
 
 KEY = "language_model.model.embed_tokens.weight"
 
 
 @pytest.fixture(scope="module")
 def trained_lite():
-    try:
-        base_weights.locate("lite_medsam")
-        base_weights.locate("minilm")
-    except CheckpointError:
-        pytest.skip("base weights not on this machine: python -m MediRoundCore.checkpoints.base_weights fetch")
-    from MediRoundCore.model.lite import build_lite
-
-    model, tokenizer = build_lite()
+    model, tokenizer = build_lite_or_skip()
     torch.manual_seed(0)
     with torch.no_grad():  # as training moves them: a little, every row
         model.language_model.get_input_embeddings().weight.add_(0.01 * torch.randn_like(

@@ -8,21 +8,14 @@ import pytest
 import torch
 
 from MediRoundCore.checkpoints import base_weights
-from MediRoundCore.errors import CheckpointError
+from conftest import build_lite_or_skip
 
 DATA = Path("/work/shared/data/pyradiomics-3.1.0/data")
 
 
 @pytest.fixture(scope="module")
 def lite():
-    try:
-        base_weights.locate("lite_medsam")
-        base_weights.locate("minilm")
-    except CheckpointError:
-        pytest.skip("base weights not on this machine: python -m MediRoundCore.checkpoints.base_weights fetch")
-    from MediRoundCore.model.lite import build_lite
-
-    model, tokenizer = build_lite()
+    model, tokenizer = build_lite_or_skip()
     model.config.max_answer_tokens = 6  # untrained: keep its babble short
     return model.eval(), tokenizer
 
