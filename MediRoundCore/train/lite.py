@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                              "to the pool ledger twice)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16: bfloat16 autocast, float32 weights (auto: where the CPU or GPU multiplies "
-                             "bfloat16 natively; 1.7x faster steps on an AVX512-BF16 CPU)")
+                             "bfloat16 natively; steps 1.3x faster on an AVX512-BF16 CPU)")
     parser.add_argument("--encode-only", action="store_true")
     parser.add_argument("--vision-from", default=None,
                         help="a checkpoint whose vision tower starts this run's (ignored when resuming)")
