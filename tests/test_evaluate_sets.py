@@ -33,6 +33,9 @@ def test_oracle_passes_every_set_and_other_sections_are_kept(tmp_path):
 
         rounds = 7 + (2 if mni152_folder() is not None else 0)  # the MNI152 hemispheres where fetched
         assert "| lung1 | CT | right lung | lung | HU threshold | 100.0 |" in real and f"| all | {rounds} | 100.0 |" in real
+        # what was answered, beside each Dice (here the ground truth's answer), and how many said "absent"
+        assert "| 100.0 | right lung: the air-filled organ on that side. |" in real
+        assert f"Every target asked is on its slice: 0 of {rounds} answered as not on the slice." in real
         if rounds == 9:
             assert "| mni152 | MR | left hemisphere | hemisphere | ICBM152 grey+white matter maps, midline split | 100.0 |" \
                 in real and "| source: MR (brain template MR) | 2 | 100.0 |" in real

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import report_sections
+from ..answers import says_absent, strip_seg
 from .metrics import summarize
 from .protocol import CONFIGS, evaluate_sample
 
@@ -150,11 +151,13 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
     folder = Path(data_dir) if data_dir else default_data_dir()
     samples = real_samples(folder)
     rows = []  # (case, modality, source, entity, counts)
+    answers = []  # what the model said in each row's round
     for sample in samples:
         run = _run(predictor, sample, sample.meta["case"], beta)
         for k, record in enumerate(run.records):
             rows.append((sample.meta["case"], sample.meta["modality"], sample.meta["label_sources"][k],
                          sample.entities[k], record.counts))
+            answers.append(strip_seg(run.session.rounds[k].answer or ""))
         tick(sample.num_rounds)
     res = SetResult("real", len(rows))
     if not rows:
@@ -164,10 +167,14 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
                  "(one dialogue per case on its axial slice with the largest label: chest CT, the lung, then the "
                  "lesion in it; MR, the lesion) and, where fetched, the ICBM152 2009a T1 template from nilearn "
                  "0.14.1 (its slice with the most brain: the left, then the right hemisphere).", "",
-                 "| case | modality | target asked | structure | label source | Dice |", "|---|---|---|---|---|---|"]
-    for case, modality, source, entity, counts in rows:
+                 "| case | modality | target asked | structure | label source | Dice | answer |",
+                 "|---|---|---|---|---|---|---|"]
+    for (case, modality, source, entity, counts), answer in zip(rows, answers):
+        shown = answer if len(answer) <= 70 else answer[:69] + "…"
         res.lines.append(f"| {case} | {modality} | {entity} | {structure_of(entity)} | {source} | "
-                         f"{_f(100 * counts.dice)} |")
+                         f"{_f(100 * counts.dice)} | {shown.replace('|', '/')} |")
+    absent = sum(says_absent(a) for a in answers)
+    res.lines += ["", f"Every target asked is on its slice: {absent} of {len(answers)} answered as not on the slice."]
     res.lines += ["", "| group | rounds | Dice |", "|---|---|---|"]
     groups: dict[str, list] = {}
     for case, modality, source, entity, counts in rows:
