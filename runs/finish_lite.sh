@@ -8,6 +8,8 @@
 #   bash runs/finish_lite.sh train      # VARIANTS (default refiner), STEPS, BATCH, LR as in jcm_cached.sh
 #   bash runs/finish_lite.sh sweep      # β on val for VARIANT (default refiner)
 #   bash runs/finish_lite.sh export
+#   bash runs/finish_lite.sh all        # the five in order, each skipped when its output is there (rerun after a
+#                                       # session ends: collect restarts a shard whose file is missing, train resumes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export INIT=${STAGE1:-runs/lite-stage1} OUT=${OUT:-runs/lite-jcm}
@@ -27,5 +29,13 @@ case "${1:-}" in
     cp "$INIT"/reference_scorer.* "$INIT"/answer_drafts.json "$OUT/$VARIANT/stage2/checkpoint"/  # kept by export
     .venv/bin/python -m MediRoundCore.train.export "$OUT/$VARIANT/stage2/checkpoint" --beta "$BETA" \
       --dest MediRoundCore/weights/mediround-lite ;;
-  *) echo "usage: $0 freeze | collect | train | sweep | export" >&2; exit 2 ;;
+  all)
+    stamp() { echo "== $(date -u +%H:%M) $*"; }
+    [ -f "$INIT/model.safetensors" ] || { stamp freeze; bash "$0" freeze; }
+    [ -f "$OUT/pred_0.safetensors" ] && [ -f "$OUT/pred_1.safetensors" ] && [ -f "$OUT/val_0.safetensors" ] \
+      && [ -f "$OUT/val_1.safetensors" ] || { stamp collect; bash "$0" collect; }
+    [ -f "$OUT/$VARIANT.offline.md" ] || { stamp train; bash "$0" train; }
+    [ -f "$OUT/beta_$VARIANT.log" ] || { stamp sweep; bash "$0" sweep; }
+    stamp export; bash "$0" export; stamp done ;;
+  *) echo "usage: $0 freeze | collect | train | sweep | export | all" >&2; exit 2 ;;
 esac

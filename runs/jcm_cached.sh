@@ -22,12 +22,14 @@ declare -A FLAGS=([plain]="" [context]="--correction-context" [attention]="--cor
 case "${1:-}" in
   collect)
     N=${N:-1000}  # train-long dialogues per shard (two shards, one per core)
-    for i in 0 1; do
+    for i in 0 1; do  # a shard whose file is there is done (files are written whole, at the end)
+      [ -f "$OUT/pred_$i.safetensors" ] && continue
       $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split train-long --start $((i * N)) \
         --dialogues "$N" --out "$OUT/pred_$i.safetensors" > "$OUT/collect_$i.log" 2>&1 &
     done
     wait
     for i in 0 1; do  # val dialogues 100-299: the β sweep uses 0-79
+      [ -f "$OUT/val_$i.safetensors" ] && continue
       $PY -m MediRoundCore.train.jcm_features --checkpoint "$INIT" --split val --start $((100 + i * 100)) \
         --dialogues "${N_VAL:-100}" --out "$OUT/val_$i.safetensors" > "$OUT/collect_val_$i.log" 2>&1 &
     done
