@@ -138,3 +138,27 @@ def test_possessives_only_after_noun_phrases():
                                  typos=False) for _ in range(100) for r in dlg.rounds]
     assert not any("it's" in t for t in texts)
 
+
+
+def test_typos_are_keyboard_slips_that_keep_sides_and_word_edges():
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(400):
+        word = "oesophagus"
+        slipped = paraphrase.slip_word(rng, word)
+        assert slipped != word  # no two equal letters side by side here, so every slip shows
+        assert slipped[0] == word[0] and abs(len(slipped) - len(word)) <= 1
+        if len(slipped) == len(word):
+            diff = [i for i, (a, b) in enumerate(zip(word, slipped)) if a != b]
+            if len(diff) == 1:  # one letter replaced: by a key next to it
+                i = diff[0]
+                assert slipped[i] in paraphrase.KEY_NEIGHBOURS[word[i]]
+                seen.add("neighbour")
+            elif len(diff) == 2:
+                seen.add("swap")
+        else:
+            seen.add("longer" if len(slipped) > len(word) else "drop")
+    assert seen == {"neighbour", "swap", "longer", "drop"}
+    text = "Segment the right kidney left of the vertebra"
+    assert all(w in paraphrase.add_typos(rng, text, rate=1.0).split() for w in ("right", "left", "the"))
+    assert paraphrase.KEY_NEIGHBOURS["g"] == "rtyfhvbn" and "g" not in paraphrase.KEY_NEIGHBOURS["p"]

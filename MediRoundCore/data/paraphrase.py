@@ -238,19 +238,41 @@ def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str]
     raise ValueError(f"unknown relation {relation!r}")
 
 
+_KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+# Letters next to each letter on a QWERTY keyboard (same row, and the rows above and below at the same place).
+KEY_NEIGHBOURS = {
+    ch: "".join(rows[r2][c2] for r2 in (r - 1, r, r + 1) if 0 <= r2 < 3
+                for c2 in (c - 1, c, c + 1) if 0 <= c2 < len(rows[r2]) and (r2, c2) != (r, c))
+    for rows in (_KEYBOARD_ROWS,) for r, row in enumerate(rows) for c, ch in enumerate(row)}
+TYPO_KINDS = ("swap", "drop", "double", "neighbour", "insert")
+
+
+def slip_word(rng: np.random.Generator, word: str) -> str:
+    """One keyboard slip in `word` after its first letter: two letters swapped, one dropped or
+    doubled, one replaced by a neighbouring key, or a neighbouring key's letter slipped in beside it."""
+    i = int(rng.integers(1, len(word) - 1))
+    kind = TYPO_KINDS[int(rng.integers(len(TYPO_KINDS)))]
+    if kind == "swap":
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if kind == "drop":
+        return word[:i] + word[i + 1:]
+    if kind == "double":
+        return word[:i] + word[i] + word[i:]
+    near = KEY_NEIGHBOURS.get(word[i].lower())
+    if not near:  # not a letter of the keyboard's rows: double it instead
+        return word[:i] + word[i] + word[i:]
+    key = near[int(rng.integers(len(near)))]
+    key = key.upper() if word[i].isupper() else key
+    return word[:i] + key + word[i + 1:] if kind == "neighbour" else word[:i + 1] + key + word[i + 1:]
+
+
 def add_typos(rng: np.random.Generator, text: str, rate: float = TYPO_RATE) -> str:
-    """Keyboard slips in some longer words (swap, drop or double a letter); side words are left intact."""
+    """Keyboard slips (`slip_word`) in some words of five letters or more; side words are left intact."""
     def slip(match: re.Match) -> str:
         word = match.group(0)
         if word.lower() in ("left", "right") or rng.uniform() >= rate:
             return word
-        i = int(rng.integers(1, len(word) - 1))
-        kind = int(rng.integers(3))
-        if kind == 0:
-            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
-        if kind == 1:
-            return word[:i] + word[i + 1:]
-        return word[:i] + word[i] + word[i:]
+        return slip_word(rng, word)
     return re.sub(r"[A-Za-z]{5,}", slip, text)
 
 
