@@ -18,3 +18,14 @@ def checkpoint_beta(checkpoint: str | Path | None = None) -> float:
         return float(json.loads((folder / "config.json").read_text())["jcm"]["beta"])
     except (OSError, ValueError, KeyError, TypeError):
         return PAPER_BETA
+
+
+def checkpoint_base_weights(checkpoint: str | Path | None = None) -> list[str]:
+    """The pinned base weights (checkpoints/base_weights.py names) a checkpoint folder loads besides its own
+    files, from its config.json; [] for a model that needs none (or an unreadable folder: loading it says why)."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        names = json.loads((folder / "config.json").read_text()).get("base_weights") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted({str(n) for n in names.values()}) if isinstance(names, dict) else []

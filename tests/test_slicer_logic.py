@@ -366,6 +366,45 @@ def test_dependency_plan():
         dependencies.install(only_tf, None, failing)
 
 
+def test_dependency_plan_fetches_the_models_pinned_weights(tmp_path, monkeypatch):
+    """A model built on pinned base weights (the lite config names them) plans their download when this machine
+    lacks them, says so with sizes, fetches them after the packages, and a failure says what to do."""
+    import json
+    import types
+
+    lite = tmp_path / "lite"
+    lite.mkdir()
+    (lite / "config.json").write_text(json.dumps({"base_weights": {"segmenter.image_encoder.": "lite_medsam",
+                                                                   "query_encoder.": "minilm"}}))
+    monkeypatch.setenv("MEDIROUND_BASE_WEIGHTS", str(tmp_path / "empty-cache"))
+    plan = dependencies.install_plan(lambda name: True, checkpoint=lite)
+    assert plan.base_weights == ["lite_medsam", "minilm"] and plan.needed and not plan.pip
+    assert "pretrained weights (LiteMedSAM, a 37 MB download, all-MiniLM-L6-v2, an 83 MB download)" in plan.describe()
+    assert dependencies.install_plan(lambda name: True).base_weights == []  # the bundled default needs none of them
+    fetched = []
+    dependencies.install(plan, None, None, fetch_weights=fetched.append)
+    assert fetched == ["lite_medsam", "minilm"]
+
+    def offline(name):
+        raise OSError("no route to host")
+
+    with pytest.raises(RuntimeError, match=r"pretrained weights \(LiteMedSAM, a 37 MB download\) failed: no route to "
+                                           r"host\. Check the network connection and press Ask to retry"):
+        dependencies.install(plan, None, None, fetch_weights=offline)
+    # Slicer's own Python downloads them: its PythonSlicer launcher on PATH, not sys.executable (the application)
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=object()))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(RuntimeError, match="PythonSlicer"):
+        dependencies.slicer_python()
+    (tmp_path / "bin").mkdir()
+    launcher = tmp_path / "bin" / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    assert dependencies.slicer_python() == str(launcher)
+    monkeypatch.delitem(sys.modules, "slicer")
+    assert dependencies.slicer_python() == sys.executable
+
+
 def test_real_tiny_engine_three_rounds(tmp_path):
     engine_mod = pytest.importorskip("MediRoundCore.engine")
     engine = engine_mod.Engine.random_tiny(seed=0)

