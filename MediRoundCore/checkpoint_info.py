@@ -29,3 +29,13 @@ def checkpoint_base_weights(checkpoint: str | Path | None = None) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return sorted({str(n) for n in names.values()}) if isinstance(names, dict) else []
+
+
+def checkpoint_size(checkpoint: str | Path | None = None) -> str:
+    """The size preset a checkpoint folder was built with ("tiny", "lite", "full"), from its config.json; "?" when
+    the folder or field is missing."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        return str(json.loads((folder / "config.json").read_text())["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "MediRoundCoreFiles.cmake"
 # Package data shipped as resources, by pattern (expanded by CMake at configure time and by the test).
 RESOURCE_PATTERNS = [
-    "MediRoundCore/weights/mediround-tiny/*",
+    "MediRoundCore/weights/*/*",  # every shipped model folder (the default one among them)
     "MediRoundCore/checkpoints/manifests/*.json",
     "MediRoundCore/data/bundled/*",
     "MediRoundCore/train/*.json",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MediRoundSlicer"
+sys.path.insert(0, str(ROOT))
+from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT  # noqa: E402  (no torch import)
 sys.path.insert(0, str(MODULE))
 
 
@@ -95,7 +97,7 @@ def test_core_package_ships_completely():
         assert (ROOT / path).is_file(), path
     assert "MediRoundCore/engine.py" in scripts and "MediRoundCore/__init__.py" in scripts
     patterns = variables["MEDIROUND_CORE_RESOURCE_PATTERNS"].split()
-    assert "MediRoundCore/weights/mediround-tiny/*" in patterns
+    assert "MediRoundCore/weights/*/*" in patterns  # the default model's folder among them
     data_files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "MediRoundCore").rglob("*")
                   if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
                   and not p.name.startswith(".")]
@@ -174,5 +176,6 @@ def test_cmake_install_ships_every_file_once(tmp_path):
     assert duplicates == [], f"{len(duplicates)} files installed twice, e.g. {duplicates[:3]}"
     root = prefix / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     for path in ("MediRound.py", "MediRoundLib/panel.py", "Resources/UI/MediRound.ui", "MediRoundCore/engine.py",
-                 "MediRoundCore/checkpoint_info.py", "MediRoundCore/weights/mediround-tiny/model.safetensors"):
+                 "MediRoundCore/checkpoint_info.py",
+                 DEFAULT_CHECKPOINT.relative_to(ROOT).as_posix() + "/model.safetensors"):
         assert (root / path).is_file(), path

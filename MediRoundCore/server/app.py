@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..engine import MAX_QUERY_CHARS, checkpoint_beta
+from ..engine import DEFAULT_CHECKPOINT, MAX_QUERY_CHARS, checkpoint_beta
 from ..errors import MediRoundError
 from ..imaging import MAX_SLICE_PIXELS, SliceImage, as_slice_pixels
 from ..remote.protocol import (DEFAULT_MAX_REQUEST_BYTES, FINGERPRINT_RE, MAX_WAIT_S, NPY_TYPE, PROTOCOL_HEADER,
@@ -65,7 +65,7 @@ def current_user(request: Request) -> str:
 
 def model_info(engine, checkpoint: str | None, random_model: bool) -> dict:
     model = engine.model
-    return {"model": "random-tiny (untrained)" if random_model else Path(checkpoint or "mediround-tiny").name,
+    return {"model": "random-tiny (untrained)" if random_model else Path(checkpoint or DEFAULT_CHECKPOINT).name,
             "size": getattr(model.config, "size", "?"),
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "device": engine.device_description,

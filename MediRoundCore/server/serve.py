@@ -66,7 +66,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = No
                      max_request_bytes=int(max_request_mb * 2**20), max_slices=max(16, cache_slices * 4))
     auth = f"{len(tokens)} token(s)" if tokens else "no token (loopback only)"
     print(f"MediRound server {replica}: http://{host}:{port} | model "
-          f"{'random-tiny' if random_model else Path(checkpoint or 'mediround-tiny').name} on "
+          f"{'random-tiny' if random_model else Path(checkpoint or DEFAULT_CHECKPOINT).name} on "
           f"{engine.device_description} | sessions in {sessions} | {auth}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                 limit_concurrency=MAX_CONNECTIONS,
