@@ -92,3 +92,38 @@ def test_varied_stream_rewords_inserts_absent_rounds_and_crops(tiny_engine):
     batch = make_batch(varied[:4], tiny_engine.builder, tiny_engine.model.config)
     segmented = sum(not is_absent_answer(a) for v in varied[:4] for a in v.answers)
     assert batch.target_masks.shape[0] == len(batch.seg_positions) == segmented
+
+
+def test_stage1_leaves_the_jcm_unapplied_until_stage2_trains_it(tmp_path):
+    """A stage-1 checkpoint records its JCM as untrained (random or stale), and asking with JCM on then decodes
+    the prompt uncorrected; stage 2 records it trained and it corrects again. Unrecorded (older) checkpoints keep it."""
+    from MediRoundCore.model.modeling import MediRound
+
+    engine = Engine.random_tiny(seed=6)
+    model = engine.model.eval()
+    assert model.config.jcm.trained is None and model.jcm_usable
+    size = model.config.segmenter.image_size
+    with torch.no_grad():
+        embedding = model.encode_segmenter_image(torch.zeros(1, 3, size, size))
+    prompts = torch.randn(2, 256, generator=torch.Generator().manual_seed(0))
+
+    def decode(m, use_jcm):
+        with torch.no_grad():
+            return m.decode_masks(embedding, prompts, use_jcm=use_jcm, beta=1.0,
+                                  pixels=torch.zeros(1, 3, size, size))
+
+    assert not torch.equal(decode(model, True).low_res_logits, decode(model, False).low_res_logits)
+    cfg = TrainConfig(str(tmp_path / "s1"), steps=1, batch_size=1, warmup_steps=1, save_every=1)
+    Trainer(model, engine.tokenizer, cfg, fixed_stream(1)).train(progress=False)
+    stage1, _ = MediRound.from_pretrained(tmp_path / "s1" / "checkpoint")
+    stage1.eval()
+    assert stage1.config.jcm.trained is False and not stage1.jcm_usable
+    on, off = decode(stage1, True), decode(stage1, False)
+    assert on.scores is None and torch.equal(on.low_res_logits, off.low_res_logits)
+    cfg2 = TrainConfig(str(tmp_path / "s2"), stage=2, steps=1, batch_size=1, warmup_steps=1, save_every=1)
+    Trainer(stage1, engine.tokenizer, cfg2, fixed_stream(1)).train(progress=False)
+    stage2, _ = MediRound.from_pretrained(tmp_path / "s2" / "checkpoint")
+    stage2.eval()
+    assert stage2.config.jcm.trained is True
+    on = decode(stage2, True)
+    assert on.scores is not None and not torch.equal(on.low_res_logits, decode(stage2, False).low_res_logits)

@@ -144,6 +144,10 @@ class JCMConfig:
     # True (ours): a corrected mask is also redrawn at the segmenter's full input resolution around itself, from
     # the slice and its logits (jcm.MaskRefiner, identity until trained); SAM's decoder draws at a quarter of it.
     correction_refiner: bool = False
+    # Whether these JCM weights were trained for this model: False after stage 1 (a fresh or stale JCM: it is not
+    # applied, `MediRound.jcm_usable`), True after stage 2; None where not recorded (checkpoints written before
+    # this field, e.g. MediRound-Tiny as shipped: applied as trained).
+    trained: bool | None = None
 
 
 @dataclass

@@ -262,11 +262,18 @@ class MediRound(nn.Module):
         """Last-layer hidden states that predict [SEG] (K,h) → 256-d prompts (K,256)."""
         return self.seg_projection(hidden)
 
+    @property
+    def jcm_usable(self) -> bool:
+        """Whether the JCM is trained for this model (config.jcm.trained is not False): a stage-1 checkpoint's JCM
+        is random or stale, so asking with JCM on decodes its prompt uncorrected."""
+        return self.config.jcm.trained is not False
+
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor, use_jcm: bool = False,
                      beta: float | None = None, pixels: torch.Tensor | None = None) -> SegOutput:
         """Decode one mask per prompt; image_embeddings is (K,256,g,g) or (1,256,g,g) shared. `pixels`, the
         segmenter input (K or 1,3,S,S), is needed when the JCM has a refiner and corrects a mask."""
         scores = corrected = None
+        use_jcm = use_jcm and self.jcm_usable
         if use_jcm:
             def context_of(rows):  # for a context-aware correction: the first decode of the rows it corrects
                 embeddings = image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[rows]

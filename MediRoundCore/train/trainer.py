@@ -195,6 +195,7 @@ class Trainer:
         self.sample_stream = sample_stream
         self.builder = PromptBuilder.for_model(tokenizer, model)
         params = set_trainable(model, config.stage, config.lora)
+        model.config.jcm.trained = config.stage == 2  # stage 1 leaves the JCM untrained (or stale): not applied
         self.raw_model = model
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
         self.rewarm_from: int | None = None  # the step a `start_from` restarted at, kept in the trainer state
