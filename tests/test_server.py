@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT
+from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta
 from MediRoundCore.cli import BUNDLED, open_session
 from MediRoundCore.imaging import Volume, extract_slice, load_volume
 from MediRoundCore.remote.client import ProtocolMismatch, RemoteEngine, RemoteError, ServerClient
@@ -63,7 +63,7 @@ def test_rounds_through_the_server_equal_the_local_engine(server, volume, tmp_pa
     remote = open_session(tmp_path / "client", volume)
     engine = RemoteEngine.connect(server.url, token=ALICE)
     assert engine.info["model"] == DEFAULT_CHECKPOINT.name and engine.info["size"] == local_engine.model.config.size
-    assert engine.info["beta"] == pytest.approx(0.9) and "CPU" in engine.info["device"]
+    assert engine.info["beta"] == pytest.approx(checkpoint_beta()) and "CPU" in engine.info["device"]
     assert engine.info["protocol"] == 1 and engine.info["user"] == "alice"
     for index, query, reference in DIALOGUE:
         image = extract_slice(volume, "axial", index)

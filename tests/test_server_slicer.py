@@ -19,7 +19,7 @@ pytest.importorskip("PySide6.QtUiTools")
 pytest.importorskip("fastapi")
 
 import MediRound  # noqa: E402
-from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_size  # noqa: E402
+from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta, checkpoint_size  # noqa: E402
 from MediRoundCore.remote.client import RemoteError, ServerClient  # noqa: E402
 from MediRoundCore.remote.protocol import round_digest  # noqa: E402
 from MediRoundCore.session import Session  # noqa: E402
@@ -61,7 +61,7 @@ def test_panel_asks_a_server_and_goes_back_to_local(tmp_path):
         assert chat.wait(60), chat.ui.statusLabel.text()
         assert "R1 done" in chat.ui.statusLabel.text(), chat.ui.statusLabel.text()
         assert chat.ui.deviceLabel.text() == f"server {server.url}: {DEFAULT_CHECKPOINT.name} ({checkpoint_size()}) on CPU (1 threads)"
-        assert chat.ui.betaSpinBox.value() == pytest.approx(0.9)
+        assert chat.ui.betaSpinBox.value() == pytest.approx(checkpoint_beta())  # the shipped model's
         (r1,) = logic.session.rounds
         assert (r1.view, r1.slice_index) == ("axial", 4)
         assert segments.segment_ids(logic.segmentation_node) == ["MediRound_R1"]
