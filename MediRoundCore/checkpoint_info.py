@@ -39,3 +39,13 @@ def checkpoint_size(checkpoint: str | Path | None = None) -> str:
         return str(json.loads((folder / "config.json").read_text())["size"])
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
+
+
+def checkpoint_jcm_trained(checkpoint: str | Path | None = None) -> bool:
+    """Whether a checkpoint folder's JCM is applied: False only where its config records it untrained
+    (`jcm.trained` false, a stage-1 checkpoint); True where trained or not recorded (older checkpoints)."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        return json.loads((folder / "config.json").read_text())["jcm"].get("trained") is not False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True

@@ -3,7 +3,8 @@
 # shipped tiny model's recipe: residual correction + refiner, runs/jcm_cached.sh with lite's folders), β on val,
 # and the export to MediRoundCore/weights/mediround-lite (int8 word-embedding deltas: ~37 MB). Then switch
 # DEFAULT_CHECKPOINT (checkpoint_info.py) and run runs/ship.sh's measurements on it.
-#   bash runs/finish_lite.sh freeze     # runs/lite/checkpoint -> $STAGE1, with the reference scorer and drafts
+#   bash runs/finish_lite.sh freeze     # runs/lite/checkpoint -> $STAGE1, with the reference scorer and drafts, once
+#                                       # stage 1 reached STAGE1_STEPS (4800) and stopped (FORCE=1: at any step)
 #   bash runs/finish_lite.sh collect    # ~2.3 MB a dialogue (its segmenter embedding and image); N, N_VAL per shard
 #   bash runs/finish_lite.sh train      # VARIANTS (default refiner), STEPS, BATCH, LR as in jcm_cached.sh
 #   bash runs/finish_lite.sh sweep      # β on val for VARIANT (default refiner)
@@ -11,17 +12,29 @@
 #   bash runs/finish_lite.sh all        # the five in order, each skipped when its output is there (rerun after a
 #                                       # session ends: collect restarts a shard whose file is missing, train resumes)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
 export INIT=${STAGE1:-runs/lite-stage1} OUT=${OUT:-runs/lite-jcm}
 VARIANT=${VARIANT:-refiner}
 case "${1:-}" in
   freeze)
-    mkdir -p "$INIT"
-    cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$INIT"/
-    cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$INIT"/  # model-independent (reference_scorer.py)
-    [ -f runs/lite/answer_drafts.json ] || .venv/bin/python -m MediRoundCore.model.answer_drafts "$INIT"
-    [ -f runs/lite/answer_drafts.json ] && cp runs/lite/answer_drafts.json "$INIT"/
-    echo "$INIT" ;;
+    step=$(.venv/bin/python -c "from MediRoundCore.train.trainer import load_trainer_state as l
+print(l('runs/lite/checkpoint/trainer_state.pt')['step'])")
+    if [ "$step" -lt "${STAGE1_STEPS:-4800}" ] || pgrep -f "MediRoundCore.train.lite" > /dev/null; then
+      [ -n "${FORCE:-}" ] || { echo "stage 1 is at step $step of ${STAGE1_STEPS:-4800} or still running: let it" \
+        "finish (bash runs/train_lite.sh), or FORCE=1" >&2; exit 1; }
+    fi
+    tmp=$(mktemp -d "$INIT.tmp.XXXX")
+    cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$tmp"/
+    # the stage-1 JCM is untrained: recorded so (a run started before config.jcm.trained existed did not)
+    .venv/bin/python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['jcm']['trained'] = False
+open(p, 'w').write(json.dumps(c, indent=2) + '\\n')" "$tmp/config.json"
+    cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$tmp"/  # model-independent (reference_scorer.py)
+    [ -f runs/lite/answer_drafts.json ] || { .venv/bin/python -m MediRoundCore.model.answer_drafts "$tmp" \
+      && cp "$tmp/answer_drafts.json" runs/lite/; }
+    cp runs/lite/answer_drafts.json "$tmp"/
+    rm -rf "$INIT" && mv "$tmp" "$INIT"
+    echo "$INIT (stage 1 step $step)" ;;
   collect|train) mkdir -p "$OUT"; VARIANTS=${VARIANTS:-$VARIANT} bash runs/jcm_cached.sh "$1" ;;
   sweep) SWEEP_OUT=${SWEEP_OUT:-benchmarks/jcm_beta_val_lite.md} bash runs/jcm_cached.sh sweep "$VARIANT" ;;
   export)
@@ -31,11 +44,11 @@ case "${1:-}" in
       --dest MediRoundCore/weights/mediround-lite ;;
   all)
     stamp() { echo "== $(date -u +%H:%M) $*"; }
-    [ -f "$INIT/model.safetensors" ] || { stamp freeze; bash "$0" freeze; }
+    [ -f "$INIT/model.safetensors" ] || { stamp freeze; bash "$SELF" freeze; }
     [ -f "$OUT/pred_0.safetensors" ] && [ -f "$OUT/pred_1.safetensors" ] && [ -f "$OUT/val_0.safetensors" ] \
-      && [ -f "$OUT/val_1.safetensors" ] || { stamp collect; bash "$0" collect; }
-    [ -f "$OUT/$VARIANT.offline.md" ] || { stamp train; bash "$0" train; }
-    [ -f "$OUT/beta_$VARIANT.log" ] || { stamp sweep; bash "$0" sweep; }
-    stamp export; bash "$0" export; stamp done ;;
+      && [ -f "$OUT/val_1.safetensors" ] || { stamp collect; bash "$SELF" collect; }
+    [ -f "$OUT/$VARIANT.offline.md" ] || { stamp train; bash "$SELF" train; }
+    [ -f "$OUT/beta_$VARIANT.log" ] || { stamp sweep; bash "$SELF" sweep; }  # written whole, ending "chosen beta"
+    stamp export; bash "$SELF" export; stamp done ;;
   *) echo "usage: $0 freeze | collect | train | sweep | export | all" >&2; exit 2 ;;
 esac

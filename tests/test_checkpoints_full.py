@@ -38,6 +38,7 @@ def test_full_model_from_files(files):
     assert torch.equal(own["segmenter.mask_decoder.iou_token.weight"], st["mask_decoder.iou_token.weight"])
     assert all(torch.isfinite(v).all() for v in own.values())
     assert any("freshly initialised" in n for n in model.checkpoint_report.notes)
+    assert model.config.jcm.trained is False  # a fresh JCM is not applied
     with torch.no_grad():
         tokens = model.encode_image_tokens(torch.randn(1, 3, 64, 64))
     assert tokens.shape == (1, 16, 64)
@@ -46,6 +47,7 @@ def test_full_model_from_files(files):
     model2, _ = load_full_model(root / "llava-med", root / "medsam_vit_b.pth", mediround_ckpt=root / "pytorch_model.bin",
                                 base_config=small_config(8))
     own2, _ = own_tensors(model2)
+    assert model2.config.jcm.trained is True
     P = "base_model.model."
     assert torch.equal(own2["seg_projection.2.weight"], ot[P + "model.text_hidden_fcs.0.2.weight"])
     assert torch.equal(own2["jcm.correction.fc3.bias"], ot[P + "model.refine_MLP.fc3.bias"])

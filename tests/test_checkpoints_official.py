@@ -41,6 +41,7 @@ def test_values_land_and_rows_map(official):
     path, tensors = official
     model = tiny_model(BASE)
     report = load_official(path, model)
+    assert model.config.jcm.trained is True  # the checkpoint's JCM, trained with it
     own, _ = own_tensors(model)
     ids = model.token_ids
     for key, value in tensors.items():
@@ -151,6 +152,7 @@ def test_trainable_only_stage1_checkpoint_keeps_base_weights(official, tmp_path)
     expected = lt["model.layers.0.self_attn.q_proj.weight"].float() + 2.0 * tensors[k + ".lora_B.default.weight"] @ tensors[k + ".lora_A.default.weight"]
     assert torch.allclose(own["language_model.model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
     assert any(n.startswith("jcm:") for n in report.notes)
+    assert model.config.jcm.trained is False and not model.jcm_usable  # a stage-1 checkpoint's JCM is not applied
     with pytest.raises(CheckpointError, match="missing key"):
         load_official(tmp_path / "stage1.bin", tiny_model(BASE), require_complete=True)
 

@@ -161,4 +161,11 @@ def test_typos_are_keyboard_slips_that_keep_sides_and_word_edges():
     assert seen == {"neighbour", "swap", "longer", "drop"}
     text = "Segment the right kidney left of the vertebra"
     assert all(w in paraphrase.add_typos(rng, text, rate=1.0).split() for w in ("right", "left", "the"))
-    assert paraphrase.KEY_NEIGHBOURS["g"] == "rtyfhvbn" and "g" not in paraphrase.KEY_NEIGHBOURS["p"]
+    held_out = set(paraphrase_test.MISSPELLINGS.values())
+    for word in paraphrase_test.MISSPELLINGS:
+        if len(word) >= 5:
+            slips = {paraphrase.add_typos(rng, word, rate=1.0) for _ in range(3000)}
+            assert len(slips) > 5 and not slips & held_out, (word, slips & held_out)
+    near = paraphrase.KEY_NEIGHBOURS
+    assert near["g"] == "tyfhvb" and near["a"] == "qwsz" and near["p"] == "ol" and near["m"] == "jkn"
+    assert all(a in near[b] for a in near for b in near[a])  # touching is mutual

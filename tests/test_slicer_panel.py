@@ -142,3 +142,14 @@ def test_empty_query_and_errors_in_status(panel):
     assert logic.checkpoint == str(tmp) and chat.ui.checkpointEdit.text() == str(tmp)
     chat.ui.modelCombo.setCurrentIndex(0)
     assert logic.checkpoint is None
+    # a stage-1 checkpoint's JCM is untrained: the switch goes off and is disabled, and back on for the default
+    stage1 = tmp / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text('{"jcm": {"beta": 0.6, "trained": false}}')
+    assert chat.ui.jcmCheckBox.isChecked() and chat.ui.jcmCheckBox.isEnabled()
+    dialogs.paths.append(str(stage1))
+    chat.ui.modelCombo.setCurrentIndex(1)
+    assert not chat.ui.jcmCheckBox.isChecked() and not chat.ui.jcmCheckBox.isEnabled()
+    assert "untrained" in chat.ui.jcmCheckBox.toolTip() and not chat.ui.betaSpinBox.isEnabled()
+    chat.ui.modelCombo.setCurrentIndex(0)
+    assert chat.ui.jcmCheckBox.isChecked() and chat.ui.jcmCheckBox.isEnabled() and chat.ui.betaSpinBox.isEnabled()

@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 import torch
 
@@ -127,3 +128,16 @@ def test_stage1_leaves_the_jcm_unapplied_until_stage2_trains_it(tmp_path):
     assert stage2.config.jcm.trained is True
     on = decode(stage2, True)
     assert on.scores is not None and not torch.equal(on.low_res_logits, decode(stage2, False).low_res_logits)
+
+
+def test_jcm_trained_is_true_false_or_unrecorded():
+    from MediRoundCore.errors import ConfigError
+    from MediRoundCore.model.config import MediRoundConfig, tiny_config
+
+    data = tiny_config().to_dict()
+    data["jcm"].pop("trained")
+    assert MediRoundConfig.from_dict(data).jcm.trained is None  # written before the field: applied as trained
+    for value in (True, False):
+        assert MediRoundConfig.from_dict({**data, "jcm": {**data["jcm"], "trained": value}}).jcm.trained is value
+    with pytest.raises(ConfigError, match="jcm.trained"):
+        MediRoundConfig.from_dict({**data, "jcm": {**data["jcm"], "trained": "false"}})

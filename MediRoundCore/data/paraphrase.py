@@ -239,11 +239,14 @@ def target_phrase(rng: np.random.Generator, relation: str, slots: dict[str, str]
 
 
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
-# Letters next to each letter on a QWERTY keyboard (same row, and the rows above and below at the same place).
+# Letters next to each letter on a QWERTY keyboard: each row sits half a key right of the one above, so a key
+# touches two keys above (same column and the next) and two below (the previous column and the same): g has
+# t y / f h / v b.
+_TOUCHING = {-1: (0, 1), 0: (-1, 1), 1: (-1, 0)}  # row offset -> column offsets
 KEY_NEIGHBOURS = {
-    ch: "".join(rows[r2][c2] for r2 in (r - 1, r, r + 1) if 0 <= r2 < 3
-                for c2 in (c - 1, c, c + 1) if 0 <= c2 < len(rows[r2]) and (r2, c2) != (r, c))
-    for rows in (_KEYBOARD_ROWS,) for r, row in enumerate(rows) for c, ch in enumerate(row)}
+    ch: "".join(_KEYBOARD_ROWS[r + dr][c + dc] for dr, cols in _TOUCHING.items() for dc in cols
+                if 0 <= r + dr < 3 and 0 <= c + dc < len(_KEYBOARD_ROWS[r + dr]))
+    for r, row in enumerate(_KEYBOARD_ROWS) for c, ch in enumerate(row)}
 TYPO_KINDS = ("swap", "drop", "double", "neighbour", "insert")
 
 
@@ -267,12 +270,18 @@ def slip_word(rng: np.random.Generator, word: str) -> str:
 
 
 def add_typos(rng: np.random.Generator, text: str, rate: float = TYPO_RATE) -> str:
-    """Keyboard slips (`slip_word`) in some words of five letters or more; side words are left intact."""
+    """Keyboard slips (`slip_word`) in some words of five letters or more; side words are left intact, and a
+    slip that writes one of the held-out set's misspellings is not made (that set stays unseen)."""
+    from .paraphrase_test import MISSPELLINGS  # (imports this module: here, not at the top)
+
+    held_out = {wrong.lower() for wrong in MISSPELLINGS.values()}
+
     def slip(match: re.Match) -> str:
         word = match.group(0)
         if word.lower() in ("left", "right") or rng.uniform() >= rate:
             return word
-        return slip_word(rng, word)
+        slipped = slip_word(rng, word)
+        return word if slipped.lower() in held_out else slipped
     return re.sub(r"[A-Za-z]{5,}", slip, text)
 
 

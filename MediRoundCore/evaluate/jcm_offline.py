@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     results = {}
     for folder in args.checkpoint:
         model, _ = MediRound.from_pretrained(folder)
+        if not model.jcm_usable:
+            p.error(f"{folder}: its JCM is untrained (config.jcm.trained false: a stage-1 checkpoint); "
+                    "compare stage-2 checkpoints")
         results[folder] = offline_jcm(model.eval(), features)
         print(f"## {folder}\n{results[folder].table()}\n", flush=True)
     if args.out:

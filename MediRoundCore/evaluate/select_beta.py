@@ -46,7 +46,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     folder = ensure_split("val", 0, args.limit, default_cache())
     samples, ids = load_samples(folder, args.limit)
-    predictor = EvalEngine.from_engine(Engine.load(args.checkpoint))
+    engine = Engine.load(args.checkpoint)
+    if not engine.model.jcm_usable:
+        p.error(f"{args.checkpoint}: its JCM is untrained (config.jcm.trained false: a stage-1 checkpoint); train "
+                "stage 2 first, then choose β for that checkpoint")
+    predictor = EvalEngine.from_engine(engine)
     best, rows = sweep(predictor, samples, ids)
     lines = ["# JCM threshold β on the validation split", "",
              f"Written by `python -m MediRoundCore.evaluate.select_beta {' '.join(argv or sys.argv[1:])}`: "

@@ -211,6 +211,8 @@ class MediRoundConfig:
             raise ConfigError("segmenter.prompt_dim must be 256 (the MedSAM prompt and JCM width)")
         if not 0.0 <= self.jcm.beta <= 1.0:
             raise ConfigError(f"jcm.beta must lie in [0, 1], got {self.jcm.beta}")
+        if self.jcm.trained is not None and type(self.jcm.trained) is not bool:
+            raise ConfigError(f"jcm.trained must be true, false or null, got {self.jcm.trained!r}")
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:

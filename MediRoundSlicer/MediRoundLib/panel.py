@@ -97,10 +97,19 @@ class ChatPanel:
         self.refresh()
 
     def adopt_model_beta(self):
-        """Show the β the chosen model was shipped with (it was chosen on validation data)."""
-        from MediRoundCore.checkpoint_info import checkpoint_beta  # no torch: the panel works before it is installed
+        """Show the β the chosen model was shipped with (it was chosen on validation data); a model whose JCM is
+        untrained (a stage-1 checkpoint: it is not applied) gets its JCM switch off and disabled, saying why."""
+        from MediRoundCore.checkpoint_info import checkpoint_beta, checkpoint_jcm_trained  # no torch import
 
         self.ui.betaSpinBox.setValue(checkpoint_beta(self.logic.checkpoint))
+        trained = checkpoint_jcm_trained(self.logic.checkpoint)
+        box = self.ui.jcmCheckBox
+        was_enabled = bool(_call(box.enabled)) if hasattr(box, "enabled") else bool(box.isEnabled())
+        if trained != was_enabled:  # off for an untrained JCM; on again (the default) for a trained one
+            box.setChecked(trained)
+        box.setEnabled(trained)
+        self.ui.jcmCheckBox.setToolTip("" if trained else "This model's JCM is untrained (a stage-1 checkpoint): "
+                                       "its masks are not judged or corrected.")
 
     # -- state → widgets ----------------------------------------------------------------------------------
     def refresh(self):
