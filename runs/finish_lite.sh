@@ -4,7 +4,8 @@
 # and the export to MediRoundCore/weights/mediround-lite (int8 word-embedding deltas: ~37 MB). Then switch
 # DEFAULT_CHECKPOINT (checkpoint_info.py) and run runs/ship.sh's measurements on it.
 #   bash runs/finish_lite.sh freeze     # runs/lite/checkpoint -> $STAGE1, with the reference scorer and drafts, once
-#                                       # stage 1 reached STAGE1_STEPS (4800) and stopped (FORCE=1: at any step)
+#                                       # stage 1 reached STAGE1_STEPS (4800) and stopped (FORCE=1: at any step);
+#                                       # on a fresh clone, from the committed runs/lite-snapshot
 #   bash runs/finish_lite.sh collect    # ~2.3 MB a dialogue (its segmenter embedding and image); N, N_VAL per shard
 #   bash runs/finish_lite.sh train      # VARIANTS (default refiner), STEPS, BATCH, LR as in jcm_cached.sh
 #   bash runs/finish_lite.sh sweep      # β on val for VARIANT (default refiner)
@@ -18,14 +19,23 @@ export INIT=${STAGE1:-runs/lite-stage1} OUT=${OUT:-runs/lite-jcm}
 VARIANT=${VARIANT:-refiner}
 case "${1:-}" in
   freeze)
-    step=$(.venv/bin/python -c "from MediRoundCore.train.trainer import load_trainer_state as l
+    if [ -f runs/lite/checkpoint/trainer_state.pt ]; then  # this machine's run
+      step=$(.venv/bin/python -c "from MediRoundCore.train.trainer import load_trainer_state as l
 print(l('runs/lite/checkpoint/trainer_state.pt')['step'])")
+    else  # a fresh clone: the run as committed (runs/lite-snapshot)
+      step=$(.venv/bin/python -c "from MediRoundCore.train.snapshot import snapshot_step as s
+print(s('runs/lite-snapshot'))")
+    fi
     if [ "$step" -lt "${STAGE1_STEPS:-4800}" ] || pgrep -f "MediRoundCore.train.lite" > /dev/null; then
       [ -n "${FORCE:-}" ] || { echo "stage 1 is at step $step of ${STAGE1_STEPS:-4800} or still running: let it" \
         "finish (bash runs/train_lite.sh), or FORCE=1" >&2; exit 1; }
     fi
     tmp=$(mktemp -d "$INIT.tmp.XXXX")
-    cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$tmp"/
+    if [ -f runs/lite/checkpoint/trainer_state.pt ]; then
+      cp runs/lite/checkpoint/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$tmp"/
+    else
+      .venv/bin/python -m MediRoundCore.train.snapshot restore runs/lite-snapshot "$tmp"
+    fi
     # the stage-1 JCM is untrained: recorded so (a run started before config.jcm.trained existed did not)
     .venv/bin/python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['jcm']['trained'] = False
 open(p, 'w').write(json.dumps(c, indent=2) + '\\n')" "$tmp/config.json"

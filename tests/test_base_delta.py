@@ -74,3 +74,28 @@ def test_missing_unknown_or_malformed_base_is_a_clear_error(trained_lite, tmp_pa
         save_file({**tensors, **broken}, str(path), metadata={"format": "pt", **against})
         with pytest.raises(CheckpointError, match="one floating scale per row"):
             MediRound.from_pretrained(tmp_path)
+
+
+def test_a_snapshot_restores_to_a_model_folder(trained_lite, tmp_path):
+    """`train.snapshot restore`: a committed lite snapshot (float16, int8 word-embedding deltas) becomes a model
+    folder again (on a fresh clone the run's checkpoint is gone), with the snapshot's weights and config."""
+    from MediRoundCore.train.snapshot import main as snapshot_main, restore_snapshot, save_snapshot
+    from MediRoundCore.train.trainer import STATE_FILE
+
+    model, tokenizer = trained_lite
+    model.save_pretrained(tmp_path / "run", tokenizer)
+    torch.save({"optimizer": {}, "scheduler": {}, "step": 42}, tmp_path / "run" / STATE_FILE)
+    save_snapshot(tmp_path / "run", tmp_path / "snap")
+    assert restore_snapshot(tmp_path / "snap", tmp_path / "model") == 42
+    restored, _ = MediRound.from_pretrained(tmp_path / "model")
+    assert restored.config.to_dict() == model.config.to_dict()
+    words = model.language_model.get_input_embeddings().weight.detach()
+    step = (words - base_delta.lite_word_embeddings(tuple(words.shape))).abs().amax(dim=1, keepdim=True) / 127.0
+    assert bool(((restored.language_model.get_input_embeddings().weight - words).abs() <= step / 2 + 1e-6).all())
+    theirs = restored.state_dict()
+    for key, value in model.state_dict().items():  # the rest: as float16 keeps it
+        if key not in (KEY, "language_model.lm_head.weight") and value.is_floating_point():
+            torch.testing.assert_close(theirs[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    (tmp_path / "snap" / "config.json").write_text(json.dumps({**model.config.to_dict(), "size": "tiny"}))
+    assert snapshot_main(["restore", str(tmp_path / "snap"), str(tmp_path / "other")]) == 1  # a message
+    assert not (tmp_path / "other").exists()

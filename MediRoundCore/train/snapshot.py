@@ -11,6 +11,7 @@ started.
 
     python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot
     python -m MediRoundCore.train.snapshot show runs/lite-snapshot
+    python -m MediRoundCore.train.snapshot restore runs/lite-snapshot runs/lite-stage1   # a model folder again
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.base_delta import DELTA, SCALE, decode_against_bases, encode_against_bases
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 WEIGHTS = "model.safetensors"
 INFO = "snapshot.json"
@@ -112,6 +113,27 @@ def load_snapshot(folder: str | Path, bases: dict | None = None) -> tuple[dict[s
     return tensors, step
 
 
+def restore_snapshot(folder: str | Path, dest: str | Path) -> int:
+    """Write `dest` as a model folder (`save_pretrained`: float32, loadable by `MediRound.from_pretrained`) from a
+    snapshot of a lite run, rebuilt on the pinned base weights with the snapshot's config; returns its step. The
+    weights are the snapshot's (float16 and int8 deltas, widened): what continuing the run would start from."""
+    from ..checkpoints.ours import not_stored, read_config
+    from ..checkpoints.safety import load_strict
+    from ..model.lite import build_lite
+
+    folder, dest = Path(folder), Path(dest)
+    config, lora = read_config(folder)
+    if config.size != "lite" or lora:
+        raise CheckpointError(f"{folder}: a {config.size} snapshot; restore rebuilds lite runs only")
+    model, tokenizer = build_lite(config)
+    weights, step = load_snapshot(folder)
+    own = model.state_dict()
+    load_strict(model, {k: v.to(own[k].dtype) if k in own else v for k, v in weights.items()}, str(folder),
+                ignore_missing=not_stored(model.config))
+    model.save_pretrained(dest, tokenizer)
+    return step
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MediRoundCore.train.snapshot", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +143,9 @@ def main(argv=None) -> int:
     save.add_argument("--force", action="store_true", help="replace a snapshot further on than the checkpoint")
     show = sub.add_parser("show", help="print a snapshot's info")
     show.add_argument("folder")
+    restore = sub.add_parser("restore", help="write a model folder from a lite snapshot")
+    restore.add_argument("folder")
+    restore.add_argument("dest")
     args = parser.parse_args(argv)
     try:
         if args.command == "save":
@@ -128,9 +153,12 @@ def main(argv=None) -> int:
             size = (Path(args.dest) / WEIGHTS).stat().st_size / 2**20
             print(f"{args.dest}: step {info['step']}, {info['tensors']} tensors ({info['float16']} float16), "
                   f"{size:.1f} MiB")
+        elif args.command == "restore":
+            step = restore_snapshot(args.folder, args.dest)
+            print(f"{args.dest}: the model of {args.folder} at step {step}")
         else:
             print((Path(args.folder) / INFO).read_text().strip())
-    except (CheckpointError, OSError) as exc:
+    except (CheckpointError, ConfigError, OSError) as exc:
         print(f"error: {exc}")
         return 1
     return 0
