@@ -40,6 +40,7 @@ print(s('runs/lite-snapshot'))")
     .venv/bin/python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['jcm']['trained'] = False
 open(p, 'w').write(json.dumps(c, indent=2) + '\\n')" "$tmp/config.json"
     cp MediRoundCore/weights/mediround-tiny/reference_scorer.* "$tmp"/  # model-independent (reference_scorer.py)
+    mkdir -p runs/lite
     [ -f runs/lite/answer_drafts.json ] || { .venv/bin/python -m MediRoundCore.model.answer_drafts "$tmp" \
       && cp "$tmp/answer_drafts.json" runs/lite/; }
     cp runs/lite/answer_drafts.json "$tmp"/
