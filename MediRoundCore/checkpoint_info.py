@@ -10,42 +10,42 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-tiny"
 PAPER_BETA = 0.6
 
 
+def _field(checkpoint, path: tuple[str, ...], default):
+    """config.json's value at `path` in a checkpoint folder (None: the bundled default), or `default` when the
+    folder, file or field is missing or unreadable."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    try:
+        value = json.loads((folder / "config.json").read_text())
+        for key in path:
+            value = value[key]
+        return value
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def checkpoint_beta(checkpoint: str | Path | None = None) -> float:
     """The JCM threshold a checkpoint folder was shipped with (chosen on validation), without loading it;
     the paper's 0.6 when the folder or field is missing."""
-    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     try:
-        return float(json.loads((folder / "config.json").read_text())["jcm"]["beta"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(_field(checkpoint, ("jcm", "beta"), PAPER_BETA))
+    except (TypeError, ValueError):
         return PAPER_BETA
 
 
 def checkpoint_base_weights(checkpoint: str | Path | None = None) -> list[str]:
     """The pinned base weights (checkpoints/base_weights.py names) a checkpoint folder loads besides its own
     files, from its config.json; [] for a model that needs none (or an unreadable folder: loading it says why)."""
-    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    try:
-        names = json.loads((folder / "config.json").read_text()).get("base_weights") or {}
-    except (OSError, ValueError, AttributeError):
-        return []
+    names = _field(checkpoint, ("base_weights",), None)
     return sorted({str(n) for n in names.values()}) if isinstance(names, dict) else []
 
 
 def checkpoint_size(checkpoint: str | Path | None = None) -> str:
     """The size preset a checkpoint folder was built with ("tiny", "lite", "full"), from its config.json; "?" when
     the folder or field is missing."""
-    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    try:
-        return str(json.loads((folder / "config.json").read_text())["size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "?"
+    return str(_field(checkpoint, ("size",), "?"))
 
 
 def checkpoint_jcm_trained(checkpoint: str | Path | None = None) -> bool:
     """Whether a checkpoint folder's JCM is applied: False only where its config records it untrained
     (`jcm.trained` false, a stage-1 checkpoint); True where trained or not recorded (older checkpoints)."""
-    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    try:
-        return json.loads((folder / "config.json").read_text())["jcm"].get("trained") is not False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return True
+    return _field(checkpoint, ("jcm", "trained"), None) is not False
