@@ -118,28 +118,16 @@ def spec(name: str) -> BaseWeights:
 
 
 def missing(names) -> list[str]:
-    """Those of base weights `names` (known ones; loading the model names an unknown one) that this machine
-    lacks: neither in the cache with every file's pinned hash nor installed at the pinned version. Hashing reads
-    the files once per process (`verify` remembers them), so a panel can ask before every Ask."""
+    """Those of base weights `names` (known ones; loading the model names an unknown one) that `locate` cannot
+    give here: not cached with every file's pinned hash, nor installed at the pinned version. Hashing reads the
+    files once per process (`verify` remembers them), so a panel can ask before every Ask."""
     lacking = []
     for name in names:
-        weights = ALL.get(name)
-        if weights is None:
-            continue
-        folder = cache_root(weights.kind) / weights.folder_name
-        if _complete(folder, weights):
+        if name in ALL:
             try:
-                _verify_folder(folder, weights)
-                continue
-            except CheckpointError:  # a damaged file: fetch replaces it
+                locate(name)
+            except CheckpointError:  # absent, damaged, or installed at another version: fetch gets the pinned one
                 lacking.append(name)
-                continue
-        try:
-            if _installed_member(weights) is not None:
-                continue
-        except CheckpointError:  # installed at another version: fetch the pinned one
-            pass
-        lacking.append(name)
     return lacking
 
 
