@@ -46,7 +46,9 @@ open(p, 'w').write(json.dumps(c, indent=2) + '\\n')" "$tmp/config.json"
     cp runs/lite/answer_drafts.json "$tmp"/
     rm -rf "$INIT" && mv "$tmp" "$INIT"
     echo "$INIT (stage 1 step $step)" ;;
-  collect|train) mkdir -p "$OUT"; VARIANTS=${VARIANTS:-$VARIANT} bash runs/jcm_cached.sh "$1" ;;
+  # FOCUS empty: the refiner learns from the plain correction loss (design notes: with the 1 - IoU weighting it
+  # learned almost nothing)
+  collect|train) mkdir -p "$OUT"; FOCUS=${FOCUS-} VARIANTS=${VARIANTS:-$VARIANT} bash runs/jcm_cached.sh "$1" ;;
   sweep) SWEEP_OUT=${SWEEP_OUT:-benchmarks/jcm_beta_val_lite.md} bash runs/jcm_cached.sh sweep "$VARIANT" ;;
   export)
     BETA=$(tail -1 "$OUT/beta_$VARIANT.log" | awk '{print $3}')
