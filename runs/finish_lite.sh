@@ -4,7 +4,7 @@
 # and the export to MediRoundCore/weights/mediround-lite (int8 word-embedding deltas: ~37 MB). Then switch
 # DEFAULT_CHECKPOINT (checkpoint_info.py) and run runs/ship.sh's measurements on it.
 #   bash runs/finish_lite.sh freeze     # runs/lite/checkpoint -> $STAGE1, with the reference scorer and drafts, once
-#                                       # stage 1 reached STAGE1_STEPS (4800) and stopped (FORCE=1: at any step);
+#                                       # stage 1 reached STAGE1_STEPS (5150) and stopped (FORCE=1: at any step);
 #                                       # on a fresh clone, from the committed runs/lite-snapshot
 #   bash runs/finish_lite.sh collect    # ~2.3 MB a dialogue (its segmenter embedding and image); N, N_VAL per shard
 #   bash runs/finish_lite.sh train      # VARIANTS (default refiner), STEPS, BATCH, LR as in jcm_cached.sh
@@ -26,8 +26,8 @@ print(l('runs/lite/checkpoint/trainer_state.pt')['step'])")
       step=$(.venv/bin/python -c "from MediRoundCore.train.snapshot import snapshot_step as s
 print(s('runs/lite-snapshot'))")
     fi
-    if [ "$step" -lt "${STAGE1_STEPS:-4800}" ] || pgrep -f "MediRoundCore.train.lite" > /dev/null; then
-      [ -n "${FORCE:-}" ] || { echo "stage 1 is at step $step of ${STAGE1_STEPS:-4800} or still running: let it" \
+    if [ "$step" -lt "${STAGE1_STEPS:-5150}" ] || pgrep -f "MediRoundCore.train.lite" > /dev/null; then
+      [ -n "${FORCE:-}" ] || { echo "stage 1 is at step $step of ${STAGE1_STEPS:-5150} or still running: let it" \
         "finish (bash runs/train_lite.sh), or FORCE=1" >&2; exit 1; }
     fi
     tmp=$(mktemp -d "$INIT.tmp.XXXX")

@@ -8,6 +8,9 @@
 # From step 2850 (session 37) the schedule ends at step 4800 instead of 8000: the learning rate decays linearly to 0
 # there, so stage 1 ends annealed within this session and the JCM and the shipping measurements can follow
 # (runs/finish_lite.sh); a later, longer run can re-warm from it.
+# Steps 4800-5150 (session 38): training re-wordings add a true side clause to descriptions of unpaired
+# structures ("the organ that removes old red blood cells on the same side as it": step 4800 answered the left
+# hemisphere); the schedule's end moved to 5150, so these steps start at 2.1e-5 and decay to 0.
 # The vision tower starts from the shipped tiny model's (ignored when resuming). One step of 4 dialogues is about
 # 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
 # On a fresh clone (runs/lite gone) it continues from runs/lite-snapshot, the run's weights and step carried in
@@ -18,6 +21,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=(--vision-from MediRoundCore/weights/mediround-tiny)
 if [ -f runs/lite-snapshot/snapshot.json ]; then start=(--from-snapshot runs/lite-snapshot); fi
-exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite --steps 4800 --pool-slices 1000 \
+exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite --steps 5150 --pool-slices 1000 \
   --views 2 --save-every 50 --threads 2 --long-share 0.5 --dice-weight 2.0 \
   --new-views 600 "${start[@]}" "$@"

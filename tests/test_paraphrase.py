@@ -169,3 +169,35 @@ def test_typos_are_keyboard_slips_that_keep_sides_and_word_edges():
     near = paraphrase.KEY_NEIGHBOURS
     assert near["g"] == "tyfhvb" and near["a"] == "qwsz" and near["p"] == "ol" and near["m"] == "jkn"
     assert all(a in near[b] for a in near for b in near[a])  # touching is mutual
+
+
+def test_descriptions_of_unpaired_structures_gain_a_true_side_clause():
+    """"The organ that removes old red blood cells on the same side as it" (the demo's round 4): the generator
+    words side clauses only for paired structures, so training re-wordings add them to any description whose
+    target and reference both lie on a side, saying the side relation that holds."""
+    rng = np.random.default_rng(0)
+    seen = {"same": 0, "opposite": 0}
+    for i in range(60):
+        dlg = make_dialogue("train-long", 0, i)
+        queries = paraphrase.rephrase_dialogue(dlg, rng, p=1.0, typos=False, p_side=1.0)
+        for k, (r, q) in enumerate(zip(dlg.rounds, queries)):
+            if r.relation != "inferential" or r.ref is None:
+                continue
+            desc = paraphrase.slots_of(r.relation, r.template, r.query)["desc"]
+            target = dlg.slice.instance(r.target).side
+            ref = dlg.slice.instance(dlg.rounds[r.ref].target).side
+            if desc.endswith(tuple(paraphrase.INFERENTIAL_SIDE)) or target is None or ref is None:
+                assert paraphrase.side_clause(dlg, k) is None or desc.endswith(tuple(paraphrase.INFERENTIAL_SIDE))
+                continue
+            kind = "same" if target == ref else "opposite"
+            wordings = paraphrase.INFERENTIAL_SIDE[f" on the {kind} side {'as' if kind == 'same' else 'from'} it"]
+            said = [w.split("{ref}")[0] for w in wordings]
+            assert any(s in q for s in said), (q, target, ref)
+            seen[kind] += 1
+    assert seen["same"] >= 3 and seen["opposite"] >= 3, seen
+    # and never without the rate
+    dlg = make_dialogue("train-long", 0, 1)
+    plain = paraphrase.rephrase_dialogue(dlg, np.random.default_rng(0), p=1.0, typos=False, p_side=0.0)
+    r = dlg.rounds[3]
+    assert r.relation == "inferential" and paraphrase.side_clause(dlg, 3) == " on the same side as it"
+    assert not any(w.split("{ref}")[0] in plain[3] for v in paraphrase.INFERENTIAL_SIDE.values() for w in v)

@@ -142,6 +142,7 @@ INFERENTIAL_SIDE = {
 # Phrases inside the generator's slot values that mention the referenced round as "it".
 IT_PHRASES = (" as it", " than it", " from it", " of it", " to it", " it")
 TYPO_RATE = 0.04
+SIDE_CLAUSE_RATE = 0.8  # from lite step 4800 (session 38)
 
 
 def _cap(text: str) -> str:
@@ -296,15 +297,35 @@ def rephrase(rng: np.random.Generator, relation: str, slots: dict[str, str], ref
     return add_typos(rng, text) if typos else text
 
 
-def rephrase_dialogue(dlg, rng: np.random.Generator, p: float = 0.7, typos: bool = True) -> list[str]:
+def side_clause(dlg, k: int) -> str | None:
+    """The side clause an inferential description of round k may add where the generator adds none: the target
+    is the only structure of its function but lies on one side, and so does the referenced round's ("the organ
+    that removes old red blood cells on the same side as it" after the left kidney). The generator words such
+    clauses only for paired structures; a radiologist says them of any structure with a side."""
+    r = dlg.rounds[k]
+    if r.relation != "inferential" or r.ref is None:
+        return None
+    target, ref = dlg.slice.instance(r.target).side, dlg.slice.instance(dlg.rounds[r.ref].target).side
+    if target is None or ref is None:
+        return None
+    return " on the same side as it" if target == ref else " on the opposite side from it"
+
+
+def rephrase_dialogue(dlg, rng: np.random.Generator, p: float = 0.7, typos: bool = True,
+                      p_side: float = SIDE_CLAUSE_RATE) -> list[str]:
     """New queries for a generated dialogue: each round re-worded by the grammar with probability `p`
-    (else its template query is kept); references named by `reference_expression`."""
+    (else its template query is kept); references named by `reference_expression`; an inferential description
+    without a side clause gains one (`side_clause`) with probability `p_side`."""
     queries = []
     for k, r in enumerate(dlg.rounds):
         if rng.uniform() >= p:
             queries.append(r.query)
             continue
         slots = slots_of(r.relation, r.template, r.query)
+        if r.relation == "inferential" and not slots["desc"].endswith(tuple(INFERENTIAL_SIDE)):
+            clause = side_clause(dlg, k)
+            if clause is not None and rng.uniform() < p_side:
+                slots = dict(slots, desc=slots["desc"] + clause)
         ref = "it" if r.ref is None else reference_expression(rng, r.ref, k, dlg.rounds[r.ref].entity)
         queries.append(rephrase(rng, r.relation, slots, ref, typos))
     return queries
