@@ -10,9 +10,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "MediRoundCoreFiles.cmake"
-# Package data shipped as resources, by pattern (expanded by CMake at configure time and by the test).
+sys.path.insert(0, str(ROOT))
+from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT  # noqa: E402  (no torch import)
+
+# Package data shipped as resources, by pattern (expanded by CMake at configure time and by the test). Of the
+# model folders only the default's ships: the others stay in the repository for training scripts.
 RESOURCE_PATTERNS = [
-    "MediRoundCore/weights/*/*",  # every shipped model folder (the default one among them)
+    f"MediRoundCore/weights/{DEFAULT_CHECKPOINT.name}/*",
     "MediRoundCore/checkpoints/manifests/*.json",
     "MediRoundCore/data/bundled/*",
     "MediRoundCore/train/*.json",

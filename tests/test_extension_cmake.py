@@ -97,10 +97,13 @@ def test_core_package_ships_completely():
         assert (ROOT / path).is_file(), path
     assert "MediRoundCore/engine.py" in scripts and "MediRoundCore/__init__.py" in scripts
     patterns = variables["MEDIROUND_CORE_RESOURCE_PATTERNS"].split()
-    assert "MediRoundCore/weights/*/*" in patterns  # the default model's folder among them
+    default = DEFAULT_CHECKPOINT.relative_to(ROOT).as_posix()
+    assert f"{default}/*" in patterns  # the default model's folder, and no other model's
+    assert not [p for p in patterns if p.startswith("MediRoundCore/weights/") and p != f"{default}/*"]
     data_files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "MediRoundCore").rglob("*")
                   if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
-                  and not p.name.startswith(".")]
+                  and not p.name.startswith(".")
+                  and not (p.parent.parent.name == "weights" and p.parent != DEFAULT_CHECKPOINT)]
     unshipped = [f for f in data_files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
     assert unshipped == [], "package data not covered by MEDIROUND_CORE_RESOURCE_PATTERNS"
     # the module CMakeLists copies them into the build tree's qt-scripted-modules, and installs them only once:
@@ -179,3 +182,5 @@ def test_cmake_install_ships_every_file_once(tmp_path):
                  "MediRoundCore/checkpoint_info.py",
                  DEFAULT_CHECKPOINT.relative_to(ROOT).as_posix() + "/model.safetensors"):
         assert (root / path).is_file(), path
+    shipped_models = sorted(p.name for p in (root / "MediRoundCore" / "weights").iterdir())
+    assert shipped_models == [DEFAULT_CHECKPOINT.name]  # the default model only
