@@ -36,7 +36,8 @@ def main(out=ROOT / "Resources" / "Screenshots" / "panel.png"):
     app = qt.app_instance()
     trained = (DEFAULT_CHECKPOINT / "config.json").is_file() or any(DEFAULT_CHECKPOINT.glob("*.safetensors"))
     engine = Engine.load() if trained else Engine.random_tiny(seed=0)
-    caption = ("Bundled MediRound-Tiny weights." if trained else
+    name = "MediRound-" + DEFAULT_CHECKPOINT.name.removeprefix("mediround-").capitalize()
+    caption = (f"Bundled {name} weights." if trained else
                "Untrained random tiny model (trained weights not bundled yet): the answers are noise.")
     volume = load_volume(ROOT / "MediRoundCore" / "data" / "bundled" / "demo_abdomen.nrrd")
     scene = slicer.vtkMRMLScene()

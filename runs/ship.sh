@@ -4,9 +4,13 @@
 #   bash runs/ship.sh CHECKPOINT NAME   # NAME labels the β sweep: benchmarks/jcm_beta_val_NAME.md
 #   BETA=0.9 bash runs/ship.sh CHECKPOINT  # keep a β chosen before (the JCM was not retrained)
 #   CONFIGS=ind+jcm,ind-nojcm,resolver+jcm  # the hard-split configs (default: all, with the ablations)
+#   MEASURE_ONLY=1 bash runs/ship.sh      # only the measurements, of the default model as exported
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
+if [ -n "${MEASURE_ONLY:-}" ]; then  # the default model as already exported (e.g. by runs/finish_lite.sh)
+  :
+else
 CKPT=${1:?usage: $0 CHECKPOINT NAME}
 if [ -z "${BETA:-}" ]; then
   NAME=${2:?usage: $0 CHECKPOINT NAME}
@@ -20,6 +24,7 @@ if [ -z "${BETA:-}" ]; then
 fi
 echo "shipping $CKPT with beta $BETA"
 .venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
+fi
 env -u OMP_WAIT_POLICY .venv/bin/mediround bench  # timed as a user runs it (PASSIVE slows small steps 2-3x)
 .venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks \
   --configs "${CONFIGS:-ind+jcm,ind-nojcm,resolver+jcm,noref,nohistory,prevround}"
