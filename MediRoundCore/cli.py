@@ -348,7 +348,7 @@ def cmd_train(args) -> int:
                           correction_refiner=args.correction_refiner, features=args.features, fov_crop=args.fov_crop,
                           fov_min_side=args.fov_min_side,
                           paraphrase=args.paraphrase, absent=args.absent, repeat=args.repeat,
-                          product_references=args.product_references,
+                          product_references=args.product_references, precision=args.precision,
                           loss_weights={"ce": args.ce_weight, "bce": args.bce_weight, "dice": args.dice_weight})
     print(f"checkpoint: {folder}")
     return 0
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage 2: weigh each mask's correction loss by 1 - IoU of the unrefined mask")
     sp.add_argument("--features", help="stage 2 on cached features of the frozen --init model (one .safetensors "
                     "file or several joined by commas; build them with python -m MediRoundCore.train.jcm_features)")
+    sp.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
+                    help="bf16: steps under bfloat16 autocast, float32 weights and Adam state (auto: where the CPU "
+                         "or GPU multiplies bfloat16 natively; cached stage 2 of lite 2x faster on an AVX512-BF16 CPU)")
     sp.add_argument("--ce-weight", type=non_negative(float), default=1.0)
     sp.add_argument("--bce-weight", type=non_negative(float), default=2.0)
     sp.add_argument("--dice-weight", type=non_negative(float), default=0.5,

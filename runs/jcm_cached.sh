@@ -6,7 +6,8 @@
 #   bash runs/jcm_cached.sh images    # add the segmenter images to feature files collected without them
 #   bash runs/jcm_cached.sh train     # the variants (resumable), each with its offline table on the val rounds
 #                                     # (VARIANTS, STEPS, LR, BATCH, DICE: the correction's Dice weight; TAG: folder suffix;
-#                                     #  FOCUS= for the plain, unweighted correction loss)
+#                                     #  FOCUS= for the plain, unweighted correction loss; PRECISION: auto, bf16 or fp32;
+#                                     #  batches of whole dialogues, each image decoded once for its rounds)
 #   bash runs/jcm_cached.sh sweep V   # β on val (80 dialogues, multi-round) for variant V
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +43,10 @@ case "${1:-}" in
     wait ;;
   train)
     for v in ${VARIANTS:-plain context attention}; do
-      .venv/bin/mediround train --out "$OUT/$v${TAG:-}" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
+      # one process on the cores: OpenMP's default (active) wait, not PASSIVE, which doubled a step's time
+      env -u OMP_WAIT_POLICY .venv/bin/mediround train --out "$OUT/$v${TAG:-}" --stage 2 --init "$INIT" --features "$FEATURES" --steps "$STEPS" \
         --batch-size "${BATCH:-32}" --lr "${LR:-1e-3}" --save-every 250 --residual-correction ${FOCUS---correction-focus} \
-        --dice-weight "${DICE:-2.0}" ${FLAGS[$v]} 2> "$OUT/$v${TAG:-}.train.log"
+        --dice-weight "${DICE:-2.0}" --precision "${PRECISION:-auto}" ${FLAGS[$v]} 2> "$OUT/$v${TAG:-}.train.log"
       $PY -m MediRoundCore.evaluate.jcm_offline --checkpoint "$OUT/$v${TAG:-}/stage2/checkpoint" --features "$VAL" \
         | tee "$OUT/$v${TAG:-}.offline.md.tmp"
       mv "$OUT/$v${TAG:-}.offline.md.tmp" "$OUT/$v${TAG:-}.offline.md"  # whole: a rerun skips only a finished table

@@ -130,6 +130,52 @@ def test_cached_losses_equal_the_streaming_stage2(engine, samples):
         assert abs(float(streaming[name]) - float(cached[name])) < 2e-3, name
 
 
+def test_batches_of_whole_dialogues_share_their_images(predicted):
+    """Training batches hold whole dialogues with each image embedding once (the decoder prepares an image once
+    for all its rounds); an epoch sees every dialogue once, and the shared batch is the per-round one."""
+    epoch = predicted.num_dialogues  # at most one batch a dialogue
+    seen = []
+    for batch in itertools.islice(predicted.batches(2, seed=3, by_dialogue=True), epoch):
+        assert batch.rows is not None and len(batch.prompts) >= 2
+        assert len(batch.embeddings) == len(torch.unique(batch.rows)) == int(batch.rows.max()) + 1
+        match = [(predicted.prompts == p).all(-1).nonzero().item() for p in batch.prompts]
+        dialogues = predicted.dialogue[match]
+        for d in torch.unique(dialogues).tolist():  # whole dialogues, in their rounds' order
+            assert match_rows(predicted, d) == [m for m, x in zip(match, dialogues.tolist()) if x == d]
+        per_round = predicted.batch(torch.tensor(match))
+        assert torch.equal(batch.embeddings[batch.rows], per_round.embeddings)
+        assert torch.equal(batch.targets, per_round.targets) and torch.equal(batch.weight, per_round.weight)
+        seen += torch.unique(dialogues).tolist()
+        if len(seen) == predicted.num_dialogues:
+            break
+    assert sorted(seen) == list(range(predicted.num_dialogues))
+
+
+def match_rows(features, d):
+    return (features.dialogue == d).nonzero().squeeze(-1).tolist()
+
+
+def test_losses_with_shared_images_equal_per_round_images(engine, predicted):
+    model = engine.model
+    use_residual_correction(model, context=True)
+    torch.manual_seed(1)
+    for p in model.jcm.correction.parameters():  # a correction that is not the identity
+        torch.nn.init.normal_(p, std=0.02)
+    rows = torch.arange(len(predicted))
+    per_round, shared = predicted.batch(rows), predicted.batch(rows, shared_images=True)
+    assert len(shared.embeddings) == predicted.num_dialogues < len(rows)
+    a = jcm_losses(model, per_round.embeddings, per_round.prompts, per_round.targets, per_round.weight)
+    b = jcm_losses(model, shared.embeddings, shared.prompts, shared.targets, shared.weight, rows=shared.rows)
+    for name in ("loss", "judgment", "bce", "dice", "iou"):
+        assert abs(a[name].item() - b[name].item()) < 1e-4, name
+    grads = []
+    for out in (a, b):
+        model.jcm.zero_grad()
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.jcm.correction.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+
+
 def test_cached_stage2_trains_and_its_loss_falls(tmp_path, predicted):
     path = predicted.save(tmp_path / "f.safetensors")
     engine = Engine.random_tiny(seed=4)  # the model the features came from
@@ -213,3 +259,30 @@ def test_offline_report_compares_checkpoints(tmp_path, predicted):
     cells = lambda row: row.split(" | ")[4:]  # noqa: E731  the Δ Dice cells
     assert all(c.startswith("+0.00") for c in cells(rows["identity"][0]))  # an identity correction changes no mask
     assert not cells(rows["moved"][0])[-1].startswith("+0.00")  # at β 1 every prompt moved
+
+
+def test_mediround_train_takes_a_precision(tmp_path, predicted, monkeypatch):
+    """`mediround train --precision bf16` runs the steps under bfloat16 autocast (float32 weights); a precision
+    it does not know is a usage error."""
+    from MediRoundCore import cli
+    from MediRoundCore.train import trainer as trainer_module
+
+    path = predicted.save(tmp_path / "f.safetensors")
+    engine = Engine.random_tiny(seed=4)
+    engine.model.save_pretrained(tmp_path / "init", engine.tokenizer)
+    seen = []
+    original = trainer_module.Trainer._losses
+
+    def spy(self, batch):
+        seen.append((self.cfg.precision, torch.is_autocast_enabled("cpu")))
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_losses", spy)
+    code = cli.main(["train", "--out", str(tmp_path / "run"), "--stage", "2", "--init", str(tmp_path / "init"),
+                     "--features", str(path), "--steps", "2", "--batch-size", "4", "--residual-correction",
+                     "--precision", "bf16", "--save-every", "2"])
+    assert code == 0 and seen == [("bf16", True)] * 2
+    trained = torch.load(tmp_path / "run" / "stage2" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert trained["step"] == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--out", str(tmp_path / "x"), "--precision", "fp8"])

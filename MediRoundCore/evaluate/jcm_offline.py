@@ -67,12 +67,13 @@ def offline_jcm(model, features, batch_size: int = 64) -> OfflineJCM:
     raw, corrected, scores = [], [], []
     for start in range(0, len(features), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(features)))
-        batch = features.batch(rows).to(model.device)
-        low_res, mask_tokens = model.decode_with_tokens(batch.embeddings, batch.prompts)
-        context = (model.context_from_decode(batch.embeddings, low_res, mask_tokens) if model.jcm.uses_context
-                   else None)
+        batch = features.batch(rows, shared_images=True).to(model.device)  # rows of a dialogue are adjacent
+        low_res, mask_tokens = model.decode_with_tokens(batch.embeddings, batch.prompts, batch.rows)
+        context = (model.context_from_decode(batch.embeddings[batch.rows], low_res, mask_tokens)
+                   if model.jcm.uses_context else None)
         fixed = upsample_logits(model, model.decode_with_prompts(batch.embeddings,
-                                                                 model.jcm.correction(batch.prompts, context)))
+                                                                 model.jcm.correction(batch.prompts, context),
+                                                                 batch.rows))
         if model.jcm.refiner is not None:
             if batch.images is None:
                 raise ValueError("this JCM has a refiner: the features need images (jcm_features --add-images)")

@@ -46,11 +46,12 @@ SOURCES = ("predicted", "teacher")
 class FeatureBatch:
     """One cached stage-2 step: prompt k decodes on image embedding row k against target mask k."""
 
-    embeddings: torch.Tensor  # (K,C,g,g)
+    embeddings: torch.Tensor  # (K,C,g,g), or (B,C,g,g) the batch's distinct images when `rows` is set
     prompts: torch.Tensor  # (K,256) before JCM
     targets: torch.Tensor  # (K,S,S) in the segmenter frame
     weight: torch.Tensor  # (K,S,S) 1 inside each image's unpadded extent
     images: torch.Tensor | None = None  # (K,S,S) segmenter input (channel mean), if the set keeps images
+    rows: torch.Tensor | None = None  # (K,) the embedding row of each round (shared images)
 
     def to(self, device):
         for name, value in vars(self).items():
@@ -100,21 +101,42 @@ class FeatureSet:
         extents = [tuple(hw) for hw in self.valid_hw[self.dialogue[rows]].tolist()]
         return valid_region_mask(extents, [1] * len(extents), self.size, "cpu")
 
-    def batch(self, rows: torch.Tensor) -> FeatureBatch:
+    def batch(self, rows: torch.Tensor, shared_images: bool = False) -> FeatureBatch:
+        """The rounds `rows`; with `shared_images` each distinct image embedding once and `rows` pointing into
+        them, so the mask decoder prepares each image once (`MediRound.decode_with_tokens(..., rows)`: on
+        LiteMedSAM's 64² grid a batch of 32 rounds of 32 images took 9.5 s a training step on two cores)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         images = None if self.images is None else self.images[self.dialogue[rows]].float()
+        if shared_images:
+            dialogues, index = torch.unique(self.dialogue[rows], return_inverse=True)
+            return FeatureBatch(self.embeddings[dialogues].float(), self.prompts[rows], self.targets(rows),
+                                self.weights(rows), images, index)
         return FeatureBatch(self.embeddings[self.dialogue[rows]].float(), self.prompts[rows], self.targets(rows),
                             self.weights(rows), images)
 
-    def batches(self, batch_size: int, seed: int = 0):
-        """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs."""
+    def batches(self, batch_size: int, seed: int = 0, by_dialogue: bool = False):
+        """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs. `by_dialogue`:
+        each batch holds whole dialogues, shuffled, added until it has at least `batch_size` rounds, with shared
+        images (`batch`); every dialogue once an epoch."""
         if len(self) < batch_size:
             raise ValueError(f"{len(self)} cached rounds cannot fill a batch of {batch_size}")
         generator = torch.Generator().manual_seed(seed)
+        if by_dialogue:
+            order = torch.argsort(self.dialogue, stable=True)
+            counts = torch.bincount(self.dialogue, minlength=self.num_dialogues)
+            starts = torch.cumsum(counts, 0) - counts
         while True:
-            order = torch.randperm(len(self), generator=generator)
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.batch(order[start:start + batch_size])
+            if not by_dialogue:
+                order = torch.randperm(len(self), generator=generator)
+                for start in range(0, len(order) - batch_size + 1, batch_size):
+                    yield self.batch(order[start:start + batch_size])
+                continue
+            pending = []
+            for d in torch.randperm(self.num_dialogues, generator=generator).tolist():
+                pending.append(order[starts[d]:starts[d] + counts[d]])
+                if sum(len(p) for p in pending) >= batch_size:
+                    yield self.batch(torch.cat(pending), shared_images=True)
+                    pending = []
 
     def split(self, val_dialogues: int) -> tuple["FeatureSet", "FeatureSet"]:
         """(train, held out): the last `val_dialogues` dialogues held out whole."""

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import OptionError
 from .batching import batches_in_workers
-from .trainer import TrainConfig, Trainer, stream_seed
+from .trainer import TrainConfig, Trainer, choose_precision, stream_seed
 
 
 def training_stream(split: str = "train", fov_crop: float = 0.0, paraphrase: float = 0.0, absent: float = 0.0,
@@ -86,7 +86,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                  correction_focus: bool = False, correction_context: bool = False, correction_attention: bool = False,
                  correction_refiner: bool = False, features=None, fov_crop: float = 0.0,
                  paraphrase: float = 0.0, absent: float = 0.0, repeat: float = 0.0, fov_min_side: float = 0.5,
-                 product_references: float = 0.0):
+                 product_references: float = 0.0, precision: str = "fp32"):
     """Train into `output_dir/stage<k>`; resumes there if a checkpoint exists. Returns the checkpoint folder.
 
     `features` (stage 2): cached rounds of the frozen model (`jcm_features.FeatureSet` files) instead of the
@@ -122,7 +122,8 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
                                 refiner=correction_refiner)
     cfg = TrainConfig(str(out), stage=stage, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed,
                       save_every=save_every, warmup_steps=min(100, max(1, steps // 10)),
-                      reference_noise=reference_noise, correction_focus=correction_focus)
+                      reference_noise=reference_noise, correction_focus=correction_focus,
+                      precision=choose_precision(precision))
     if loss_weights:
         cfg.loss_weights = {**cfg.loss_weights, **loss_weights}
     stream = training_stream(data, fov_crop, paraphrase, absent, repeat, fov_min_side, product_references)
@@ -132,7 +133,7 @@ def run_training(output_dir, stage: int = 1, steps: int = 1000, batch_size: int 
 
         cached = FeatureSet.load(features)
         check_features_match(cached, model)
-        trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step))
+        trainer.batch_source = cached.batches(batch_size, seed=stream_seed(cfg.seed, trainer.step), by_dialogue=True)
     elif workers > 0:
         trainer.batch_source = batches_in_workers(stream, stream_seed(cfg.seed, trainer.step), batch_size,
                                                   trainer.builder, model.config, reference_noise, workers)

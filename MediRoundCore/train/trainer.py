@@ -142,19 +142,21 @@ def stage2_losses(model, batch, focus: bool = False, bce: float = 2.0, dice: flo
 
 
 def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, bce: float = 2.0,
-               dice: float = 0.5, images: torch.Tensor | None = None) -> dict:
+               dice: float = 0.5, images: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> dict:
     """Stage 2 on prompts of the frozen model: prompt k decodes on image embedding row k against target k.
 
     Judgment: BCE of the quality score against the IoU of the unrefined mask (weight 2). Correction: `bce`·BCE +
     `dice`·Dice of the refined mask (the paper's 2 and 0.5 by default), on every sample. With `focus`, each
     mask's correction loss is weighted by 1 − IoU of the unrefined mask (at least FOCUS_FLOOR): the correction
     then learns from the masks it will be applied to at inference, the poor ones, instead of mostly from masks
-    that need no change. A JCM with a refiner redraws the refined masks from `images` (K,S,S), the segmenter input."""
+    that need no change. A JCM with a refiner redraws the refined masks from `images` (K,S,S), the segmenter input.
+    `rows`: prompt k decodes on image embedding row rows[k] (a few images, many rounds on each)."""
     with torch.no_grad():
-        low_res, mask_tokens = model.decode_with_tokens(embeddings, prompts)
+        low_res, mask_tokens = model.decode_with_tokens(embeddings, prompts, rows)
         raw_logits = upsample_logits(model, low_res)
     # outside no_grad: an attending correction's context has weights of its own
-    context = model.context_from_decode(embeddings, low_res, mask_tokens) if model.jcm.uses_context else None
+    context = (model.context_from_decode(embeddings if rows is None else embeddings[rows], low_res, mask_tokens)
+               if model.jcm.uses_context else None)
     pred = (raw_logits > 0).float() * weight
     inter = (pred * target).flatten(1).sum(-1)
     union = ((pred + target) > 0).float().flatten(1).sum(-1)
@@ -162,7 +164,7 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, 
     score = model.jcm.quality(prompts)
     judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
     refined = model.jcm.correction(prompts, context)
-    refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, refined))
+    refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, refined, rows))
     if model.jcm.refiner is not None:
         if images is None:
             raise ValueError("this JCM has a refiner: stage 2 needs the segmenter images (collect features with "
@@ -318,7 +320,7 @@ class Trainer:
         weights = {"bce": self.cfg.loss_weights["bce"], "dice": self.cfg.loss_weights["dice"]}
         if isinstance(batch, FeatureBatch):  # cached stage 2 (see jcm_features)
             return jcm_losses(self.model, batch.embeddings, batch.prompts, batch.targets, batch.weight,
-                              self.cfg.correction_focus, images=batch.images, **weights)
+                              self.cfg.correction_focus, images=batch.images, rows=batch.rows, **weights)
         return stage2_losses(self.model, batch, focus=self.cfg.correction_focus, **weights)
 
     def _log(self, path: Path, row: dict) -> None:
