@@ -4,12 +4,14 @@
 #   bash runs/ship.sh CHECKPOINT NAME   # NAME labels the β sweep: benchmarks/jcm_beta_val_NAME.md
 #   BETA=0.9 bash runs/ship.sh CHECKPOINT  # keep a β chosen before (the JCM was not retrained)
 #   CONFIGS=ind+jcm,ind-nojcm,resolver+jcm  # the hard-split configs (default: all, with the ablations)
-#   MEASURE_ONLY=1 bash runs/ship.sh      # only the measurements, of the default model as exported
+#   MEASURE_ONLY=1 SWEEP=lite bash runs/ship.sh  # only the measurements, of the default model as exported
+#                                                # (SWEEP: its β sweep becomes benchmarks/jcm_beta_val.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 if [ -n "${MEASURE_ONLY:-}" ]; then  # the default model as already exported (e.g. by runs/finish_lite.sh)
-  :
+  [ $# -eq 0 ] || { echo "MEASURE_ONLY takes no arguments (the sweep's NAME, if any, as SWEEP=NAME)" >&2; exit 2; }
+  if [ -n "${SWEEP:-}" ]; then cp "benchmarks/jcm_beta_val_$SWEEP.md" benchmarks/jcm_beta_val.md; fi
 else
 CKPT=${1:?usage: $0 CHECKPOINT NAME}
 if [ -z "${BETA:-}" ]; then

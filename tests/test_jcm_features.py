@@ -274,7 +274,7 @@ def test_mediround_train_takes_a_precision(tmp_path, predicted, monkeypatch):
     original = trainer_module.Trainer._losses
 
     def spy(self, batch):
-        seen.append((self.cfg.precision, torch.is_autocast_enabled("cpu")))
+        seen.append((self.cfg.precision, torch.is_autocast_enabled(self.accelerator.device.type)))
         return original(self, batch)
 
     monkeypatch.setattr(trainer_module.Trainer, "_losses", spy)

@@ -324,7 +324,7 @@ def rephrase_dialogue(dlg, rng: np.random.Generator, p: float = 0.7, typos: bool
         slots = slots_of(r.relation, r.template, r.query)
         if r.relation == "inferential" and not slots["desc"].endswith(tuple(INFERENTIAL_SIDE)):
             clause = side_clause(dlg, k)
-            if clause is not None and rng.uniform() < p_side:
+            if clause is not None and p_side > 0 and rng.uniform() < p_side:  # p_side 0: the stream as before
                 slots = dict(slots, desc=slots["desc"] + clause)
         ref = "it" if r.ref is None else reference_expression(rng, r.ref, k, dlg.rounds[r.ref].entity)
         queries.append(rephrase(rng, r.relation, slots, ref, typos))

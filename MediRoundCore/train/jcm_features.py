@@ -117,7 +117,7 @@ class FeatureSet:
     def batches(self, batch_size: int, seed: int = 0, by_dialogue: bool = False):
         """Endless shuffled batches (a new permutation every epoch), seeded for resumable runs. `by_dialogue`:
         each batch holds whole dialogues, shuffled, added until it has at least `batch_size` rounds, with shared
-        images (`batch`); every dialogue once an epoch."""
+        images (`batch`); each dialogue at most once an epoch (those left over at its end wait for the next)."""
         if len(self) < batch_size:
             raise ValueError(f"{len(self)} cached rounds cannot fill a batch of {batch_size}")
         generator = torch.Generator().manual_seed(seed)

@@ -162,7 +162,8 @@ def jcm_losses(model, embeddings, prompts, target, weight, focus: bool = False, 
     union = ((pred + target) > 0).float().flatten(1).sum(-1)
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     score = model.jcm.quality(prompts)
-    judgment = F.binary_cross_entropy(score.clamp(1e-6, 1 - 1e-6), iou)
+    with torch.autocast(score.device.type, enabled=False):  # CUDA's autocast refuses BCE on probabilities
+        judgment = F.binary_cross_entropy(score.float().clamp(1e-6, 1 - 1e-6), iou.float())
     refined = model.jcm.correction(prompts, context)
     refined_logits = upsample_logits(model, model.decode_with_prompts(embeddings, refined, rows))
     if model.jcm.refiner is not None:
