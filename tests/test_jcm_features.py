@@ -111,12 +111,17 @@ def test_features_save_load_concat_and_split(tmp_path, predicted):
         FeatureSet.load(tmp_path / "missing.safetensors")
 
 
-def test_cached_losses_equal_the_streaming_stage2(engine, samples):
-    model = engine.model
+def _with_context_correction(model, seed):
+    """A fresh context-aware residual JCM whose correction is not the identity."""
     use_residual_correction(model, context=True)
-    torch.manual_seed(0)
-    for p in model.jcm.correction.parameters():  # a correction that is not the identity
+    torch.manual_seed(seed)
+    for p in model.jcm.correction.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_cached_losses_equal_the_streaming_stage2(engine, samples):
+    model = _with_context_correction(engine.model, 0)
     builder = PromptBuilder(engine.tokenizer, model.token_ids, model.config.chat_template,
                             model.config.vision.num_patches)
     features = collect_teacher(model, engine.tokenizer, samples, reference_noise=0.0, batch_size=2)
@@ -156,11 +161,7 @@ def match_rows(features, d):
 
 
 def test_losses_with_shared_images_equal_per_round_images(engine, predicted):
-    model = engine.model
-    use_residual_correction(model, context=True)
-    torch.manual_seed(1)
-    for p in model.jcm.correction.parameters():  # a correction that is not the identity
-        torch.nn.init.normal_(p, std=0.02)
+    model = _with_context_correction(engine.model, 1)
     rows = torch.arange(len(predicted))
     per_round, shared = predicted.batch(rows), predicted.batch(rows, shared_images=True)
     assert len(shared.embeddings) == predicted.num_dialogues < len(rows)
