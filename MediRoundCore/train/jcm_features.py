@@ -122,15 +122,18 @@ class FeatureSet:
             raise ValueError(f"{len(self)} cached rounds cannot fill a batch of {batch_size}")
         generator = torch.Generator().manual_seed(seed)
         if by_dialogue:
-            order = torch.argsort(self.dialogue, stable=True)
-            counts = torch.bincount(self.dialogue, minlength=self.num_dialogues)
-            starts = torch.cumsum(counts, 0) - counts
+            yield from self._dialogue_batches(batch_size, generator)
         while True:
-            if not by_dialogue:
-                order = torch.randperm(len(self), generator=generator)
-                for start in range(0, len(order) - batch_size + 1, batch_size):
-                    yield self.batch(order[start:start + batch_size])
-                continue
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.batch(order[start:start + batch_size])
+
+    def _dialogue_batches(self, batch_size: int, generator):
+        """`batches(by_dialogue=True)`: endless batches of whole shuffled dialogues, images shared."""
+        order = torch.argsort(self.dialogue, stable=True)
+        counts = torch.bincount(self.dialogue, minlength=self.num_dialogues)
+        starts = torch.cumsum(counts, 0) - counts
+        while True:
             pending = []
             for d in torch.randperm(self.num_dialogues, generator=generator).tolist():
                 pending.append(order[starts[d]:starts[d] + counts[d]])
