@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-tiny"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "mediround-lite"
 PAPER_BETA = 0.6
+
+
+def default_model_name() -> str:
+    """The bundled default model as users read it, e.g. "MediRound-Lite" for weights/mediround-lite."""
+    return "MediRound-" + DEFAULT_CHECKPOINT.name.removeprefix("mediround-").capitalize()
 
 
 def _field(checkpoint, path: tuple[str, ...], default):

@@ -34,6 +34,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .answers import ABSENT_NOTE  # noqa: E402
+from .checkpoint_info import default_model_name  # noqa: E402
 from .errors import DeviceError, MediRoundError  # noqa: E402
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
@@ -445,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
-        sp.add_argument("--checkpoint", help="MediRound checkpoint folder (default: the bundled MediRound-Tiny)")
+        sp.add_argument("--checkpoint",
+                        help=f"MediRound checkpoint folder (default: the bundled {default_model_name()})")
         sp.add_argument("--device", help="cpu or cuda (default: cuda when present)")
         sp.add_argument("--random", action="store_true", help="use an untrained tiny model")
         sp.add_argument("--no-jcm", action="store_true", help="switch off the Judgment & Correction Mechanism")
@@ -485,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                     "only; any other needs tokens)")
     sp.add_argument("--port", type=int, default=8765)
-    sp.add_argument("--checkpoint", help="MediRound checkpoint folder (default: the bundled MediRound-Tiny)")
+    sp.add_argument("--checkpoint",
+                    help=f"MediRound checkpoint folder (default: the bundled {default_model_name()})")
     sp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present); one server per device")
     sp.add_argument("--random", action="store_true", help="serve an untrained tiny model")
     sp.add_argument("--sessions", help="folder of the server's sessions (default ~/.cache/mediround/server-sessions)")

@@ -104,7 +104,7 @@ set(MEDIROUND_CORE_SCRIPTS
   )
 
 set(MEDIROUND_CORE_RESOURCE_PATTERNS
-  MediRoundCore/weights/mediround-tiny/*
+  MediRoundCore/weights/mediround-lite/*
   MediRoundCore/checkpoints/manifests/*.json
   MediRoundCore/data/bundled/*
   MediRoundCore/train/*.json

@@ -21,6 +21,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import numpy as np  # noqa: E402
 
 import MediRound  # noqa: E402
+from MediRoundCore.checkpoint_info import default_model_name  # noqa: E402
 from MediRoundCore.engine import DEFAULT_CHECKPOINT, Engine  # noqa: E402
 from MediRoundCore.imaging import load_volume  # noqa: E402
 from MediRoundLib import qt  # noqa: E402
@@ -36,8 +37,7 @@ def main(out=ROOT / "Resources" / "Screenshots" / "panel.png"):
     app = qt.app_instance()
     trained = (DEFAULT_CHECKPOINT / "config.json").is_file() or any(DEFAULT_CHECKPOINT.glob("*.safetensors"))
     engine = Engine.load() if trained else Engine.random_tiny(seed=0)
-    name = "MediRound-" + DEFAULT_CHECKPOINT.name.removeprefix("mediround-").capitalize()
-    caption = (f"Bundled {name} weights." if trained else
+    caption = (f"Bundled {default_model_name()} weights." if trained else
                "Untrained random tiny model (trained weights not bundled yet): the answers are noise.")
     volume = load_volume(ROOT / "MediRoundCore" / "data" / "bundled" / "demo_abdomen.nrrd")
     scene = slicer.vtkMRMLScene()

@@ -136,7 +136,11 @@ def test_empty_query_and_errors_in_status(panel):
     show_plane(slice_node, "axial", [0, 0, 999])
     _ask(chat, "Segment the liver")
     assert "outside the volume" in chat.ui.statusLabel.text()
-    # a checkpoint folder is chosen through the model combo
+    # the bundled model is named as its folder is (weights/mediround-lite: MediRound-Lite); a checkpoint folder
+    # is chosen through the model combo
+    from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT
+
+    assert chat.ui.modelCombo.itemText(0) == "Bundled MediRound-" + DEFAULT_CHECKPOINT.name.split("-", 1)[1].title()
     dialogs.paths.append(str(tmp))
     chat.ui.modelCombo.setCurrentIndex(1)
     assert logic.checkpoint == str(tmp) and chat.ui.checkpointEdit.text() == str(tmp)

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=60)
     p.add_argument("--out", default="benchmarks/jcm_beta_val.md")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--betas", type=float, nargs="+", default=list(BETAS),
+                   help="the β values to try (each costs one multi-round pass over the dialogues)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = ensure_split("val", 0, args.limit, default_cache())
@@ -51,14 +53,14 @@ def main(argv=None) -> int:
         p.error(f"{args.checkpoint}: its JCM is untrained (config.jcm.trained false: a stage-1 checkpoint); train "
                 "stage 2 first, then choose β for that checkpoint")
     predictor = EvalEngine.from_engine(engine)
-    best, rows = sweep(predictor, samples, ids)
+    best, rows = sweep(predictor, samples, ids, tuple(args.betas))
     lines = ["# JCM threshold β on the validation split", "",
              f"Written by `python -m MediRoundCore.evaluate.select_beta {' '.join(argv or sys.argv[1:])}`: "
              f"{len(samples)} val dialogues ({sum(s.num_rounds for s in samples)} rounds), dataset references, "
              "predicted masks fed forward.", "", "| β | Dice | gIoU | cIoU |", "|---|---|---|---|",
              f"| JCM off | {rows['off'].dice:.2f} | {rows['off'].giou:.2f} | {rows['off'].ciou:.2f} |"]
-    lines += [f"| {b:.1f}{' (chosen)' if b == best else ''} | {rows[b].dice:.2f} | {rows[b].giou:.2f} | "
-              f"{rows[b].ciou:.2f} |" for b in BETAS]
+    lines += [f"| {b:g}{' (chosen)' if b == best else ''} | {rows[b].dice:.2f} | {rows[b].giou:.2f} | "
+              f"{rows[b].ciou:.2f} |" for b in args.betas]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"chosen beta {best}")

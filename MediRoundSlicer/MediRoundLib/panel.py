@@ -93,6 +93,9 @@ class ChatPanel:
         ui.serverEdit.editingFinished.connect(self.on_server_changed)
         ui.tokenEdit.editingFinished.connect(self.on_server_changed)
         ui.historyBrowser.setOpenLinks(False)
+        from MediRoundCore.checkpoint_info import default_model_name  # no torch import
+
+        ui.modelCombo.setItemText(0, f"Bundled {default_model_name()}")
         self.adopt_model_beta()
         self.refresh()
 

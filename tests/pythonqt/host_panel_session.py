@@ -137,7 +137,7 @@ def model_and_jcm_controls():
     ui.jcmCheckBox.setChecked(False)
     beta_off = ui.betaSpinBox.enabled
     ui.jcmCheckBox.setChecked(True)
-    log["controls"] = [chosen, logic.checkpoint, beta_off, ui.betaSpinBox.enabled]
+    log["controls"] = [chosen, logic.checkpoint, beta_off, ui.betaSpinBox.enabled, ui.modelCombo.itemText(0)]
 
 
 STEPS = [ask(QUERIES[0]), check_round(1), ask(QUERIES[1]), check_round(2), ask(QUERIES[2]), check_round(3),
