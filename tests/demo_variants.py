@@ -16,6 +16,6 @@ FLOORS = tuple(round(m - 0.05, 3) for m in MEASURED)
 # fail, strictly, so a model that fixes one makes it say so. Both are the tightest cuts into the body: the lesion
 # in the kidney (round 2) loses Dice when little of the abdomen around it is on the slice.
 NOT_YET: dict[str, str] = {
-    "cut_200x160_offcentre": "round 2 (the lesion) 0.828 against 0.915 on the whole slice (difference 0.087)",
+    "cut_200x160_offcentre": "round 2 (the lesion) 0.828 against 0.915 on the whole slice (difference 0.086)",
     "cut_136x144_tight": "round 2 (the lesion) 0.798 against 0.915 on the whole slice (difference 0.117)",
 }

@@ -90,7 +90,7 @@ def test_ask_with_button_and_enter_then_undo(panel):
                    "axial slice 4"):
         assert needle in text
     combo = chat.ui.referenceCombo
-    assert [combo.itemText(i) for i in range(combo.count())] == ["Auto (named or previous round)", "R1: liver",
+    assert [combo.itemText(i) for i in range(combo.count())] == ["Auto (the round the query means)", "R1: liver",
                                                                  "R2: lesion"]
     assert "CPU" in chat.ui.deviceLabel.text()
     from MediRoundCore.engine import checkpoint_beta
