@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .checkpoint_info import default_model_name
 from .errors import DeviceError
 
 T = TypeVar("T")
@@ -23,8 +24,8 @@ _DEVICE_MESSAGE = re.compile(r"CUDA out of memory|out of memory|CUDA error|CUBLA
                              r"NCCL error|HIP error|MPS backend|device-side assert|no kernel image|"
                              r"CUDA driver|not enough memory|can't allocate memory", re.IGNORECASE)
 CPU_HEADROOM_BYTES = 512 * 2**20  # activations, KV cache and the interpreter beside the weights
-SMALLER_OPTIONS = ("use a smaller option: the tiny model (MediRound-Tiny, the bundled default: leave out "
-                   "--checkpoint / choose the default model in the panel), or the full model quantised to 4-bit "
+SMALLER_OPTIONS = (f"use a smaller option: the bundled default model ({default_model_name()}: leave out "
+                   "--checkpoint / choose the bundled model in the panel), or the full model quantised to 4-bit "
                    "on the GPU")
 
 

@@ -118,7 +118,8 @@ class Engine:
     # -- construction --------------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str | None = None, **kwargs) -> "Engine":
-        """Our checkpoint folder (default: the bundled MediRound-Tiny) on CUDA (bf16) if present, else CPU."""
+        """Our checkpoint folder (default: the bundled default model, `DEFAULT_CHECKPOINT`) on CUDA (bf16) if present,
+        else CPU."""
         from .model.modeling import MediRound
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

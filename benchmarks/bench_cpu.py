@@ -19,7 +19,7 @@ mask back at slice size.
      then the first Ask, each timed.
   4. Peak resident memory (getrusage).
 It writes the `<!-- cpu -->` section of RESULTS.md, `cpu_rounds.csv` and `cpu_rounds.png` in `--out`; a model of
-another size than tiny, the shipped one (`lite`, `full`), gets its own section (`<!-- cpu-lite -->`,
+another size than tiny (`lite`, the shipped default, and `full`) gets its own section (`<!-- cpu-lite -->`,
 `cpu-lite_rounds.*`), and lite the issue's targets. Any tiny checkpoint writes the `cpu` section: measure an
 unshipped one with `--out` elsewhere.
 """
@@ -432,13 +432,13 @@ def drafts_note(engine) -> str:
 
 
 def targets_for(size: str) -> dict:
-    """Latency targets (ms) of a model size: the shipped tiny model's own, or the issue's for `lite`."""
+    """Latency targets (ms) of a model size: the tiny model's own, or the issue's for `lite`."""
     return {"first": TARGET_FIRST_MS, "later": TARGET_LATER_MS, "prepared": TARGET_PREPARED_MS,
             **TARGETS_BY_SIZE.get(size, {})}
 
 
 def section_name(size: str) -> str:
-    """RESULTS.md section of a model size: `cpu` for tiny (the shipped size), `cpu-<size>` for the others."""
+    """RESULTS.md section of a model size: `cpu` for tiny (the previous default), `cpu-<size>` for the others."""
     return "cpu" if size == "tiny" else f"cpu-{size}"
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# After stage 1: stage 2 (JCM), β on val, export the shipped model, then quality and speed measurements.
-# RUN names the training folder (phase E, the shipped model: runs/tiny5); stage 2 there trains a residual correction on the same
+# After stage 1 of MediRound-Tiny: stage 2 (JCM), β on val, export (to weights/mediround-tiny), then quality and
+# speed measurements. RUN names the training folder (phase E, tiny as shipped until issue 23: runs/tiny5); stage 2 there trains a residual correction on the same
 # mixture and reference noise as stage 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."

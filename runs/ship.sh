@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Ship a stage-2 checkpoint as the default model: β on val (never test), export, then the speed and quality
+# Ship a stage-2 checkpoint as the default model: β on val (never test), export (to the bundled folder of its
+# size, which must be DEFAULT_CHECKPOINT's), then the speed and quality
 # measurements, the panel screenshot and the README overlays.
 #   bash runs/ship.sh CHECKPOINT NAME   # NAME labels the β sweep: benchmarks/jcm_beta_val_NAME.md
 #   BETA=0.9 bash runs/ship.sh CHECKPOINT  # keep a β chosen before (the JCM was not retrained)
@@ -25,7 +26,13 @@ if [ -z "${BETA:-}" ]; then
   BETA=$(tail -1 runs/beta.log | awk '{print $3}')
 fi
 echo "shipping $CKPT with beta $BETA"
-.venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA"
+DEST=$(.venv/bin/python -m MediRoundCore.train.export "$CKPT" --beta "$BETA" | tail -1)  # weights/mediround-<size>
+DEFAULT=$(.venv/bin/python -c "from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT as d; print(d)")
+if [ "$(realpath "$DEST")" != "$(realpath "$DEFAULT")" ]; then
+  echo "exported to $DEST, which is not the default model ($DEFAULT): the measurements below are of the" \
+       "default; switch DEFAULT_CHECKPOINT (checkpoint_info.py) first, then MEASURE_ONLY=1 bash runs/ship.sh" >&2
+  exit 1
+fi
 fi
 env -u OMP_WAIT_POLICY .venv/bin/mediround bench  # timed as a user runs it (PASSIVE slows small steps 2-3x)
 .venv/bin/mediround eval --split hard --limit "${EVAL_LIMIT:-500}" --threads 2 --out benchmarks \

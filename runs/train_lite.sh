@@ -11,7 +11,7 @@
 # Steps 4800-5150 (session 38): training re-wordings add a true side clause to descriptions of unpaired
 # structures ("the organ that removes old red blood cells on the same side as it": step 4800 answered the left
 # hemisphere); the schedule's end moved to 5150, so these steps start at 2.1e-5 and decay to 0.
-# The vision tower starts from the shipped tiny model's (ignored when resuming). One step of 4 dialogues is about
+# The vision tower starts from the tiny model's (weights/mediround-tiny; ignored when resuming). One step of 4 dialogues is about
 # 5.5 s on two idle cores once the pool's views are cached; a GPU run is the same command on the device machine.
 # On a fresh clone (runs/lite gone) it continues from runs/lite-snapshot, the run's weights and step carried in
 # the repository (`python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot`, then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Background training of MediRound-Tiny stage 1 (resumable): what produced the shipped model.
+# Background training of MediRound-Tiny stage 1 (resumable): what produced the previous default model.
 # Phase A (runs/tiny, 450 steps, paper loss weights) collapsed to empty masks: from scratch the segmenter
 # needs a stronger overlap term. Phase B (runs/tiny2, 1700 steps) continued from phase A's weights with Dice
 # weight 2.0. Phase C (runs/tiny3) continues from phase B on the train+train-long mixture (long dialogues,

@@ -38,6 +38,25 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def shipped_model_missing() -> str | None:
+    """Why the bundled default model cannot load here (its weights are not in the checkout, or the pinned base
+    weights it loads besides them are not fetched), or None."""
+    from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_base_weights
+    from MediRoundCore.checkpoints import base_weights
+
+    if not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        return "the shipped model's weights are not in this checkout"
+    lacking = base_weights.missing(checkpoint_base_weights())
+    if lacking:
+        return (f"base weights {', '.join(lacking)} of the shipped model are not on this machine: "
+                "python -m MediRoundCore.checkpoints.base_weights fetch")
+    return None
+
+
+_SHIPPED_MISSING = shipped_model_missing()
+needs_shipped_model = pytest.mark.skipif(_SHIPPED_MISSING is not None, reason=_SHIPPED_MISSING or "")
+
+
 def build_lite_or_skip():
     """(model, tokenizer) of an untrained MediRound-Lite on the pinned base weights; skips where they are not
     fetched (python -m MediRoundCore.checkpoints.base_weights fetch)."""

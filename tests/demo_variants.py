@@ -12,10 +12,16 @@ MEASURED = (0.844, 0.915, 0.988, 0.994)
 FLOORS = tuple(round(m - 0.05, 3) for m in MEASURED)
 
 # Variants the shipped model does not yet answer within 0.05 of the original (QUALITY.md, "Same anatomy, other
-# field of view or orientation"): the largest per-round difference measured. The behaviour test expects them to
-# fail, strictly, so a model that fixes one makes it say so. Both are the tightest cuts into the body: the lesion
-# in the kidney (round 2) loses Dice when little of the abdomen around it is on the slice.
-NOT_YET: dict[str, str] = {
-    "cut_200x160_offcentre": "round 2 (the lesion) 0.828 against 0.915 on the whole slice (difference 0.086)",
-    "cut_136x144_tight": "round 2 (the lesion) 0.798 against 0.915 on the whole slice (difference 0.117)",
+# field of view or orientation"): what it measured on each, round by round. The behaviour test holds them to their
+# own floors (measured minus 0.05) and expects the difference to the original to stay over 0.05, so a drop is
+# caught and a model that fixes one makes the test say so. Both are the tightest cuts into the body: the lesion in
+# the kidney (round 2) loses Dice when little of the abdomen around it is on the slice.
+NOT_YET: dict[str, tuple[float, ...]] = {
+    "cut_200x160_offcentre": (0.842, 0.828, 0.982, 0.992),  # round 2: 0.086 under the original
+    "cut_136x144_tight": (0.839, 0.798, 0.977, 0.991),  # round 2: 0.117 under the original
 }
+
+
+def floors_of(name: str) -> tuple[float, ...]:
+    """The per-round floors a variant is held to: its own where it is not yet the original's."""
+    return tuple(round(m - 0.05, 3) for m in NOT_YET[name]) if name in NOT_YET else FLOORS

@@ -15,6 +15,7 @@ from MediRoundCore.errors import CheckpointError
 from MediRoundCore.imaging import extract_slice
 from MediRoundCore.model.answer_drafts import DRAFTS_FILE, AnswerDrafts
 from MediRoundCore.session import Session
+from conftest import needs_shipped_model
 
 SEG = 99
 
@@ -58,6 +59,7 @@ def _same_rounds(ours, theirs):
         assert np.array_equal(a.mask, b.mask)
 
 
+@needs_shipped_model
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / DRAFTS_FILE).is_file(), reason="no shipped model in this checkout")
 def test_shipped_model_answers_equal_greedy_decoding_in_fewer_forwards(one_torch_thread):
     import sys

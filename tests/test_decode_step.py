@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-from MediRoundCore.engine import _CACHE_KWARG, DEFAULT_CHECKPOINT, Engine
+from MediRoundCore.engine import _CACHE_KWARG, Engine
 from MediRoundCore.model.decode_step import DecodeStep
+from conftest import needs_shipped_model
 
 
 def _random_mistral(**overrides):
@@ -98,7 +99,7 @@ def test_a_step_bound_by_reading_its_weights_keeps_the_callers_threads():
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no shipped weights")
+@needs_shipped_model
 def test_shipped_model_matches_transformers():
     engine = Engine.load(device="cpu")
     _compare(engine.model.language_model)

@@ -15,6 +15,7 @@ from MediRoundCore.evaluate.protocol import (CONFIGS, DEFAULT_CONFIGS, EvalEngin
                                              sample_image)
 from MediRoundCore.evaluate import run as eval_run
 from MediRoundCore.model.processing import reference_inputs
+from conftest import needs_shipped_model
 
 
 @pytest.fixture(autouse=True)
@@ -352,6 +353,27 @@ def test_mediround_eval_command(split_dir, tmp_path):
     assert "| ind+jcm | " in (out / "QUALITY.md").read_text()
 
 
+def test_beta_selection_refuses_a_threshold_outside_0_to_1(tmp_path, capsys):
+    from MediRoundCore.evaluate.select_beta import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--betas", "0.6", "1.5", "--out", str(tmp_path / "b.md")])
+    assert info.value.code == 2 and "must be a number from 0 to 1" in capsys.readouterr().err
+    assert not (tmp_path / "b.md").exists()
+
+
+@needs_shipped_model
+def test_beta_selection_writes_each_threshold_once_in_order(tmp_path):
+    from MediRoundCore.evaluate.select_beta import main
+
+    out = tmp_path / "beta.md"
+    assert main(["--limit", "2", "--threads", "1", "--betas", "1", "0.5", "1", "--out", str(out)]) == 0
+    rows = [line.split(" | ")[0].strip("| ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert [r.split(" ")[0] for r in rows] == ["β", "JCM", "0.5", "1"]  # each once, in order
+    assert sum("(chosen)" in r for r in rows) == 1
+
+
+@needs_shipped_model
 def test_beta_sweep_scores_each_threshold_and_picks_the_best(samples):
     from MediRoundCore.evaluate.select_beta import sweep
 

@@ -121,6 +121,23 @@ def test_export_keeps_the_scorer_and_makes_answer_drafts(tmp_path):
     assert engine.answer_drafts is not None and engine.answer_drafts.table  # made for the checkpoint's tokenizer
 
 
+def test_export_writes_the_bundled_folder_of_the_checkpoints_size(tmp_path, monkeypatch):
+    """Without --dest a tiny checkpoint goes to weights/mediround-tiny: it never replaces the default lite model
+    (runs/ship.sh exports without --dest)."""
+    import MediRoundCore.train.export as export
+    from MediRoundCore.engine import Engine
+
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(export, "DEFAULT_CHECKPOINT", weights / "mediround-lite")
+    (weights / "mediround-lite").mkdir(parents=True)
+    (weights / "mediround-lite" / "config.json").write_text('{"size": "lite"}')
+    engine = Engine.random_tiny()
+    engine.model.save_pretrained(tmp_path / "ckpt", engine.tokenizer)
+    assert export.export_default(tmp_path / "ckpt", drafts_dialogues=0) == weights / "mediround-tiny"
+    assert (weights / "mediround-tiny" / "model.safetensors").is_file()
+    assert (weights / "mediround-lite" / "config.json").read_text() == '{"size": "lite"}'
+
+
 def test_the_shipped_scorer_beats_the_previous_round_on_val():
     """Val dialogues (never trained on; the scorer is trained on the train splits): the rounds whose query names
     no round, with their template wording."""

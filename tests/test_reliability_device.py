@@ -121,7 +121,7 @@ def test_no_room_on_the_cpu_names_a_smaller_option(engines, setup, tmp_path, mon
         faulty.ask(session, "Segment the spleen.", extract_slice(volume, "axial", 2))
     text = str(info.value)
     assert "out of memory" in text and "RAM" in text and "available" in text
-    assert "tiny model" in text and "4-bit" in text and "session is unchanged" in text
+    assert "bundled default model (MediRound-Lite" in text and "4-bit" in text and "session is unchanged" in text
     assert len(session.rounds) == 1 and snapshot(tmp_path / "s") == before
 
 
@@ -134,7 +134,7 @@ def test_failing_on_the_cpu_too(engines, setup, tmp_path, monkeypatch):
                RuntimeError("CUDA error: device-side assert triggered"), monkeypatch, times=2)
     with pytest.raises(DeviceError, match="retry on the CPU failed too") as info:
         faulty.ask(session, "Segment the spleen.", extract_slice(volume, "axial", 2))
-    assert "tiny model" in str(info.value)
+    assert "bundled default model" in str(info.value)
     assert len(session.rounds) == 1 and snapshot(tmp_path / "s") == before
 
 
@@ -210,7 +210,7 @@ def test_cli_reports_a_device_error_in_one_line(tmp_path, capsys, monkeypatch):
                      "--session", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.startswith("error: ") and "out of memory" in err and "tiny model" in err
+    assert err.startswith("error: ") and "out of memory" in err and "bundled default model" in err
     assert not (tmp_path / "s" / "session.json").exists()
 
 

@@ -22,6 +22,7 @@ from MediRoundCore.remote.client import ProtocolMismatch, RemoteEngine, RemoteEr
 from MediRoundCore.remote.protocol import PROTOCOL_HEADER, round_digest
 from MediRoundCore.session import Session
 from server_helpers import ALICE, BOB, REPO, ServerProcess, StandIn, free_port, raw_request, write_tokens
+from conftest import needs_shipped_model
 
 pytest.importorskip("fastapi")
 
@@ -122,6 +123,7 @@ def test_a_slice_is_seen_through_the_same_ct_window_as_locally(server, volume, t
     assert not np.array_equal(other.mask, local.rounds[0].mask)
 
 
+@needs_shipped_model
 def test_a_cropped_scan_lies_in_the_field_as_locally(server, tmp_path):
     """A field of view cut out of the demo scan, off the patient origin: the slice's place in patient coordinates
     travels with the upload, so the server pads it into the model's field as the local engine does (the same
@@ -154,6 +156,7 @@ def test_a_cropped_scan_lies_in_the_field_as_locally(server, tmp_path):
     assert caught.value.code == "server_too_old"
 
 
+@needs_shipped_model
 def test_a_slice_stored_without_its_place_is_uploaded_again(tmp_path):
     """A server upgraded over sessions whose slices were stored without their place in patient coordinates
     treats those slices as missing: the client uploads them again, and the answer is the local engine's."""

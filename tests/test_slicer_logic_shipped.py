@@ -19,12 +19,13 @@ slicer = pytest.importorskip("slicer")
 
 import MediRound  # noqa: E402
 from demo_variants import FLOORS, demo_variant, dice  # noqa: E402
-from MediRoundCore.engine import DEFAULT_CHECKPOINT, Engine  # noqa: E402
+from MediRoundCore.engine import Engine  # noqa: E402
 from MediRoundLib import segments  # noqa: E402
 from MediRoundLib.testing import add_linear_transform, add_slice_node, add_volume, rotation, show_plane  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(),
-                                reason="the shipped model's weights are not in this checkout")
+from conftest import needs_shipped_model  # noqa: E402
+
+pytestmark = needs_shipped_model
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 

@@ -138,9 +138,10 @@ def test_empty_query_and_errors_in_status(panel):
     assert "outside the volume" in chat.ui.statusLabel.text()
     # the bundled model is named as its folder is (weights/mediround-lite: MediRound-Lite); a checkpoint folder
     # is chosen through the model combo
-    from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT
+    from MediRoundCore.checkpoint_info import default_model_name
 
-    assert chat.ui.modelCombo.itemText(0) == "Bundled MediRound-" + DEFAULT_CHECKPOINT.name.split("-", 1)[1].title()
+    assert default_model_name() == "MediRound-Lite"  # weights/mediround-lite, the default since issue 23
+    assert chat.ui.modelCombo.itemText(0) == f"Bundled {default_model_name()}"
     dialogs.paths.append(str(tmp))
     chat.ui.modelCombo.setCurrentIndex(1)
     assert logic.checkpoint == str(tmp) and chat.ui.checkpointEdit.text() == str(tmp)

@@ -19,15 +19,16 @@ pytest.importorskip("PySide6.QtUiTools")
 
 import MediRound  # noqa: E402
 from demo_variants import FLOORS, demo_variant, dice  # noqa: E402
-from MediRoundCore.engine import DEFAULT_CHECKPOINT, Engine  # noqa: E402
+from MediRoundCore.engine import Engine  # noqa: E402
 from MediRoundLib import qt, segments  # noqa: E402
 from MediRoundLib.panel import ChatPanel  # noqa: E402
 from MediRoundLib.testing import add_slice_node, add_volume, show_plane  # noqa: E402
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(),
-                                reason="the shipped model's weights are not in this checkout")
+from conftest import needs_shipped_model  # noqa: E402
+
+pytestmark = needs_shipped_model
 UI = ROOT / "MediRoundSlicer" / "Resources" / "UI" / "MediRound.ui"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT  # no torch import
+from MediRoundCore.checkpoint_info import default_model_name  # no torch import
 from pythonqt_host import MISSING, BUILD, describe, run_script
 
 if not BUILD.is_file():
@@ -52,7 +52,7 @@ def test_multi_round_session_through_the_panel(tmp_path):
     assert result["saved_segments"] == ["R1: left kidney", "R2: lesion in the left kidney"]  # after the undo
     assert result["after_new"] == [0, "MediRound: demo_abdomen (earlier session)", True]
     # model combo: index 1 asks for a folder, index 0 is the bundled model again; JCM off disables beta
-    bundled = "Bundled MediRound-" + DEFAULT_CHECKPOINT.name.split("-", 1)[1].title()  # named as its folder is
+    bundled = f"Bundled {default_model_name()}"  # named as its folder is (tests/test_slicer_panel.py pins it)
     assert result["controls"] == [str(tmp_path / "checkpoint"), None, False, True, bundled]
     assert (tmp_path / "saved" / "demo.mediround" / "session.json").is_file()
 

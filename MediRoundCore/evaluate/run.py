@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..checkpoint_info import default_model_name
 from ..errors import MediRoundError
 from . import sets as sets_module
 from .protocol import CONFIGS, DEFAULT_CONFIGS, EvalEngine, OracleEngine, evaluate_sample, parse_configs
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mediround eval", description="Multi-round evaluation (Dice, gIoU, cIoU "
                                 "overall and per round; ablations) written to QUALITY.md.")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", help="our checkpoint folder (default: the bundled MediRound-Tiny)")
+    model.add_argument("--checkpoint", help=f"our checkpoint folder (default: the bundled {default_model_name()})")
     model.add_argument("--random", action="store_true", help="an untrained tiny model (smoke tests)")
     model.add_argument("--oracle", action="store_true", help="answer with the ground truth (checks the protocol)")
     data = p.add_mutually_exclusive_group()

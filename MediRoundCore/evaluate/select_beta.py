@@ -35,6 +35,7 @@ def sweep(predictor, samples, ids, betas=BETAS) -> tuple[float, dict]:
 def main(argv=None) -> int:
     import torch
 
+    from ..cli import unit_interval
     from ..engine import DEFAULT_CHECKPOINT, Engine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,9 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=60)
     p.add_argument("--out", default="benchmarks/jcm_beta_val.md")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--betas", type=float, nargs="+", default=list(BETAS),
+    p.add_argument("--betas", type=unit_interval, nargs="+", default=list(BETAS),
                    help="the β values to try (each costs one multi-round pass over the dialogues)")
     args = p.parse_args(argv)
+    args.betas = sorted(set(args.betas))  # each value once, in order: one pass and one table row each
     torch.set_num_threads(args.threads)
     folder = ensure_split("val", 0, args.limit, default_cache())
     samples, ids = load_samples(folder, args.limit)

@@ -190,12 +190,13 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
 
 
 # -- variants -----------------------------------------------------------------------------------------------
-def variants_set(predictor, beta=None, tick=lambda k: None) -> SetResult:
+def variants_set(predictor, beta=None, tick=lambda k: None, names=None) -> SetResult:
+    """The demo dialogue on every variant of the demo volume (`names`: some of them; the original always)."""
     from ..imaging import extract_slice
     from .demo_variants import DEMO_VARIANTS, KINDS, demo_variant, run_demo_dialogue
 
     scores, shapes = {}, {}
-    for name in DEMO_VARIANTS:
+    for name in ["original"] + [n for n in (names or DEMO_VARIANTS) if n != "original"]:
         scores[name] = run_demo_dialogue(predictor, name, beta=beta)
         volume, _, index, _ = demo_variant(name)
         shapes[name] = "×".join(map(str, extract_slice(volume, "axial", index).pixels.shape))
@@ -221,6 +222,8 @@ def variants_set(predictor, beta=None, tick=lambda k: None) -> SetResult:
         if kind == "the bundled volume":
             continue
         names = [n for n in scores if KINDS[n] == kind]
+        if not names:
+            continue
         bad = [n for n in names if n in failing]
         res.verdicts.append((f"{kind}: every round within {TARGET_SAME_ANSWER} of the original",
                              f"{len(names) - len(bad)} of {len(names)} variants" + (f" (not: {', '.join(bad)})"

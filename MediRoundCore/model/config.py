@@ -1,4 +1,5 @@
-"""MediRound configuration: one dataclass, two presets (`full` = the paper's model, `tiny` = ours, shipped).
+"""MediRound configuration: one dataclass and its presets (`full` = the paper's model; `tiny` and `lite` = ours,
+`lite` the shipped default).
 
 Both presets build the same classes; only widths, depths and input sizes differ. The 256-d prompt and the
 JCM MLP sizes ([256,512,512,1] and [256,512,512,256]) are the same at both sizes.
@@ -296,7 +297,7 @@ GENERATED_FIELD_OF_VIEW_MM = {"abdomen": 380.0, "chest": 380.0, "brain": 230.0}
 
 
 def tiny_config(vocab_size: int = 1024) -> MediRoundConfig:
-    """MediRound-Tiny: same classes, small widths, 256² segmenter input; trained by us, shipped in the repo."""
+    """MediRound-Tiny: same classes, small widths, 256² segmenter input; trained by us (the previous default)."""
     return MediRoundConfig(
         size="tiny",
         text=TextConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,

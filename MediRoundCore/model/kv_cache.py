@@ -2,7 +2,7 @@
 
 `DynamicLayer.update` (transformers/cache_utils.py) concatenates the new keys and values onto the whole cache,
 so every answer token copies every layer's cache once more: the longer the dialogue, the slower each token
-(the shipped tiny model's time per answer token grew 1.8× from round 2 to round 20 in `benchmarks/RESULTS.md`).
+(the tiny model's time per answer token grew 1.8× from round 2 to round 20 in `benchmarks/RESULTS.md`).
 `RoomyLayer` writes new states into a buffer that doubles when full and exposes the filled part as views, so a
 step copies only its own states. Everything that reads the cache (transformers' forward, `DecodeStep`, masks
 sized by `get_seq_length`, `crop` for rejected answer drafts) sees the same tensors' values as before.

@@ -1,4 +1,5 @@
-"""Export a trained checkpoint as the shipped default model: float16 on disk (tensors that start from a pinned
+"""Export a trained checkpoint into the bundled weights folder of its size (`weights/mediround-<size>`; which
+one is the default model, `checkpoint_info.DEFAULT_CHECKPOINT` says): float16 on disk (tensors that start from a pinned
 base as their int8 change from it: lite's word embeddings, `checkpoints/base_delta.py`), the chosen JCM β in its
 config, the checkpoint's reference scorer or else the one the destination had, and answer drafts for its
 tokenizer: the checkpoint's, or made from the training dialogues."""
@@ -17,11 +18,16 @@ from ..model.modeling import MediRound
 from ..reference_scorer import ReferenceScorer
 
 
-def export_default(checkpoint, dest=DEFAULT_CHECKPOINT, beta: float | None = None, drafts_dialogues: int = 400) -> Path:
+def bundled_folder(size: str) -> Path:
+    """The bundled weights folder of a model size: a tiny checkpoint never replaces the lite model."""
+    return DEFAULT_CHECKPOINT.parent / f"mediround-{size}"
+
+
+def export_default(checkpoint, dest=None, beta: float | None = None, drafts_dialogues: int = 400) -> Path:
     model, tokenizer = MediRound.from_pretrained(checkpoint)
     if beta is not None:
         model.config.jcm.beta = float(beta)
-    dest = Path(dest)
+    dest = bundled_folder(model.config.size) if dest is None else Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16, against_bases=True)
@@ -43,7 +49,8 @@ def export_default(checkpoint, dest=DEFAULT_CHECKPOINT, beta: float | None = Non
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("checkpoint")
-    p.add_argument("--dest", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--dest", help="the folder to write (default: the bundled folder of the checkpoint's size, "
+                   "MediRoundCore/weights/mediround-<size>)")
     p.add_argument("--beta", type=float)
     p.add_argument("--drafts-dialogues", type=int, default=400,
                    help="training dialogues the answer drafts are made from, when the checkpoint has none (400)")

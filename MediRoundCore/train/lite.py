@@ -55,8 +55,8 @@ def encode_pool(model, pool: PoolConfig, cache: EmbeddingCache, batch: int = 4, 
 
 
 def take_vision_tower(model, checkpoint: str | Path) -> int:
-    """Start the vision tower from a trained checkpoint of the same vision config (e.g. the shipped tiny
-    model's, which learned to find generated anatomy); returns how many tensors were taken."""
+    """Start the vision tower from a trained checkpoint of the same vision config (e.g. MediRound-Tiny's,
+    which learned to find generated anatomy); returns how many tensors were taken."""
     from ..checkpoints.safety import load_tensors
     from ..errors import CheckpointError
 
