@@ -495,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token-file", help="file of `user:token` lines (default: $MEDIROUND_TOKENS); required unless "
                     "the server listens on loopback only")
     sp.add_argument("--max-request-mb", type=positive(float), default=80, help="largest request body accepted (default 80 MiB)")
-    sp.add_argument("--cache-slices", type=positive(int), default=8,
-                    help="slices whose encodings and KV caches stay in memory, least recently used evicted (default 8)")
+    sp.add_argument("--cache-slices", type=positive(int),
+                    help="slices whose encodings and KV caches stay in memory, least recently used evicted (default "
+                         "32 for the tiny and lite models, 8 for the full one)")
     sp.add_argument("--name", help="replica name in responses (default HOST:PORT)")
     sp.add_argument("--threads", type=positive(int), help="CPU threads for torch (default: cores, at most 8)")
     sp.set_defaults(func=cmd_serve)

@@ -3,8 +3,9 @@
     python benchmarks/bench_server.py                      # the shipped model; N = 1, 4, 16; RESULTS.md here
     python benchmarks/bench_server.py --clients 1,2 --rounds 2 --random --out /tmp/b   # a quick try
 
-One real server process on loopback (`python -m MediRoundCore.cli serve`, default options but `--threads`),
-clients on threads of this process with our urllib client (`RemoteEngine`), each its own session of its own
+One real server process on loopback (`python -m MediRoundCore.cli serve`, default options but `--threads` and a
+token file), clients on threads of this process with our urllib client (`RemoteEngine`), each a user of its own
+(its own token) with its own session of its own
 volume (the bundled demo volume, one voxel changed per client: same anatomy, another fingerprint) on one of six
 axial slices. Every client asks the same 8-round dialogue with references. Measured per N: rounds per second
 (all rounds over the wall time of the pass), per-round latency as the client sees it (p50 / p95 / max), the
@@ -34,6 +35,8 @@ from MediRoundCore.cli import BUNDLED, open_session  # noqa: E402
 from MediRoundCore.imaging import Volume, extract_slice, load_volume  # noqa: E402
 from MediRoundCore.remote.client import RemoteEngine  # noqa: E402
 from MediRoundCore.remote.protocol import round_digest  # noqa: E402
+from MediRoundCore.server.jobs import MAX_QUEUED_PER_OWNER  # noqa: E402
+from MediRoundCore.server.serve import default_cache_slices  # noqa: E402
 
 DIALOGUE = [  # (query, reference): the demo's rounds and their references, twice over
     ("Segment the left kidney.", None), ("Now the lesion inside it.", 1), ("Segment the organ that stores bile.", 2),
@@ -60,9 +63,21 @@ def client_volume(base: Volume, tag: int) -> Volume:
     return Volume(array, base.spacing, base.origin, base.direction, name=f"client-{tag}")
 
 
-def dialogue(url: str, volume: Volume, index: int, rounds: int, record: dict) -> None:
+def client_token(i: int) -> str:
+    """The token of client `i`: every client is a user of its own, as the Slicer panels of a department are."""
+    return f"bench-client-{i:03d}-0123456789abcdef"
+
+
+def write_client_tokens(folder: Path, clients: int) -> Path:
+    path = folder / "tokens"
+    path.write_text("".join(f"client{i}:{client_token(i)}\n" for i in range(clients)))
+    path.chmod(0o600)
+    return path
+
+
+def dialogue(url: str, volume: Volume, index: int, rounds: int, record: dict, token: str) -> None:
     """One client: its own session, `rounds` rounds on one slice; latencies and queue positions into `record`."""
-    engine = RemoteEngine.connect(url, poll_s=2.0)
+    engine = RemoteEngine.connect(url, token=token, poll_s=2.0)
     session = open_session(None, volume)
     image = extract_slice(volume, "axial", index)
     positions = [0]
@@ -86,7 +101,8 @@ def run_pass(url: str, base: Volume, clients: int, rounds: int, first_tag: int) 
 
     def one(i):
         try:
-            dialogue(url, client_volume(base, first_tag + i), records[i]["index"], rounds, records[i])
+            dialogue(url, client_volume(base, first_tag + i), records[i]["index"], rounds, records[i],
+                     client_token(i))
         except Exception as exc:  # noqa: BLE001 - counted and reported, the pass goes on
             errors.append(f"client {i}: {type(exc).__name__}: {exc}")
 
@@ -129,15 +145,16 @@ def run(argv=None) -> dict:
     base = load_volume(BUNDLED / "demo_abdomen.nrrd")
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(Path(tmp) / "sessions", extra=["--threads", str(args.threads)]
+        tokens = write_client_tokens(Path(tmp), max(counts + [len(SLICES)]))
+        server = ServerProcess(Path(tmp) / "sessions", tokens=tokens, extra=["--threads", str(args.threads)]
                                + (["--random"] if args.random else []))
         try:
-            server_info = RemoteEngine.connect(server.url).info
+            server_info = RemoteEngine.connect(server.url, token=client_token(0)).info
             say(f"bench_server: {server_info['model']} on {server_info['device']}; reference pass")
             reference: dict[int, list[np.ndarray]] = {}
             for k, index in enumerate(SLICES):  # a lone client per slice, one after another
                 rec = {"latency_ms": [], "index": index}
-                dialogue(server.url, client_volume(base, 1000 + k), index, rounds, rec)
+                dialogue(server.url, client_volume(base, 1000 + k), index, rounds, rec, client_token(k))
                 reference[index] = [r.mask for r in rec["session"].rounds]
             passes = []
             for n, clients in enumerate(counts):
@@ -166,8 +183,11 @@ def render(info: dict, server: dict, args, rounds: int, passes: list[dict]) -> s
              f"{info['torch']}, Python {info['python']}; load average at start {info['load']}.")
     L.append(f"- Server: one process on loopback, model {server['model']} ({server['size']}, "
              f"{server['parameters'] / 1e6:.1f} M parameters) on {server['device']}; one device queue; "
-             f"default slice cache (8 slices, LRU). Protocol {server['protocol']}.")
-    L.append(f"- Clients: threads of the benchmark process, each with our urllib client and its own session of "
+             f"default slice cache ({default_cache_slices(server['size'])} slices, LRU). Protocol "
+             f"{server['protocol']}.")
+    L.append(f"- Clients: threads of the benchmark process, each a user of its own (its own token: the server's "
+             f"queue limit of {MAX_QUEUED_PER_OWNER} waiting rounds applies per user) with our urllib client and its "
+             f"own session of "
              f"its own volume (256×256 axial slices of the bundled demo volume, six slices), asking the same "
              f"{rounds}-round dialogue with references (rounds 2, 3, 4, 6, 8 refer to earlier ones).")
     L.append(f"- Command: `{info['command']}` ({info['date']}, git {info['git']}).")

@@ -37,9 +37,16 @@ def load_tokens(token_file: str | None) -> dict[str, str] | None:
         raise MediRoundError(str(exc)) from None
 
 
+def default_cache_slices(size: str) -> int:
+    """Slices whose encodings and KV caches a server keeps: 32 for our small models (a few MB each; with fewer
+    than the sessions asking, every round re-encodes its slice, about 1 s with LiteMedSAM on a CPU), 8 for the
+    full model (its 7B language model's KV cache of a dialogue takes hundreds of MB)."""
+    return 8 if size == "full" else 32
+
+
 def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = None, device: str | None = None,
           random_model: bool = False, sessions_dir: str | None = None, token_file: str | None = None,
-          max_request_mb: float = 80, cache_slices: int = 8, replica: str | None = None,
+          max_request_mb: float = 80, cache_slices: int | None = None, replica: str | None = None,
           threads: int | None = None) -> int:
     tokens = load_tokens(token_file)
     if not is_loopback(host) and not tokens:
@@ -53,7 +60,11 @@ def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = No
         raise MediRoundError(f"the server needs FastAPI and uvicorn ({exc}): pip install 'mediround[server]'") from None
     from ..engine import DEFAULT_CHECKPOINT, Engine, set_cpu_threads
 
+    from ..checkpoint_info import checkpoint_size
+
     set_cpu_threads(threads)
+    if cache_slices is None:
+        cache_slices = default_cache_slices("tiny" if random_model else checkpoint_size(checkpoint))
     if random_model or checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
         print("NOTE: serving an UNTRAINED random tiny model (no trained weights found); masks are meaningless.")
         engine = Engine.random_tiny(max_slices=cache_slices)
