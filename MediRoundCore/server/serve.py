@@ -58,9 +58,8 @@ def serve(host: str = "127.0.0.1", port: int = 8765, checkpoint: str | None = No
         from .app import create_app
     except ImportError as exc:
         raise MediRoundError(f"the server needs FastAPI and uvicorn ({exc}): pip install 'mediround[server]'") from None
-    from ..engine import DEFAULT_CHECKPOINT, Engine, set_cpu_threads
-
     from ..checkpoint_info import checkpoint_size
+    from ..engine import DEFAULT_CHECKPOINT, Engine, set_cpu_threads
 
     set_cpu_threads(threads)
     if cache_slices is None:
