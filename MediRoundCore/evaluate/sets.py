@@ -221,12 +221,12 @@ def variants_set(predictor, beta=None, tick=lambda k: None, names=None) -> SetRe
     for kind in dict.fromkeys(KINDS.values()):
         if kind == "the bundled volume":
             continue
-        names = [n for n in scores if KINDS[n] == kind]
-        if not names:
+        members = [n for n in scores if KINDS[n] == kind]
+        if not members:
             continue
-        bad = [n for n in names if n in failing]
+        bad = [n for n in members if n in failing]
         res.verdicts.append((f"{kind}: every round within {TARGET_SAME_ANSWER} of the original",
-                             f"{len(names) - len(bad)} of {len(names)} variants" + (f" (not: {', '.join(bad)})"
+                             f"{len(members) - len(bad)} of {len(members)} variants" + (f" (not: {', '.join(bad)})"
                                                                                     if bad else ""),
                              _verdict(not bad)))
     return res
