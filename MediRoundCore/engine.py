@@ -196,28 +196,35 @@ class Engine:
             raise MediRoundError(f"the JCM threshold beta must be a number from 0 to 1, got {beta!r}")
         if not isinstance(image, SliceImage):
             raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
-        reference = session.resolve_reference(query, reference, self.reference_scorer)
+        candidates = session.reference_candidates(query, reference, self.reference_scorer) or [None]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         say("encoding the slice", 0.1)
         forward_tokens: list[int] = []
         state = self._slice_state(session, image, timings, forward_tokens)
         say("reading the dialogue", 0.4)
-        crop_tokens = box_tokens = None
-        if reference is not None:
-            crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
-        user_ids = self._user_turn(session, query, reference, len(session.rounds) + 1)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
-        new_tokens = list(state.pending) + user_ids
         t1 = time.perf_counter()
         held, state.rounds = state.rounds, None  # the cache grows now: until the round is added it matches none
         before = len(forward_tokens) + 1  # and the prompt forward
-        hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
+        start = state.cache_len
+        for attempt, reference in enumerate(candidates):
+            # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
+            # slice.") gives way to the reference scorer's next guess (references.reference_candidates).
+            if attempt:
+                self._drop_rejected(state, state.cache_len - start)
+            crop_tokens = box_tokens = None
+            if reference is not None:
+                crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
+            new_tokens = list(state.pending) + self._user_turn(session, query, reference, len(session.rounds) + 1)
+            hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
+            answer = self.builder.decode(answer_ids)
+            absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
+            if not absent:
+                break
         decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
-        answer = self.builder.decode(answer_ids)
-        absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
         t2 = time.perf_counter()
         if absent:
             raw = torch.zeros(1, 256)

@@ -9,6 +9,8 @@ import numbers
 import re
 from typing import Sequence
 
+import numpy as np
+
 from .errors import RoundReferenceError
 
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -104,6 +106,12 @@ def named_round(query: str, entities: Sequence[str | None]) -> int | None:
     return best[1] if best else _round_by_head_noun(text, entities)
 
 
+def names_a_round(query: str, entities: Sequence[str | None]) -> bool:
+    """Whether the rules decide the query's round (by number, ordinal, name or "the one you just segmented")
+    rather than the reference scorer's guess."""
+    return named_round(query, entities) is not None or bool(entities and _JUST_DONE.search(query or ""))
+
+
 def resolve_reference(query: str, entities: Sequence[str | None], explicit: int | None = None,
                       scorer=None, referable: Sequence[bool] | None = None) -> int | None:
     """Reference of a new round given the entities of the rounds so far (None for a first round): the one given;
@@ -127,6 +135,27 @@ def resolve_reference(query: str, entities: Sequence[str | None], explicit: int 
     if _JUST_DONE.search(query or ""):  # after names: "the lesion in the kidney, not the one you just did"
         return latest
     return (scorer.choose(query, entities, ok) if scorer is not None else None) or latest
+
+
+GUESS_TRIES = 3  # the scorer's best rounds an Ask tries in turn while the answer is "not on this slice"
+
+
+def reference_candidates(query: str, entities: Sequence[str | None], explicit: int | None = None,
+                         scorer=None, referable: Sequence[bool] | None = None, tries: int = GUESS_TRIES) -> list[int]:
+    """The rounds (1-based) an Ask may refer to, in the order it tries them: `resolve_reference`'s round first;
+    where that round is the reference scorer's guess (no round given or named), the scorer's next best referable
+    rounds after it, `tries` in all. The engine tries the next one when the model answers that the asked
+    structure is not in the guessed round's ("the nodule in it" on the lung without one: data/empty_containers.py).
+    Empty for a first round or when no round can be referred to."""
+    first = resolve_reference(query, entities, explicit, scorer, referable)
+    if first is None:
+        return []
+    if explicit is not None or scorer is None or names_a_round(query, entities):
+        return [first]
+    ok = np.ones(len(entities), bool) if referable is None else np.asarray(referable, bool)
+    scores = scorer.scores(query, entities).astype(np.float64)
+    order = [int(j) + 1 for j in np.argsort(-scores, kind="stable") if ok[j]]
+    return ([first] + [n for n in order if n != first])[:max(1, tries)]
 
 
 def refer_as_it(query: str, entity: str | None) -> str:

@@ -3,7 +3,9 @@ user pick > named in the query > previous round; anatomical ordinals and new tar
 
 import pytest
 
-from MediRoundCore.references import head_noun, resolve_reference
+import numpy as np
+
+from MediRoundCore.references import GUESS_TRIES, head_noun, reference_candidates, resolve_reference
 
 ENTITIES = ["liver", "left kidney", "lesion inside the left kidney", "spleen", "aorta"]
 
@@ -74,3 +76,45 @@ def test_just_done_skips_rounds_without_a_mask():
     assert resolve_reference("Now the part of what we just did.", ["liver", "kidney", "spleen"],
                              referable=[True, True, False], scorer=FirstRoundScorer()) == 2
 
+
+
+def shipped_scorer():
+    from MediRoundCore.checkpoint_info import DEFAULT_CHECKPOINT
+    from MediRoundCore.reference_scorer import ReferenceScorer
+
+    scorer = ReferenceScorer.from_pretrained(DEFAULT_CHECKPOINT)
+    if scorer is None:
+        pytest.skip("the default model folder has no reference scorer")
+    return scorer
+
+
+def test_a_guessed_reference_has_the_scorers_next_rounds_to_try():
+    scorer = shipped_scorer()
+    entities = ["esophagus", "right lung", "left lung", "heart"]
+    query = "Now segment the nodule inside it."
+    tries = reference_candidates(query, entities, scorer=scorer)
+    assert tries[0] == resolve_reference(query, entities, scorer=scorer)
+    assert len(tries) == GUESS_TRIES and len(set(tries)) == GUESS_TRIES
+    order = list(np.argsort(-scorer.scores(query, entities), kind="stable") + 1)
+    assert tries[1:] == [n for n in order if n != tries[0]][:GUESS_TRIES - 1]
+    assert {2, 3} <= set(tries)  # both lungs, whichever the scorer puts first
+    # rounds answered absent are never tried; fewer rounds than tries give fewer
+    tries = reference_candidates(query, entities, scorer=scorer, referable=[True, False, True, True])
+    assert 2 not in tries
+    assert reference_candidates(query, entities[:2], scorer=scorer) in ([1, 2], [2, 1])
+
+
+@pytest.mark.parametrize("query, explicit, expected", [
+    ("Now segment the nodule inside it.", 2, [2]),          # the user's pick: nothing else is tried
+    ("Now the nodule in round 3.", None, [3]),              # named by the query
+    ("The nodule inside the left lung.", None, [3]),
+    ("Now the lesion in what we just did.", None, [4]),
+])
+def test_a_given_or_named_reference_is_the_only_one_tried(query, explicit, expected):
+    entities = ["esophagus", "right lung", "left lung", "heart"]
+    assert reference_candidates(query, entities, explicit, scorer=shipped_scorer()) == expected
+
+
+def test_a_first_round_has_nothing_to_try():
+    assert reference_candidates("Segment the liver.", [], scorer=None) == []
+    assert reference_candidates("Now the lesion in it.", ["liver", "kidney"], scorer=None) == [2]

@@ -34,15 +34,20 @@ class InsertedRounds:
     def __len__(self) -> int:
         return len(self.queries)
 
-    def keep(self, k: int) -> None:
-        """Append the sample's round k: its reference and cited round numbers follow the renumbering."""
+    def keep(self, k: int, ref: int | None = -1) -> None:
+        """Append the sample's round k: its reference (or `ref`, another of the sample's rounds before it) and
+        cited round numbers follow the renumbering."""
         s = self.sample
         self._new_index[k] = len(self)
         self._numbers[k + 1] = len(self) + 1
-        ref = s.ref_indices[k]
+        ref = s.ref_indices[k] if ref == -1 else ref
         self._append(renumber(s.queries[k], self._numbers), renumber(s.answers[k], self._numbers), s.entities[k],
                      None if ref is None else self._new_index[ref], s.masks[k],
                      {key: self._old_flags[key][k] for key in PER_ROUND_FLAGS})
+
+    def new_index(self, k: int) -> int:
+        """The new (0-based) index of the sample's round k, kept already."""
+        return self._new_index[k]
 
     def insert(self, query: str, answer: str, entity: str | None, ref: int | None, mask, **flags) -> None:
         """Append a new round; `ref` is a new (0-based) index; `flags` among PER_ROUND_FLAGS (default False)."""

@@ -47,7 +47,7 @@ def with_product_references(sample, rng: np.random.Generator, share: float, scor
     out = copy.copy(sample)
     out.ref_indices = refs
     out.queries = [q if r is None else refer_as_it(q, sample.entities[r]) for q, r in zip(sample.queries, refs)]
-    out.meta = {**(sample.meta or {}), "product_references": True}
+    out.meta = {**(sample.meta or {}), "product_references": True, "dataset_references": list(sample.ref_indices)}
     return out
 
 

@@ -226,8 +226,9 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         session = store.get(sid, user)
         with store.hold(session):
             _check_history(session, body.history)
-            reference = session.resolve_reference(body.query, body.reference, engine.reference_scorer) if body.query.strip() else None
-            missing = _missing_slices(session, body.view, body.index, reference)
+            references = (session.reference_candidates(body.query, body.reference, engine.reference_scorer)
+                          if body.query.strip() else [])  # the engine may try each in turn
+            missing = _missing_slices(session, body.view, body.index, references)
         if missing:
             raise Refused(409, "slices_needed", f"upload {len(missing)} slice(s) first",
                           slices=[{"view": v, "index": i} for v, i in missing])
@@ -304,11 +305,11 @@ def _check_history(session: ServerSession, history: list[str]) -> None:
                                           f"{len(session.rounds)}", rounds=_summaries(session))
 
 
-def _missing_slices(session: ServerSession, view: str, index: int, reference: int | None) -> list[tuple[str, int]]:
+def _missing_slices(session: ServerSession, view: str, index: int, references: list[int]) -> list[tuple[str, int]]:
     """Slices the round needs that the server lacks: its own, and the slice of every round that a round of the
-    session (or this one) refers to (the engine re-reads them when it rebuilds a cache)."""
+    session refers to or this one may (the engine re-reads them when it rebuilds a cache)."""
     needed = [(view, index)]
-    refs = [r.reference for r in session.rounds if r.reference is not None] + ([reference] if reference else [])
+    refs = [r.reference for r in session.rounds if r.reference is not None] + list(references)
     for number in refs:
         if 1 <= number <= len(session.rounds):
             ref = session.rounds[number - 1]

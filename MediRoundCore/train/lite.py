@@ -122,6 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=float, default=PoolConfig.repeat,
                         help="chance of a round asking again for an earlier structure after each round "
                              "(data/repeats.py; mostly worded 'Segment it.': only the reference tells which)")
+    parser.add_argument("--empty-containers", type=float, default=PoolConfig.empty_containers,
+                        help="chance before a lesion round of the same query on an organ with no lesion on the slice, "
+                             "answered absent (data/empty_containers.py; >0 also answers the product resolver's "
+                             "guesses of such an organ so)")
     parser.add_argument("--round-tags", choices=("on", "off"), default=None,
                         help="round numbers in the prompt text (MediRoundConfig.round_tags); default: as the "
                              "checkpoint or snapshot continued from, else the lite preset's (on)")
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
     if args.vision_from and not resuming and not carried:  # a run starting afresh
         print(f"vision tower: {take_vision_tower(model, args.vision_from)} tensors from {args.vision_from}")
     pool = PoolConfig(slices=args.pool_slices, views=args.views, paraphrase=args.paraphrase,
-                      long_share=args.long_share, repeat=args.repeat)
+                      long_share=args.long_share, repeat=args.repeat,
+                      empty_containers=args.empty_containers)
     config = TrainConfig(output_dir=str(out), stage=1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          save_every=args.save_every, reference_noise=args.reference_noise,
                          loss_weights={"ce": 1.0, "bce": args.bce_weight, "dice": args.dice_weight},

@@ -10,7 +10,8 @@ Each draw builds a new dialogue on the entry (the generator's relations, train
 templates; half of them with the long dialogues, reach-backs and distractors of `train-long`, the hard split's
 settings), re-words its queries with the paraphrase grammar (data/paraphrase.py), inserts rounds that ask again
 for an earlier structure (data/repeats.py), absent-target rounds with direct requests for present structures
-to contrast them (data/absent.py), and refers a share of the dialogues where the product's resolver reads them
+to contrast them (data/absent.py), lesion queries on an organ without a lesion, answered absent
+(data/empty_containers.py), and refers a share of the dialogues where the product's resolver reads them
 (data/product_references.py), as MediRound-Tiny's last phases learned to need. The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
 """
@@ -29,6 +30,7 @@ from ..data.augment import Randomization, randomized_view
 from ..data.bare_requests import with_bare_requests
 from ..data.dataset import Sample
 from ..data.dialogues import DialoguePolicy, generate_dialogue
+from ..data.empty_containers import with_empty_container_rounds
 from ..data.field_of_view import crop_extent, crop_shift
 from ..data.paraphrase import rephrase_dialogue
 from ..data.product_references import shipped_scorer, with_product_references
@@ -48,6 +50,8 @@ class PoolConfig:
     # half that after each round, one at most (data/bare_requests.py)
     product_references: float = 0.3  # share of dialogues referring where the product's resolver reads them
     # (data/product_references.py; targets unchanged)
+    empty_containers: float = 0.0  # chance, before a lesion round, of the same query on an organ without a lesion,
+    # answered absent; and the product's guesses of such an organ answered so (data/empty_containers.py)
     long_share: float = 0.5  # share of dialogues drawn with `long_split`'s settings (rounds, reach-backs,
     # distractors: the hard split's, data/splits.py), the rest with `split`'s
     long_split: str = "train-long"
@@ -118,6 +122,8 @@ def pool_sample(cfg: PoolConfig, entry: int, draw: int) -> Sample | None:
         sample = with_bare_requests(sample, sl, rng, cfg.bare)
     if cfg.product_references > 0:
         sample = with_product_references(sample, rng, cfg.product_references, _scorer())
+    if cfg.empty_containers > 0:  # after the product's references: its wrong guesses are among those answered
+        sample = with_empty_container_rounds(sample, sl, rng, cfg.empty_containers)
     return sample
 
 
