@@ -211,7 +211,9 @@ class Engine:
         start = state.cache_len
         for attempt, reference in enumerate(candidates):
             # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
-            # slice.") gives way to the reference scorer's next guess (references.reference_candidates).
+            # slice." with the right lung as the reference) gives way to the reference scorer's next guess
+            # (references.reference_candidates); a structure absent from the slice ("liver: not on this slice.")
+            # is absent whatever the reference.
             if attempt:
                 self._drop_rejected(state, state.cache_len - start)
             crop_tokens = box_tokens = None
@@ -221,7 +223,7 @@ class Engine:
             hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
             answer = self.builder.decode(answer_ids)
             absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
-            if not absent:
+            if not (absent and _inside_reference(parse_entity(answer), session, reference)):
                 break
         decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
@@ -469,6 +471,15 @@ def _holds_rounds(state: _SliceState, session: Session) -> bool:
     """Whether the slice's cache holds exactly the session's rounds, in order (the same round objects)."""
     held, now = state.rounds, list(session.rounds)
     return held is not None and len(held) == len(now) and all(a is b for a, b in zip(held, now))
+
+
+def _inside_reference(entity: str | None, session: Session, reference: int | None) -> bool:
+    """Whether an absent answer's entity places it in the referenced round's structure ("nodule in the right
+    lung", "right hemisphere tumour" for the right lung's or hemisphere's round)."""
+    if reference is None or not entity:
+        return False
+    container = (session.round(reference).entity or "").strip().lower()
+    return bool(container) and container in entity.lower() and container != entity.strip().lower()
 
 
 def _slice_key(session: Session, image: SliceImage, config) -> tuple:

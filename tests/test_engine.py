@@ -193,3 +193,23 @@ def test_sessions_that_claim_one_volume_never_share_another_slices_encodings(tin
                                                                   "Segment the liver.", other)
     assert torch.allclose(theirs.raw_prompt, fresh.raw_prompt, atol=1e-4)
     assert np.array_equal(theirs.mask, fresh.mask)
+
+
+@pytest.mark.parametrize("entity, reference, retried", [
+    ("nodule in the right lung", 2, True),        # the guessed lung has none: try the next guess
+    ("right lung tumour", 2, True),
+    ("nodule in the left lung", 2, False),        # not in the guessed round's structure
+    ("liver", 2, False),                          # absent from the slice, whatever the reference
+    ("right lung", 2, False),                     # the referenced structure itself
+    ("nodule in the right lung", None, False),
+    (None, 2, False),
+])
+def test_an_absent_answer_gives_way_only_inside_the_referenced_structure(entity, reference, retried):
+    from MediRoundCore.engine import _inside_reference
+    from MediRoundCore.session import Round
+
+    session = Session("f" * 16)
+    for number, name in enumerate(["heart", "right lung"], start=1):
+        session.rounds.append(Round(number=number, view="axial", slice_index=0, query="q", answer=name, entity=name,
+                                    reference=None, mask=np.zeros((4, 4), bool)))
+    assert _inside_reference(entity, session, reference) is retried
