@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import re
 import time
 import unicodedata
 import weakref
@@ -32,6 +33,7 @@ from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
 from .reference_scorer import ReferenceScorer
+from .references import GUESS_TRIES
 from .references import refer_as_it
 from .session import Round, Session
 
@@ -106,6 +108,7 @@ class Engine:
         self.answer_drafts = answer_drafts if fast_decode else None
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
+        self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while the answer is absent inside them
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder.for_model(tokenizer, model)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
@@ -196,7 +199,7 @@ class Engine:
             raise MediRoundError(f"the JCM threshold beta must be a number from 0 to 1, got {beta!r}")
         if not isinstance(image, SliceImage):
             raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
-        candidates = session.reference_candidates(query, reference, self.reference_scorer) or [None]
+        guesses = session.reference_candidates(query, reference, self.reference_scorer, self.guess_tries) or [None]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         say("encoding the slice", 0.1)
@@ -205,28 +208,46 @@ class Engine:
         say("reading the dialogue", 0.4)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
-        t1 = time.perf_counter()
         held, state.rounds = state.rounds, None  # the cache grows now: until the round is added it matches none
-        before = len(forward_tokens) + 1  # and the prompt forward
-        start = state.cache_len
-        for attempt, reference in enumerate(candidates):
+        start, lm_ms, tries = state.cache_len, 0.0, []
+        for number in guesses:
             # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
             # slice." with the right lung as the reference) gives way to the reference scorer's next guess
             # (references.reference_candidates); a structure absent from the slice ("liver: not on this slice.")
             # is absent whatever the reference.
-            if attempt:
-                self._drop_rejected(state, state.cache_len - start)
-            crop_tokens = box_tokens = None
-            if reference is not None:
-                crop_tokens, box_tokens = self._reference_features(session, reference, state, image)
-            new_tokens = list(state.pending) + self._user_turn(session, query, reference, len(session.rounds) + 1)
-            hidden, answer_ids, forced = self._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
+            try:
+                features = (None, None) if number is None else self._reference_features(session, number, state, image)
+            except SessionError:
+                if not tries:
+                    raise
+                break  # a later guess on a slice this session cannot read: the answer so far stands
+            self._drop_rejected(state, state.cache_len - start)
+            t1 = time.perf_counter()
+            before = len(forward_tokens) + 1  # and the prompt forward
+            new_tokens = list(state.pending) + self._user_turn(session, query, number, len(session.rounds) + 1)
+            hidden, answer_ids, forced = self._generate(state, new_tokens, *features, forward_tokens)
+            lm_ms += (time.perf_counter() - t1) * 1000
             answer = self.builder.decode(answer_ids)
             absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
-            if not (absent and _inside_reference(parse_entity(answer), session, reference)):
+            tries.append((number, features, hidden, answer_ids, forced, answer, absent, before))
+            if not (absent and _inside_reference(parse_entity(answer), session, number)):
                 break
+        else:
+            if len(tries) > 1:  # absent in every guess: the first guess's answer, asked again on the same cache
+                self._drop_rejected(state, state.cache_len - start)
+                t1 = time.perf_counter()
+                number, features = tries[0][:2]
+                before = len(forward_tokens) + 1
+                new_tokens = list(state.pending) + self._user_turn(session, query, number, len(session.rounds) + 1)
+                hidden, answer_ids, forced = self._generate(state, new_tokens, *features, forward_tokens)
+                lm_ms += (time.perf_counter() - t1) * 1000
+                tries.append((number, features, hidden, answer_ids, forced, self.builder.decode(answer_ids),
+                              True, before))
+        reference, (crop_tokens, box_tokens), hidden, answer_ids, forced, answer, absent, before = tries[-1]
         decode_forwards = len(forward_tokens) - before
-        timings["language_model_ms"] = (time.perf_counter() - t1) * 1000
+        timings["language_model_ms"] = lm_ms
+        if len(tries) > 1:
+            timings["reference_tries"] = float(len(tries))
         t2 = time.perf_counter()
         if absent:
             raw = torch.zeros(1, 256)
@@ -396,7 +417,8 @@ class Engine:
 
     @staticmethod
     def _drop_rejected(state: _SliceState, count: int) -> None:
-        """Remove the last `count` positions (rejected draft tokens) from the slice's cache."""
+        """Remove the last `count` positions (rejected draft tokens, a turn asked with a rejected reference) from
+        the slice's cache."""
         if count:
             state.cache.crop(-count)
             state.cache_len -= count
@@ -474,12 +496,14 @@ def _holds_rounds(state: _SliceState, session: Session) -> bool:
 
 
 def _inside_reference(entity: str | None, session: Session, reference: int | None) -> bool:
-    """Whether an absent answer's entity places it in the referenced round's structure ("nodule in the right
-    lung", "right hemisphere tumour" for the right lung's or hemisphere's round)."""
+    """Whether an absent answer's entity places it in the referenced round's structure, as the training rounds
+    word it (data/empty_containers.py: "nodule in the right lung", "right hemisphere tumour" for the right
+    lung's or hemisphere's round; not "descending aorta" for the aorta's)."""
     if reference is None or not entity:
         return False
-    container = (session.round(reference).entity or "").strip().lower()
-    return bool(container) and container in entity.lower() and container != entity.strip().lower()
+    words = re.sub(r"[^a-z0-9]+", " ", (session.round(reference).entity or "").lower()).strip()
+    asked = " ".join(re.sub(r"[^a-z0-9]+", " ", entity.lower()).split())
+    return bool(words) and (asked.endswith(f" in the {words}") or asked.startswith(f"{words} ")) and asked != words
 
 
 def _slice_key(session: Session, image: SliceImage, config) -> tuple:

@@ -137,22 +137,24 @@ def resolve_reference(query: str, entities: Sequence[str | None], explicit: int 
     return (scorer.choose(query, entities, ok) if scorer is not None else None) or latest
 
 
-GUESS_TRIES = 3  # the scorer's best rounds an Ask tries in turn while the answer is "not on this slice"
+GUESS_TRIES = 3  # the scorer's best rounds an Ask tries in turn while the answer places the asked structure,
+# absent, inside the round tried ("nodule in the right lung: not on this slice." on the right lung's round)
 
 
 def reference_candidates(query: str, entities: Sequence[str | None], explicit: int | None = None,
                          scorer=None, referable: Sequence[bool] | None = None, tries: int = GUESS_TRIES) -> list[int]:
     """The rounds (1-based) an Ask may refer to, in the order it tries them: `resolve_reference`'s round first;
     where that round is the reference scorer's guess (no round given or named), the scorer's next best referable
-    rounds after it, `tries` in all. The engine tries the next one when the model answers that the asked
-    structure is not in the guessed round's ("the nodule in it" on the lung without one: data/empty_containers.py).
-    Empty for a first round or when no round can be referred to."""
+    rounds after it, `tries` in all (Engine.ask tries the next one when the model answers that the asked
+    structure is not in the guessed round's: data/empty_containers.py). Empty for a first round or when no round
+    can be referred to."""
     first = resolve_reference(query, entities, explicit, scorer, referable)
     if first is None:
         return []
-    if explicit is not None or scorer is None or names_a_round(query, entities):
-        return [first]
     ok = np.ones(len(entities), bool) if referable is None else np.asarray(referable, bool)
+    visible = [e if usable else None for e, usable in zip(entities, ok)]  # as resolve_reference reads the names
+    if explicit is not None or not hasattr(scorer, "scores") or names_a_round(query, visible):
+        return [first]
     scores = scorer.scores(query, entities).astype(np.float64)
     order = [int(j) + 1 for j in np.argsort(-scores, kind="stable") if ok[j]]
     return ([first] + [n for n in order if n != first])[:max(1, tries)]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SessionError
-from .references import reference_candidates, resolve_reference
+from .references import GUESS_TRIES, reference_candidates, resolve_reference
 from .session_lock import clean_if_free, hold
 
 SESSION_FILE = "session.json"
@@ -81,9 +81,11 @@ class Session:
     def resolve_reference(self, query: str, explicit: int | None = None, scorer=None) -> int | None:
         return resolve_reference(query, self.entities, explicit, scorer, [not r.absent for r in self.rounds])
 
-    def reference_candidates(self, query: str, explicit: int | None = None, scorer=None) -> list[int]:
+    def reference_candidates(self, query: str, explicit: int | None = None, scorer=None,
+                             tries: int = GUESS_TRIES) -> list[int]:
         """The rounds an Ask on `query` may refer to, in the order it tries them (`references.reference_candidates`)."""
-        return reference_candidates(query, self.entities, explicit, scorer, [not r.absent for r in self.rounds])
+        return reference_candidates(query, self.entities, explicit, scorer, [not r.absent for r in self.rounds],
+                                    tries)
 
     def add_round(self, round_: Round) -> None:
         if round_.number != len(self.rounds) + 1:

@@ -2,7 +2,8 @@
 # Session 40: MediRound-Lite's stage 1 continued from runs/lite-snapshot (step 5150) for 350 steps with lesion
 # queries on organs without a lesion answered absent (--empty-containers 0.7: data/empty_containers.py), the
 # learning rate re-warmed to ~6e-5 and decayed to 0 at step 5500; then the shipped model's JCM carried onto it
-# (train/carry_jcm.py: stage 2 trains only jcm.*), exported with its β, and measured as runs/ship.sh does.
+# (train/carry_jcm.py: stage 2 trains only jcm.*) and exported with its β; then measured by
+# MEASURE_ONLY=1 bash runs/ship.sh.
 #   bash runs/finetune_lite.sh train     # resumable: rerun after a session ends
 #   bash runs/finetune_lite.sh ship      # carry the JCM, export to the default folder, snapshot the run
 set -euo pipefail
@@ -11,7 +12,7 @@ case "${1:-}" in
   train)
     exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite-ft --steps 5500 --lr 9e-4 \
       --pool-slices 1000 --views 2 --save-every 25 --threads 2 --long-share 0.5 --dice-weight 2.0 \
-      --new-views 600 --empty-containers 0.7 --from-snapshot runs/lite-snapshot ;;
+      --new-views 20 --empty-containers 0.7 --from-snapshot runs/lite-snapshot ;;
   ship)
     .venv/bin/python -m MediRoundCore.train.carry_jcm runs/lite-ft/checkpoint MediRoundCore/weights/mediround-lite \
       runs/lite-ft-jcm

@@ -31,6 +31,7 @@ def test_the_result_is_stage1_with_the_donors_jcm(tmp_path):
     stage1 = saved(tmp_path, "stage1", seed=1)
     donor = saved(tmp_path, "donor", seed=2, refiner=True, beta=0.9)
     (donor / "reference_scorer.json").write_text(json.dumps({"buckets": 16, "max_back": 8, "version": 1}))
+    (donor / "reference_scorer.safetensors").write_bytes(b"the donor's")
     out = carry_jcm(stage1, donor, tmp_path / "carried")
     model, _ = MediRound.from_pretrained(out)
     first, _ = MediRound.from_pretrained(stage1)
@@ -43,7 +44,11 @@ def test_the_result_is_stage1_with_the_donors_jcm(tmp_path):
     rest = [k for k in mine if not k.startswith("jcm.")]
     assert all(torch.equal(mine[k], a[k]) for k in rest)
     assert any(not torch.equal(a[k], b[k]) for k in rest)  # the two models did differ there
-    assert (out / "reference_scorer.json").is_file()  # the donor's, as stage 1 had none
+    # the donor's reference scorer, as stage 1 had none (both of its files from one folder)
+    assert (out / "reference_scorer.safetensors").read_bytes() == b"the donor's"
+    with pytest.raises(CheckpointError, match="not over an input"):
+        carry_jcm(stage1, donor, stage1)
+    assert MediRound.from_pretrained(stage1)[0].jcm.refiner is None
 
 
 def test_models_that_differ_beyond_the_jcm_are_refused(tmp_path):

@@ -48,14 +48,26 @@ def test_the_same_query_on_the_empty_organ_comes_first_answered_absent():
 
 
 def test_an_empty_organ_not_asked_for_yet_is_asked_for_first():
-    dlg, sample = dialogue(18)  # spleen, ..., "Next, the lesion in it, please." (spleen); right kidney after it
+    dlg, sample = dialogue(36)  # left kidney, "Segment the larger cyst sitting within it."; the spleen is never asked
     out = with_empty_container_rounds(sample, dlg.slice, np.random.default_rng(0), p=1.0)
-    k = out.queries.index("Next, the lesion in it, please.")
+    k = out.queries.index("Segment the larger cyst sitting within it.")
     assert out.num_rounds == sample.num_rounds + 2
-    assert out.entities[k - 1] == "right kidney" and np.array_equal(out.masks[k - 1], dlg.slice.instance("right kidney").mask)
+    assert out.entities[k - 1] == "spleen" and np.array_equal(out.masks[k - 1], dlg.slice.instance("spleen").mask)
     assert not is_absent_answer(out.answers[k - 1]) and out.ref_indices[k - 1] == k - 2
-    assert out.ref_indices[k] == k - 1 and parse_entity(out.answers[k]) == "lesion in the right kidney"
-    assert out.entities[out.ref_indices[k + 1]] == "spleen" and out.masks[k + 1].any()
+    assert out.ref_indices[k] == k - 1 and parse_entity(out.answers[k]) == "cyst in the spleen"
+    assert out.entities[out.ref_indices[k + 1]] == "left kidney" and out.masks[k + 1].any()
+    # an organ the dialogue asks for later is not asked for first (every target once)
+    dlg, sample = dialogue(18)  # spleen, "Next, the lesion in it, please."; the right kidney is asked at the end
+    assert empty_hosts(dlg.slice) == {"right kidney"}
+    assert with_empty_container_rounds(sample, dlg.slice, np.random.default_rng(0), p=1.0) is sample
+
+
+def test_a_bare_request_is_not_a_lesion_in_it():
+    """"Segment the lesion." asks for the slice's lesion whatever the round before: never answered absent here."""
+    dlg, sample = dialogue(28)
+    k = sample.queries.index("Now segment the nodule inside it.")
+    sample.meta = {**(sample.meta or {}), "bare": [i == k for i in range(sample.num_rounds)]}
+    assert with_empty_container_rounds(sample, dlg.slice, np.random.default_rng(0), p=1.0) is sample
 
 
 def test_a_product_guess_of_an_empty_organ_is_answered_absent_then_retried_on_the_lesions_organ():

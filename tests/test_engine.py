@@ -201,6 +201,7 @@ def test_sessions_that_claim_one_volume_never_share_another_slices_encodings(tin
     ("nodule in the left lung", 2, False),        # not in the guessed round's structure
     ("liver", 2, False),                          # absent from the slice, whatever the reference
     ("right lung", 2, False),                     # the referenced structure itself
+    ("bright lung nodule", 2, False),             # words, not letters
     ("nodule in the right lung", None, False),
     (None, 2, False),
 ])

@@ -72,11 +72,12 @@ def with_bare_requests(sample, sl, rng: np.random.Generator, p: float = 0.1, ref
     rounds = InsertedRounds(sample)
     done = False
     if rng.uniform() < p:
-        rounds.insert(query, answer, entity, None, mask, absent=absent)
+        rounds.insert(query, answer, entity, None, mask, absent=absent, bare=True)
         done = True
     for k in range(sample.num_rounds):
         rounds.keep(k)
         if not done and k < sample.num_rounds - 1 and rng.uniform() < p / 2:
-            rounds.insert(query, answer, entity, len(rounds) - 1 if refer_previous else None, mask, absent=absent)
+            rounds.insert(query, answer, entity, len(rounds) - 1 if refer_previous else None, mask, absent=absent,
+                          bare=True)
             done = True
-    return rounds.build("absent") if done else sample
+    return rounds.build("absent", "bare") if done else sample

@@ -49,7 +49,11 @@ def lesion_named_in(lesion, host: str) -> str:
 
 def _lesion_round(sample, sl, k: int):
     """The lesion instance round k asks for with an "it" query (one whose round the resolver's rules do not
-    decide), or None."""
+    decide), or None. Bare requests ("Segment the lesion.": the slice's lesion, whatever the reference) and
+    structures asked again are not such queries."""
+    meta = sample.meta or {}
+    if any((meta.get(flag) or [False] * sample.num_rounds)[k] for flag in ("bare", "repeat", "absent")):
+        return None
     entity = sample.entities[k]
     lesion = next((i for i in sl.instances if i.name == entity and i.kind == "lesion"), None)
     query = (sample.queries[k] or "").lower()
@@ -75,12 +79,11 @@ def with_empty_container_rounds(sample, sl, rng: np.random.Generator, p: float =
         ref = sample.ref_indices[k]
         if lesion is not None and ref is not None:
             mask = np.zeros(np.shape(sample.masks[k]), bool)
-            host = [j for j in range(k) if sample.entities[j] == lesion.parent and not absent_flags[j]]
             guessed = product and meant[k] is not None and sample.entities[meant[k]] == lesion.parent
-            if guessed and sample.entities[ref] in empty and host:  # the resolver's guess was an empty organ
+            if guessed and sample.entities[ref] in empty:  # the resolver's guess was an empty organ
                 wrong = lesion_named_in(lesion, sample.entities[ref])
                 rounds.insert(sample.queries[k], absent_answer(wrong), wrong, rounds.new_index(ref), mask, absent=True)
-                rounds.keep(k, ref=host[-1])  # the retry: the same query on the lesion's own organ
+                rounds.keep(k, ref=meant[k])  # then the same query on the lesion's own organ
                 made = True
                 continue
             if not product and sample.entities[ref] == lesion.parent and rng.uniform() < p:
@@ -89,7 +92,11 @@ def with_empty_container_rounds(sample, sl, rng: np.random.Generator, p: float =
                     j = rounds.new_index(organs[int(rng.integers(len(organs)))])
                     organ = rounds.entities[j]
                 else:  # none asked for yet: a request for one first, answered and segmented
-                    inst = sl.instance(sorted(empty)[int(rng.integers(len(empty)))])
+                    fresh = sorted(empty - set(sample.entities) - set(rounds.entities))
+                    if not fresh:
+                        rounds.keep(k)
+                        continue
+                    inst = sl.instance(fresh[int(rng.integers(len(fresh)))])
                     rounds.insert(absent_query(rng, inst.name), format_answer(inst.name, where(inst)), inst.name,
                                   len(rounds) - 1 if len(rounds) else None, inst.mask)
                     j, organ = len(rounds) - 1, inst.name
@@ -97,4 +104,8 @@ def with_empty_container_rounds(sample, sl, rng: np.random.Generator, p: float =
                 rounds.insert(sample.queries[k], absent_answer(wrong), wrong, j, mask, absent=True)
                 made = True
         rounds.keep(k)
-    return rounds.build("absent") if made else sample
+    if not made:
+        return sample
+    out = rounds.build("absent")
+    out.meta.pop("dataset_references", None)  # indices of the rounds before the insertions
+    return out

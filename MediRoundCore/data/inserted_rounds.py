@@ -1,4 +1,5 @@
-"""Rounds inserted into a generated dialogue (absent targets, data/absent.py; repeats, data/repeats.py): one
+"""Rounds inserted into a generated dialogue (absent targets, data/absent.py; repeats, data/repeats.py; bare
+requests, data/bare_requests.py; lesions asked in organs without one, data/empty_containers.py): one
 builder keeps true everything that names a round — references, "round N" in answers and queries ("… from
 round 2", "the one from round 3": an answer that cited round 2 must cite the same round at its new number, or
 the model learns to cite and follow wrong rounds), and the per-round flags in `meta`."""
@@ -10,7 +11,8 @@ import re
 
 import numpy as np
 
-PER_ROUND_FLAGS = ("absent", "repeat")
+PER_ROUND_FLAGS = ("absent", "repeat", "bare")
+_ITS_OWN = object()  # `keep`: the round's own reference
 _ROUND = re.compile(r"\b(round )(\d+)\b")
 
 
@@ -34,13 +36,13 @@ class InsertedRounds:
     def __len__(self) -> int:
         return len(self.queries)
 
-    def keep(self, k: int, ref: int | None = -1) -> None:
+    def keep(self, k: int, ref: int | None | object = _ITS_OWN) -> None:
         """Append the sample's round k: its reference (or `ref`, another of the sample's rounds before it) and
         cited round numbers follow the renumbering."""
         s = self.sample
         self._new_index[k] = len(self)
         self._numbers[k + 1] = len(self) + 1
-        ref = s.ref_indices[k] if ref == -1 else ref
+        ref = s.ref_indices[k] if ref is _ITS_OWN else ref
         self._append(renumber(s.queries[k], self._numbers), renumber(s.answers[k], self._numbers), s.entities[k],
                      None if ref is None else self._new_index[ref], s.masks[k],
                      {key: self._old_flags[key][k] for key in PER_ROUND_FLAGS})

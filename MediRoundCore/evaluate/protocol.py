@@ -38,6 +38,7 @@ from ..answers import says_absent
 from ..engine import Engine, RoundResult
 from ..imaging import SliceImage
 from ..model.processing import reference_inputs
+from ..references import GUESS_TRIES
 from ..session import Round, Session
 from .metrics import MaskCounts, mask_counts
 
@@ -197,11 +198,13 @@ class EvalEngine(Engine):
     @contextlib.contextmanager
     def mode(self, config: EvalConfig):
         self.blank_reference, self.no_history = config.blank_reference, config.no_history
+        self.guess_tries = 1 if config.blank_reference else GUESS_TRIES  # blank: every guess reads the same
         self.builder = _FirstTurnBuilder(self._plain_builder) if config.no_history else self._plain_builder
         try:
             yield self
         finally:
             self.blank_reference = self.no_history = False
+            self.guess_tries = GUESS_TRIES
             self.builder = self._plain_builder
 
     def _tagged_reference(self, reference):

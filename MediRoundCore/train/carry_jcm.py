@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -23,11 +24,15 @@ from ..model.modeling import MediRound
 from ..reference_scorer import CONFIG_FILE, WEIGHTS_FILE
 
 JCM_PREFIX = "jcm."
-KEPT_FILES = (CONFIG_FILE, WEIGHTS_FILE, DRAFTS_FILE)  # beside a model's weights: taken from stage 1, else the JCM's
+KEPT_FILES = ((CONFIG_FILE, WEIGHTS_FILE), (DRAFTS_FILE,))  # beside a model's weights, each group from one folder:
+# stage 1's where it has it, else the JCM donor's
 
 
 def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path:
     """Write to `out` the model of folder `stage1` with the JCM of folder `jcm_from`; returns `out`."""
+    out = Path(out)
+    if out.resolve() in (Path(stage1).resolve(), Path(jcm_from).resolve()):
+        raise CheckpointError(f"{out}: write the result to a folder of its own, not over an input")
     model, tokenizer = MediRound.from_pretrained(stage1)
     donor, _ = MediRound.from_pretrained(jcm_from)
     mine = {k: v for k, v in model.config.to_dict().items() if k not in ("jcm", "lora_applied")}
@@ -40,14 +45,13 @@ def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path
         raise CheckpointError(f"{jcm_from} has no JCM weights to carry")
     model.config.jcm = donor.config.jcm
     model.jcm = donor.jcm  # its weights and its layout (a refiner the stage-1 config may not have)
-    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer)
-    for name in KEPT_FILES:
-        source = Path(stage1) / name if (Path(stage1) / name).is_file() else Path(jcm_from) / name
-        if source.is_file():
-            shutil.copy2(source, tmp / name)
+    for group in KEPT_FILES:
+        source = next((Path(f) for f in (stage1, jcm_from) if all((Path(f) / name).is_file() for name in group)), None)
+        for name in group if source is not None else ():
+            shutil.copy2(source / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -59,7 +63,11 @@ def main(argv=None) -> int:
     p.add_argument("jcm_from", help="the model folder whose JCM to carry (e.g. the shipped model)")
     p.add_argument("out")
     args = p.parse_args(argv)
-    print(carry_jcm(args.stage1, args.jcm_from, args.out))
+    try:
+        print(carry_jcm(args.stage1, args.jcm_from, args.out))
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

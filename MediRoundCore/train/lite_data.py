@@ -10,9 +10,9 @@ Each draw builds a new dialogue on the entry (the generator's relations, train
 templates; half of them with the long dialogues, reach-backs and distractors of `train-long`, the hard split's
 settings), re-words its queries with the paraphrase grammar (data/paraphrase.py), inserts rounds that ask again
 for an earlier structure (data/repeats.py), absent-target rounds with direct requests for present structures
-to contrast them (data/absent.py), lesion queries on an organ without a lesion, answered absent
-(data/empty_containers.py), and refers a share of the dialogues where the product's resolver reads them
-(data/product_references.py), as MediRound-Tiny's last phases learned to need. The image of an entry
+to contrast them (data/absent.py), refers a share of the dialogues where the product's resolver reads them
+(data/product_references.py), as MediRound-Tiny's last phases learned to need, and then asks lesion queries
+on organs without a lesion, answered absent (data/empty_containers.py). The image of an entry
 is identical at every draw (8-bit, as the written splits), so its embedding is read back from the cache.
 """
 
