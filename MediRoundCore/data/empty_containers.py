@@ -10,7 +10,8 @@ tries the resolver's next candidate (`Engine.ask`). Two kinds of rounds are made
   earlier round whose organ hosts lesions in the generator but holds none on this slice;
 - in a dialogue whose references are the product's (data/product_references.py), a lesion round the resolver
   referred to such an empty organ becomes that absent round, followed by the same query referring to the
-  lesion's own organ, as the engine's retry asks it.
+  lesion's own organ (the round the dataset meant). The engine's retry asks it without the absent turn in the
+  history; here that turn stays, as in a dialogue where the user picked the wrong organ and then the right one.
 
 Only "it" queries: one that names its organ or a round ("the cyst inside the left kidney", "… from round 2",
 "the last one") is left as it is.
