@@ -26,6 +26,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/data/dataset.py
   MediRoundCore/data/demo.py
   MediRoundCore/data/dialogues.py
+  MediRoundCore/data/empty_containers.py
   MediRoundCore/data/field_of_view.py
   MediRoundCore/data/inserted_rounds.py
   MediRoundCore/data/mrmedseg.py
@@ -90,6 +91,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/session_lock.py
   MediRoundCore/train/__init__.py
   MediRoundCore/train/batching.py
+  MediRoundCore/train/carry_jcm.py
   MediRoundCore/train/embedding_cache.py
   MediRoundCore/train/export.py
   MediRoundCore/train/jcm_features.py
