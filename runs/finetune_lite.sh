@@ -4,15 +4,19 @@
 # learning rate re-warmed to ~6e-5 and decayed to 0 at step 5500; then the shipped model's JCM carried onto it
 # (train/carry_jcm.py: stage 2 trains only jcm.*) and exported with its β; then measured by
 # MEASURE_ONLY=1 bash runs/ship.sh.
+# Then (fine-tune 2) from step 5500: p 1.0, re-warmed to ~1.3e-4 (--lr 2.4e-3 over 5500-5800), decayed to 0 at 5800;
+# runs/lite-snapshot now holds step 5800 (not shipped: the shipped model is step 5150's with its JCM). Its
+# absent answer on empty organs is gated by runs/probe/lite_empty_organ_logit.py (design notes, session 40).
+# Go on with STEPS above 5800 (e.g. STEPS=7000 on a GPU when lent).
 #   bash runs/finetune_lite.sh train     # resumable: rerun after a session ends
 #   bash runs/finetune_lite.sh ship      # carry the JCM, export to the default folder, snapshot the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   train)
-    exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite-ft --steps 5500 --lr 9e-4 \
-      --pool-slices 1000 --views 2 --save-every 25 --threads 2 --long-share 0.5 --dice-weight 2.0 \
-      --new-views 20 --empty-containers 0.7 --from-snapshot runs/lite-snapshot ;;
+    exec nice -n 5 .venv/bin/python -m MediRoundCore.train.lite --out runs/lite-ft --steps "${STEPS:-6400}" \
+      --lr "${LR:-2.4e-3}" --pool-slices 1000 --views 2 --save-every 25 --threads 2 --long-share 0.5 \
+      --dice-weight 2.0 --new-views "${NEW_VIEWS:-600}" --empty-containers 1.0 --from-snapshot runs/lite-snapshot ;;
   ship)
     .venv/bin/python -m MediRoundCore.train.carry_jcm runs/lite-ft/checkpoint MediRoundCore/weights/mediround-lite \
       runs/lite-ft-jcm

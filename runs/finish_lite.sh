@@ -12,6 +12,8 @@
 #   bash runs/finish_lite.sh export
 #   bash runs/finish_lite.sh all        # the five in order, each skipped when its output is there (rerun after a
 #                                       # session ends: collect restarts a shard whose file is missing, train resumes)
+# (A fresh clone's runs/lite-snapshot holds step 5800 since session 40: runs/finetune_lite.sh, then
+# train/carry_jcm.py, replaces freeze-collect-train for a short continuation.)
 set -euo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."

@@ -17,6 +17,8 @@
 # the repository (`python -m MediRoundCore.train.snapshot save runs/lite/checkpoint runs/lite-snapshot`, then
 # commit it). Each (re)start renders and encodes at most 600 views it has not encoded before (--new-views; ~2 s
 # each on two cores, ~20 min), so a fresh clone trains at full speed within the hour; restarts cover the pool.
+# Since session 40 runs/lite-snapshot holds step 5800 of the fine-tune that follows this run (runs/finetune_lite.sh;
+# not shipped); the shipped model's stage 1, step 5150, is the snapshot of commit 659dd7c.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=(--vision-from MediRoundCore/weights/mediround-tiny)
