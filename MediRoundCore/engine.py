@@ -33,8 +33,7 @@ from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
                                vision_pixels)
 from .reference_scorer import ReferenceScorer
-from .references import GUESS_TRIES
-from .references import refer_as_it
+from .references import GUESS_TRIES, refer_as_it
 from .session import Round, Session
 
 MAX_QUERY_CHARS = 2000
@@ -210,6 +209,21 @@ class Engine:
             self._rebuild_prefix(session, state, forward_tokens, timings)
         held, state.rounds = state.rounds, None  # the cache grows now: until the round is added it matches none
         start, lm_ms, tries = state.cache_len, 0.0, []
+
+        def ask_turn(number, features):
+            """One answer to the query with reference `number`, after the turns before this round's."""
+            nonlocal lm_ms
+            self._drop_rejected(state, state.cache_len - start)
+            t1 = time.perf_counter()
+            before = len(forward_tokens) + 1  # and the prompt forward
+            new_tokens = list(state.pending) + self._user_turn(session, query, number, len(session.rounds) + 1)
+            hidden, answer_ids, forced = self._generate(state, new_tokens, *features, forward_tokens)
+            lm_ms += (time.perf_counter() - t1) * 1000
+            answer = self.builder.decode(answer_ids)
+            absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
+            tries.append((number, features, hidden, answer_ids, forced, answer, absent, before))
+            return answer, absent
+
         for number in guesses:
             # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
             # slice." with the right lung as the reference) gives way to the reference scorer's next guess
@@ -221,28 +235,12 @@ class Engine:
                 if not tries:
                     raise
                 break  # a later guess on a slice this session cannot read: the answer so far stands
-            self._drop_rejected(state, state.cache_len - start)
-            t1 = time.perf_counter()
-            before = len(forward_tokens) + 1  # and the prompt forward
-            new_tokens = list(state.pending) + self._user_turn(session, query, number, len(session.rounds) + 1)
-            hidden, answer_ids, forced = self._generate(state, new_tokens, *features, forward_tokens)
-            lm_ms += (time.perf_counter() - t1) * 1000
-            answer = self.builder.decode(answer_ids)
-            absent = forced and says_absent(answer)  # "<entity>: not on this slice." and no [SEG]: draw nothing
-            tries.append((number, features, hidden, answer_ids, forced, answer, absent, before))
+            answer, absent = ask_turn(number, features)
             if not (absent and _inside_reference(parse_entity(answer), session, number)):
                 break
         else:
             if len(tries) > 1:  # absent in every guess: the first guess's answer, asked again on the same cache
-                self._drop_rejected(state, state.cache_len - start)
-                t1 = time.perf_counter()
-                number, features = tries[0][:2]
-                before = len(forward_tokens) + 1
-                new_tokens = list(state.pending) + self._user_turn(session, query, number, len(session.rounds) + 1)
-                hidden, answer_ids, forced = self._generate(state, new_tokens, *features, forward_tokens)
-                lm_ms += (time.perf_counter() - t1) * 1000
-                tries.append((number, features, hidden, answer_ids, forced, self.builder.decode(answer_ids),
-                              True, before))
+                ask_turn(*tries[0][:2])
         reference, (crop_tokens, box_tokens), hidden, answer_ids, forced, answer, absent, before = tries[-1]
         decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = lm_ms

@@ -223,7 +223,7 @@ class EmptyOrganFirst(Engine):
     teacher-forced forward, `Engine._lm`); every other turn is the model's own (`Engine._generate`). The shipped
     model does not answer so yet (design notes, session 40); the engine's retry around it is what is checked."""
 
-    empty = 2
+    empty = (2,)
     SCRIPT = {"Segment the left kidney.": "left kidney: it lies on the left.",
               "Segment the right kidney.": "right kidney: it lies on the right."}
 
@@ -234,7 +234,7 @@ class EmptyOrganFirst(Engine):
     def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
         session, query, reference = self._turn
         text = self.SCRIPT.get(query)
-        if reference is not None and reference == self.empty:
+        if reference in self.empty:
             text = f"lesion in the {session.round(reference).entity}: not on this slice."
         if text is None:
             return super()._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
@@ -278,3 +278,15 @@ def test_a_guess_answered_absent_inside_it_gives_way_and_leaves_no_trace(ct_volu
     picked = engine.ask(session, "Now the lesion inside it.", image, reference=2).round
     assert picked.reference == 2 and picked.absent and not picked.mask.any()
     assert "reference_tries" not in picked.timings
+
+
+def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
+    engine = EmptyOrganFirst.random_tiny(reference_scorer=TwoGuesses())
+    engine.empty = (1, 2)
+    image = extract_slice(ct_volume, "axial", 1)
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the left kidney.", "Segment the right kidney."):
+        engine.ask(session, query, image)
+    r = engine.ask(session, "Now the lesion inside it.", image).round
+    assert r.reference == 2 and r.absent and not r.mask.any()
+    assert r.timings["reference_tries"] == 3  # two guesses, then the first asked again
