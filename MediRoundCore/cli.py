@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 from .answers import ABSENT_NOTE  # noqa: E402
 from .checkpoint_info import default_model_name  # noqa: E402
 from .errors import DeviceError, MediRoundError  # noqa: E402
+from .references import alternatives_note  # noqa: E402
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 
@@ -270,6 +271,10 @@ def cmd_ask(args) -> int:
                      + (" (recovered from the server)" if getattr(result, "recovered", False) else "")]
             if getattr(r, "absent", False):
                 lines.append(f"  {ABSENT_NOTE}")
+            if r.reference_alternatives:
+                lines.append(f"  the reference R{r.reference} was a guess; "
+                             f"{alternatives_note(r.reference_alternatives, session.entities)}: to use one, undo "
+                             f"and ask again with --reference N")
             if staged is not None:
                 path = render_outputs(staged.folder, volume, session)
                 staged.check()
@@ -322,7 +327,10 @@ def cmd_chat(args) -> int:
                 r = engine.ask(session, line, extract_slice(volume, args.view, index), use_jcm=not args.no_jcm).round
                 score = "off" if r.jcm_score is None else f"{r.jcm_score:.2f}"
                 print(f"R{r.number} (ref {r.reference or '-'}, JCM {score}{', corrected' if r.corrected else ''}): "
-                      f"{r.answer}" + (f"\n  {ABSENT_NOTE}" if getattr(r, "absent", False) else ""))
+                      f"{r.answer}" + (f"\n  {ABSENT_NOTE}" if getattr(r, "absent", False) else "")
+                      + (f"\n  the reference R{r.reference} was a guess; "
+                         f"{alternatives_note(r.reference_alternatives, session.entities)}: to use one, :undo and "
+                         f"name it (\"... in round N\")" if r.reference_alternatives else ""))
         except MediRoundError as exc:
             print(f"error: {exc}")
         sys.stdout.flush()

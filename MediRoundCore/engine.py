@@ -198,6 +198,7 @@ class Engine:
             raise MediRoundError(f"the JCM threshold beta must be a number from 0 to 1, got {beta!r}")
         if not isinstance(image, SliceImage):
             raise MediRoundError(f"image must be a SliceImage, got {type(image).__name__}")
+        explicit = reference
         guesses = session.reference_candidates(query, reference, self.reference_scorer, self.guess_tries) or [None]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -266,9 +267,12 @@ class Engine:
         if forced and not absent:
             answer = (answer + " " if answer else "") + "(the model gave no segmentation token; the answer was closed with one)"
         number = len(session.rounds) + 1
+        guessed, alternatives = session.reference_guess(query, explicit, reference, self.reference_scorer,
+                                                        tried=[t[0] for t in tries if t[0] != reference])
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
                        entity=parse_entity(answer), reference=reference, mask=mask,
                        jcm_score=jcm_score, corrected=corrected, seg_forced=forced and not absent, absent=absent,
+                       reference_guessed=guessed, reference_alternatives=alternatives,
                        lm_tokens=sum(forward_tokens), timings=timings)
         session.add_round(round_)
         memory = self._session_memory(session)

@@ -160,6 +160,42 @@ def reference_candidates(query: str, entities: Sequence[str | None], explicit: i
     return ([first] + [n for n in order if n != first])[:max(1, tries)]
 
 
+CLOSE_ALTERNATIVE = 0.5  # another round fits about as well when the scorer gives it at least half the chosen one's
+# probability (hard split, guessed references: a third of them have one; where the guess was not the dataset's
+# round, that round is among them in 36 %, session 41)
+
+
+def is_guess(query: str, entities: Sequence[str | None], explicit: int | None = None) -> bool:
+    """Whether a later round's reference is a guess: no round given and none the rules read from the query."""
+    return explicit is None and bool(entities) and not names_a_round(query, entities)
+
+
+def close_alternatives(query: str, entities: Sequence[str | None], chosen: int, scorer=None,
+                       referable: Sequence[bool] | None = None, ratio: float = CLOSE_ALTERNATIVE,
+                       most: int = 2) -> list[int]:
+    """Other referable rounds (1-based, likeliest first, `most` at most) that the reference scorer rates about as
+    likely as the guessed round `chosen`: at least `ratio` times its softmax probability. Empty without a
+    scorer. The panel shows them beside a guessed reference, so that the user can pick one and ask again."""
+    if not hasattr(scorer, "scores") or not entities:
+        return []
+    scores = scorer.scores(query, entities).astype(np.float64)
+    ok = np.ones(len(entities), bool) if referable is None else np.asarray(referable, bool)
+    p = np.exp(scores - scores.max())
+    p /= p.sum()
+    floor = ratio * p[chosen - 1]
+    order = [int(j) + 1 for j in np.argsort(-p, kind="stable") if ok[j] and p[j] >= floor and j != chosen - 1]
+    return order[:most]
+
+
+def alternatives_note(alternatives: Sequence[int], entities: Sequence[str | None]) -> str:
+    """"R5 (left kidney) fits about as well" for a round whose guessed reference had close alternatives (1-based
+    round numbers; `entities` of the session's rounds); "" without any."""
+    named = [f"R{n} ({entities[n - 1] or 'unnamed'})" if 1 <= n <= len(entities) else f"R{n}" for n in alternatives]
+    if not named:
+        return ""
+    return " or ".join(named) + (" fits" if len(named) == 1 else " fit") + " about as well"
+
+
 def refer_as_it(query: str, entity: str | None) -> str:
     """The query as the model reads it: "the <entity of the referenced round>" becomes "it", as in every
     training dialogue, where the reference travels in the crop and box tokens and the text says "it"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SessionError
-from .references import GUESS_TRIES, reference_candidates, resolve_reference
+from .references import GUESS_TRIES, close_alternatives, is_guess, reference_candidates, resolve_reference
 from .session_lock import clean_if_free, hold
 
 SESSION_FILE = "session.json"
@@ -50,6 +50,9 @@ class Round:
     corrected: bool = False
     seg_forced: bool = False
     absent: bool = False  # the model said the structure is not on this slice: no segment (empty mask)
+    reference_guessed: bool = False  # the reference is the resolver's guess: no round picked or named in the query
+    reference_alternatives: list = field(default_factory=list)  # other earlier rounds the guess nearly was
+    # (`references.close_alternatives`): the panel offers them
     lm_tokens: int = 0
     timings: dict = field(default_factory=dict)
 
@@ -86,6 +89,16 @@ class Session:
         """The rounds an Ask on `query` may refer to, in the order it tries them (`references.reference_candidates`)."""
         return reference_candidates(query, self.entities, explicit, scorer, [not r.absent for r in self.rounds],
                                     tries)
+
+    def reference_guess(self, query: str, explicit: int | None, chosen: int | None, scorer=None,
+                        tried=()) -> tuple[bool, list[int]]:
+        """(whether a new round's reference `chosen` is a guess, the other rounds that fit about as well but for the
+        guesses `tried` and given up: `references.is_guess`, `references.close_alternatives`)."""
+        referable = [not r.absent and r.number not in tried for r in self.rounds]
+        visible = [e if not r.absent else None for e, r in zip(self.entities, self.rounds)]
+        if chosen is None or not is_guess(query, visible, explicit):
+            return False, []
+        return True, close_alternatives(query, self.entities, chosen, scorer, referable)
 
     def add_round(self, round_: Round) -> None:
         if round_.number != len(self.rounds) + 1:
@@ -302,6 +315,12 @@ def _check_round_entry(item: dict, position: int) -> None:
             raise TypeError(f"round {number}: {name!r} is {value!r}")
     if item["reference"] is not None and not 1 <= item["reference"] < number:
         raise ValueError(f"round {number}: refers to round {item['reference']}, not an earlier round")
+    guessed = item.get("reference_guessed", False)
+    if type(guessed) is not bool:
+        raise TypeError(f"round {number}: 'reference_guessed' is {guessed!r}")
+    alternatives = item.get("reference_alternatives", [])
+    if not (isinstance(alternatives, list) and all(type(n) is int and 1 <= n < number for n in alternatives)):
+        raise TypeError(f"round {number}: 'reference_alternatives' is {alternatives!r}, not earlier rounds")
     shape = item.get("mask_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)):
         raise TypeError(f"round {number}: 'mask_shape' is {shape!r}, not two positive whole numbers")

@@ -267,6 +267,8 @@ def test_a_guess_answered_absent_inside_it_gives_way_and_leaves_no_trace(ct_volu
     assert [r.entity for r in session.rounds] == ["left kidney", "right kidney"]
     result = engine.ask(session, "Now the lesion inside it.", image)
     assert result.round.reference == 1 and result.round.timings["reference_tries"] == 2
+    # a guess; round 2, tried and found empty, is not offered as an alternative
+    assert result.round.reference_guessed and result.round.reference_alternatives == []
     # the same as asking with the second guess from the start, on an engine that rebuilds its cache every round
     direct = fresh.ask(replay, "Now the lesion inside it.", image, reference=1).round
     assert (result.round.answer, result.round.absent) == (direct.answer, direct.absent)
@@ -278,6 +280,20 @@ def test_a_guess_answered_absent_inside_it_gives_way_and_leaves_no_trace(ct_volu
     picked = engine.ask(session, "Now the lesion inside it.", image, reference=2).round
     assert picked.reference == 2 and picked.absent and not picked.mask.any()
     assert "reference_tries" not in picked.timings
+    assert not picked.reference_guessed and picked.reference_alternatives == []
+
+
+def test_a_guessed_reference_records_the_rounds_that_fit_about_as_well(ct_volume):
+    engine = Engine.random_tiny(reference_scorer=TwoGuesses())  # round 2 at 0.60, round 1 at 0.40
+    image = extract_slice(ct_volume, "axial", 1)
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the left kidney.", "Segment the right kidney."):
+        engine.ask(session, query, image)
+    assert [(r.reference_guessed, r.reference_alternatives) for r in session.rounds] == [(False, []), (True, [])]
+    r = engine.ask(session, "Now the lesion inside it.", image).round
+    assert r.reference == 2 and r.reference_guessed and r.reference_alternatives == [1]
+    named = engine.ask(session, "Now the lesion inside round 1.", image).round
+    assert named.reference == 1 and not named.reference_guessed and named.reference_alternatives == []
 
 
 def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):

@@ -148,3 +148,22 @@ def test_guesses_are_tried_best_first_among_referable_rounds():
 def test_a_first_round_has_nothing_to_try():
     assert reference_candidates("Segment the liver.", [], scorer=None) == []
     assert reference_candidates("Now the lesion in it.", ["liver", "kidney"], scorer=None) == [2]
+
+
+def test_close_alternatives_are_the_rounds_about_as_likely_as_the_guess():
+    from MediRoundCore.references import alternatives_note, close_alternatives, is_guess
+
+    entities = ["heart", "right lung", "left lung", "esophagus"]
+    scorer = FixedScores([0.0, 2.0, 1.8, 1.0])  # softmax 0.06, 0.43, 0.35, 0.16: round 3 at 0.82 of round 2, round 4 at 0.37
+    assert close_alternatives("The nodule in it.", entities, 2, scorer) == [3]
+    assert close_alternatives("The nodule in it.", entities, 2, scorer, ratio=0.3) == [3, 4]
+    assert close_alternatives("The nodule in it.", entities, 2, scorer, ratio=0.1, most=3) == [3, 4, 1]
+    assert close_alternatives("The nodule in it.", entities, 2, scorer, referable=[True, True, False, True],
+                              ratio=0.3) == [4]
+    assert close_alternatives("The nodule in it.", entities, 2, None) == []
+    assert is_guess("The nodule in it.", entities) and not is_guess("The nodule in it.", entities, explicit=3)
+    assert not is_guess("The nodule in the left lung.", entities) and not is_guess("The nodule in round 2.", entities)
+    assert not is_guess("Segment the liver.", [])
+    assert alternatives_note([3], entities) == "R3 (left lung) fits about as well"
+    assert alternatives_note([3, 4], entities) == "R3 (left lung) or R4 (esophagus) fit about as well"
+    assert alternatives_note([], entities) == ""

@@ -189,3 +189,54 @@ def test_a_round_answered_absent_is_not_the_next_rounds_reference():
     assert s.resolve_reference("Now the lesion inside it.") == 1
     assert s.resolve_reference("Segment the heart.") == 1
     assert s.resolve_reference("The heart from round 2.") == 2
+
+
+def test_a_guessed_reference_and_its_alternatives_are_saved_sent_and_checked(tmp_path):
+    """The guess flag and its close alternatives survive save/load and the wire; bad values are refused."""
+    import json
+
+    from MediRoundCore.remote.protocol import round_from_wire, round_to_wire
+
+    s = Session("abc123", tmp_path / "s")
+    s.add_round(make_round(1, "right kidney"))
+    s.add_round(make_round(2, "left kidney"))
+    guessed = make_round(3, "lesion in the right kidney", reference=1)
+    guessed.reference_guessed, guessed.reference_alternatives = True, [2]
+    s.add_round(guessed)
+    loaded = Session.load(tmp_path / "s")
+    assert [(r.reference_guessed, r.reference_alternatives) for r in loaded.rounds] == [(False, []), (False, []),
+                                                                                       (True, [2])]
+    assert round_from_wire(round_to_wire(guessed)).reference_alternatives == [2]
+    for bad in ({"reference_alternatives": [3]}, {"reference_alternatives": "2"}, {"reference_guessed": 1}):
+        with pytest.raises(ValueError, match="malformed round 3"):
+            round_from_wire({k: v for k, v in {**round_to_wire(guessed), **bad}.items() if k != "digest"})
+        path = tmp_path / "s" / "session.json"
+        data = json.loads(path.read_text())
+        good = dict(data["rounds"][2])
+        data["rounds"][2].update(bad)
+        path.write_text(json.dumps(data))
+        with pytest.raises(SessionError, match="corrupt round entry"):
+            Session.load(tmp_path / "s")
+        data["rounds"][2] = good
+        path.write_text(json.dumps(data))
+    # a session written before the fields existed loads with no guess recorded
+    data = json.loads(path.read_text())
+    for item in data["rounds"]:
+        item.pop("reference_guessed"), item.pop("reference_alternatives")
+    path.write_text(json.dumps(data))
+    assert [r.reference_alternatives for r in Session.load(tmp_path / "s").rounds] == [[], [], []]
+
+
+def test_the_session_says_which_references_are_guesses():
+    class Scores:  # stands in for reference_scorer.ReferenceScorer's scores: round 2 likeliest, round 1 close
+        def scores(self, query, entities):
+            return np.array([0.5, 0.9, -3.0][:len(entities)], np.float32)
+
+    s = Session("abc123")
+    for n, entity in enumerate(["right kidney", "left kidney", "liver"], start=1):
+        s.add_round(make_round(n, entity))
+    assert s.reference_guess("Now the lesion inside it.", None, 2, Scores()) == (True, [1])
+    assert s.reference_guess("Now the lesion inside it.", None, 2, Scores(), tried=[1]) == (True, [])
+    assert s.reference_guess("Now the lesion inside it.", 2, 2, Scores()) == (False, [])  # picked by the user
+    assert s.reference_guess("The lesion in the left kidney.", None, 2, Scores()) == (False, [])  # named
+    assert s.reference_guess("Now the lesion inside it.", None, 2, None) == (True, [])  # no scorer: no alternatives

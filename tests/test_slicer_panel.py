@@ -43,7 +43,8 @@ class ScriptedDialogs:
 
 
 @pytest.fixture
-def panel(tmp_path):
+def panel(tmp_path, request):
+    scorer = getattr(request, "param", None)  # the stand-in engine's reference scorer (default: none)
     app = qt.app_instance()
     scene = slicer.vtkMRMLScene()
     array = np.full((10, 24, 20), -1000, np.int16)
@@ -53,7 +54,7 @@ def panel(tmp_path):
     red = add_slice_node(scene)
     show_plane(red, "axial", [5.0, 5.0, 2.0 * 4])
     logic = MediRound.MediRoundLogic(scene=scene, sessions_dir=tmp_path / "sessions",
-                                     engine_factory=lambda checkpoint: ThresholdEngine(0))
+                                     engine_factory=lambda checkpoint: ThresholdEngine(0, scorer))
     root = qt.load_ui(UI)
     dialogs = ScriptedDialogs()
     chat = ChatPanel(root, logic, dialogs=dialogs)
@@ -72,6 +73,35 @@ def _ask(chat, text, enter=False):
     else:
         QTest.mouseClick(chat.ui.askButton, Qt.LeftButton)
     assert chat.wait(30)
+
+
+class LatestFirst:
+    """Stands in for the learned reference scorer (reference_scorer.ReferenceScorer): the latest round likeliest,
+    the one before it close behind."""
+
+    def scores(self, query, entities):
+        return np.arange(len(entities), dtype=np.float32) * 0.4
+
+    def choose(self, query, entities, referable=None):
+        return len(entities)
+
+
+@pytest.mark.parametrize("panel", [LatestFirst()], indirect=True)
+def test_a_guessed_reference_shows_the_rounds_that_fit_about_as_well(panel):
+    chat, logic, node, dialogs, app, tmp = panel
+    chat.set_volume(node)
+    for text in ("Segment the right kidney", "Segment the left spleen", "Now the lesion inside it"):
+        _ask(chat, text)
+    last = logic.session.rounds[-1]
+    assert (last.reference, last.reference_guessed, last.reference_alternatives) == (2, True, [1])
+    text = chat.ui.historyBrowser.toPlainText()
+    assert "refers to R2 (a guess)" in text
+    assert "R1 (kidney) fits about as well: to use one, Undo, pick it under Reference and Ask again" in text
+    # picked under Reference: no guess, no note
+    chat.ui.referenceCombo.setCurrentIndex(1)
+    _ask(chat, "and the cyst")
+    assert not logic.session.rounds[-1].reference_guessed
+    assert chat.ui.historyBrowser.toPlainText().count("fits about as well") == 1
 
 
 def test_ask_with_button_and_enter_then_undo(panel):

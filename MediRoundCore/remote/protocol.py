@@ -124,7 +124,8 @@ def round_from_wire(data: dict):
 
     try:
         fields = {k: data[k] for k in ("number", "view", "slice_index", "query", "answer", "entity", "reference")}
-        optional = {k: data[k] for k in ("jcm_score", "corrected", "seg_forced", "absent", "lm_tokens", "timings") if k in data}
+        optional = {k: data[k] for k in ("jcm_score", "corrected", "seg_forced", "absent", "reference_guessed",
+                                            "reference_alternatives", "lm_tokens", "timings") if k in data}
         round_ = Round(mask=unpack_mask(data["mask"]), **fields, **optional)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed round ({type(exc).__name__}: {exc})") from None
@@ -133,6 +134,11 @@ def round_from_wire(data: dict):
     ref = round_.reference
     if ref is not None and (type(ref) is not int or not 1 <= ref < round_.number):
         raise ValueError(f"malformed round {round_.number}: reference {ref!r} is not an earlier round")
+    alternatives = round_.reference_alternatives
+    if type(round_.reference_guessed) is not bool or not (
+            isinstance(alternatives, list) and all(type(n) is int and 1 <= n < round_.number for n in alternatives)):
+        raise ValueError(f"malformed round {round_.number}: reference_guessed {round_.reference_guessed!r}, "
+                         f"reference_alternatives {alternatives!r}")
     if "digest" in data and data["digest"] != round_digest(round_):
         raise ValueError(f"round {round_.number} arrived damaged (its digest does not match)")
     return round_

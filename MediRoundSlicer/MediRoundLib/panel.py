@@ -165,7 +165,16 @@ class ChatPanel:
             if getattr(r, "absent", False):
                 meta.append("no segment: not on this slice")
             if r.reference is not None:
-                meta.append(f"refers to R{r.reference}")
+                meta.append(f"refers to R{r.reference}" + (" (a guess)" if getattr(r, "reference_guessed", False)
+                                                           else ""))
+            alternatives = getattr(r, "reference_alternatives", None) or []
+            note = ""
+            if alternatives:
+                from MediRoundCore.references import alternatives_note  # numpy only
+
+                note = alternatives_note(alternatives, logic.session.entities)
+            if note:
+                meta.append(f"{html.escape(note)}: to use one, Undo, pick it under Reference and Ask again")
             if r.jcm_score is not None:
                 meta.append(f"JCM {r.jcm_score:.2f}" + (" &#9998; corrected" if r.corrected else ""))
             parts.append(

@@ -88,8 +88,9 @@ class ThresholdEngine:
 
     device_description = "CPU (test engine)"
 
-    def __init__(self, threshold=0.0):
+    def __init__(self, threshold=0.0, reference_scorer=None):
         self.threshold = threshold
+        self.reference_scorer = reference_scorer  # as Engine's: the resolver's guess and its close alternatives
         self.calls = []
         self.prepared = []
 
@@ -101,7 +102,9 @@ class ThresholdEngine:
     def ask(self, session, query, image, reference=None, use_jcm=True, beta=None, progress=None):
         say = progress or (lambda message, fraction: None)
         say("encoding the slice", 0.1)
-        reference = session.resolve_reference(query, reference)
+        explicit = reference
+        reference = session.resolve_reference(query, reference, self.reference_scorer)
+        guessed, alternatives = session.reference_guess(query, explicit, reference, self.reference_scorer)
         words = [w.strip(".,?!").lower() for w in query.split()]
         entity = words[-1] if words else "structure"
         mask = np.asarray(image.pixels) > self.threshold
@@ -110,7 +113,8 @@ class ThresholdEngine:
         number = len(session.rounds) + 1
         round_ = Round(number, image.view, image.index, query, answer, parse_entity(answer), reference, mask,
                        jcm_score=None if absent else 0.5 + 0.1 * number, corrected=number == 2 and not absent,
-                       timings={"total_ms": 5.0}, absent=absent)
+                       timings={"total_ms": 5.0}, absent=absent, reference_guessed=guessed,
+                       reference_alternatives=alternatives)
         session.add_round(round_)
         self.calls.append((query, image.view, image.index))
         say("done", 1.0)

@@ -56,6 +56,19 @@ def contrast(pixels, mask, width=3):
     return float(abs(pixels[mask].mean() - pixels[ring].mean()) / (pixels[ring].std() + 1e-3))
 
 
+def heterogeneity(pixels, mask):
+    """Share of the organ's pixels (holes filled) more than 3 robust deviations from its median intensity: a
+    lesion of another density makes the organ's histogram carry a second mode."""
+    from scipy import ndimage
+    region = ndimage.binary_fill_holes(mask)
+    if region.sum() < 20:
+        return 0.0
+    values = pixels[region]
+    median = np.median(values)
+    mad = np.median(np.abs(values - median)) * 1.4826 + 1e-3
+    return float((np.abs(values - median) > 3 * mad).mean())
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=60)
@@ -91,7 +104,8 @@ def main():
                     trial.append(dict(cand=cand, mean_p=mean_p, peak=peak,
                                       free_inside=float((free & container).sum() / max(free.sum(), 1)),
                                       dice=dice(r.mask, target), jcm=r.jcm_score or 0.0,
-                                      contrast=contrast(pixels, r.mask)))
+                                      contrast=contrast(pixels, r.mask),
+                                      hetero=heterogeneity(pixels, container)))
                     session.undo()
                 rows.append((relation, truth, query, list(entities), trial, dice(free, target)))
             engine.ask(session, query, image, reference=truth)
@@ -103,7 +117,7 @@ def main():
         top1 = sum(r[4][0]["cand"] == r[1] for r in sel)
         print(f"{relation}: {len(sel)} rounds, truth in top {args.top}: {len(intop)}; scorer top-1 {top1}; "
               f"mean p {pick(lambda t: t['mean_p'])}; peak {pick(lambda t: t['peak'])}; "
-              f"noref inside {pick(lambda t: t['free_inside'])}; contrast {pick(lambda t: t['contrast'])}; jcm {pick(lambda t: t['jcm'])}; "
+              f"noref inside {pick(lambda t: t['free_inside'])}; contrast {pick(lambda t: t['contrast'])}; organ heterogeneity {pick(lambda t: t['hetero'])}; jcm {pick(lambda t: t['jcm'])}; "
               f"best Dice {pick(lambda t: t['dice'])}")
         # tie-break: move off the scorer's pick only when the reference-free mask lies mostly in another candidate
         for th in (0.5, 0.7, 0.9):
@@ -122,8 +136,8 @@ def main():
             print(relation, repr(query), entities, "truth", truth, "noref dice %.2f" % free_d)
             for t in trial:
                 print("    ", t["cand"], entities[t["cand"] - 1],
-                      "mean_p %.3f peak %.2f free_inside %.2f contrast %.2f jcm %.3f dice %.2f"
-                      % (t["mean_p"], t["peak"], t["free_inside"], t["contrast"], t["jcm"], t["dice"]))
+                      "mean_p %.3f peak %.2f free_inside %.2f contrast %.2f hetero %.3f jcm %.3f dice %.2f"
+                      % (t["mean_p"], t["peak"], t["free_inside"], t["contrast"], t["hetero"], t["jcm"], t["dice"]))
 
 
 if __name__ == "__main__":
