@@ -5,9 +5,11 @@
 # (train/carry_jcm.py: stage 2 trains only jcm.*) and exported with its β; then measured by
 # MEASURE_ONLY=1 bash runs/ship.sh.
 # Then (fine-tune 2) from step 5500: p 1.0, re-warmed to ~1.3e-4 (--lr 2.4e-3 over 5500-5800), decayed to 0 at 5800;
-# runs/lite-snapshot now holds step 5800 (not shipped: the shipped model is step 5150's with its JCM). Its
-# absent answer on empty organs is gated by runs/probe/lite_empty_organ_logit.py (design notes, session 40).
-# Go on with STEPS above 5800 (e.g. STEPS=7000 on a GPU when lent).
+# Session 41 (fine-tune 3): from step 5800, p 1.0, re-warmed to ~1e-4 (STEPS=6650 LR=1.15e-3 NEW_VIEWS=1), decayed
+# to 0 at 6650. Gated (runs/probe/lite_empty_organ_logit.py, then 60 hard dialogues against the shipped model):
+# worse on lesion rounds with the dataset's references (74.2 against 77.9 Dice) and no better with the product's
+# (84.7 against 85.5 overall); not shipped (design notes). runs/lite-snapshot is back at the shipped model's
+# stage 1 (step 5150), so a next fine-tune starts from what ships.
 #   bash runs/finetune_lite.sh train     # resumable: rerun after a session ends
 #   bash runs/finetune_lite.sh ship      # carry the JCM, export to the default folder, snapshot the run
 set -euo pipefail
