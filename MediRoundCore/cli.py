@@ -273,8 +273,9 @@ def cmd_ask(args) -> int:
                 lines.append(f"  {ABSENT_NOTE}")
             if r.reference_alternatives:
                 lines.append(f"  the reference R{r.reference} was a guess; "
-                             f"{alternatives_note(r.reference_alternatives, session.entities)}: to use one, ask "
-                             f"again with --reference N")
+                             f"{alternatives_note(r.reference_alternatives, session.entities)}; this round is "
+                             f"kept: to replace it, :undo it in `mediround chat --session` on this folder and ask "
+                             f"there naming the round (\"… in round N\")")
             if staged is not None:
                 path = render_outputs(staged.folder, volume, session)
                 staged.check()

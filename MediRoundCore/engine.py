@@ -225,7 +225,9 @@ class Engine:
             tries.append((number, features, hidden, answer_ids, forced, answer, absent, before))
             return answer, absent
 
+        attempted = []  # every guess reached, a try or one whose round could not be read
         for number in guesses:
+            attempted.append(number)
             # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
             # slice." with the right lung as the reference) gives way to the reference scorer's next guess
             # (references.reference_candidates); a structure absent from the slice ("liver: not on this slice.")
@@ -268,7 +270,7 @@ class Engine:
             answer = (answer + " " if answer else "") + "(the model gave no segmentation token; the answer was closed with one)"
         number = len(session.rounds) + 1
         guessed, alternatives = session.reference_guess(query, explicit, reference, self.reference_scorer,
-                                                        tried=[t[0] for t in tries if t[0] != reference])
+                                                        tried=[n for n in attempted if n != reference])
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
                        entity=parse_entity(answer), reference=reference, mask=mask,
                        jcm_score=jcm_score, corrected=corrected, seg_forced=forced and not absent, absent=absent,

@@ -182,8 +182,11 @@ def close_alternatives(query: str, entities: Sequence[str | None], chosen: int, 
     ok = np.ones(len(entities), bool) if referable is None else np.asarray(referable, bool)
     p = np.exp(scores - scores.max())
     p /= p.sum()
+    if not np.all(np.isfinite(scores)) or not p[chosen - 1] > 0:
+        return []
     floor = ratio * p[chosen - 1]
-    order = [int(j) + 1 for j in np.argsort(-p, kind="stable") if ok[j] and p[j] >= floor and j != chosen - 1]
+    order = [int(j) + 1 for j in np.argsort(-p, kind="stable")
+             if ok[j] and p[j] > 0 and p[j] >= floor and j != chosen - 1]
     return order[:most]
 
 

@@ -306,3 +306,4 @@ def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
     r = engine.ask(session, "Now the lesion inside it.", image).round
     assert r.reference == 2 and r.absent and not r.mask.any()
     assert r.timings["reference_tries"] == 3  # two guesses, then the first asked again
+    assert r.reference_guessed and r.reference_alternatives == []  # round 1 was tried: not offered

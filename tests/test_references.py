@@ -161,6 +161,10 @@ def test_close_alternatives_are_the_rounds_about_as_likely_as_the_guess():
     assert close_alternatives("The nodule in it.", entities, 2, scorer, referable=[True, True, False, True],
                               ratio=0.3) == [4]
     assert close_alternatives("The nodule in it.", entities, 2, None) == []
+    # rounds the scorer rules out, or scores that are not numbers, are never offered
+    assert close_alternatives("The nodule in it.", entities, 2, FixedScores([-np.inf, 2.0, -np.inf, -np.inf]),
+                              ratio=0.0) == []
+    assert close_alternatives("The nodule in it.", entities, 2, FixedScores([0.0, 2.0, np.nan, 1.0])) == []
     assert is_guess("The nodule in it.", entities) and not is_guess("The nodule in it.", entities, explicit=3)
     assert not is_guess("The nodule in the left lung.", entities) and not is_guess("The nodule in round 2.", entities)
     assert not is_guess("Segment the liver.", [])

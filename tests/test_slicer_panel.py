@@ -96,12 +96,14 @@ def test_a_guessed_reference_shows_the_rounds_that_fit_about_as_well(panel):
     assert (last.reference, last.reference_guessed, last.reference_alternatives) == (2, True, [1])
     text = chat.ui.historyBrowser.toPlainText()
     assert "refers to R2 (a guess)" in text
-    assert "R1 (kidney) fits about as well: to use one, Undo, pick it under Reference and Ask again" in text
-    # picked under Reference: no guess, no note
+    assert "R1 (kidney) fits about as well: to use one, Undo, pick it under Refers to and Ask again" in text
+    # picked under Refers to: no guess, no note; the earlier note stays, without the how-to (Undo would now
+    # remove the later round, not that one)
     chat.ui.referenceCombo.setCurrentIndex(1)
     _ask(chat, "and the cyst")
     assert not logic.session.rounds[-1].reference_guessed
-    assert chat.ui.historyBrowser.toPlainText().count("fits about as well") == 1
+    text = chat.ui.historyBrowser.toPlainText()
+    assert text.count("fits about as well") == 1 and "Undo, pick it" not in text
 
 
 def test_ask_with_button_and_enter_then_undo(panel):

@@ -173,8 +173,9 @@ class ChatPanel:
                 from MediRoundCore.references import alternatives_note  # numpy only
 
                 note = alternatives_note(alternatives, logic.session.entities)
-            if note:
-                meta.append(f"{html.escape(note)}: to use one, Undo, pick it under Reference and Ask again")
+            if note:  # the how-to only under the last round: Undo removes the last round alone
+                meta.append(html.escape(note) + (": to use one, Undo, pick it under Refers to and Ask again"
+                                                 if r is logic.session.rounds[-1] else ""))
             if r.jcm_score is not None:
                 meta.append(f"JCM {r.jcm_score:.2f}" + (" &#9998; corrected" if r.corrected else ""))
             parts.append(
