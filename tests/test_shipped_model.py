@@ -286,3 +286,21 @@ def test_a_structure_asked_again_is_answered_again(shipped):
     first, again = _ask_again(shipped, "Segment the left kidney.")
     assert again.reference == first.number
     assert again.entity == first.entity and dice(again.mask, first.mask) >= 0.9, again.answer
+
+
+def test_ask_says_when_the_kidney_it_refers_to_was_a_guess(tmp_path, capsys):
+    """After both kidneys, "Now the lesion inside it." refers to a guess that the other kidney fits about as well
+    (the shipped scorer: 2.74 against 2.71); `ask` says so, that the round is kept, and how to replace it."""
+    from MediRoundCore.cli import BUNDLED, main
+
+    ask = ["ask", str(BUNDLED / "demo_abdomen.nrrd"), "--session", str(tmp_path / "s"), "--slice", "12",
+           "--device", "cpu", "--query"]
+    for query in ("Segment the right kidney.", "Segment the left kidney."):
+        assert main(ask + [query]) == 0
+    assert "was a guess" not in capsys.readouterr().out
+    assert main(ask + ["Now the lesion inside it."]) == 0
+    out = capsys.readouterr().out
+    assert "the reference R1 was a guess; R2 (left kidney) fits about as well; this round is kept" in out, out
+    assert ":undo it in `mediround chat --session`" in out
+    rounds = Session.load(tmp_path / "s").rounds
+    assert (rounds[-1].reference, rounds[-1].reference_guessed, rounds[-1].reference_alternatives) == (1, True, [2])
