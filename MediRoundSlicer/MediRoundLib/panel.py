@@ -167,15 +167,13 @@ class ChatPanel:
             if r.reference is not None:
                 meta.append(f"refers to R{r.reference}" + (" (a guess)" if getattr(r, "reference_guessed", False)
                                                            else ""))
-            alternatives = getattr(r, "reference_alternatives", None) or []
-            note = ""
-            if alternatives:
+            alternatives = getattr(r, "reference_alternatives", None)
+            if alternatives:  # the how-to only under the last round: Undo removes the last round alone
                 from MediRoundCore.references import alternatives_note  # numpy only
 
-                note = alternatives_note(alternatives, logic.session.entities)
-            if note:  # the how-to only under the last round: Undo removes the last round alone
-                meta.append(html.escape(note) + (": to use one, Undo, pick it under Refers to and Ask again"
-                                                 if r is logic.session.rounds[-1] else ""))
+                meta.append(html.escape(alternatives_note(alternatives, logic.session.entities))
+                            + (": to use one, Undo, pick it under Refers to and Ask again"
+                               if r is logic.session.rounds[-1] else ""))
             if r.jcm_score is not None:
                 meta.append(f"JCM {r.jcm_score:.2f}" + (" &#9998; corrected" if r.corrected else ""))
             parts.append(
