@@ -299,6 +299,16 @@ class Session:
         return session
 
 
+def guess_fields_problem(number: int, guessed, alternatives) -> str | None:
+    """What is wrong with round `number`'s `reference_guessed` and `reference_alternatives` as read from a file or
+    the wire (a bool; a list of earlier round numbers), or None."""
+    if type(guessed) is not bool:
+        return f"'reference_guessed' is {guessed!r}"
+    if not (isinstance(alternatives, list) and all(type(n) is int and 1 <= n < number for n in alternatives)):
+        return f"'reference_alternatives' is {alternatives!r}, not earlier rounds"
+    return None
+
+
 def _check_round_entry(item: dict, position: int) -> None:
     """Round `position` of session.json: numbered `position` (whole numbers, in order, no repeats), and its
     fields of the right kinds."""
@@ -315,12 +325,9 @@ def _check_round_entry(item: dict, position: int) -> None:
             raise TypeError(f"round {number}: {name!r} is {value!r}")
     if item["reference"] is not None and not 1 <= item["reference"] < number:
         raise ValueError(f"round {number}: refers to round {item['reference']}, not an earlier round")
-    guessed = item.get("reference_guessed", False)
-    if type(guessed) is not bool:
-        raise TypeError(f"round {number}: 'reference_guessed' is {guessed!r}")
-    alternatives = item.get("reference_alternatives", [])
-    if not (isinstance(alternatives, list) and all(type(n) is int and 1 <= n < number for n in alternatives)):
-        raise TypeError(f"round {number}: 'reference_alternatives' is {alternatives!r}, not earlier rounds")
+    problem = guess_fields_problem(number, item.get("reference_guessed", False), item.get("reference_alternatives", []))
+    if problem:
+        raise TypeError(f"round {number}: {problem}")
     shape = item.get("mask_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)):
         raise TypeError(f"round {number}: 'mask_shape' is {shape!r}, not two positive whole numbers")

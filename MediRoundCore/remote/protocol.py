@@ -120,7 +120,7 @@ def round_to_wire(round_, with_mask: bool = True) -> dict:
 
 def round_from_wire(data: dict):
     """A `session.Round` from its wire form (mask included); ValueError when malformed."""
-    from ..session import Round
+    from ..session import Round, guess_fields_problem
 
     try:
         fields = {k: data[k] for k in ("number", "view", "slice_index", "query", "answer", "entity", "reference")}
@@ -134,11 +134,9 @@ def round_from_wire(data: dict):
     ref = round_.reference
     if ref is not None and (type(ref) is not int or not 1 <= ref < round_.number):
         raise ValueError(f"malformed round {round_.number}: reference {ref!r} is not an earlier round")
-    alternatives = round_.reference_alternatives
-    if type(round_.reference_guessed) is not bool or not (
-            isinstance(alternatives, list) and all(type(n) is int and 1 <= n < round_.number for n in alternatives)):
-        raise ValueError(f"malformed round {round_.number}: reference_guessed {round_.reference_guessed!r}, "
-                         f"reference_alternatives {alternatives!r}")
+    problem = guess_fields_problem(round_.number, round_.reference_guessed, round_.reference_alternatives)
+    if problem:
+        raise ValueError(f"malformed round {round_.number}: {problem}")
     if "digest" in data and data["digest"] != round_digest(round_):
         raise ValueError(f"round {round_.number} arrived damaged (its digest does not match)")
     return round_
