@@ -27,16 +27,19 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
+from .lesion_finder import LesionFinder, lesion_kinds_asked
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
-from .model.processing import (PromptBuilder, logits_to_slice, reference_inputs, segmenter_pixels,
-                               vision_pixels)
-from .reference_scorer import ReferenceScorer
-from .references import GUESS_TRIES, refer_as_it
+from .model.processing import (PromptBuilder, logits_to_slice, masks_to_segmenter_frame, reference_inputs,
+                               segmenter_pixels, vision_pixels)
+from .reference_scorer import ReferenceScorer, ScorerWithEvidence
+from .references import GUESS_TRIES, is_guess, refer_as_it
 from .session import Round, Session
 
 MAX_QUERY_CHARS = 2000
+EVEN_EVIDENCE = 0.5  # the lesion finder's weight of an earlier round it cannot see (on another slice)
+EVIDENCE_FLOOR = 0.01  # no round ruled out by the finder alone: its weight is at least this
 # transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(
     __import__("transformers").MistralForCausalLM.forward).parameters else "past_key_values"
@@ -97,7 +100,7 @@ def validate_query(query) -> str:
 
 class Engine:
     def __init__(self, model, tokenizer, reuse_cache: bool = True, max_slices: int = 4, reference_scorer=None,
-                 fast_decode: bool = True, answer_drafts=None):
+                 fast_decode: bool = True, answer_drafts=None, lesion_finder=None):
         from .model.decode_step import DecodeStep
 
         self.model = model.eval()
@@ -107,6 +110,7 @@ class Engine:
         self.answer_drafts = answer_drafts if fast_decode else None
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
+        self.lesion_finder = lesion_finder  # weighs that guess by the image for lesion queries (lesion_finder.py)
         self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while the answer is absent inside them
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder.for_model(tokenizer, model)
@@ -129,6 +133,7 @@ class Engine:
         folder = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, tokenizer = MediRound.from_pretrained(folder, device=device, dtype=dtype)
         kwargs.setdefault("reference_scorer", ReferenceScorer.from_pretrained(folder))
+        kwargs.setdefault("lesion_finder", LesionFinder.from_pretrained(folder))
         kwargs.setdefault("answer_drafts", AnswerDrafts.from_pretrained(folder, model.config.text.vocab_size,
                                                                         stop=_stop_tokens(model.token_ids)))
         return cls(model, tokenizer, **kwargs)
@@ -205,6 +210,9 @@ class Engine:
         say("encoding the slice", 0.1)
         forward_tokens: list[int] = []
         state = self._slice_state(session, image, timings, forward_tokens)
+        scorer = self._scorer_with_image(session, query, explicit, state, image, timings)
+        if scorer is not self.reference_scorer:
+            guesses = session.reference_candidates(query, reference, scorer, self.guess_tries) or [None]
         say("reading the dialogue", 0.4)
         if not self.reuse_cache:
             self._rebuild_prefix(session, state, forward_tokens, timings)
@@ -269,7 +277,7 @@ class Engine:
         if forced and not absent:
             answer = (answer + " " if answer else "") + "(the model gave no segmentation token; the answer was closed with one)"
         number = len(session.rounds) + 1
-        guessed, alternatives = session.reference_guess(query, explicit, reference, self.reference_scorer,
+        guessed, alternatives = session.reference_guess(query, explicit, reference, scorer,
                                                         tried=[n for n in attempted if n != reference])
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
                        entity=parse_entity(answer), reference=reference, mask=mask,
@@ -288,6 +296,28 @@ class Engine:
                            decode_forwards)
 
     # -- pieces --------------------------------------------------------------------------------------
+    def _scorer_with_image(self, session, query, explicit, state, image, timings):
+        """The reference scorer, weighed by the lesion finder when the query asks for a lesion inside a round it
+        does not name ("the nodule within it" after both lungs): each earlier round on this slice by how likely its
+        mask holds the kind asked for, a round on another slice by an even chance. The scorer itself otherwise."""
+        finder, scorer = self.lesion_finder, self.reference_scorer
+        kinds = lesion_kinds_asked(query)
+        if finder is None or not hasattr(scorer, "scores") or kinds is None or not is_guess(query, session.entities,
+                                                                                              explicit) \
+                or sum(not r.absent for r in session.rounds) < 2:  # no choice to weigh
+            return scorer
+        t = time.perf_counter()
+        evidence = np.full(len(session.rounds), EVEN_EVIDENCE)
+        here = [k for k, r in enumerate(session.rounds)
+                if r.view == image.view and r.slice_index == image.index and r.mask is not None and r.mask.any()]
+        if here:
+            size = self.model.config.segmenter.image_size
+            masks = np.stack([state.padding.pad(np.asarray(session.rounds[k].mask, bool)) for k in here])
+            frames = masks_to_segmenter_frame(masks, state.input_hw, size)
+            evidence[here] = finder.presence(state.seg_embedding, frames, kinds)
+        timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000
+        return ScorerWithEvidence(scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))
+
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
         key = _slice_key(session, image, self.model.config)
         state = self._slices.get(key)

@@ -122,3 +122,22 @@ class ReferenceScorer:
         if not np.isfinite(weights).all():
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: reference scorer weights are not finite")
         return cls(config, weights)
+
+
+class ScorerWithEvidence:
+    """A reference scorer's scores plus a log-evidence per earlier round from outside the text: the image's
+    (lesion_finder.py: how likely the round's mask holds the lesion asked for). Its scores are the log of the
+    scorer's softmax probability times the evidence, up to a constant, so every reader of scores (the guess,
+    the guesses tried after it, the close alternatives) ranks by that product."""
+
+    def __init__(self, scorer, log_evidence: np.ndarray):
+        self.scorer = scorer
+        self.log_evidence = np.asarray(log_evidence, np.float64)
+
+    def scores(self, query: str, entities: Sequence[str | None]) -> np.ndarray:
+        base = self.scorer.scores(query, entities)
+        if len(base) != len(self.log_evidence):
+            raise ValueError(f"{len(self.log_evidence)} evidence values for {len(base)} rounds")
+        return (base + self.log_evidence).astype(np.float32)
+
+    choose = ReferenceScorer.choose

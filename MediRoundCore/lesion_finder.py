@@ -1,0 +1,139 @@
+"""Where the slice holds a lesion: a small per-cell head on the segmenter's image embedding.
+
+"Now the nodule within it" after both lungs names no round; the text cannot say which lung, the image can.
+The language model's own answer did not learn it (three fine-tunes, docs/design-notes.md), nor do the mask
+decoder's outputs (it draws a lesion-shaped mask inside whatever organ it is given). `LesionFinder` is trained for
+that question alone: on each cell of the frozen segmenter embedding (LiteMedSAM: 256 channels on a 64×64 grid) it
+gives the probability of each lesion kind (`LESION_KINDS`) or none. `presence` reads it over an earlier round's
+mask: the likeliest cell of the kinds the query asks for (`lesion_kinds_asked`). The engine multiplies the reference scorer's guess by it
+(`references.with_evidence`). Trained on the cached training-pool embeddings with the generator's label maps
+(`python -m MediRoundCore.train.lesion_finder`); stored beside a model's weights (`lesion_finder.*`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CheckpointError
+
+WEIGHTS_FILE = "lesion_finder.safetensors"
+CONFIG_FILE = "lesion_finder.json"
+LESION_KINDS = ("lesion", "cyst", "nodule", "tumour")  # the generator's lesion nouns (data/scene.py)
+SOLID_KINDS = ("lesion", "nodule", "tumour")  # what "a lesion", "an abnormality" means: a cyst is asked for by name
+# Query words that ask for a lesion and the kinds each one means: the training grammar's nouns and their
+# variants (data/paraphrase.NOUN_VARIANTS) and the usual clinical words.
+_KIND_WORDS = {
+    **dict.fromkeys(("cyst", "cysts", "cystic"), ("cyst",)),
+    **dict.fromkeys(("nodule", "nodules"), ("nodule",)),
+    **dict.fromkeys(("tumour", "tumor", "tumours", "tumors", "neoplasm"), ("tumour",)),
+    **dict.fromkeys(("lesion", "lesions", "abnormality", "spot", "mass", "growth", "finding"), SOLID_KINDS),
+}
+# Words that relate the asked structure to the round otherwise than holding it ("the nodule in front of it",
+# "the cyst larger than it"): then the round need not hold the lesion.
+_NOT_INSIDE = frozenset("""left right anterior posterior anteriorly posteriorly front behind ventral dorsal forward
+    above below over under beneath underneath beside bordering alongside near neighbouring neighboring adjacent
+    abutting touching sided side lateral medial superior inferior around outside beyond between toward towards
+    from than same similar kind type""".split())
+_NOT_INSIDE_PAIRS = frozenset({("next", "to"), ("close", "to"), ("on", "top"), ("back", "of"), ("the", "back"),
+                               ("up", "from"), ("down", "from")})
+_WORD = re.compile(r"[a-z]+")
+
+
+def lesion_kinds_asked(query: str) -> tuple[str, ...] | None:
+    """The lesion kinds a query asks for inside an earlier round ("the cystic lesion in it" → ("cyst",); "the
+    abnormality inside it" → the solid kinds), or None when it asks for no lesion ("the left kidney") or relates
+    the lesion to the round otherwise than inside it ("the nodule in front of it")."""
+    words = _WORD.findall((query or "").lower())
+    if any(w in _NOT_INSIDE for w in words) or any(pair in _NOT_INSIDE_PAIRS for pair in zip(words, words[1:])):
+        return None
+    named = [_KIND_WORDS[w] for w in words if w in _KIND_WORDS]
+    if not named:
+        return None
+    specific = [k for k in named if k != SOLID_KINDS]
+    return specific[0] if specific else SOLID_KINDS
+
+
+@dataclass
+class LesionFinderConfig:
+    channels: int = 256  # the segmenter embedding's channels
+    hidden: int = 128  # per-cell hidden width (0: a linear head)
+    kinds: list[str] = field(default_factory=lambda: list(LESION_KINDS))
+    version: int = 1
+
+
+class LesionFinder(nn.Module):
+    """(B, C, g, g) segmenter embedding → (B, 1 + kinds, g, g) logits: none, then each lesion kind."""
+
+    def __init__(self, config: LesionFinderConfig | None = None):
+        super().__init__()
+        self.config = config = config or LesionFinderConfig()
+        out = 1 + len(config.kinds)
+        if config.hidden:
+            self.head = nn.Sequential(nn.Conv2d(config.channels, config.hidden, 1), nn.GELU(),
+                                      nn.Conv2d(config.hidden, out, 1))
+        else:
+            self.head = nn.Conv2d(config.channels, out, 1)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.head(embedding.float())
+
+    @torch.no_grad()
+    def presence(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None) -> np.ndarray:
+        """For each mask (N, S, S) in the segmenter frame: the largest probability, over the embedding cells the
+        mask covers (half or more of the cell; any share when no cell is half covered), of a lesion of one of
+        `kinds` (None: of any kind). 0 for an empty mask."""
+        if kinds is not None:
+            unknown = [k for k in kinds if k not in self.config.kinds]
+            if unknown or not kinds:
+                raise ValueError(f"unknown lesion kind(s) {unknown or kinds!r}; expected some of {self.config.kinds}")
+        cover = F.adaptive_avg_pool2d(frame_masks.float()[:, None], embedding.shape[-2:])[:, 0]  # (N, g, g)
+        cells = cover >= 0.5
+        thin = ~cells.flatten(1).any(1)
+        cells[thin] = cover[thin] > 0
+        union = cells.any(0)
+        out = np.zeros(len(frame_masks), np.float64)
+        if not union.any():
+            return out
+        # only the cells some mask covers go through the head (a few ms for the whole grid on two cores)
+        features = embedding[0][:, union].T.float()  # (n, C)
+        probs = F.softmax(self(features[:, :, None, None])[:, :, 0, 0], 1)  # (n, 1+K)
+        p = 1.0 - probs[:, 0] if kinds is None else probs[:, [1 + self.config.kinds.index(k) for k in kinds]].sum(1)
+        for i, mine in enumerate(cells[:, union]):
+            if mine.any():
+                out[i] = float(p[mine].max())
+        return out
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "LesionFinder | None":
+        """The finder stored in a model folder, or None when it has none."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            return None
+        try:
+            finder = cls(LesionFinderConfig(**json.loads((folder / CONFIG_FILE).read_text())))
+            tensors = load_file(str(folder / WEIGHTS_FILE))
+            finder.load_state_dict(tensors)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"{folder}: unreadable lesion finder ({exc})") from exc
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: lesion finder weights are not finite")
+        return finder.eval()

@@ -1,0 +1,157 @@
+"""The lesion finder: which lesion kind (or none) each cell of the segmenter embedding shows, read over an earlier
+round's mask; trained from pool views through the embedding cache, saved and loaded safely, and weighed into
+the reference scorer's guess."""
+
+import numpy as np
+import pytest
+import torch
+
+from MediRoundCore.errors import CheckpointError
+from MediRoundCore.lesion_finder import (CONFIG_FILE, WEIGHTS_FILE, LesionFinder, LesionFinderConfig,
+                                         lesion_kinds_asked)
+from MediRoundCore.reference_scorer import ReferenceScorer, ScorerWithEvidence
+from MediRoundCore.references import close_alternatives, reference_candidates, resolve_reference
+from MediRoundCore.train import lesion_finder as training
+
+
+SOLID = ("lesion", "nodule", "tumour")
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("Now the cystic lesion inside it.", ("cyst",)),
+    ("Segment the nodule within it.", ("nodule",)),
+    ("Next, the nodule in it, please.", ("nodule",)),
+    ("And the tumor in that one?", ("tumour",)),
+    ("Outline the abnormality contained in it.", SOLID),
+    ("Show me the mass.", SOLID),
+    ("Segment the left kidney.", None),
+    ("Segment the nodule in front of it.", None),  # related otherwise than inside: the round need not hold it
+    ("I also need the nodule next to it.", None),
+    ("The cyst larger than it.", None),
+    ("", None),
+])
+def test_which_lesion_kinds_a_query_asks_for_inside_a_round(query, expected):
+    assert lesion_kinds_asked(query) == expected
+
+
+def _synthetic_view(rng, g=12, channels=16, kind=None, organ=(slice(2, 7), slice(2, 7))):
+    """An embedding of noise where a lesion shows as +4 on channel 1 (lesion) or 2 (cyst), inside `organ`;
+    labels of every cell. Stands in for LiteMedSAM's embedding, in which a lesion's cells differ from the
+    organ's (the shipped finder's held-out report, MediRoundCore/train/lesion_finder.py)."""
+    emb = torch.from_numpy(rng.normal(size=(channels, g, g)).astype(np.float32))
+    labels = torch.zeros(g, g, dtype=torch.long)
+    if kind is not None:
+        rows, cols = organ
+        r, c = rows.start + 1, cols.start + 1
+        emb[1 + kind, r:r + 2, c:c + 2] += 4.0
+        labels[r:r + 2, c:c + 2] = 1 + kind
+    return emb, labels
+
+
+def _frame(g, organ, scale=4):
+    mask = torch.zeros(g * scale, g * scale, dtype=torch.bool)
+    mask[organ[0].start * scale:organ[0].stop * scale, organ[1].start * scale:organ[1].stop * scale] = True
+    return mask
+
+
+def test_trained_on_cells_it_finds_the_organ_that_holds_the_kind_asked_for(tmp_path):
+    rng = np.random.default_rng(0)
+    views = []
+    for i in range(60):
+        emb, labels = _synthetic_view(rng, kind=[None, 0, 1][i % 3])
+        views.append(training.ViewCells(emb.permute(1, 2, 0).reshape(-1, 16).half(), labels.reshape(-1), [], None))
+    config = LesionFinderConfig(channels=16, hidden=8, kinds=["lesion", "cyst"])
+    finder = training.fit(views, config, steps=1000, batch=1024)
+    # a new slice: a cyst in the organ on the left, nothing in the one on the right
+    left, right = (slice(2, 7), slice(1, 6)), (slice(2, 7), slice(6, 11))
+    emb, _ = _synthetic_view(np.random.default_rng(1), kind=1, organ=left)
+    frames = torch.stack([_frame(12, left), _frame(12, right), torch.zeros(48, 48, dtype=torch.bool)])
+    cyst = finder.presence(emb[None], frames, ("cyst",))
+    anything = finder.presence(emb[None], frames, None)
+    solid = finder.presence(emb[None], frames, ("lesion",))
+    assert cyst[0] > 0.8 and cyst[1] < 0.3 and cyst[2] == 0.0, cyst
+    assert anything[0] > 0.8 and anything[1] < 0.3
+    assert solid[0] < 0.3  # a cyst is not the solid lesion asked for
+    with pytest.raises(ValueError, match="unknown lesion kind"):
+        finder.presence(emb[None], frames, ("polyp",))
+
+    # saved and read back: the same answers; the first layer reads raw embeddings (standardisation folded in)
+    finder.save_pretrained(tmp_path)
+    again = LesionFinder.from_pretrained(tmp_path)
+    assert np.allclose(again.presence(emb[None], frames, ("cyst",)), cyst, atol=1e-6)
+    assert again.config.kinds == ["lesion", "cyst"]
+
+
+def test_a_model_folder_without_a_finder_has_none_and_a_bad_one_is_refused(tmp_path):
+    assert LesionFinder.from_pretrained(tmp_path) is None
+    LesionFinder(LesionFinderConfig(channels=8, hidden=4)).save_pretrained(tmp_path)
+    assert LesionFinder.from_pretrained(tmp_path) is not None
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="unreadable lesion finder"):
+        LesionFinder.from_pretrained(tmp_path)
+    broken = LesionFinder(LesionFinderConfig(channels=8, hidden=4))
+    with torch.no_grad():
+        broken.head[0].weight[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not finite"):
+        LesionFinder.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"channels": 8, "hidden": 4, "colour": "red"}')
+    with pytest.raises(CheckpointError, match="unreadable lesion finder"):
+        LesionFinder.from_pretrained(tmp_path)
+
+
+def _scorer(entities, query, favourite):
+    """A reference scorer that prefers round `favourite` (1-based) for `query` after `entities` by about 1 (a
+    probability about e times the others')."""
+    scorer = ReferenceScorer()
+    ids = scorer.candidate_ids(query, entities)[favourite - 1]
+    scorer.weights[ids] += 1.0 / len(ids)
+    return scorer
+
+
+def test_the_image_evidence_reorders_the_guesses_and_the_alternatives():
+    entities = ["right lung", "left lung", "heart"]
+    query = "Now the nodule within it."
+    scorer = _scorer(entities, query, favourite=2)
+    assert resolve_reference(query, entities, scorer=scorer) == 2
+    # the image says the right lung holds the nodule, the left one hardly
+    weighed = ScorerWithEvidence(scorer, np.log([0.9, 0.05, 0.01]))
+    assert resolve_reference(query, entities, scorer=weighed) == 1
+    assert reference_candidates(query, entities, scorer=weighed) == [1, 2, 3]
+    assert close_alternatives(query, entities, 1, weighed) == []
+    # even evidence leaves the scorer's order
+    even = ScorerWithEvidence(scorer, np.log([0.5, 0.5, 0.5]))
+    assert reference_candidates(query, entities, scorer=even) == reference_candidates(query, entities, scorer=scorer)
+    # a round named in the query is not a guess: the evidence does not move it
+    assert resolve_reference("Now the nodule within the left lung.", entities, scorer=weighed) == 2
+    with pytest.raises(ValueError, match="2 evidence values for 3 rounds"):
+        ScorerWithEvidence(scorer, np.log([0.5, 0.5])).scores(query, entities)
+
+
+def test_training_reads_the_pools_cached_embeddings_and_saves_the_finder(tmp_path, capsys):
+    """`python -m MediRoundCore.train.lesion_finder` on a small lite model: the views the ledger lists are read
+    back from the cache (none encoded again), a finder of the encoder's width is saved beside the model, and a
+    cache with no ledger gets an error that says what to run."""
+    from test_lite_training import small_lite
+
+    from MediRoundCore.model.modeling import MediRound
+    from MediRoundCore.train.embedding_cache import EmbeddingCache
+    from MediRoundCore.train.lite import encode_pool, pool_ledger
+    from MediRoundCore.train.lite_data import PoolConfig
+
+    model, tokenizer = small_lite()
+    model.config.base_weights = {}  # toy widths: every tensor in the folder
+    model.save_pretrained(tmp_path / "model", tokenizer)
+    model, _ = MediRound.from_pretrained(tmp_path / "model")
+    model.eval()
+    model.embedding_cache = cache = EmbeddingCache(tmp_path / "cache", model)
+    encode_pool(model, PoolConfig(slices=12, views=1), cache, progress=False, ledger=pool_ledger(cache))
+
+    assert training.main(["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "cache"), "--steps", "20",
+                          "--hidden", "8", "--views", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "training views, 1 held out; cache hits 12, encoded 0" in out, out
+    finder = LesionFinder.from_pretrained(tmp_path / "model")
+    assert (finder.config.channels, finder.config.hidden) == (256, 8)
+    assert training.main(["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "empty")]) == 2
+    assert "no pool entries listed" in capsys.readouterr().err
