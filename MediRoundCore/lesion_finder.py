@@ -66,6 +66,7 @@ class LesionFinderConfig:
     channels: int = 256  # the segmenter embedding's channels
     hidden: int = 128  # per-cell hidden width (0: a linear head)
     kinds: list[str] = field(default_factory=lambda: list(LESION_KINDS))
+    encoder: str = ""  # fingerprint of the segmenter encoder it was trained on (train/embedding_cache.py)
     version: int = 1
 
 

@@ -155,3 +155,23 @@ def test_training_reads_the_pools_cached_embeddings_and_saves_the_finder(tmp_pat
     assert (finder.config.channels, finder.config.hidden) == (256, 8)
     assert training.main(["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "empty")]) == 2
     assert "no pool entries listed" in capsys.readouterr().err
+
+
+def test_export_keeps_the_folders_finder_only_when_trained_on_the_same_encoder(tmp_path, capsys):
+    """Re-exporting a model into the shipped folder (train/export.py) keeps its lesion finder when the finder was
+    trained on that model's segmenter encoder, and drops it, saying so, when not: a finder reads one encoder's
+    embeddings."""
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.train.embedding_cache import encoder_fingerprint
+    from MediRoundCore.train.export import export_default
+
+    engine = Engine.random_tiny()
+    checkpoint, dest = tmp_path / "ckpt", tmp_path / "shipped"
+    engine.model.save_pretrained(checkpoint, engine.tokenizer)
+    LesionFinder(LesionFinderConfig(hidden=4, encoder=encoder_fingerprint(engine.model))).save_pretrained(dest)
+    export_default(checkpoint, dest, drafts_dialogues=0)
+    assert Engine.load(dest, device="cpu").lesion_finder is not None
+    LesionFinder(LesionFinderConfig(hidden=4, encoder="another encoder")).save_pretrained(dest)
+    export_default(checkpoint, dest, drafts_dialogues=0)
+    assert "was trained on another segmenter encoder and is not kept" in capsys.readouterr().out
+    assert Engine.load(dest, device="cpu").lesion_finder is None

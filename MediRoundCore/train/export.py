@@ -1,8 +1,9 @@
 """Export a trained checkpoint into the bundled weights folder of its size (`weights/mediround-<size>`; which
 one is the default model, `checkpoint_info.DEFAULT_CHECKPOINT` says): float16 on disk (tensors that start from a pinned
 base as their int8 change from it: lite's word embeddings, `checkpoints/base_delta.py`), the chosen JCM β in its
-config, the checkpoint's reference scorer or else the one the destination had, and answer drafts for its
-tokenizer: the checkpoint's, or made from the training dialogues."""
+config, the checkpoint's reference scorer or else the one the destination had, its lesion finder or else the
+destination's when trained on the same segmenter encoder, and answer drafts for its tokenizer: the checkpoint's,
+or made from the training dialogues."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch
 from ..engine import DEFAULT_CHECKPOINT
 from ..model.answer_drafts import DRAFTS_FILE, build_for_checkpoint
 from ..model.modeling import MediRound
+from ..lesion_finder import LesionFinder
 from ..reference_scorer import ReferenceScorer
+from .embedding_cache import encoder_fingerprint
 
 
 def bundled_folder(size: str) -> Path:
@@ -36,6 +39,15 @@ def export_default(checkpoint, dest=None, beta: float | None = None, drafts_dial
         scorer = ReferenceScorer.from_pretrained(dest)  # keep the reference scorer the folder had
     if scorer is not None:
         scorer.save_pretrained(tmp)
+    finder = LesionFinder.from_pretrained(checkpoint)
+    if finder is None and dest.is_dir():
+        finder = LesionFinder.from_pretrained(dest)  # the folder's, if trained on this model's encoder
+        if finder is not None and finder.config.encoder != encoder_fingerprint(model):
+            print(f"the lesion finder in {dest} was trained on another segmenter encoder and is not kept: retrain "
+                  "it (python -m MediRoundCore.train.lesion_finder)")
+            finder = None
+    if finder is not None:
+        finder.save_pretrained(tmp)
     drafts = Path(checkpoint) / DRAFTS_FILE
     if drafts.is_file():
         shutil.copyfile(drafts, tmp / DRAFTS_FILE)

@@ -5,7 +5,8 @@ embedding is read back from the run's cache (about 2 ms) rather than encoded (ab
 the generator. A cell's label is the lesion kind covering at least half of it, or none where lesions cover less
 than a tenth (cells between are left out). Kept per view: every lesion cell, every cell of an organ that can
 host a lesion (the negatives that matter: "which lung holds the nodule"), and as many other cells at random.
-A tenth of the views is held out; the report gives the held-out organs' presence accuracy, as the engine reads it.
+A tenth of the views is held out; the report gives how well presence ranks the held-out organs, as the engine
+reads it.
 
     python -m MediRoundCore.train.lesion_finder --model MediRoundCore/weights/mediround-lite \
         --cache runs/lite-ft/embeddings --entries runs/lite-ft/embeddings/<encoder>/pool_entries.txt
@@ -135,21 +136,32 @@ def _fold_standardisation(finder: LesionFinder, mean: torch.Tensor, std: torch.T
 
 
 def report(finder: LesionFinder, views: list[ViewCells]) -> dict:
-    """Held-out cells' accuracy and host organs' presence accuracy (the kind present, or none, at 0.5)."""
+    """Held-out cells' accuracy, and how well presence ranks the host organs: the chance that an organ holding a
+    lesion of a kind scores above one without (AUC), for cysts and for the solid kinds, as the engine asks."""
+    from ..lesion_finder import SOLID_KINDS
+
     kinds = finder.config.kinds
-    cells_right = cells = organs_right = organs = lesion_organs = 0
+    cells_right = cells = 0
+    scored = {"cyst": ([], []), "solid": ([], [])}
     with torch.no_grad():
         for v in views:
             logits = finder(v.features.float()[:, :, None, None])[:, :, 0, 0]
             cells_right += int((logits.argmax(1) == v.labels).sum())
             cells += len(v.labels)
             for frame, kind in v.organs:
-                p = finder.presence(v.embedding.float()[None], frame[None], None if kind < 0 else (kinds[kind],))[0]
-                organs += 1
-                lesion_organs += kind >= 0
-                organs_right += (p >= 0.5) == (kind >= 0)
-    return {"views": len(views), "cells": cells, "cell_accuracy": cells_right / max(cells, 1), "organs": organs,
-            "organs_with_a_lesion": lesion_organs, "organ_accuracy": organs_right / max(organs, 1)}
+                for name, group in (("cyst", ("cyst",)), ("solid", SOLID_KINDS)):
+                    p = finder.presence(v.embedding.float()[None], frame[None], group)[0]
+                    scored[name][0 if kind >= 0 and kinds[kind] in group else 1].append(p)
+    out = {"views": len(views), "cells": cells, "cell_accuracy": round(cells_right / max(cells, 1), 4),
+           "organs": sum(len(v.organs) for v in views)}
+    for name, (pos, neg) in scored.items():
+        out[f"organ_auc_{name}"] = round(_auc(pos, neg), 3) if pos and neg else None
+    return out
+
+
+def _auc(positives, negatives) -> float:
+    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
 def main(argv=None) -> int:
@@ -184,8 +196,9 @@ def main(argv=None) -> int:
             raise MediRoundError(f"none of the {len(entries)} pool views shows an organ that can hold a lesion")
         print(f"{len(train)} training views, {len(held)} held out; cache hits {cache.hits}, encoded {cache.misses}",
               flush=True)
-        finder = fit(train, LesionFinderConfig(channels=train[0].features.shape[1], hidden=args.hidden),
-                     steps=args.steps)
+        config = LesionFinderConfig(channels=train[0].features.shape[1], hidden=args.hidden,
+                                    encoder=cache.folder.name)  # the cache's folder is the encoder's fingerprint
+        finder = fit(train, config, steps=args.steps)
         print(report(finder, held), flush=True)
         finder.save_pretrained(args.out or args.model)
     except MediRoundError as exc:
