@@ -27,7 +27,7 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .lesion_finder import LesionFinder, lesion_kinds_asked
+from .lesion_finder import LesionFinder, lesion_kinds_asked, names_a_lesion
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -38,7 +38,7 @@ from .references import GUESS_TRIES, is_guess, refer_as_it
 from .session import Round, Session
 
 MAX_QUERY_CHARS = 2000
-EVEN_EVIDENCE = 0.5  # the lesion finder's weight of an earlier round it cannot see (on another slice)
+EVEN_EVIDENCE = 0.5  # the lesion finder's weight of an earlier round it cannot read (Engine._scorer_with_image)
 EVIDENCE_FLOOR = 0.01  # no round ruled out by the finder alone: its weight is at least this
 # transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(
@@ -296,27 +296,48 @@ class Engine:
                            decode_forwards)
 
     # -- pieces --------------------------------------------------------------------------------------
+    def _finder_kinds(self, session: Session, query: str, explicit) -> tuple[str, ...] | None:
+        """The lesion kinds the finder is to look for in the earlier rounds for this query: those it asks for
+        inside a round it does not name, of the kinds the finder knows, when there are two rounds or more to
+        choose from; None otherwise."""
+        kinds = lesion_kinds_asked(query)
+        if self.lesion_finder is None or not hasattr(self.reference_scorer, "scores") or kinds is None:
+            return None
+        visible = [e if not r.absent else None for e, r in zip(session.entities, session.rounds)]
+        if not is_guess(query, visible, explicit) or sum(not r.absent for r in session.rounds) < 2:
+            return None
+        kinds = tuple(k for k in kinds if k in self.lesion_finder.config.kinds)
+        return kinds or None
+
+    def possible_references(self, session: Session, query: str, explicit: int | None = None) -> list[int]:
+        """Every round an Ask on `query` may end up referring to, whatever the slice shows: the reference scorer's
+        guesses, or every referable round where the lesion finder may reorder them (a server asks for the
+        slices of all of them before it queues the round)."""
+        if self._finder_kinds(session, query, explicit) is None:
+            return session.reference_candidates(query, explicit, self.reference_scorer, self.guess_tries)
+        return session.reference_candidates(query, explicit, self.reference_scorer, len(session.rounds))
+
     def _scorer_with_image(self, session, query, explicit, state, image, timings):
         """The reference scorer, weighed by the lesion finder when the query asks for a lesion inside a round it
-        does not name ("the nodule within it" after both lungs): each earlier round on this slice by how likely its
-        mask holds the kind asked for, a round on another slice by an even chance. The scorer itself otherwise."""
-        finder, scorer = self.lesion_finder, self.reference_scorer
-        kinds = lesion_kinds_asked(query)
-        if finder is None or not hasattr(scorer, "scores") or kinds is None or not is_guess(query, session.entities,
-                                                                                              explicit) \
-                or sum(not r.absent for r in session.rounds) < 2:  # no choice to weigh
-            return scorer
+        does not name ("the nodule within it" after both lungs): each earlier organ on this slice by how likely
+        its mask holds the kind asked for. A round the finder cannot read (on another slice, a mask too small for
+        its grid, itself a lesion) gets an even chance. The scorer itself otherwise."""
+        kinds = self._finder_kinds(session, query, explicit)
+        if kinds is None:
+            return self.reference_scorer
         t = time.perf_counter()
         evidence = np.full(len(session.rounds), EVEN_EVIDENCE)
         here = [k for k, r in enumerate(session.rounds)
-                if r.view == image.view and r.slice_index == image.index and r.mask is not None and r.mask.any()]
+                if r.view == image.view and r.slice_index == image.index and r.mask is not None and r.mask.any()
+                and r.mask.shape == image.pixels.shape and not names_a_lesion(r.entity)]
         if here:
             size = self.model.config.segmenter.image_size
             masks = np.stack([state.padding.pad(np.asarray(session.rounds[k].mask, bool)) for k in here])
             frames = masks_to_segmenter_frame(masks, state.input_hw, size)
-            evidence[here] = finder.presence(state.seg_embedding, frames, kinds)
+            seen = self.lesion_finder.presence(state.seg_embedding, frames, kinds)
+            evidence[here] = np.where(np.isnan(seen), EVEN_EVIDENCE, seen)
         timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000
-        return ScorerWithEvidence(scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))
+        return ScorerWithEvidence(self.reference_scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))
 
     def _slice_state(self, session: Session, image: SliceImage, timings, forward_tokens) -> _SliceState:
         key = _slice_key(session, image, self.model.config)

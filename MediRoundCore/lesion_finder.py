@@ -5,9 +5,10 @@ The language model's own answer did not learn it (three fine-tunes, docs/design-
 decoder's outputs (it draws a lesion-shaped mask inside whatever organ it is given). `LesionFinder` is trained for
 that question alone: on each cell of the frozen segmenter embedding (LiteMedSAM: 256 channels on a 64×64 grid) it
 gives the probability of each lesion kind (`LESION_KINDS`) or none. `presence` reads it over an earlier round's
-mask: the likeliest cell of the kinds the query asks for (`lesion_kinds_asked`). The engine multiplies the reference scorer's guess by it
-(`references.with_evidence`). Trained on the cached training-pool embeddings with the generator's label maps
-(`python -m MediRoundCore.train.lesion_finder`); stored beside a model's weights (`lesion_finder.*`).
+mask: the likeliest cell of the kinds the query asks for (`lesion_kinds_asked`). The engine multiplies the
+reference scorer's probability of each earlier round by it (`reference_scorer.ScorerWithEvidence`). Trained
+on the cached training-pool embeddings with the generator's label maps (`python -m
+MediRoundCore.train.lesion_finder`); stored beside a model's weights (`lesion_finder.*`).
 """
 
 from __future__ import annotations
@@ -33,32 +34,54 @@ SOLID_KINDS = ("lesion", "nodule", "tumour")  # what "a lesion", "an abnormality
 _KIND_WORDS = {
     **dict.fromkeys(("cyst", "cysts", "cystic"), ("cyst",)),
     **dict.fromkeys(("nodule", "nodules"), ("nodule",)),
-    **dict.fromkeys(("tumour", "tumor", "tumours", "tumors", "neoplasm"), ("tumour",)),
-    **dict.fromkeys(("lesion", "lesions", "abnormality", "spot", "mass", "growth", "finding"), SOLID_KINDS),
+    **dict.fromkeys(("tumour", "tumor", "tumours", "tumors", "neoplasm", "neoplasms"), ("tumour",)),
+    **dict.fromkeys(("lesion", "lesions", "abnormality", "abnormalities", "spot", "spots", "mass", "masses", "growth",
+                     "finding", "findings", "metastasis", "metastases", "carcinoma", "cancer", "lump"), SOLID_KINDS),
 }
+_NOT_A_LESION = frozenset({("growth", "plate"), ("mass", "effect"), ("muscle", "mass")})  # word pairs
 # Words that relate the asked structure to the round otherwise than holding it ("the nodule in front of it",
-# "the cyst larger than it"): then the round need not hold the lesion.
+# "the cyst larger than it", "the mass of the same density"): then the round need not hold the lesion.
 _NOT_INSIDE = frozenset("""left right anterior posterior anteriorly posteriorly front behind ventral dorsal forward
     above below over under beneath underneath beside bordering alongside near neighbouring neighboring adjacent
     abutting touching sided side lateral medial superior inferior around outside beyond between toward towards
-    from than same similar kind type""".split())
+    than same similar""".split())
 _NOT_INSIDE_PAIRS = frozenset({("next", "to"), ("close", "to"), ("on", "top"), ("back", "of"), ("the", "back"),
-                               ("up", "from"), ("down", "from")})
+                               ("up", "from"), ("down", "from"), ("moving", "from"), ("away", "from")})
 _WORD = re.compile(r"[a-z]+")
 
 
+def _words(text: str | None) -> list[str]:
+    return _WORD.findall((text or "").lower())
+
+
+def _lesion_words(words: list[str]) -> list[tuple[str, ...]]:
+    """The kinds each lesion word of `words` means (not in "growth plate", "mass effect", "muscle mass")."""
+    out = []
+    for i, w in enumerate(words):
+        before, after = (words[i - 1] if i else ""), (words[i + 1] if i + 1 < len(words) else "")
+        if w in _KIND_WORDS and (before, w) not in _NOT_A_LESION and (w, after) not in _NOT_A_LESION:
+            out.append(_KIND_WORDS[w])
+    return out
+
+
+def names_a_lesion(text: str | None) -> bool:
+    """Whether a text (a query, a round's entity: "nodule in the right lung") names a lesion."""
+    return bool(_lesion_words(_words(text)))
+
+
 def lesion_kinds_asked(query: str) -> tuple[str, ...] | None:
-    """The lesion kinds a query asks for inside an earlier round ("the cystic lesion in it" → ("cyst",); "the
-    abnormality inside it" → the solid kinds), or None when it asks for no lesion ("the left kidney") or relates
-    the lesion to the round otherwise than inside it ("the nodule in front of it")."""
-    words = _WORD.findall((query or "").lower())
+    """The lesion kinds a query asks for in an earlier round ("the cystic lesion in it" → ("cyst",); "the
+    abnormality inside it", "the mass" → the solid kinds; "the cystic nodule" → both named), or None when it asks
+    for no lesion ("the left kidney") or relates the lesion to the round otherwise than inside it ("the nodule in
+    front of it")."""
+    words = _words(query)
     if any(w in _NOT_INSIDE for w in words) or any(pair in _NOT_INSIDE_PAIRS for pair in zip(words, words[1:])):
         return None
-    named = [_KIND_WORDS[w] for w in words if w in _KIND_WORDS]
+    named = _lesion_words(words)
     if not named:
         return None
-    specific = [k for k in named if k != SOLID_KINDS]
-    return specific[0] if specific else SOLID_KINDS
+    specific = tuple(dict.fromkeys(k for kinds in named if kinds != SOLID_KINDS for k in kinds))
+    return specific or SOLID_KINDS
 
 
 @dataclass
@@ -88,23 +111,26 @@ class LesionFinder(nn.Module):
 
     @torch.no_grad()
     def presence(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None) -> np.ndarray:
-        """For each mask (N, S, S) in the segmenter frame: the largest probability, over the embedding cells the
-        mask covers (half or more of the cell; any share when no cell is half covered), of a lesion of one of
-        `kinds` (None: of any kind). 0 for an empty mask."""
+        """For each mask (N, S, S) in the segmenter frame of one slice's embedding (1, C, g, g): the largest
+        probability, over the embedding cells the mask covers (half or more of the cell; any share when no cell
+        is half covered), of a lesion of one of `kinds` (None: of any kind). NaN for a mask that covers no cell.
+        The head runs on the CPU, wherever the embedding is."""
+        if embedding.shape[0] != 1:
+            raise ValueError(f"presence reads one slice's embedding, got a batch of {embedding.shape[0]}")
         if kinds is not None:
             unknown = [k for k in kinds if k not in self.config.kinds]
             if unknown or not kinds:
                 raise ValueError(f"unknown lesion kind(s) {unknown or kinds!r}; expected some of {self.config.kinds}")
-        cover = F.adaptive_avg_pool2d(frame_masks.float()[:, None], embedding.shape[-2:])[:, 0]  # (N, g, g)
+        cover = F.adaptive_avg_pool2d(frame_masks.float().cpu()[:, None], embedding.shape[-2:])[:, 0]  # (N, g, g)
         cells = cover >= 0.5
         thin = ~cells.flatten(1).any(1)
         cells[thin] = cover[thin] > 0
         union = cells.any(0)
-        out = np.zeros(len(frame_masks), np.float64)
+        out = np.full(len(frame_masks), np.nan)
         if not union.any():
             return out
         # only the cells some mask covers go through the head (a few ms for the whole grid on two cores)
-        features = embedding[0][:, union].T.float()  # (n, C)
+        features = embedding[0].float().cpu()[:, union].T  # (n, C)
         probs = F.softmax(self(features[:, :, None, None])[:, :, 0, 0], 1)  # (n, 1+K)
         p = 1.0 - probs[:, 0] if kinds is None else probs[:, [1 + self.config.kinds.index(k) for k in kinds]].sum(1)
         for i, mine in enumerate(cells[:, union]):
@@ -130,7 +156,10 @@ class LesionFinder(nn.Module):
         if not (folder / CONFIG_FILE).is_file():
             return None
         try:
-            finder = cls(LesionFinderConfig(**json.loads((folder / CONFIG_FILE).read_text())))
+            config = LesionFinderConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+            if config.version != LesionFinderConfig.version:
+                raise ValueError(f"version {config.version}; this MediRound reads version {LesionFinderConfig.version}")
+            finder = cls(config)
             tensors = load_file(str(folder / WEIGHTS_FILE))
             finder.load_state_dict(tensors)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:

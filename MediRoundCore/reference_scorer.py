@@ -66,6 +66,14 @@ def features(query_terms_: Sequence[str], entities: Sequence[str | None], candid
     return out
 
 
+def best_round(scores: np.ndarray, referable: Sequence[bool] | None = None) -> int | None:
+    """The best-scoring round (1-based) among the referable ones (default all), or None when there is none."""
+    scores = np.asarray(scores, np.float64).copy()
+    if referable is not None:
+        scores[~np.asarray(referable, bool)] = -np.inf
+    return int(np.argmax(scores)) + 1 if np.isfinite(scores).any() else None
+
+
 def bucket_ids(names: Sequence[str], buckets: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(n.encode()) % buckets for n in names), dtype=np.int64, count=len(names))
 
@@ -90,12 +98,7 @@ class ReferenceScorer:
 
     def choose(self, query: str, entities: Sequence[str | None], referable: Sequence[bool] | None = None) -> int | None:
         """The best-scoring round (1-based) among the referable ones (default all), or None when there is none."""
-        if not entities:
-            return None
-        scores = self.scores(query, entities).astype(np.float64)
-        if referable is not None:
-            scores[~np.asarray(referable, bool)] = -np.inf
-        return int(np.argmax(scores)) + 1 if np.isfinite(scores).any() else None
+        return best_round(self.scores(query, entities), referable) if entities else None
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.numpy import save_file
@@ -140,4 +143,6 @@ class ScorerWithEvidence:
             raise ValueError(f"{len(self.log_evidence)} evidence values for {len(base)} rounds")
         return (base + self.log_evidence).astype(np.float32)
 
-    choose = ReferenceScorer.choose
+    def choose(self, query: str, entities: Sequence[str | None], referable: Sequence[bool] | None = None) -> int | None:
+        """The round (1-based) with the best score and evidence among the referable ones, or None."""
+        return best_round(self.scores(query, entities), referable) if entities else None

@@ -28,6 +28,10 @@ SOLID = ("lesion", "nodule", "tumour")
     ("Segment the nodule in front of it.", None),  # related otherwise than inside: the round need not hold it
     ("I also need the nodule next to it.", None),
     ("The cyst larger than it.", None),
+    ("Now the cystic nodule in it.", ("cyst", "nodule")),
+    ("Segment the metastases in it.", SOLID),
+    ("The lesion arising from it.", SOLID),
+    ("Segment the growth plate of it.", None),
     ("", None),
 ])
 def test_which_lesion_kinds_a_query_asks_for_inside_a_round(query, expected):
@@ -69,16 +73,18 @@ def test_trained_on_cells_it_finds_the_organ_that_holds_the_kind_asked_for(tmp_p
     cyst = finder.presence(emb[None], frames, ("cyst",))
     anything = finder.presence(emb[None], frames, None)
     solid = finder.presence(emb[None], frames, ("lesion",))
-    assert cyst[0] > 0.8 and cyst[1] < 0.3 and cyst[2] == 0.0, cyst
+    assert cyst[0] > 0.8 and cyst[1] < 0.3 and np.isnan(cyst[2]), cyst  # a mask on no cell: NaN
     assert anything[0] > 0.8 and anything[1] < 0.3
     assert solid[0] < 0.3  # a cyst is not the solid lesion asked for
     with pytest.raises(ValueError, match="unknown lesion kind"):
         finder.presence(emb[None], frames, ("polyp",))
+    with pytest.raises(ValueError, match="one slice's embedding"):
+        finder.presence(torch.stack([emb, emb]), frames)
 
     # saved and read back: the same answers; the first layer reads raw embeddings (standardisation folded in)
     finder.save_pretrained(tmp_path)
     again = LesionFinder.from_pretrained(tmp_path)
-    assert np.allclose(again.presence(emb[None], frames, ("cyst",)), cyst, atol=1e-6)
+    assert np.allclose(again.presence(emb[None], frames, ("cyst",)), cyst, atol=1e-6, equal_nan=True)
     assert again.config.kinds == ["lesion", "cyst"]
 
 
@@ -97,6 +103,9 @@ def test_a_model_folder_without_a_finder_has_none_and_a_bad_one_is_refused(tmp_p
         LesionFinder.from_pretrained(tmp_path)
     (tmp_path / CONFIG_FILE).write_text('{"channels": 8, "hidden": 4, "colour": "red"}')
     with pytest.raises(CheckpointError, match="unreadable lesion finder"):
+        LesionFinder.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"channels": 8, "hidden": 4, "version": 99}')
+    with pytest.raises(CheckpointError, match="version 99"):
         LesionFinder.from_pretrained(tmp_path)
 
 
@@ -122,8 +131,6 @@ def test_the_image_evidence_reorders_the_guesses_and_the_alternatives():
     # even evidence leaves the scorer's order
     even = ScorerWithEvidence(scorer, np.log([0.5, 0.5, 0.5]))
     assert reference_candidates(query, entities, scorer=even) == reference_candidates(query, entities, scorer=scorer)
-    # a round named in the query is not a guess: the evidence does not move it
-    assert resolve_reference("Now the nodule within the left lung.", entities, scorer=weighed) == 2
     with pytest.raises(ValueError, match="2 evidence values for 3 rounds"):
         ScorerWithEvidence(scorer, np.log([0.5, 0.5])).scores(query, entities)
 
@@ -175,3 +182,63 @@ def test_export_keeps_the_folders_finder_only_when_trained_on_the_same_encoder(t
     export_default(checkpoint, dest, drafts_dialogues=0)
     assert "was trained on another segmenter encoder and is not kept" in capsys.readouterr().out
     assert Engine.load(dest, device="cpu").lesion_finder is None
+
+
+def _engine_with_rounds():
+    """A random tiny engine with a flat reference scorer (every round scores alike, so the image evidence alone
+    orders the guesses) and a random lesion finder; a session of four rounds: two organs on the asked slice, a
+    lesion round on it, and an organ on another slice."""
+    from MediRoundCore.engine import Engine
+    from MediRoundCore.imaging import SliceImage
+    from MediRoundCore.session import Round, Session
+
+    engine = Engine.random_tiny()
+    engine.reference_scorer = ReferenceScorer(config=None, weights=None)
+    torch.manual_seed(3)
+    engine.lesion_finder = LesionFinder(LesionFinderConfig(hidden=16)).eval()
+    rng = np.random.default_rng(0)
+    image = SliceImage((rng.random((96, 96)) * 400 - 200).astype(np.float32), "axial", 5, 2, False, False, False)
+    session = Session("volume")
+    for number, (entity, index, box) in enumerate([
+            ("right lung", 5, (10, 60, 5, 45)), ("left lung", 5, (10, 60, 50, 90)),
+            ("nodule in the left lung", 5, (30, 40, 60, 70)), ("liver", 9, (20, 70, 20, 70))], start=1):
+        mask = np.zeros((96, 96), bool)
+        mask[box[0]:box[1], box[2]:box[3]] = True
+        session.add_round(Round(number=number, view="axial", slice_index=index, query=f"Segment the {entity}.",
+                                answer=f"{entity}: here.", entity=entity, reference=None, mask=mask))
+    return engine, session, image
+
+
+def test_the_engine_weighs_its_guess_by_what_the_finder_sees_in_each_round():
+    engine, session, image = _engine_with_rounds()
+    state = engine._slice_state(session, image, {}, None)
+    query = "Now the nodule within it."
+    timings = {}
+    weighed = engine._scorer_with_image(session, query, None, state, image, timings)
+    from MediRoundCore.model.processing import masks_to_segmenter_frame
+
+    masks = np.stack([state.padding.pad(r.mask) for r in session.rounds[:2]])
+    frames = masks_to_segmenter_frame(masks, state.input_hw, engine.model.config.segmenter.image_size)
+    seen = engine.lesion_finder.presence(state.seg_embedding, frames, ("nodule",))
+    # the lungs by what the finder sees in them; the nodule round itself and the liver on another slice: even
+    assert np.allclose(np.exp(weighed.log_evidence), list(np.clip(seen, 0.01, 1)) + [0.5, 0.5])
+    assert "lesion_finder_ms" in timings
+    # no evidence where it cannot change the choice or the query asks otherwise
+    for q, explicit in [(query, 2), ("Segment the heart.", None), ("Now the nodule in front of it.", None),
+                        ("Now the nodule within round 1.", None)]:
+        assert engine._scorer_with_image(session, q, explicit, state, image, {}) is engine.reference_scorer
+    # the Ask refers where the evidence points (the scorer is flat), and the server asks for every round's slice
+    best = int(np.argmax(weighed.scores(query, session.entities))) + 1
+    assert engine.ask(session, query, image).round.reference == best
+    session.undo()
+    assert engine.possible_references(session, query) == [1, 2, 3, 4]
+    assert engine.possible_references(session, "Segment the heart.") == [1, 2, 3]  # the scorer's three
+
+
+def test_with_one_round_to_refer_to_the_finder_is_not_asked():
+    engine, session, image = _engine_with_rounds()
+    for _ in range(3):
+        session.undo()
+    state = engine._slice_state(session, image, {}, None)
+    assert engine._scorer_with_image(session, "Now the nodule within it.", None, state, image, {}) \
+        is engine.reference_scorer

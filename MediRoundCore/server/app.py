@@ -226,7 +226,7 @@ def create_app(engine, sessions_dir: str | Path, tokens: dict[str, str] | None =
         session = store.get(sid, user)
         with store.hold(session):
             _check_history(session, body.history)
-            references = (session.reference_candidates(body.query, body.reference, engine.reference_scorer)
+            references = (engine.possible_references(session, body.query, body.reference)
                           if body.query.strip() else [])  # the engine may try each in turn
             missing = _missing_slices(session, body.view, body.index, references)
         if missing:

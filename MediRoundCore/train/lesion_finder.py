@@ -107,7 +107,8 @@ def fit(views: list[ViewCells], config: LesionFinderConfig, steps: int = 3000, b
     X = torch.cat([v.features for v in views]).float()
     y = torch.cat([v.labels for v in views]).long()
     counts = torch.bincount(y, minlength=1 + len(config.kinds)).float()
-    weight = torch.where(counts > 0, (counts[0] / counts.clamp(min=1)) ** balance, torch.zeros_like(counts)).clamp(max=50.0)
+    weight = torch.where(counts > 0, (counts[0] / counts.clamp(min=1)) ** balance, torch.zeros_like(counts))
+    weight = weight.clamp(max=50.0)
     weight[0] = 1.0
     finder = LesionFinder(config)
     mean, std = X.mean(0), X.std(0) + 1e-4
@@ -180,7 +181,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--out", help="folder to save the finder in (default: --model)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         model, _ = MediRound.from_pretrained(args.model, device="cpu", dtype=torch.float32)
         model.eval()
