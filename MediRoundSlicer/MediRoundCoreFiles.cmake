@@ -52,6 +52,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/select_beta.py
   MediRoundCore/evaluate/sets.py
   MediRoundCore/imaging.py
+  MediRoundCore/lesion_finder.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/answer_drafts.py
   MediRoundCore/model/box_prompt.py
@@ -95,6 +96,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/embedding_cache.py
   MediRoundCore/train/export.py
   MediRoundCore/train/jcm_features.py
+  MediRoundCore/train/lesion_finder.py
   MediRoundCore/train/lite.py
   MediRoundCore/train/lite_data.py
   MediRoundCore/train/reference_noise.py
