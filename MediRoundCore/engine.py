@@ -112,6 +112,7 @@ class Engine:
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.lesion_finder = lesion_finder  # weighs that guess by the image for lesion queries (lesion_finder.py)
         self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while the answer is absent inside them
+        self.new_structure_guesses = True  # a guess whose answer repeats another round's structure gives way too
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder.for_model(tokenizer, model)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
@@ -247,10 +248,17 @@ class Engine:
                     raise
                 break  # a later guess on a slice this session cannot read: the answer so far stands
             answer, absent = ask_turn(number, features)
-            if not (absent and _inside_reference(parse_entity(answer), session, number)):
-                break
+            if absent and _inside_reference(parse_entity(answer), session, number):
+                continue
+            # A guessed reference that leads to a structure another round has segmented already ("the cavity that
+            # holds cerebrospinal fluid on the opposite side from it" answered with the ventricle of round 2):
+            # the user asked for something new by "it", so the next guess is tried.
+            if (self.new_structure_guesses and len(guesses) > 1 and not absent
+                    and _segmented_elsewhere(parse_entity(answer), session, number)):
+                continue
+            break
         else:
-            if len(tries) > 1:  # absent in every guess: the first guess's answer, asked again on the same cache
+            if len(tries) > 1:  # no guess gave way to a new answer: the first guess's, asked again on the same cache
                 ask_turn(*tries[0][:2])
         reference, (crop_tokens, box_tokens), hidden, answer_ids, forced, answer, absent, before = tries[-1]
         decode_forwards = len(forward_tokens) - before
@@ -559,6 +567,17 @@ def _inside_reference(entity: str | None, session: Session, reference: int | Non
     words = re.sub(r"[^a-z0-9]+", " ", (session.round(reference).entity or "").lower()).strip()
     asked = " ".join(re.sub(r"[^a-z0-9]+", " ", entity.lower()).split())
     return bool(words) and (asked.endswith(f" in the {words}") or asked.startswith(f"{words} ")) and asked != words
+
+
+def _segmented_elsewhere(entity: str | None, session: Session, reference: int | None) -> bool:
+    """Whether an answer's entity is the structure of an earlier round other than its reference (that one it may
+    redo: "Segment it." answered with the referenced round's structure), of a round that drew a mask."""
+    asked = " ".join(re.sub(r"[^a-z0-9]+", " ", (entity or "").lower()).split())
+    if not asked:
+        return False
+    return any(r.number != reference and not r.absent
+               and " ".join(re.sub(r"[^a-z0-9]+", " ", (r.entity or "").lower()).split()) == asked
+               for r in session.rounds)
 
 
 def _slice_key(session: Session, image: SliceImage, config) -> tuple:

@@ -231,11 +231,13 @@ class EmptyOrganFirst(Engine):
         self._turn = (session, query, reference)
         return super()._user_turn(session, query, reference, number)
 
-    def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
-        session, query, reference = self._turn
-        text = self.SCRIPT.get(query)
+    def _scripted(self, session, query, reference) -> str | None:
         if reference in self.empty:
-            text = f"lesion in the {session.round(reference).entity}: not on this slice."
+            return f"lesion in the {session.round(reference).entity}: not on this slice."
+        return self.SCRIPT.get(query)
+
+    def _generate(self, state, new_tokens, crop_tokens, box_tokens, forward_tokens):
+        text = self._scripted(*self._turn)
         if text is None:
             return super()._generate(state, new_tokens, crop_tokens, box_tokens, forward_tokens)
         answer = self.builder.answer(text)[:-2]  # without [SEG] and EOS, as _rebuild_prefix reads answers
@@ -307,3 +309,84 @@ def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
     assert r.reference == 2 and r.absent and not r.mask.any()
     assert r.timings["reference_tries"] == 3  # two guesses, then the first asked again
     assert r.reference_guessed and r.reference_alternatives == []  # round 1 was tried: not offered
+
+
+@pytest.mark.parametrize("entity, reference, elsewhere", [
+    ("right kidney", 2, True),          # round 1's structure, reached through round 2
+    ("Right  Kidney", 2, True),         # as the names compare: words, any case
+    ("spleen", 2, False),               # the referenced round's own structure: a redo
+    ("left kidney", 2, False),          # new
+    ("right kidney tumour", 2, False),  # another structure
+    ("liver", 2, False),                # round 3 drew nothing: asked again, it is new
+    (None, 2, False),
+])
+def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference, elsewhere):
+    from MediRoundCore.engine import _segmented_elsewhere
+    from MediRoundCore.session import Round
+
+    session = Session("f" * 16)
+    for number, name in enumerate(["right kidney", "spleen", "liver"], start=1):
+        session.rounds.append(Round(number=number, view="axial", slice_index=0, query="q", answer=name, entity=name,
+                                    reference=None, mask=np.ones((4, 4), bool) if number < 3 else None,
+                                    absent=number == 3))
+    assert _segmented_elsewhere(entity, session, reference) is elsewhere
+
+
+class OppositeKidney(EmptyOrganFirst):
+    """Stands in for the model asked "the kidney on the opposite side from it": with a kidney as the reference it
+    answers the other kidney, with the spleen (on the left) the right kidney; organs by name as in
+    `EmptyOrganFirst`, every other turn the model's own."""
+
+    empty = ()
+    SCRIPT = {"Segment the right kidney.": "right kidney: it lies on the right.",
+              "Segment the spleen.": "spleen: it lies on the left."}
+    OPPOSITE = {"right kidney": "left kidney", "left kidney": "right kidney", "spleen": "right kidney"}
+
+    def _scripted(self, session, query, reference) -> str | None:
+        if query == "Now the kidney on the opposite side from it." and reference is not None:
+            theirs = session.round(reference).entity
+            return f"{self.OPPOSITE[theirs]}: it lies opposite the {theirs}."
+        return super()._scripted(session, query, reference)
+
+
+def test_a_guess_that_leads_to_a_structure_already_drawn_gives_way(ct_volume):
+    engine = OppositeKidney.random_tiny(reference_scorer=TwoGuesses())  # guesses round 2, then round 1
+    fresh = OppositeKidney(engine.model, engine.tokenizer, reuse_cache=False, reference_scorer=TwoGuesses())
+    image = extract_slice(ct_volume, "axial", 1)
+    session, replay = Session(ct_volume.fingerprint()), Session(ct_volume.fingerprint())
+    for query in ("Segment the right kidney.", "Segment the spleen."):
+        engine.ask(session, query, image)
+        fresh.ask(replay, query, image)
+    # through the spleen (the first guess) the answer is the right kidney of round 1: the next guess is asked
+    r = engine.ask(session, "Now the kidney on the opposite side from it.", image).round
+    assert (r.entity, r.reference, r.timings["reference_tries"]) == ("left kidney", 1, 2)
+    assert r.reference_guessed and r.reference_alternatives == []  # round 2 was tried: not offered
+    direct = fresh.ask(replay, "Now the kidney on the opposite side from it.", image, reference=1).round
+    assert r.answer == direct.answer
+    np.testing.assert_array_equal(r.mask, direct.mask)
+    # a round the user picks is never second-guessed: the repeat stands
+    picked = engine.ask(session, "Now the kidney on the opposite side from it.", image, reference=2).round
+    assert (picked.entity, picked.reference) == ("right kidney", 2) and "reference_tries" not in picked.timings
+
+
+def test_a_repeat_in_every_guess_keeps_the_first_guess_answer(ct_volume):
+    engine = OppositeKidney.random_tiny(reference_scorer=TwoGuesses())  # guesses round 2, 1, then 3
+    engine.SCRIPT = {**engine.SCRIPT, "Segment the left kidney.": "left kidney: it lies on the left."}
+    image = extract_slice(ct_volume, "axial", 1)
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the right kidney.", "Segment the spleen.", "Segment the left kidney."):
+        engine.ask(session, query, image)
+    r = engine.ask(session, "Now the kidney on the opposite side from it.", image).round
+    # every guess leads to a kidney drawn already: the first guess's answer, asked again
+    assert r.reference == 2 and r.entity == "right kidney" and r.timings["reference_tries"] == 4
+
+
+def test_repeats_are_kept_when_the_rule_is_off(ct_volume):
+    engine = OppositeKidney.random_tiny(reference_scorer=TwoGuesses())
+    engine.new_structure_guesses = False
+    image = extract_slice(ct_volume, "axial", 1)
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the right kidney.", "Segment the spleen."):
+        engine.ask(session, query, image)
+    r = engine.ask(session, "Now the kidney on the opposite side from it.", image).round
+    assert (r.entity, r.reference) == ("right kidney", 2) and "reference_tries" not in r.timings
