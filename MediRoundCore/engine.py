@@ -254,7 +254,8 @@ class Engine:
             # holds cerebrospinal fluid on the opposite side from it" answered with the ventricle of round 2):
             # the user asked for something new by "it", so the next guess is tried.
             if (self.new_structure_guesses and len(guesses) > 1 and not absent
-                    and _segmented_elsewhere(parse_entity(answer), session, number)):
+                    and _segmented_elsewhere(parse_entity(answer), session, number, image.view,
+                                             image.index)):
                 continue
             break
         else:
@@ -569,13 +570,15 @@ def _inside_reference(entity: str | None, session: Session, reference: int | Non
     return bool(words) and (asked.endswith(f" in the {words}") or asked.startswith(f"{words} ")) and asked != words
 
 
-def _segmented_elsewhere(entity: str | None, session: Session, reference: int | None) -> bool:
-    """Whether an answer's entity is the structure of an earlier round other than its reference (that one it may
-    redo: "Segment it." answered with the referenced round's structure), of a round that drew a mask."""
+def _segmented_elsewhere(entity: str | None, session: Session, reference: int | None, view: str,
+                         slice_index: int) -> bool:
+    """Whether an answer's entity is the structure of an earlier round on the same slice that drew a mask, other
+    than its reference (that one it may redo: "Segment it." answered with the referenced round's structure).
+    The same structure on another slice is new here."""
     asked = " ".join(re.sub(r"[^a-z0-9]+", " ", (entity or "").lower()).split())
     if not asked:
         return False
-    return any(r.number != reference and not r.absent
+    return any(r.number != reference and not r.absent and r.view == view and r.slice_index == slice_index
                and " ".join(re.sub(r"[^a-z0-9]+", " ", (r.entity or "").lower()).split()) == asked
                for r in session.rounds)
 

@@ -315,9 +315,10 @@ def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
     ("right kidney", 2, True),          # round 1's structure, reached through round 2
     ("Right  Kidney", 2, True),         # as the names compare: words, any case
     ("spleen", 2, False),               # the referenced round's own structure: a redo
-    ("left kidney", 2, False),          # new
+    ("pancreas", 2, False),             # new
     ("right kidney tumour", 2, False),  # another structure
     ("liver", 2, False),                # round 3 drew nothing: asked again, it is new
+    ("left kidney", 2, False),          # round 4's structure, on another slice: new on this one
     (None, 2, False),
 ])
 def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference, elsewhere):
@@ -325,11 +326,12 @@ def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference
     from MediRoundCore.session import Round
 
     session = Session("f" * 16)
-    for number, name in enumerate(["right kidney", "spleen", "liver"], start=1):
-        session.rounds.append(Round(number=number, view="axial", slice_index=0, query="q", answer=name, entity=name,
-                                    reference=None, mask=np.ones((4, 4), bool) if number < 3 else None,
-                                    absent=number == 3))
-    assert _segmented_elsewhere(entity, session, reference) is elsewhere
+    for number, name in enumerate(["right kidney", "spleen", "liver", "left kidney"], start=1):
+        session.rounds.append(Round(number=number, view="axial", slice_index=0 if number < 4 else 7, query="q",
+                                    answer=name, entity=name, reference=None,
+                                    mask=None if number == 3 else np.ones((4, 4), bool), absent=number == 3))
+    assert _segmented_elsewhere(entity, session, reference, "axial", 0) is elsewhere
+    assert not _segmented_elsewhere(entity, session, reference, "coronal", 0)  # another view: another slice
 
 
 class OppositeKidney(EmptyOrganFirst):
