@@ -111,8 +111,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.reference_scorer = reference_scorer  # picks what "it" means when a query names no round
         self.lesion_finder = lesion_finder  # weighs that guess by the image for lesion queries (lesion_finder.py)
-        self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while the answer is absent inside them
-        self.new_structure_guesses = True  # a guess whose answer repeats another round's structure gives way too
+        self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while their answers are not taken
+        self.new_structure_guesses = True  # a guess whose answer is another round's structure gives way
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder.for_model(tokenizer, model)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
@@ -235,32 +235,36 @@ class Engine:
             return answer, absent
 
         attempted = []  # every guess reached, a try or one whose round could not be read
+        chosen = None  # the try whose answer stands
         for number in guesses:
             attempted.append(number)
-            # A guessed reference whose round lacks the asked structure ("nodule in the right lung: not on this
-            # slice." with the right lung as the reference) gives way to the reference scorer's next guess
-            # (references.reference_candidates); a structure absent from the slice ("liver: not on this slice.")
-            # is absent whatever the reference.
             try:
                 features = (None, None) if number is None else self._reference_features(session, number, state, image)
             except SessionError:
                 if not tries:
                     raise
-                break  # a later guess on a slice this session cannot read: the answer so far stands
+                break  # a later guess on a slice this session cannot read: no more tries
             answer, absent = ask_turn(number, features)
-            if absent and _inside_reference(parse_entity(answer), session, number):
+            entity = parse_entity(answer)
+            if absent:
+                # A guessed round that lacks the asked structure ("nodule in the right lung: not on this slice."
+                # with the right lung as the reference) gives way to the scorer's next guess
+                # (references.reference_candidates); a structure absent from the slice ("liver: not on this
+                # slice.") is absent whatever the reference, unless an earlier guess found it.
+                if _inside_reference(entity, session, number) or any(not t[6] for t in tries[:-1]):
+                    continue
+            elif self.new_structure_guesses and _segmented_elsewhere(entity, session, number, image.view,
+                                                                     image.index):
+                # A guess that leads to a structure another round on the slice has drawn ("the cavity that holds
+                # cerebrospinal fluid on the opposite side from it" answered with round 2's ventricle): "it"
+                # asks for something new, so the next guess is tried.
                 continue
-            # A guessed reference that leads to a structure another round has segmented already ("the cavity that
-            # holds cerebrospinal fluid on the opposite side from it" answered with the ventricle of round 2):
-            # the user asked for something new by "it", so the next guess is tried.
-            if (self.new_structure_guesses and len(guesses) > 1 and not absent
-                    and _segmented_elsewhere(parse_entity(answer), session, number, image.view,
-                                             image.index)):
-                continue
+            chosen = len(tries) - 1
             break
-        else:
-            if len(tries) > 1:  # no guess gave way to a new answer: the first guess's, asked again on the same cache
-                ask_turn(*tries[0][:2])
+        if chosen is None:  # no guess gave a new answer: the first that drew a mask (a repeat), else the first
+            chosen = next((k for k, t in enumerate(tries) if not t[6]), 0)
+        if chosen != len(tries) - 1:
+            ask_turn(*tries[chosen][:2])  # asked again: the cache holds the last try
         reference, (crop_tokens, box_tokens), hidden, answer_ids, forced, answer, absent, before = tries[-1]
         decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = lm_ms
@@ -572,15 +576,18 @@ def _inside_reference(entity: str | None, session: Session, reference: int | Non
 
 def _segmented_elsewhere(entity: str | None, session: Session, reference: int | None, view: str,
                          slice_index: int) -> bool:
-    """Whether an answer's entity is the structure of an earlier round on the same slice that drew a mask, other
-    than its reference (that one it may redo: "Segment it." answered with the referenced round's structure).
-    The same structure on another slice is new here."""
-    asked = " ".join(re.sub(r"[^a-z0-9]+", " ", (entity or "").lower()).split())
-    if not asked:
+    """Whether an answer's entity is the structure of an earlier round on the same slice with a mask drawn, and
+    not the referenced round's structure (that one it may redo: "Segment it."). Structures compare by name; the
+    same structure on another slice is new there."""
+    asked = _words(entity)
+    if not asked or (reference is not None and asked == _words(session.round(reference).entity)):
         return False
-    return any(r.number != reference and not r.absent and r.view == view and r.slice_index == slice_index
-               and " ".join(re.sub(r"[^a-z0-9]+", " ", (r.entity or "").lower()).split()) == asked
-               for r in session.rounds)
+    return any(r.view == view and r.slice_index == slice_index and r.mask is not None and np.asarray(r.mask).any()
+               and _words(r.entity) == asked for r in session.rounds)
+
+
+def _words(name: str | None) -> str:
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", (name or "").lower()).split())
 
 
 def _slice_key(session: Session, image: SliceImage, config) -> tuple:

@@ -315,9 +315,12 @@ def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
     ("right kidney", 2, True),          # round 1's structure, reached through round 2
     ("Right  Kidney", 2, True),         # as the names compare: words, any case
     ("spleen", 2, False),               # the referenced round's own structure: a redo
+    ("spleen", 5, False),               # ... whichever of the rounds that drew it is the reference
+    ("spleen", 1, True),
     ("pancreas", 2, False),             # new
     ("right kidney tumour", 2, False),  # another structure
     ("liver", 2, False),                # round 3 drew nothing: asked again, it is new
+    ("gallbladder", 2, False),          # round 6 drew an empty mask
     ("left kidney", 2, False),          # round 4's structure, on another slice: new on this one
     (None, 2, False),
 ])
@@ -326,10 +329,12 @@ def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference
     from MediRoundCore.session import Round
 
     session = Session("f" * 16)
-    for number, name in enumerate(["right kidney", "spleen", "liver", "left kidney"], start=1):
-        session.rounds.append(Round(number=number, view="axial", slice_index=0 if number < 4 else 7, query="q",
-                                    answer=name, entity=name, reference=None,
-                                    mask=None if number == 3 else np.ones((4, 4), bool), absent=number == 3))
+    drawn = np.ones((4, 4), bool)
+    for number, (name, mask, slice_index) in enumerate([
+            ("right kidney", drawn, 0), ("spleen", drawn, 0), ("liver", None, 0), ("left kidney", drawn, 7),
+            ("spleen", drawn, 0), ("gallbladder", np.zeros((4, 4), bool), 0)], start=1):
+        session.rounds.append(Round(number=number, view="axial", slice_index=slice_index, query="q", answer=name,
+                                    entity=name, reference=None, mask=mask, absent=mask is None))
     assert _segmented_elsewhere(entity, session, reference, "axial", 0) is elsewhere
     assert not _segmented_elsewhere(entity, session, reference, "coronal", 0)  # another view: another slice
 
@@ -366,6 +371,10 @@ def test_a_guess_that_leads_to_a_structure_already_drawn_gives_way(ct_volume):
     direct = fresh.ask(replay, "Now the kidney on the opposite side from it.", image, reference=1).round
     assert r.answer == direct.answer
     np.testing.assert_array_equal(r.mask, direct.mask)
+    # the rejected turn left no trace: the next round reads as on an engine that rebuilds its cache
+    mine, theirs = engine.ask(session, "Segment the liver.", image).round, fresh.ask(replay, "Segment the liver.", image).round
+    assert mine.answer == theirs.answer
+    np.testing.assert_array_equal(mine.mask, theirs.mask)
     # a round the user picks is never second-guessed: the repeat stands
     picked = engine.ask(session, "Now the kidney on the opposite side from it.", image, reference=2).round
     assert (picked.entity, picked.reference) == ("right kidney", 2) and "reference_tries" not in picked.timings
@@ -392,3 +401,74 @@ def test_repeats_are_kept_when_the_rule_is_off(ct_volume):
         engine.ask(session, query, image)
     r = engine.ask(session, "Now the kidney on the opposite side from it.", image).round
     assert (r.entity, r.reference) == ("right kidney", 2) and "reference_tries" not in r.timings
+
+
+class AnswersByReference(EmptyOrganFirst):
+    """Stands in for the model with answers scripted per query and reference (`answers[query][reference]`),
+    organs by name as in `EmptyOrganFirst`, every other turn the model's own."""
+
+    empty = ()
+    SCRIPT = {"Segment the right kidney.": "right kidney: it lies on the right.",
+              "Segment the spleen.": "spleen: it lies on the left.",
+              "Segment the left kidney.": "left kidney: it lies on the left."}
+    answers: dict = {}
+
+    def _scripted(self, session, query, reference) -> str | None:
+        return self.answers.get(query, {}).get(reference) or super()._scripted(session, query, reference)
+
+
+def three_organs(engine, ct_volume, image):
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the right kidney.", "Segment the spleen.", "Segment the left kidney."):
+        engine.ask(session, query, image)
+    return session
+
+
+@pytest.mark.parametrize("answers, reference, entity, absent", [
+    # absent inside the first guess, then a repeat in each other: the first that drew a mask
+    ({2: "lesion in the spleen: not on this slice.", 1: "left kidney: beside it.", 3: "right kidney: beside it."},
+     1, "left kidney", False),
+    # a repeat, then absent from the slice in the others: the repeat, which found the structure, stands
+    ({2: "right kidney: beside it.", 1: "pancreas: not on this slice.", 3: "pancreas: not on this slice."},
+     2, "right kidney", False),
+    # absent inside every guess: the first guess's answer
+    ({2: "lesion in the spleen: not on this slice.", 1: "lesion in the right kidney: not on this slice.",
+      3: "lesion in the left kidney: not on this slice."}, 2, "lesion in the spleen", True),
+])
+def test_when_no_guess_gives_a_new_answer_the_first_that_drew_a_mask_stands(ct_volume, answers, reference,
+                                                                            entity, absent):
+    query = "Now the one beside it."
+    engine = AnswersByReference.random_tiny(reference_scorer=TwoGuesses())  # guesses round 2, 1, then 3
+    fresh = AnswersByReference(engine.model, engine.tokenizer, reuse_cache=False, reference_scorer=TwoGuesses())
+    engine.answers = fresh.answers = {query: answers}
+    image = extract_slice(ct_volume, "axial", 1)
+    session, replay = three_organs(engine, ct_volume, image), three_organs(fresh, ct_volume, image)
+    r = engine.ask(session, query, image).round
+    assert (r.reference, r.entity, r.absent, r.timings["reference_tries"]) == (reference, entity, absent, 4)
+    assert r.reference_guessed and r.reference_alternatives == []  # every other guess was tried
+    direct = fresh.ask(replay, query, image, reference=reference).round
+    assert (r.answer, r.absent) == (direct.answer, direct.absent)
+    np.testing.assert_array_equal(r.mask, direct.mask)
+    mine, theirs = engine.ask(session, "Segment the liver.", image).round, fresh.ask(replay, "Segment the liver.", image).round
+    assert mine.answer == theirs.answer
+    np.testing.assert_array_equal(mine.mask, theirs.mask)
+
+
+class LastFirst(TwoGuesses):
+    """The reference scorer with fixed scores: round 3 first, then round 1, then round 2."""
+
+    def scores(self, query, entities):
+        return np.array([0.5, 0.1, 0.9][:len(entities)], np.float32)
+
+
+def test_it_redoes_a_structure_drawn_twice(ct_volume):
+    engine = AnswersByReference.random_tiny(reference_scorer=LastFirst())
+    engine.answers = {"Segment it.": {3: "right kidney: again.", 1: "right kidney: again.", 2: "spleen: again."}}
+    engine.SCRIPT = {**engine.SCRIPT, "Segment the right kidney again.": "right kidney: it lies on the right."}
+    image = extract_slice(ct_volume, "axial", 1)
+    session = Session(ct_volume.fingerprint())
+    for query in ("Segment the right kidney.", "Segment the spleen.", "Segment the right kidney again."):
+        engine.ask(session, query, image)
+    assert [r.entity for r in session.rounds] == ["right kidney", "spleen", "right kidney"]
+    r = engine.ask(session, "Segment it.", image).round  # round 3 guessed: the right kidney again, not the spleen
+    assert (r.reference, r.entity) == (3, "right kidney") and "reference_tries" not in r.timings

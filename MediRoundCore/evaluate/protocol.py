@@ -187,9 +187,11 @@ class EvalEngine(Engine):
 
     @classmethod
     def from_engine(cls, engine: Engine, max_slices: int = 4) -> "EvalEngine":
-        return cls(engine.model, engine.tokenizer, reuse_cache=engine.reuse_cache, max_slices=max_slices,
-                   reference_scorer=engine.reference_scorer, fast_decode=engine._decode_step is not None,
-                   lesion_finder=engine.lesion_finder)
+        evaluator = cls(engine.model, engine.tokenizer, reuse_cache=engine.reuse_cache, max_slices=max_slices,
+                        reference_scorer=engine.reference_scorer, fast_decode=engine._decode_step is not None,
+                        lesion_finder=engine.lesion_finder)
+        evaluator.new_structure_guesses = engine.new_structure_guesses
+        return evaluator
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
