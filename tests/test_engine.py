@@ -246,6 +246,13 @@ class EmptyOrganFirst(Engine):
         return hidden, answer, "not on this slice" in text
 
 
+def assert_answered_alike(engine, session, other, replay, query, image):
+    """The next round reads the same on both engines: a rejected try left nothing in `engine`'s cache."""
+    mine, theirs = engine.ask(session, query, image).round, other.ask(replay, query, image).round
+    assert mine.answer == theirs.answer
+    np.testing.assert_array_equal(mine.mask, theirs.mask)
+
+
 class TwoGuesses:
     """Stands in for the learned reference scorer (reference_scorer.ReferenceScorer) with fixed scores: round 2
     first, then round 1."""
@@ -275,9 +282,7 @@ def test_a_guess_answered_absent_inside_it_gives_way_and_leaves_no_trace(ct_volu
     direct = fresh.ask(replay, "Now the lesion inside it.", image, reference=1).round
     assert (result.round.answer, result.round.absent) == (direct.answer, direct.absent)
     np.testing.assert_array_equal(result.round.mask, direct.mask)
-    mine, theirs = engine.ask(session, "Segment the spleen.", image).round, fresh.ask(replay, "Segment the spleen.", image).round
-    assert mine.answer == theirs.answer
-    np.testing.assert_array_equal(mine.mask, theirs.mask)
+    assert_answered_alike(engine, session, fresh, replay, "Segment the spleen.", image)
     # a round the user picks is never second-guessed: the absent answer stands
     picked = engine.ask(session, "Now the lesion inside it.", image, reference=2).round
     assert picked.reference == 2 and picked.absent and not picked.mask.any()
@@ -372,9 +377,7 @@ def test_a_guess_that_leads_to_a_structure_already_drawn_gives_way(ct_volume):
     assert r.answer == direct.answer
     np.testing.assert_array_equal(r.mask, direct.mask)
     # the rejected turn left no trace: the next round reads as on an engine that rebuilds its cache
-    mine, theirs = engine.ask(session, "Segment the liver.", image).round, fresh.ask(replay, "Segment the liver.", image).round
-    assert mine.answer == theirs.answer
-    np.testing.assert_array_equal(mine.mask, theirs.mask)
+    assert_answered_alike(engine, session, fresh, replay, "Segment the liver.", image)
     # a round the user picks is never second-guessed: the repeat stands
     picked = engine.ask(session, "Now the kidney on the opposite side from it.", image, reference=2).round
     assert (picked.entity, picked.reference) == ("right kidney", 2) and "reference_tries" not in picked.timings
@@ -449,9 +452,7 @@ def test_when_no_guess_gives_a_new_answer_the_first_that_drew_a_mask_stands(ct_v
     direct = fresh.ask(replay, query, image, reference=reference).round
     assert (r.answer, r.absent) == (direct.answer, direct.absent)
     np.testing.assert_array_equal(r.mask, direct.mask)
-    mine, theirs = engine.ask(session, "Segment the liver.", image).round, fresh.ask(replay, "Segment the liver.", image).round
-    assert mine.answer == theirs.answer
-    np.testing.assert_array_equal(mine.mask, theirs.mask)
+    assert_answered_alike(engine, session, fresh, replay, "Segment the liver.", image)
 
 
 class LastFirst(TwoGuesses):
