@@ -569,8 +569,7 @@ def _inside_reference(entity: str | None, session: Session, reference: int | Non
     lung's or hemisphere's round; not "descending aorta" for the aorta's)."""
     if reference is None or not entity:
         return False
-    words = re.sub(r"[^a-z0-9]+", " ", (session.round(reference).entity or "").lower()).strip()
-    asked = " ".join(re.sub(r"[^a-z0-9]+", " ", entity.lower()).split())
+    words, asked = _words(session.round(reference).entity), _words(entity)
     return bool(words) and (asked.endswith(f" in the {words}") or asked.startswith(f"{words} ")) and asked != words
 
 
@@ -587,6 +586,7 @@ def _segmented_elsewhere(entity: str | None, session: Session, reference: int | 
 
 
 def _words(name: str | None) -> str:
+    """A structure's name as names compare: lower-case words, single spaces."""
     return " ".join(re.sub(r"[^a-z0-9]+", " ", (name or "").lower()).split())
 
 
