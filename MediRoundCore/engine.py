@@ -251,7 +251,7 @@ class Engine:
                 # with the right lung as the reference) gives way to the scorer's next guess
                 # (references.reference_candidates); a structure absent from the slice ("liver: not on this
                 # slice.") is absent whatever the reference, unless an earlier guess found it.
-                if _inside_reference(entity, session, number) or any(not t[6] for t in tries[:-1]):
+                if _inside_reference(entity, session, number) or any(not t[6] for t in tries[:-1]):  # t[6]: absent
                     continue
             elif self.new_structure_guesses and _segmented_elsewhere(entity, session, number, image.view,
                                                                      image.index):

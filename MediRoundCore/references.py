@@ -147,8 +147,8 @@ def reference_candidates(query: str, entities: Sequence[str | None], explicit: i
     """The rounds (1-based) an Ask may refer to, in the order it tries them: `resolve_reference`'s round first;
     where that round is the reference scorer's guess (no round given or named), the scorer's next best referable
     rounds after it, `tries` in all (Engine.ask tries the next one when the model answers that the asked
-    structure is not in the guessed round's, data/empty_containers.py, or is one another round has drawn). Empty for a first round or when no round
-    can be referred to."""
+    structure is not in the guessed round's, data/empty_containers.py, or is one another round has drawn).
+    Empty for a first round or when no round can be referred to."""
     first = resolve_reference(query, entities, explicit, scorer, referable)
     if first is None:
         return []
