@@ -34,7 +34,7 @@ from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
 from .model.processing import (PromptBuilder, logits_to_slice, masks_to_segmenter_frame, reference_inputs,
                                segmenter_pixels, vision_pixels)
 from .reference_scorer import ReferenceScorer, ScorerWithEvidence
-from .references import GUESS_TRIES, is_guess, refer_as_it
+from .references import GUESS_TRIES, asks_for_it_again, is_guess, refer_as_it
 from .session import Round, Session
 
 MAX_QUERY_CHARS = 2000
@@ -254,10 +254,11 @@ class Engine:
                 if _inside_reference(entity, session, number) or any(not t[6] for t in tries[:-1]):  # t[6]: absent
                     continue
             elif self.new_structure_guesses and _segmented_elsewhere(entity, session, number, image.view,
-                                                                     image.index):
-                # A guess that leads to a structure another round on the slice has drawn ("the cavity that holds
-                # cerebrospinal fluid on the opposite side from it" answered with round 2's ventricle): "it"
-                # asks for something new, so the next guess is tried.
+                                                                     image.index, asks_for_it_again(query)):
+                # A guess that leads to a structure a round on the slice has drawn ("the cavity that holds
+                # cerebrospinal fluid on the opposite side from it" answered with round 2's ventricle, "Which
+                # part of it is the tumour?" with the guessed tumour itself): "it" asks for something new, so
+                # the next guess is tried.
                 continue
             chosen = len(tries) - 1
             break
@@ -574,12 +575,13 @@ def _inside_reference(entity: str | None, session: Session, reference: int | Non
 
 
 def _segmented_elsewhere(entity: str | None, session: Session, reference: int | None, view: str,
-                         slice_index: int) -> bool:
-    """Whether an answer's entity is the structure of an earlier round on the same slice with a mask drawn, and
-    not the referenced round's structure (that one it may redo: "Segment it."). Structures compare by name; the
-    same structure on another slice is new there."""
+                         slice_index: int, again: bool = False) -> bool:
+    """Whether an answer's entity is the structure of an earlier round on the same slice with a mask drawn. The
+    referenced round's own structure counts too ("Which part of it is the tumour?" answered with the guessed
+    tumour itself), except for a query that asks for it again (`again`, references.asks_for_it_again:
+    "Segment it."). Structures compare by name; the same structure on another slice is new there."""
     asked = _words(entity)
-    if not asked or (reference is not None and asked == _words(session.round(reference).entity)):
+    if not asked or (again and reference is not None and asked == _words(session.round(reference).entity)):
         return False
     return any(r.view == view and r.slice_index == slice_index and r.mask is not None and np.asarray(r.mask).any()
                and _words(r.entity) == asked for r in session.rounds)

@@ -142,6 +142,19 @@ GUESS_TRIES = 3  # the scorer's best rounds an Ask tries in turn while the answe
 # is a structure another round on the slice has drawn (Engine.ask)
 
 
+# What a query that only asks for "it" again is made of: request verbs, politeness and the reference.
+_AGAIN_WORDS = frozenset("""it this that one structure again once more please segment segmentation show me mark outline
+delineate highlight draw redo repeat mask of can could you would give now do a the same and just""".split())
+
+
+def asks_for_it_again(query: str) -> bool:
+    """Whether a query asks only for the referenced structure again ("Segment it.", "Show me that one again,
+    please."): no word beyond a request, politeness and the reference. Its answer may be the referenced round's
+    own structure; any other query with "it" asks for something new (Engine.ask)."""
+    words = re.findall(r"[a-z]+", (query or "").lower())
+    return bool(words) and all(w in _AGAIN_WORDS for w in words)
+
+
 def reference_candidates(query: str, entities: Sequence[str | None], explicit: int | None = None,
                          scorer=None, referable: Sequence[bool] | None = None, tries: int = GUESS_TRIES) -> list[int]:
     """The rounds (1-based) an Ask may refer to, in the order it tries them: `resolve_reference`'s round first;

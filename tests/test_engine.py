@@ -316,20 +316,21 @@ def test_absent_in_every_guess_keeps_the_first_guess_answer(ct_volume):
     assert r.reference_guessed and r.reference_alternatives == []  # round 1 was tried: not offered
 
 
-@pytest.mark.parametrize("entity, reference, elsewhere", [
-    ("right kidney", 2, True),          # round 1's structure, reached through round 2
-    ("Right  Kidney", 2, True),         # as the names compare: words, any case
-    ("spleen", 2, False),               # the referenced round's own structure: a redo
-    ("spleen", 5, False),               # ... whichever of the rounds that drew it is the reference
-    ("spleen", 1, True),
-    ("pancreas", 2, False),             # new
-    ("right kidney tumour", 2, False),  # another structure
-    ("liver", 2, False),                # round 3 drew nothing: asked again, it is new
-    ("gallbladder", 2, False),          # round 6 drew an empty mask
-    ("left kidney", 2, False),          # round 4's structure, on another slice: new on this one
-    (None, 2, False),
+@pytest.mark.parametrize("entity, reference, again, elsewhere", [
+    ("right kidney", 2, False, True),          # round 1's structure, reached through round 2
+    ("Right  Kidney", 2, False, True),         # as the names compare: words, any case
+    ("spleen", 2, True, False),                # the referenced round's own structure, asked for again: a redo
+    ("spleen", 5, True, False),                # ... whichever of the rounds that drew it is the reference
+    ("spleen", 2, False, True),                # ... asked for something new ("the part of it"): drawn already
+    ("spleen", 1, True, True),                 # another round's structure, even for "Segment it."
+    ("pancreas", 2, False, False),             # new
+    ("right kidney tumour", 2, False, False),  # another structure
+    ("liver", 2, False, False),                # round 3 drew nothing: asked again, it is new
+    ("gallbladder", 2, False, False),          # round 6 drew an empty mask
+    ("left kidney", 2, False, False),          # round 4's structure, on another slice: new on this one
+    (None, 2, False, False),
 ])
-def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference, elsewhere):
+def test_an_answer_repeats_only_a_structure_a_round_drew(entity, reference, again, elsewhere):
     from MediRoundCore.engine import _segmented_elsewhere
     from MediRoundCore.session import Round
 
@@ -340,8 +341,8 @@ def test_an_answer_repeats_only_a_structure_another_round_drew(entity, reference
             ("spleen", drawn, 0), ("gallbladder", np.zeros((4, 4), bool), 0)], start=1):
         session.rounds.append(Round(number=number, view="axial", slice_index=slice_index, query="q", answer=name,
                                     entity=name, reference=None, mask=mask, absent=mask is None))
-    assert _segmented_elsewhere(entity, session, reference, "axial", 0) is elsewhere
-    assert not _segmented_elsewhere(entity, session, reference, "coronal", 0)  # another view: another slice
+    assert _segmented_elsewhere(entity, session, reference, "axial", 0, again) is elsewhere
+    assert not _segmented_elsewhere(entity, session, reference, "coronal", 0, again)  # another view: another slice
 
 
 class OppositeKidney(EmptyOrganFirst):
@@ -473,3 +474,18 @@ def test_it_redoes_a_structure_drawn_twice(ct_volume):
     assert [r.entity for r in session.rounds] == ["right kidney", "spleen", "right kidney"]
     r = engine.ask(session, "Segment it.", image).round  # round 3 guessed: the right kidney again, not the spleen
     assert (r.reference, r.entity) == (3, "right kidney") and "reference_tries" not in r.timings
+
+
+def test_a_guess_answered_with_its_own_structure_gives_way_unless_it_was_asked_for_again(ct_volume):
+    """"Which part of it is the lesion?" answered with the guessed round's own structure asks for something new:
+    the next guess is tried. "Segment it." may redo the guessed round's structure."""
+    query = "Which part of it is the lesion?"
+    engine = AnswersByReference.random_tiny(reference_scorer=TwoGuesses())  # guesses round 2, 1, then 3
+    engine.answers = {query: {2: "spleen: it is the spleen.", 1: "lesion in the right kidney: inside it."},
+                      "Segment it.": {2: "spleen: again.", 1: "right kidney: again."}}
+    image = extract_slice(ct_volume, "axial", 1)
+    session = three_organs(engine, ct_volume, image)
+    r = engine.ask(session, query, image).round
+    assert (r.reference, r.entity, r.timings["reference_tries"]) == (1, "lesion in the right kidney", 2)
+    redo = engine.ask(session, "Segment it.", image).round
+    assert (redo.reference, redo.entity) == (2, "spleen") and "reference_tries" not in redo.timings

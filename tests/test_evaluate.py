@@ -302,6 +302,8 @@ def test_eval_cli_oracle(split_dir, tmp_path, capsys):
     assert all(float(r["dice"]) == 100.0 for r in rows if r["n"] != "0")
     records = list(csv.DictReader(open(out / "quality_records.csv")))
     assert len(records) == len(DEFAULT_CONFIGS) * int(next(r["n"] for r in rows if r["scope"] == "overall"))
+    named = [r for r in records if r["entity_ok"] == "True"]  # the answer's entity is kept with each round
+    assert named and all(r["entity"] for r in named) and {r["reference_tries"] for r in records} == {"1"}
 
 
 def test_eval_cli_random_engine_all_configs(split_dir, fast_engine, tmp_path, monkeypatch):

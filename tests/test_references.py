@@ -171,3 +171,20 @@ def test_close_alternatives_are_the_rounds_about_as_likely_as_the_guess():
     assert alternatives_note([3], entities) == "R3 (left lung) fits about as well"
     assert alternatives_note([3, 4], entities) == "R3 (left lung) or R4 (esophagus) fit about as well"
     assert alternatives_note([], entities) == ""
+
+
+@pytest.mark.parametrize("query, again", [
+    ("Segment it.", True),
+    ("Show me that one again, please.", True),
+    ("Could you redo it?", True),
+    ("Which part of it is the tumour?", False),
+    ("Now segment its oedema.", False),
+    ("The kidney on the same side as it.", False),
+    ("Mark the smaller lesion it harbours.", False),
+    ("", False),
+    ("...", False),
+])
+def test_a_query_asks_for_it_again_only_with_nothing_but_a_request(query, again):
+    from MediRoundCore.references import asks_for_it_again
+
+    assert asks_for_it_again(query) is again

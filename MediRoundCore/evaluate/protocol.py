@@ -146,6 +146,8 @@ class RoundRecord:
     corrected: bool
     seg_forced: bool
     seconds: float
+    entity: str | None = None  # what the answer named
+    reference_tries: int = 1  # references the Ask tried (engine.Engine._ask: a guess that gave way)
 
     @property
     def dice(self) -> float:
@@ -304,7 +306,7 @@ def evaluate_dialogue(predictor, sample, config: EvalConfig, dialogue_id: str = 
                 ambiguous=is_ambiguous(sample, k), relation=round_meta(sample, k).get("relation"),
                 entity_ok=None if truth_entity is None else (rnd.entity or "").strip().lower() == truth_entity.lower(),
                 jcm_score=rnd.jcm_score, corrected=bool(rnd.corrected), seg_forced=bool(rnd.seg_forced),
-                seconds=seconds))
+                seconds=seconds, entity=rnd.entity, reference_tries=int((rnd.timings or {}).get("reference_tries", 1))))
     return run
 
 

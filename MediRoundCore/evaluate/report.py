@@ -97,7 +97,7 @@ def write_csv(records, configs, path: Path) -> Path:
 
 RECORD_FIELDS = ["config", "dialogue", "round", "dice", "iou", "intersection", "union", "pred_area", "gt_area",
                  "gt_reference", "reference", "ambiguous", "relation", "entity_ok", "jcm_score", "corrected",
-                 "seg_forced", "seconds"]
+                 "seg_forced", "seconds", "entity", "reference_tries"]
 
 
 def write_records_csv(records, path: Path) -> Path:
@@ -109,7 +109,7 @@ def write_records_csv(records, path: Path) -> Path:
             w.writerow([r.config, r.dialogue, r.round, f"{c.dice:.5f}", f"{c.iou:.5f}", c.intersection, c.union,
                         c.pred_area, c.gt_area, r.gt_reference, r.reference, r.ambiguous, r.relation, r.entity_ok,
                         "" if r.jcm_score is None else f"{r.jcm_score:.4f}", r.corrected, r.seg_forced,
-                        f"{r.seconds:.4f}"])
+                        f"{r.seconds:.4f}", r.entity or "", r.reference_tries])
     return path
 
 
