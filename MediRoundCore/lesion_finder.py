@@ -5,10 +5,12 @@ The language model's own answer did not learn it (three fine-tunes, docs/design-
 decoder's outputs (it draws a lesion-shaped mask inside whatever organ it is given). `LesionFinder` is trained for
 that question alone: on each cell of the frozen segmenter embedding (LiteMedSAM: 256 channels on a 64×64 grid) it
 gives the probability of each lesion kind (`LESION_KINDS`) or none. `presence` reads it over an earlier round's
-mask: the likeliest cell of the kinds the query asks for (`lesion_kinds_asked`). The engine multiplies the
-reference scorer's probability of each earlier round by it (`reference_scorer.ScorerWithEvidence`). Trained
-on the cached training-pool embeddings with the generator's label maps (`python -m
-MediRoundCore.train.lesion_finder`); stored beside a model's weights (`lesion_finder.*`).
+mask: the likeliest cell of the kinds the query asks for (`lesion_kinds_asked`); `spots` counts the separate
+lesions there, since "the larger nodule" means an organ with two and "the nodule" one with one
+(`lesion_named_by_size`). The engine multiplies the reference scorer's probability of each earlier round by
+them (`reference_scorer.ScorerWithEvidence`). Trained on the cached training-pool embeddings with the
+generator's label maps (`python -m MediRoundCore.train.lesion_finder`); stored beside a model's weights
+(`lesion_finder.*`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _NOT_INSIDE = frozenset("""left right anterior posterior anteriorly posteriorly 
 _NOT_INSIDE_PAIRS = frozenset({("next", "to"), ("close", "to"), ("on", "top"), ("back", "of"), ("the", "back"),
                                ("up", "from"), ("down", "from"), ("moving", "from"), ("away", "from")})
 _WORD = re.compile(r"[a-z]+")
+SPOT_P, SPOT_CELLS = 0.7, 2  # a lesion spot: at least this many touching cells each above this probability
 
 
 def _words(text: str | None) -> list[str]:
@@ -84,6 +87,16 @@ def lesion_kinds_asked(query: str) -> tuple[str, ...] | None:
     return specific or SOLID_KINDS
 
 
+_SIZE_WORDS = frozenset("larger bigger largest biggest smaller smallest tinier tiniest".split())
+
+
+def lesion_named_by_size(query: str) -> bool:
+    """Whether a lesion query tells the lesion by its size ("the larger nodule inside it"): the training names
+    call an organ's lesion by its kind alone when it is the only one of that kind, "larger/smaller" when there are
+    two, so such a query means an organ with two."""
+    return any(w in _SIZE_WORDS for w in _words(query))
+
+
 @dataclass
 class LesionFinderConfig:
     channels: int = 256  # the segmenter embedding's channels
@@ -115,6 +128,24 @@ class LesionFinder(nn.Module):
         probability, over the embedding cells the mask covers (half or more of the cell; any share when no cell
         is half covered), of a lesion of one of `kinds` (None: of any kind). NaN for a mask that covers no cell.
         The head runs on the CPU, wherever the embedding is."""
+        out = np.full(len(frame_masks), np.nan)
+        for i, (_, p) in enumerate(self.cell_probabilities(embedding, frame_masks, kinds)):
+            if len(p):
+                out[i] = float(p.max())
+        return out
+
+    @torch.no_grad()
+    def spots(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None, threshold: float = SPOT_P,
+              min_cells: int = SPOT_CELLS) -> np.ndarray:
+        """For each mask, as `presence` reads it: how many separate lesions of `kinds` it holds, counted as groups
+        of at least `min_cells` touching cells (8-neighbours) whose probability exceeds `threshold`."""
+        return np.array([len([g for g in _touching_groups(cells[p > threshold]) if len(g) >= min_cells])
+                         for cells, p in self.cell_probabilities(embedding, frame_masks, kinds)], int)
+
+    @torch.no_grad()
+    def cell_probabilities(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None):
+        """For each mask: the (n, 2) grid positions of the cells it covers, as `presence` reads them, and the
+        (n,) probability of a lesion of `kinds` (None: any kind) in each."""
         if embedding.shape[0] != 1:
             raise ValueError(f"presence reads one slice's embedding, got a batch of {embedding.shape[0]}")
         if kinds is not None:
@@ -126,16 +157,18 @@ class LesionFinder(nn.Module):
         thin = ~cells.flatten(1).any(1)
         cells[thin] = cover[thin] > 0
         union = cells.any(0)
-        out = np.full(len(frame_masks), np.nan)
+        empty = (np.zeros((0, 2), int), np.zeros(0, np.float32))
         if not union.any():
-            return out
+            return [empty] * len(frame_masks)
         # only the cells some mask covers go through the head (a few ms for the whole grid on two cores)
         features = embedding[0].float().cpu()[:, union].T  # (n, C)
         probs = F.softmax(self(features[:, :, None, None])[:, :, 0, 0], 1)  # (n, 1+K)
         p = 1.0 - probs[:, 0] if kinds is None else probs[:, [1 + self.config.kinds.index(k) for k in kinds]].sum(1)
-        for i, mine in enumerate(cells[:, union]):
-            if mine.any():
-                out[i] = float(p[mine].max())
+        where = union.nonzero().numpy()  # row-major, as union's cells were taken
+        out = []
+        for mine in cells[:, union]:
+            mine = mine.numpy()
+            out.append((where[mine], p.numpy()[mine]))
         return out
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -167,3 +200,20 @@ class LesionFinder(nn.Module):
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: lesion finder weights are not finite")
         return finder.eval()
+
+
+def _touching_groups(cells: np.ndarray) -> list[list[tuple[int, int]]]:
+    """The (n, 2) grid positions grouped into sets that touch (8-neighbours)."""
+    left = {tuple(int(v) for v in c) for c in cells}
+    groups = []
+    while left:
+        group, todo = [], [left.pop()]
+        while todo:
+            y, x = todo.pop()
+            group.append((y, x))
+            for near in ((y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                if near in left:
+                    left.remove(near)
+                    todo.append(near)
+        groups.append(group)
+    return groups

@@ -8,7 +8,7 @@ import torch
 
 from MediRoundCore.errors import CheckpointError
 from MediRoundCore.lesion_finder import (CONFIG_FILE, WEIGHTS_FILE, LesionFinder, LesionFinderConfig,
-                                         lesion_kinds_asked)
+                                         lesion_kinds_asked, lesion_named_by_size)
 from MediRoundCore.reference_scorer import ReferenceScorer, ScorerWithEvidence
 from MediRoundCore.references import close_alternatives, reference_candidates, resolve_reference
 from MediRoundCore.train import lesion_finder as training
@@ -220,8 +220,15 @@ def test_the_engine_weighs_its_guess_by_what_the_finder_sees_in_each_round():
     masks = np.stack([state.padding.pad(r.mask) for r in session.rounds[:2]])
     frames = masks_to_segmenter_frame(masks, state.input_hw, engine.model.config.segmenter.image_size)
     seen = engine.lesion_finder.presence(state.seg_embedding, frames, ("nodule",))
-    # the lungs by what the finder sees in them; the nodule round itself and the liver on another slice: even
-    assert np.allclose(np.exp(weighed.log_evidence), list(np.clip(seen, 0.01, 1)) + [0.5, 0.5])
+    spots = engine.lesion_finder.spots(state.seg_embedding, frames, ("nodule",))
+    # the lungs by what the finder sees in them, less where it sees more than one nodule for "the nodule"; the
+    # nodule round itself and the liver on another slice: even
+    fits = np.where(spots <= 1, 1.0, 0.3)
+    assert np.allclose(np.exp(weighed.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
+    # "the larger nodule" is one of two: a lung where the finder sees fewer weighs less
+    paired = engine._scorer_with_image(session, "Now the larger nodule within it.", None, state, image, {})
+    fits = np.where(spots >= 2, 1.0, 0.3)
+    assert np.allclose(np.exp(paired.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
     assert "lesion_finder_ms" in timings
     # no evidence where it cannot change the choice or the query asks otherwise
     for q, explicit in [(query, 2), ("Segment the heart.", None), ("Now the nodule in front of it.", None),
@@ -242,3 +249,41 @@ def test_with_one_round_to_refer_to_the_finder_is_not_asked():
     state = engine._slice_state(session, image, {}, None)
     assert engine._scorer_with_image(session, "Now the nodule within it.", None, state, image, {}) \
         is engine.reference_scorer
+
+
+@pytest.mark.parametrize("query, by_size", [
+    ("Now the larger nodule inside it.", True),
+    ("Segment the smallest cyst in it.", True),
+    ("Which part of it is the bigger tumour?", True),
+    ("Now the nodule inside it.", False),
+    ("Segment the lesion in it.", False),
+])
+def test_a_lesion_query_by_size_means_one_of_two(query, by_size):
+    assert lesion_named_by_size(query) is by_size
+
+
+def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
+    """A finder whose nodule logit is 10 × channel 0 − 5: cells with channel 0 at 1 are nodules (p ≈ 1), at 0 none.
+    Organ A holds two 2×2 nodules and a one-cell speck, organ B one 2×3 nodule, organ C none."""
+    finder = LesionFinder(LesionFinderConfig(channels=2, hidden=0, kinds=["nodule"])).eval()
+    with torch.no_grad():
+        finder.head.weight.zero_()
+        finder.head.bias.zero_()
+        finder.head.weight[1, 0] = 10.0
+        finder.head.bias[1] = -5.0
+    g = 16
+    emb = torch.zeros(1, 2, g, g)
+    for rows, cols in [(slice(1, 3), slice(1, 3)), (slice(5, 7), slice(4, 6)), (slice(1, 2), slice(6, 7)),
+                       (slice(10, 12), slice(10, 13))]:
+        emb[0, 0, rows, cols] = 1.0
+    organs = [(slice(0, 8), slice(0, 8)), (slice(9, 14), slice(9, 15)), (slice(0, 8), slice(9, 15))]
+    frames = torch.stack([_frame(g, organ) for organ in organs])
+    assert finder.spots(emb, frames, ("nodule",)).tolist() == [2, 1, 0]
+    assert finder.spots(emb, frames, ("nodule",), min_cells=1).tolist() == [3, 1, 0]  # the speck counts too
+    assert finder.spots(emb, frames, ("nodule",), min_cells=5).tolist() == [0, 1, 0]
+    presence = finder.presence(emb, frames, ("nodule",))
+    assert presence[0] > 0.99 and presence[1] > 0.99 and presence[2] < 0.01
+    # two cells touching at a corner, in organ C, are one spot of two cells
+    emb[0, 0, 2, 11] = 1.0
+    emb[0, 0, 3, 12] = 1.0
+    assert finder.spots(emb, frames, ("nodule",)).tolist() == [2, 1, 1]
