@@ -27,7 +27,8 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .lesion_finder import LesionFinder, lesion_kinds_asked, lesion_named_by_size, names_a_lesion
+from .lesion_finder import (LesionFinder, counts_tell, lesion_kinds_asked, lesion_named_by_size,
+                            names_a_lesion)
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -336,9 +337,9 @@ class Engine:
         """The reference scorer, weighed by the lesion finder when the query asks for a lesion inside a round it
         does not name ("the nodule within it" after both lungs): each earlier organ on this slice by how likely
         its mask holds the kind asked for, and less where the number of such lesions it sees does not fit the
-        wording (one for "the nodule", two for "the larger nodule"). A round the finder cannot read (on another
-        slice, a mask too small for its grid, itself a lesion) gets an even chance. The scorer itself
-        otherwise."""
+        wording (one for "the nodule", two for "the larger nodule"; not read for tumours). A round the finder
+        cannot read (on another slice, a mask too small for its grid, itself a lesion) gets an even chance. The
+        scorer itself otherwise."""
         kinds = self._finder_kinds(session, query, explicit)
         if kinds is None:
             return self.reference_scorer
@@ -352,8 +353,10 @@ class Engine:
             masks = np.stack([state.padding.pad(np.asarray(session.rounds[k].mask, bool)) for k in here])
             frames = masks_to_segmenter_frame(masks, state.input_hw, size)
             seen = self.lesion_finder.presence(state.seg_embedding, frames, kinds)
-            spots = self.lesion_finder.spots(state.seg_embedding, frames, kinds)
-            fits = spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
+            fits = np.ones(len(here), bool)
+            if counts_tell(kinds):
+                spots = self.lesion_finder.spots(state.seg_embedding, frames, kinds)
+                fits = spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
             evidence[here] = np.where(np.isnan(seen), EVEN_EVIDENCE, seen * np.where(fits, 1.0, COUNT_MISMATCH))
         timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000
         return ScorerWithEvidence(self.reference_scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))

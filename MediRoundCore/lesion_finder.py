@@ -51,6 +51,7 @@ _NOT_INSIDE_PAIRS = frozenset({("next", "to"), ("close", "to"), ("on", "top"), (
                                ("up", "from"), ("down", "from"), ("moving", "from"), ("away", "from")})
 _WORD = re.compile(r"[a-z]+")
 SPOT_P, SPOT_CELLS = 0.7, 2  # a lesion spot: at least this many touching cells each above this probability
+UNCOUNTED_KINDS = ("tumour",)  # large, core and oedema: the finder sees one as several spots (design notes)
 
 
 def _words(text: str | None) -> list[str]:
@@ -95,6 +96,11 @@ def lesion_named_by_size(query: str) -> bool:
     call an organ's lesion by its kind alone when it is the only one of that kind, "larger/smaller" when there are
     two, so such a query means an organ with two."""
     return any(w in _SIZE_WORDS for w in _words(query))
+
+
+def counts_tell(kinds) -> bool:
+    """Whether spot counts are read for a query asking for `kinds`: not when it asks for tumours alone."""
+    return not all(k in UNCOUNTED_KINDS for k in kinds)
 
 
 @dataclass
@@ -147,7 +153,7 @@ class LesionFinder(nn.Module):
         """For each mask: the (n, 2) grid positions of the cells it covers, as `presence` reads them, and the
         (n,) probability of a lesion of `kinds` (None: any kind) in each."""
         if embedding.shape[0] != 1:
-            raise ValueError(f"presence reads one slice's embedding, got a batch of {embedding.shape[0]}")
+            raise ValueError(f"the lesion finder reads one slice's embedding, got a batch of {embedding.shape[0]}")
         if kinds is not None:
             unknown = [k for k in kinds if k not in self.config.kinds]
             if unknown or not kinds:
@@ -164,12 +170,8 @@ class LesionFinder(nn.Module):
         features = embedding[0].float().cpu()[:, union].T  # (n, C)
         probs = F.softmax(self(features[:, :, None, None])[:, :, 0, 0], 1)  # (n, 1+K)
         p = 1.0 - probs[:, 0] if kinds is None else probs[:, [1 + self.config.kinds.index(k) for k in kinds]].sum(1)
-        where = union.nonzero().numpy()  # row-major, as union's cells were taken
-        out = []
-        for mine in cells[:, union]:
-            mine = mine.numpy()
-            out.append((where[mine], p.numpy()[mine]))
-        return out
+        where, p = union.nonzero().numpy(), p.numpy()  # row-major, as union's cells were taken
+        return [(where[mine], p[mine]) for mine in cells[:, union].numpy()]
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file

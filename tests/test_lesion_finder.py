@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from MediRoundCore.errors import CheckpointError
-from MediRoundCore.lesion_finder import (CONFIG_FILE, WEIGHTS_FILE, LesionFinder, LesionFinderConfig,
+from MediRoundCore.lesion_finder import (CONFIG_FILE, WEIGHTS_FILE, LesionFinder, LesionFinderConfig, counts_tell,
                                          lesion_kinds_asked, lesion_named_by_size)
 from MediRoundCore.reference_scorer import ReferenceScorer, ScorerWithEvidence
 from MediRoundCore.references import close_alternatives, reference_candidates, resolve_reference
@@ -229,6 +229,10 @@ def test_the_engine_weighs_its_guess_by_what_the_finder_sees_in_each_round():
     paired = engine._scorer_with_image(session, "Now the larger nodule within it.", None, state, image, {})
     fits = np.where(spots >= 2, 1.0, 0.3)
     assert np.allclose(np.exp(paired.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
+    # a tumour is not counted: large, it shows as several spots
+    tumour = engine._scorer_with_image(session, "Now the larger tumour within it.", None, state, image, {})
+    seen = engine.lesion_finder.presence(state.seg_embedding, frames, ("tumour",))
+    assert np.allclose(np.exp(tumour.log_evidence), list(np.clip(seen, 0.01, 1)) + [0.5, 0.5])
     assert "lesion_finder_ms" in timings
     # no evidence where it cannot change the choice or the query asks otherwise
     for q, explicit in [(query, 2), ("Segment the heart.", None), ("Now the nodule in front of it.", None),
@@ -287,3 +291,8 @@ def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
     emb[0, 0, 2, 11] = 1.0
     emb[0, 0, 3, 12] = 1.0
     assert finder.spots(emb, frames, ("nodule",)).tolist() == [2, 1, 1]
+
+
+def test_counts_are_read_unless_only_tumours_are_asked_for():
+    assert counts_tell(("nodule",)) and counts_tell(("lesion", "nodule", "tumour")) and counts_tell(("cyst",))
+    assert not counts_tell(("tumour",))
