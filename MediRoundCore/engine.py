@@ -27,8 +27,8 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .lesion_finder import (LesionFinder, counts_tell, lesion_kinds_asked, lesion_named_by_size,
-                            names_a_lesion)
+from .lesion_finder import (LesionFinder, count_spots, counts_tell, lesion_kinds_asked, lesion_named_by_size,
+                            names_a_lesion, strongest_cells)
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -352,10 +352,11 @@ class Engine:
             size = self.model.config.segmenter.image_size
             masks = np.stack([state.padding.pad(np.asarray(session.rounds[k].mask, bool)) for k in here])
             frames = masks_to_segmenter_frame(masks, state.input_hw, size)
-            seen = self.lesion_finder.presence(state.seg_embedding, frames, kinds)
+            cells = self.lesion_finder.cell_probabilities(state.seg_embedding, frames, kinds)  # the head runs once
+            seen = strongest_cells(cells)
             fits = np.ones(len(here), bool)
             if counts_tell(kinds):
-                spots = self.lesion_finder.spots(state.seg_embedding, frames, kinds)
+                spots = count_spots(cells)
                 fits = spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
             evidence[here] = np.where(np.isnan(seen), EVEN_EVIDENCE, seen * np.where(fits, 1.0, COUNT_MISMATCH))
         timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000

@@ -134,19 +134,14 @@ class LesionFinder(nn.Module):
         probability, over the embedding cells the mask covers (half or more of the cell; any share when no cell
         is half covered), of a lesion of one of `kinds` (None: of any kind). NaN for a mask that covers no cell.
         The head runs on the CPU, wherever the embedding is."""
-        out = np.full(len(frame_masks), np.nan)
-        for i, (_, p) in enumerate(self.cell_probabilities(embedding, frame_masks, kinds)):
-            if len(p):
-                out[i] = float(p.max())
-        return out
+        return strongest_cells(self.cell_probabilities(embedding, frame_masks, kinds))
 
     @torch.no_grad()
     def spots(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None, threshold: float = SPOT_P,
               min_cells: int = SPOT_CELLS) -> np.ndarray:
         """For each mask, as `presence` reads it: how many separate lesions of `kinds` it holds, counted as groups
         of at least `min_cells` touching cells (8-neighbours) whose probability exceeds `threshold`."""
-        return np.array([len([g for g in _touching_groups(cells[p > threshold]) if len(g) >= min_cells])
-                         for cells, p in self.cell_probabilities(embedding, frame_masks, kinds)], int)
+        return count_spots(self.cell_probabilities(embedding, frame_masks, kinds), threshold, min_cells)
 
     @torch.no_grad()
     def cell_probabilities(self, embedding: torch.Tensor, frame_masks: torch.Tensor, kinds=None):
@@ -202,6 +197,18 @@ class LesionFinder(nn.Module):
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: lesion finder weights are not finite")
         return finder.eval()
+
+
+def strongest_cells(cell_probabilities) -> np.ndarray:
+    """`LesionFinder.presence` from `LesionFinder.cell_probabilities`: each mask's largest cell probability
+    (NaN for a mask on no cell)."""
+    return np.array([float(p.max()) if len(p) else np.nan for _, p in cell_probabilities])
+
+
+def count_spots(cell_probabilities, threshold: float = SPOT_P, min_cells: int = SPOT_CELLS) -> np.ndarray:
+    """`LesionFinder.spots` from `LesionFinder.cell_probabilities`."""
+    return np.array([len([g for g in _touching_groups(cells[p > threshold]) if len(g) >= min_cells])
+                     for cells, p in cell_probabilities], int)
 
 
 def _touching_groups(cells: np.ndarray) -> list[list[tuple[int, int]]]:
