@@ -27,8 +27,8 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .lesion_finder import (LesionFinder, count_spots, counts_tell, lesion_kinds_asked, lesion_named_by_size,
-                            names_a_lesion, strongest_cells)
+from .lesion_finder import (SPOT_P, LesionFinder, count_spots, counts_tell, lesion_kinds_asked,
+                            lesion_named_by_size, names_a_lesion, strongest_cells)
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -41,7 +41,8 @@ from .session import Round, Session
 MAX_QUERY_CHARS = 2000
 EVEN_EVIDENCE = 0.5  # the lesion finder's weight of an earlier round it cannot read (Engine._scorer_with_image)
 EVIDENCE_FLOOR = 0.01  # no round ruled out by the finder alone: its weight is at least this
-COUNT_MISMATCH = 0.3  # the finder's weight of a round whose lesion count does not fit the query's wording
+COUNT_MISMATCH = 0.3  # the finder's weight of a round where it sees no lesion surely (no cell above SPOT_P) or
+# whose lesion count does not fit the query's wording
 # transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(
     __import__("transformers").MistralForCausalLM.forward).parameters else "past_key_values"
@@ -336,8 +337,9 @@ class Engine:
     def _scorer_with_image(self, session, query, explicit, state, image, timings):
         """The reference scorer, weighed by the lesion finder when the query asks for a lesion inside a round it
         does not name ("the nodule within it" after both lungs): each earlier organ on this slice by how likely
-        its mask holds the kind asked for, and less where the number of such lesions it sees does not fit the
-        wording (one for "the nodule", two for "the larger nodule"; not read for tumours). A round the finder
+        its mask holds the kind asked for, and less where no cell of it is as sure as a spot's (`SPOT_P`: a faint
+        cell at a predicted mask's edge is not a lesion seen) or the number of such lesions it sees does not fit
+        the wording (one for "the nodule", two for "the larger nodule"; not read for tumours). A round the finder
         cannot read (on another slice, a mask too small for its grid, itself a lesion) gets an even chance. The
         scorer itself otherwise."""
         kinds = self._finder_kinds(session, query, explicit)
@@ -354,10 +356,10 @@ class Engine:
             frames = masks_to_segmenter_frame(masks, state.input_hw, size)
             cells = self.lesion_finder.cell_probabilities(state.seg_embedding, frames, kinds)  # the head runs once
             seen = strongest_cells(cells)
-            fits = np.ones(len(here), bool)
+            fits = seen > SPOT_P  # a lesion is seen: one cell at least as sure as a spot's
             if counts_tell(kinds):
                 spots = count_spots(cells)
-                fits = spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
+                fits &= spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
             evidence[here] = np.where(np.isnan(seen), EVEN_EVIDENCE, seen * np.where(fits, 1.0, COUNT_MISMATCH))
         timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000
         return ScorerWithEvidence(self.reference_scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from MediRoundCore.errors import CheckpointError
-from MediRoundCore.lesion_finder import (CONFIG_FILE, WEIGHTS_FILE, LesionFinder, LesionFinderConfig, counts_tell,
-                                         lesion_kinds_asked, lesion_named_by_size)
+from MediRoundCore.lesion_finder import (CONFIG_FILE, SPOT_P, WEIGHTS_FILE, LesionFinder, LesionFinderConfig,
+                                         counts_tell, lesion_kinds_asked, lesion_named_by_size)
 from MediRoundCore.reference_scorer import ReferenceScorer, ScorerWithEvidence
 from MediRoundCore.references import close_alternatives, reference_candidates, resolve_reference
 from MediRoundCore.train import lesion_finder as training
@@ -221,18 +221,20 @@ def test_the_engine_weighs_its_guess_by_what_the_finder_sees_in_each_round():
     frames = masks_to_segmenter_frame(masks, state.input_hw, engine.model.config.segmenter.image_size)
     seen = engine.lesion_finder.presence(state.seg_embedding, frames, ("nodule",))
     spots = engine.lesion_finder.spots(state.seg_embedding, frames, ("nodule",))
-    # the lungs by what the finder sees in them, less where it sees more than one nodule for "the nodule"; the
-    # nodule round itself and the liver on another slice: even
-    fits = np.where(spots <= 1, 1.0, 0.3)
+    # the lungs by what the finder sees in them, less where no cell is as sure as a spot's (SPOT_P) or it sees
+    # more than one nodule for "the nodule"; the nodule round itself and the liver on another slice: even
+    sure = seen > SPOT_P
+    fits = np.where(sure & (spots <= 1), 1.0, 0.3)
     assert np.allclose(np.exp(weighed.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
     # "the larger nodule" is one of two: a lung where the finder sees fewer weighs less
     paired = engine._scorer_with_image(session, "Now the larger nodule within it.", None, state, image, {})
-    fits = np.where(spots >= 2, 1.0, 0.3)
+    fits = np.where(sure & (spots >= 2), 1.0, 0.3)
     assert np.allclose(np.exp(paired.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
-    # a tumour is not counted: large, it shows as several spots
+    # a tumour is not counted (large, it shows as several spots), but it must be seen
     tumour = engine._scorer_with_image(session, "Now the larger tumour within it.", None, state, image, {})
     seen = engine.lesion_finder.presence(state.seg_embedding, frames, ("tumour",))
-    assert np.allclose(np.exp(tumour.log_evidence), list(np.clip(seen, 0.01, 1)) + [0.5, 0.5])
+    fits = np.where(seen > SPOT_P, 1.0, 0.3)
+    assert np.allclose(np.exp(tumour.log_evidence), list(np.clip(seen * fits, 0.01, 1)) + [0.5, 0.5])
     assert "lesion_finder_ms" in timings
     # no evidence where it cannot change the choice or the query asks otherwise
     for q, explicit in [(query, 2), ("Segment the heart.", None), ("Now the nodule in front of it.", None),
@@ -244,6 +246,22 @@ def test_the_engine_weighs_its_guess_by_what_the_finder_sees_in_each_round():
     session.undo()
     assert engine.possible_references(session, query) == [1, 2, 3, 4]
     assert engine.possible_references(session, "Segment the heart.") == [1, 2, 3]  # the scorer's three
+
+
+@pytest.mark.parametrize("p_nodule, weight", [(0.9, 0.9), (0.6, 0.6 * 0.3)])
+def test_a_round_where_no_cell_is_as_sure_as_a_spot_weighs_less(p_nodule, weight):
+    """A finder that sees a nodule with the same probability in every cell: each lung's evidence is that
+    probability, times the count mismatch weight (0.3) where it is not above SPOT_P; each lung's cells then form
+    one spot, as many as "the nodule" asks."""
+    engine, session, image = _engine_with_rounds()
+    state = engine._slice_state(session, image, {}, None)
+    finder = LesionFinder(LesionFinderConfig(channels=state.seg_embedding.shape[1], hidden=0, kinds=["nodule"]))
+    with torch.no_grad():
+        finder.head.weight.zero_()
+        finder.head.bias.copy_(torch.tensor([0.0, float(np.log(p_nodule / (1 - p_nodule)))]))
+    engine.lesion_finder = finder.eval()
+    weighed = engine._scorer_with_image(session, "Now the nodule within it.", None, state, image, {})
+    assert np.allclose(np.exp(weighed.log_evidence), [weight, weight, 0.5, 0.5], atol=1e-4)
 
 
 def test_with_one_round_to_refer_to_the_finder_is_not_asked():
