@@ -50,6 +50,33 @@ def move_probabilities(moves, k, p_distractor, p_back):
     return prob
 
 
+def generator_posterior(dlg, geo, k, params):
+    """For round k (0-based) of a generated dialogue: the policy's probability of each earlier round (0-based)
+    having produced its query, of each target, and of each target per round."""
+    rnd = dlg.rounds[k]
+    used = {r.target for r in dlg.rounds[:k]}
+    moves = []
+    for r, prev in enumerate(dlg.rounds[:k]):
+        moves += later_moves(geo, geo.by_name[prev.target], r, used, dlg.slice.modality, np.random.default_rng(0))
+    same_relation = [m for m in moves if m.relation == rnd.relation]
+    truth = next(m for m in same_relation if m.ref == rnd.ref and m.target.name == rnd.target)
+    prob = move_probabilities(same_relation, k, params.p_distractor, params.p_reach_back)
+    posterior, by_target = defaultdict(float), defaultdict(float)
+    from_ref = defaultdict(lambda: defaultdict(float))  # ref -> target -> probability
+    for m, p in zip(same_relation, prob):
+        if m.noun == truth.noun and _category(m.slots) == _category(truth.slots):
+            posterior[m.ref] += p
+            by_target[m.target.name] += p
+            from_ref[m.ref][m.target.name] += p
+    return posterior, by_target, from_ref
+
+
+def bayes_reference(posterior) -> int:
+    """The most probable round; ties to the earliest."""
+    best = max(posterior.values())
+    return min(r for r, v in posterior.items() if abs(v - best) < 1e-9)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", default="hard")
@@ -58,7 +85,8 @@ def main():
     args = parser.parse_args()
     params = _params(args.split)
     scorer = ReferenceScorer.from_pretrained(DEFAULT_CHECKPOINT)
-    counts = defaultdict(lambda: np.zeros(7))  # relation -> rounds, Bayes right, scorer right (reference; target)
+    # relation -> rounds; reference right: Bayes, scorer; target right: Bayes, scorer, all votes, best three
+    counts = defaultdict(lambda: np.zeros(7))
     ties = 0
     for index in range(args.n):
         dlg = make_dialogue(args.split, args.seed, index)
@@ -68,24 +96,10 @@ def main():
             rnd = dlg.rounds[k]
             if rnd.ref is None or named_round(rnd.query, entities[:k]) is not None:
                 continue
-            used = {r.target for r in dlg.rounds[:k]}
-            moves = []
-            for r, prev in enumerate(dlg.rounds[:k]):
-                moves += later_moves(geo, geo.by_name[prev.target], r, used, dlg.slice.modality,
-                                     np.random.default_rng(0))
-            same_relation = [m for m in moves if m.relation == rnd.relation]
-            truth = next(m for m in same_relation if m.ref == rnd.ref and m.target.name == rnd.target)
-            prob = move_probabilities(same_relation, k, params.p_distractor, params.p_reach_back)
-            posterior, by_target = defaultdict(float), defaultdict(float)
-            from_ref = defaultdict(lambda: defaultdict(float))  # ref -> target -> probability
-            for m, p in zip(same_relation, prob):
-                if m.noun == truth.noun and _category(m.slots) == _category(truth.slots):
-                    posterior[m.ref] += p
-                    by_target[m.target.name] += p
-                    from_ref[m.ref][m.target.name] += p
+            posterior, by_target, from_ref = generator_posterior(dlg, geo, k, params)
             best = max(posterior.values())
             ties += sum(abs(v - best) < 1e-9 for v in posterior.values()) > 1
-            bayes = min(r for r, v in posterior.items() if abs(v - best) < 1e-9)
+            bayes = bayes_reference(posterior)
             guess = scorer.choose(rnd.query, entities[:k]) - 1
             targets = from_ref.get(guess, {})
             scorer_target = max(targets, key=targets.get) if targets else None

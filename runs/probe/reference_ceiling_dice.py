@@ -10,34 +10,14 @@ that round; rounds the rules decide keep the dataset's. Evaluate it with the dat
 import json
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from MediRoundCore.data.dialogues import _Geometry, later_moves
+from MediRoundCore.data.dialogues import _Geometry
 from MediRoundCore.data.splits import _params, make_dialogue
 from MediRoundCore.references import named_round
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_ceiling import _category, move_probabilities  # noqa: E402
-
-
-def bayes_reference(dlg, k, params):
-    rnd = dlg.rounds[k]
-    geo = _Geometry(dlg.slice)
-    used = {r.target for r in dlg.rounds[:k]}
-    moves = []
-    for r, prev in enumerate(dlg.rounds[:k]):
-        moves += later_moves(geo, geo.by_name[prev.target], r, used, dlg.slice.modality, np.random.default_rng(0))
-    same = [m for m in moves if m.relation == rnd.relation]
-    truth = next(m for m in same if m.ref == rnd.ref and m.target.name == rnd.target)
-    posterior = defaultdict(float)
-    for m, p in zip(same, move_probabilities(same, k, params.p_distractor, params.p_reach_back)):
-        if m.noun == truth.noun and _category(m.slots) == _category(truth.slots):
-            posterior[m.ref] += p
-    best = max(posterior.values())
-    return min(r for r, v in posterior.items() if abs(v - best) < 1e-9)
+from reference_ceiling import bayes_reference, generator_posterior  # noqa: E402
 
 
 def main():
@@ -52,6 +32,7 @@ def main():
     changed = 0
     for index, obj in enumerate(data):
         dlg = make_dialogue(split, int(seed), index)
+        geo = _Geometry(dlg.slice)
         entities = [r.entity for r in dlg.rounds]
         turns = obj["conversations"]
         masks = [re.search(r"\[MASK-DECODE:([^\]]+)\]", turns[2 * r + 1]["value"]).group(1)
@@ -59,7 +40,7 @@ def main():
         for k in range(1, len(dlg.rounds)):
             if dlg.rounds[k].ref is None or named_round(dlg.rounds[k].query, entities[:k]) is not None:
                 continue
-            ref = bayes_reference(dlg, k, params)
+            ref = bayes_reference(generator_posterior(dlg, geo, k, params)[0])
             human = turns[2 * k]
             assert human["ind"] == dlg.rounds[k].ref
             if ref != human["ind"]:
