@@ -117,17 +117,19 @@ def main():
                 t = from_ref.get(int(r))
                 votes3[max(t, key=t.get) if t else None] += p_ref[r]
             voted3 = max(votes3, key=votes3.get)
-            counts[rnd.relation] += (1, bayes == rnd.ref, guess == rnd.ref, max(by_target, key=by_target.get) == rnd.target,
-                                     scorer_target == rnd.target, voted == rnd.target,
-                                     voted3 == rnd.target)
+            bayes_target = max(by_target, key=by_target.get)
+            counts[rnd.relation] += (1, bayes == rnd.ref, guess == rnd.ref, bayes_target == rnd.target,
+                                     scorer_target == rnd.target, voted == rnd.target, voted3 == rnd.target)
     total = sum(counts.values())
+    share = 100 * total[1:] / total[0]
     print(f"{args.split} seed {args.seed}, {args.n} dialogues, {int(total[0])} rounds that name no round "
-          f"({ties} Bayes ties): reference Bayes {100 * total[1] / total[0]:.1f} %, scorer {100 * total[2] / total[0]:.1f} %;"
-          f" target Bayes {100 * total[3] / total[0]:.1f} %, scorer {100 * total[4] / total[0]:.1f} %, "
-          f"scorer's vote {100 * total[5] / total[0]:.1f} %, among its best three {100 * total[6] / total[0]:.1f} %")
+          f"({ties} Bayes ties): reference Bayes {share[0]:.1f} %, scorer {share[1]:.1f} %; target Bayes "
+          f"{share[2]:.1f} %, scorer {share[3]:.1f} %, scorer's vote {share[4]:.1f} %, among its best three "
+          f"{share[5]:.1f} %")
     for relation, (n, b, s, bt, st, vt, v3) in sorted(counts.items()):
         print(f"  {relation:12s} {int(n):4d} rounds  reference Bayes {100 * b / n:5.1f} %  scorer {100 * s / n:5.1f} %"
-              f"  target Bayes {100 * bt / n:5.1f} %  scorer {100 * st / n:5.1f} %  vote {100 * vt / n:5.1f} %  best three {100 * v3 / n:5.1f} %")
+              f"  target Bayes {100 * bt / n:5.1f} %  scorer {100 * st / n:5.1f} %  vote {100 * vt / n:5.1f} %"
+              f"  best three {100 * v3 / n:5.1f} %")
 
 
 if __name__ == "__main__":
