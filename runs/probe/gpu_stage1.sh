@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Stage 1 of MediRound-Lite continued on a lent GPU (session 46; runs/probe/gpu_stage1.py says why and how).
+# The device takes 64 MiB a call: the tracked weights stay behind (untracked in the index for the calls), the
+# float16 base weights go in two calls, and the machine keeps what a call left in /root/stash while it is warm.
+#   bash runs/probe/gpu_stage1.sh pack     # here: .gpu/ (float16 base weights, segment_anything's code)
+#   bash runs/probe/gpu_stage1.sh stash    # device call 1 (carry .gpu/minilm .gpu/site): MiniLM kept, smoke test
+#   bash runs/probe/gpu_stage1.sh train    # device call 2 (carry .gpu/lms .gpu/site runs/lite-snapshot)
+#   bash runs/probe/gpu_stage1.sh unpack D # here: the returned parts in D -> runs/lite-gpu/snapshot
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STASH=${STASH:-/root/stash} PY=${PY:-python3}
+export STASH
+case "${1:-}" in
+  pack)
+    rm -rf .gpu && mkdir -p .gpu/minilm .gpu/lms .gpu/site
+    .venv/bin/python - <<'EOF'
+import shutil, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+from MediRoundCore.checkpoints import base_weights
+from MediRoundCore.checkpoints.safety import load_tensors
+m = base_weights.locate("minilm"); d = Path(".gpu/minilm") / m.name; d.mkdir()
+save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(m / "model.safetensors").items()},
+          str(d / "model.safetensors"))
+for f in ("config.json", "tokenizer.json"):
+    shutil.copy2(m / f, d / f)
+l = base_weights.locate("lite_medsam"); d = Path(".gpu/lms") / l.name; d.mkdir()
+torch.save({k: v.half() if v.is_floating_point() else v for k, v in load_tensors(l / "lite_medsam.pth").items()},
+           d / "lite_medsam.pth")
+EOF
+    cp -r .venv/lib/python3.11/site-packages/segment_anything .gpu/site/
+    du -sh .gpu/* ;;
+  stash)  # on the device
+    mkdir -p $STASH/base && cp -r .gpu/minilm/* $STASH/base/
+    nvidia-smi --query-gpu=name,memory.used --format=csv || true
+    PYTHONPATH=.gpu/site:. MEDIROUND_BASE_WEIGHTS=$STASH/base $PY - <<'EOF'
+import torch, transformers, accelerate, numpy
+from pathlib import Path
+from MediRoundCore.checkpoints import base_weights
+base_weights.verify = lambda path, expected: Path(path)
+import MediRoundCore.train.lite
+from MediRoundCore.model.lite import lite_tokenizer, lite_config
+from MediRoundCore.model.modeling import MediRound
+from MediRoundCore.model.text_encoder import load_minilm_weights
+from MediRoundCore.model.tokenizer import TokenIds
+tok = lite_tokenizer(); m = MediRound(lite_config(len(tok)), TokenIds.from_tokenizer(tok))
+load_minilm_weights(m.query_encoder, base_weights.locate("minilm") / "model.safetensors")
+m = m.to("cuda" if torch.cuda.is_available() else "cpu"); print("built", sum(p.numel() for p in m.parameters()))
+from MediRoundCore.model.lite import lite_tokenizer
+print("torch", torch.__version__, torch.cuda.is_available(), "transformers", transformers.__version__,
+      "accelerate", accelerate.__version__, "numpy", numpy.__version__, "vocab", len(lite_tokenizer()))
+EOF
+    ;;
+  train)  # on the device: DEADLINE seconds of training, then the snapshot, in parts, to $OUT
+    cp -r .gpu/lms/* $STASH/base/
+    export PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1
+    $PY runs/probe/gpu_stage1.py --base $STASH/base --deadline "${DEADLINE:-400}" --peak-lr "${PEAK:-1.2e-4}" \
+      --workers "${WORKERS:-13}" -- --out $STASH/run --steps 100000 --lr 1e-4 --batch-size "${BATCH:-32}" \
+      --pool-slices "${SLICES:-6000}" --views 2 --save-every 300 --threads 2 --long-share 0.5 --dice-weight 2.0 \
+      --new-views 100000 --from-snapshot runs/lite-snapshot 2>&1 | tr "\r" "\n" | grep -v "step/s\|s/step" | tail -60 || true
+    cp $STASH/run/log_stage1.csv "$OUT"/ || true
+    MEDIROUND_BASE_WEIGHTS=$STASH/base $PY - <<'EOF'
+import os
+from pathlib import Path
+from MediRoundCore.checkpoints import base_weights
+base_weights.verify = lambda path, expected: Path(path)
+from MediRoundCore.train.snapshot import save_snapshot
+print(save_snapshot(os.environ["STASH"] + "/run/checkpoint", os.environ["STASH"] + "/snap"))
+EOF
+    cp $STASH/snap/snapshot.json "$OUT"/ && split -b 15M -d $STASH/snap/model.safetensors "$OUT"/part ;;
+  unpack)
+    mkdir -p runs/lite-gpu/snapshot
+    cat "$2"/part* > runs/lite-gpu/snapshot/model.safetensors
+    cp "$2"/snapshot.json runs/lite-gpu/snapshot/ && cp "$2"/log_stage1.csv runs/lite-gpu/ || true
+    cp runs/lite-snapshot/config.json runs/lite-gpu/snapshot/ ;;
+  *) echo "usage: $0 pack | stash | train | unpack DIR" >&2; exit 2 ;;
+esac
