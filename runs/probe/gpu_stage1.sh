@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Stage 1 of MediRound-Lite continued on a lent GPU (session 46; runs/probe/gpu_stage1.py says why and how).
-# The device takes 64 MiB a call: the tracked weights stay behind (untracked in the index for the calls), the
-# float16 base weights go in two calls, and the machine keeps what a call left in /root/stash while it is warm.
+# The device takes 64 MiB a call: the tracked weights stay behind (`git rm --cached` the three model.safetensors of
+# weights/mediround-lite, weights/mediround-tiny and runs/lite-snapshot for the calls, list the first two in
+# .git/info/exclude, `git reset` them after), the float16 base weights go in two calls, and the machine keeps what a
+# call left in /root/stash while it is warm (30 s between calls).
 #   bash runs/probe/gpu_stage1.sh pack     # here: .gpu/ (float16 base weights, segment_anything's code)
-#   bash runs/probe/gpu_stage1.sh stash    # device call 1 (carry .gpu/minilm .gpu/site): MiniLM kept, smoke test
-#   bash runs/probe/gpu_stage1.sh train    # device call 2 (carry .gpu/lms .gpu/site runs/lite-snapshot)
+#   bash runs/probe/gpu_stage1.sh stash    # device call 1 (carry .gpu/minilm .gpu/site; runs/lite-snapshot's
+#                                          # weights moved aside: .gitignore lets them travel): MiniLM kept, smoke test
+#   bash runs/probe/gpu_stage1.sh train    # device call 2 (carry .gpu/lms .gpu/site; the snapshot back in place)
 #   bash runs/probe/gpu_stage1.sh unpack D # here: the returned parts in D -> runs/lite-gpu/snapshot
+# Then here: `python -m MediRoundCore.train.snapshot restore runs/lite-gpu/snapshot runs/lite-gpu/stage1`,
+# `train.carry_jcm runs/lite-gpu/stage1 MediRoundCore/weights/mediround-lite runs/lite-gpu/jcm`, copy the bundled
+# lesion_finder.* beside it, and gate on real slices first (runs/probe/real_lung_slices.py), then the hard split.
+# Session 46 (DEADLINE=560, one H200): 748 steps of 32 dialogues (5150 -> 5898) in 501 s; better on every generated
+# set, but it answered "not on this slice" for both lungs on two of lung1's slices: not shipped (design notes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STASH=${STASH:-/root/stash} PY=${PY:-python3}
@@ -57,7 +65,7 @@ EOF
     $PY runs/probe/gpu_stage1.py --base $STASH/base --deadline "${DEADLINE:-400}" --peak-lr "${PEAK:-1.2e-4}" \
       --workers "${WORKERS:-13}" -- --out $STASH/run --steps 100000 --lr 1e-4 --batch-size "${BATCH:-32}" \
       --pool-slices "${SLICES:-6000}" --views 2 --save-every 300 --threads 2 --long-share 0.5 --dice-weight 2.0 \
-      --new-views 100000 --from-snapshot runs/lite-snapshot 2>&1 | tr "\r" "\n" | grep -v "step/s\|s/step" | tail -60 || true
+      --new-views 100000 --from-snapshot runs/lite-snapshot 2>&1 | tr "\r" "\n" | grep -v "^stage 1:" | tail -60 || true
     cp $STASH/run/log_stage1.csv "$OUT"/ || true
     MEDIROUND_BASE_WEIGHTS=$STASH/base $PY - <<'EOF'
 import os
