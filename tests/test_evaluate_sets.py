@@ -36,6 +36,8 @@ def test_oracle_passes_every_set_and_other_sections_are_kept(tmp_path):
         # what was answered, beside each Dice (here the ground truth's answer), and how many said "absent"
         assert "| 100.0 | right lung: the air-filled organ on that side. |" in real
         assert f"Every target asked is on its slice: 0 of {rounds} answered as not on the slice." in real
+        # each chest CT's lungs over its extent: 8 slices, left then right lung
+        assert "| lung1 | 8 | 16 | 100.0 | 100.0 | 0 |" in real and "| lung2 | 8 | 16 | 100.0 | 100.0 | 0 |" in real
         if rounds == 9:
             assert "| mni152 | MR | left hemisphere | hemisphere | ICBM152 grey+white matter maps, midline split | 100.0 |" \
                 in real and "| source: MR (brain template MR) | 2 | 100.0 |" in real

@@ -104,3 +104,26 @@ def test_mni152_files_are_hash_checked(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-1])  # a truncated copy
     with pytest.raises(CheckpointError, match="sha256 .* differs from the pinned"):
         locate_spec(MNI152, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["lung1", "lung2"])
+def test_lung_extent_dialogues_spread_over_the_slices_showing_both_lungs(case):
+    from MediRoundCore.data.real_validation import EXTENT_SLICES, LUNG_MIN_PIXELS, lung_extent_samples
+
+    samples = lung_extent_samples(case)
+    volume = load_volume(DATA / f"{case}_image.nrrd", modality="CT")
+
+    def both_lungs(index):
+        lungs = lung_masks(extract_slice(volume, "axial", index).pixels)
+        return bool(lungs) and min(int(m.sum()) for m in lungs.values()) > LUNG_MIN_PIXELS
+
+    showing = [i for i in range(volume.array.shape[0]) if both_lungs(i)]
+    slices = [s.meta["slice"] for s in samples]
+    assert len(slices) == EXTENT_SLICES and slices == sorted(set(slices)) and set(slices) <= set(showing)
+    assert slices[0] == showing[0] and slices[-1] == showing[-1]  # the whole extent, its ends included
+    for sample in samples:
+        left, right = sample.masks
+        assert sample.queries == ["Segment the left lung.", "Segment the right lung."]
+        assert sample.ref_indices == [None, None] and sample.meta["window"] == (-350.0, 1400.0)
+        assert np.nonzero(left)[1].mean() > sample.image.shape[1] / 2 > np.nonzero(right)[1].mean()
+        assert not (left & right).any() and min(left.sum(), right.sum()) > LUNG_MIN_PIXELS

@@ -19,6 +19,10 @@ The lung masks are not labels from the source: they are the two largest air-dens
 components that do not touch the slice border (outside air does), with small holes (vessels) filled — the
 "five-line HU threshold" of issue 23; patient left is image right (radiologist view). The lung asked for is
 the one within 10 px of the lesion, and a solid lesion touching it is part of it (a lung tumour is lung).
+
+Two rounds on one slice judge a model change poorly, so each chest CT also gives dialogues over the lungs' extent
+(`lung_extent_samples`): on slices spread evenly over those showing both lungs (each over 1,000 px),
+"Segment the left lung." then "Segment the right lung." (no reference), labelled by the same HU threshold.
 """
 
 from __future__ import annotations
@@ -115,6 +119,39 @@ def real_sample(case: str, data_dir: str | Path | None = None) -> Sample:
     return Sample(image=image.normalized(), queries=["Segment the lesion."],
                   answers=[format_answer("lesion", "the labelled lesion")], masks=label[None], ref_indices=[None],
                   entities=["lesion"], meta={**meta, "label_sources": ["pyradiomics label"]})
+
+
+EXTENT_SLICES = 8  # chest CT slices a case's lungs are asked on (`lung_extent_samples`)
+LUNG_MIN_PIXELS = 1000  # each lung on a slice of the extent dialogues
+
+
+def lung_extent_samples(case: str, data_dir: str | Path | None = None, count: int = EXTENT_SLICES) -> list[Sample]:
+    """One dialogue (left lung, then right lung) on each of `count` axial slices of chest CT `case`, spread evenly
+    over the slices where both lungs show; shown as `real_sample` shows its slice."""
+    from ..imaging import extract_slice, load_volume
+
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    if CASES.get(case) != "CT":
+        raise ValueError(f"{case}: lung extent dialogues are for the chest CT cases")
+    volume = load_volume(folder / f"{case}_image.nrrd", modality="CT")
+    showing = []
+    for index in range(volume.array.shape[0]):
+        image = extract_slice(volume, "axial", index)
+        lungs = lung_masks(image.pixels)
+        if lungs and min(int(m.sum()) for m in lungs.values()) > LUNG_MIN_PIXELS:
+            showing.append((index, image, lungs))
+    picks = sorted({int(p) for p in np.linspace(0, len(showing) - 1, min(count, len(showing))).round()})
+    samples = []
+    for index, image, lungs in (showing[p] for p in picks):
+        sides = ["left lung", "right lung"]
+        samples.append(Sample(
+            image=image.normalized(), queries=[f"Segment the {side}." for side in sides],
+            answers=[format_answer(side, "the air-filled organ on that side") for side in sides],
+            masks=np.stack([lungs[side] for side in sides]), ref_indices=[None, None], entities=sides,
+            meta={"source": SOURCE, "case": case, "slice": index, "view": "axial", "modality": "CT",
+                  "window": image.ct_window(), "geometry": slice_geometry(image),
+                  "label_sources": ["HU threshold", "HU threshold"]}))
+    return samples
 
 
 def mni152_folder(fetch: bool = False) -> Path | None:

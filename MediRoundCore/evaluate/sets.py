@@ -186,7 +186,37 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
     for name, counts in groups.items():
         s = summarize(counts)
         res.lines.append(f"| {name} | {s.n} | {_f(s.dice)} |")
+    extent, extent_rounds = lung_extent_lines(predictor, folder, beta, tick)
+    res.lines += extent
+    res.rounds += extent_rounds
     return res
+
+
+def lung_extent_lines(predictor, folder: Path, beta=None, tick=lambda k: None) -> tuple[list[str], int]:
+    """The table of each chest CT's lungs asked over its extent (`real_validation.lung_extent_samples`), and how
+    many rounds it took."""
+    from ..data.real_validation import CASES, EXTENT_SLICES, lung_extent_samples
+
+    rows, rounds = [], 0
+    for case in (c for c, modality in CASES.items() if modality == "CT"):
+        if not (folder / f"{case}_image.nrrd").is_file():
+            continue
+        counts, absent, slices = [], 0, 0
+        for sample in lung_extent_samples(case, folder):
+            run = _run(predictor, sample, f"{case}-extent-{sample.meta['slice']}", beta)
+            counts += [record.counts for record in run.records]
+            absent += sum(says_absent(strip_seg(r.answer or "")) for r in run.session.rounds)
+            slices += 1
+            tick(sample.num_rounds)
+        rounds += len(counts)
+        lowest = min(100 * c.dice for c in counts)
+        rows.append(f"| {case} | {slices} | {len(counts)} | {_f(summarize(counts).dice)} | {_f(lowest)} | {absent} |")
+    if not rows:
+        return [], 0
+    return ["", f"Each chest CT's lungs over its extent: on {EXTENT_SLICES} axial slices spread evenly over those "
+            "showing both lungs, \"Segment the left lung.\" then \"Segment the right lung.\" (HU threshold labels; "
+            "one slice judges a model change poorly).", "",
+            "| case | slices | rounds | Dice | lowest round | answered absent |", "|---|---|---|---|---|---|", *rows], rounds
 
 
 # -- variants -----------------------------------------------------------------------------------------------
