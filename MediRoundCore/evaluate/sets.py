@@ -208,6 +208,8 @@ def lung_extent_lines(predictor, folder: Path, beta=None, tick=lambda k: None) -
             absent += sum(says_absent(strip_seg(r.answer or "")) for r in run.session.rounds)
             slices += 1
             tick(sample.num_rounds)
+        if not counts:  # no slice shows both lungs
+            continue
         rounds += len(counts)
         lowest = min(100 * c.dice for c in counts)
         rows.append(f"| {case} | {slices} | {len(counts)} | {_f(summarize(counts).dice)} | {_f(lowest)} | {absent} |")
