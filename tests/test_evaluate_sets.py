@@ -2,12 +2,17 @@
 
 import re
 
+import numpy as np
 import pytest
+import torch
 
+from MediRoundCore.answers import ABSENT_TEXT
+from MediRoundCore.engine import RoundResult
 from MediRoundCore.errors import MediRoundError
 from MediRoundCore.evaluate import run as eval_run
 from MediRoundCore.evaluate import sets
 from MediRoundCore.evaluate.protocol import OracleEngine
+from MediRoundCore.session import Round
 
 
 def _section(text, name):
@@ -35,7 +40,8 @@ def test_oracle_passes_every_set_and_other_sections_are_kept(tmp_path):
         assert "| lung1 | CT | right lung | lung | HU threshold | 100.0 |" in real and f"| all | {rounds} | 100.0 |" in real
         # what was answered, beside each Dice (here the ground truth's answer), and how many said "absent"
         assert "| 100.0 | right lung: the air-filled organ on that side. |" in real
-        assert f"Every target asked is on its slice: 0 of {rounds} answered as not on the slice." in real
+        assert f"Every target asked in these dialogues is on its slice: 0 of {rounds} answered as not on the slice." \
+            in real
         # each chest CT's lungs over its extent: 8 slices, left then right lung
         assert "| lung1 | 8 | 16 | 100.0 | 100.0 | 0 |" in real and "| lung2 | 8 | 16 | 100.0 | 100.0 | 0 |" in real
         if rounds == 9:
@@ -81,3 +87,27 @@ def test_oracle_rounds_flag_absent_answers():
     sample = absent_sample("hard", 0, 0)
     run = sets._run(OracleEngine(), sample, "0", None)
     assert [r.absent for r in run.session.rounds] == sample.meta["absent"] and any(sample.meta["absent"])
+
+
+class _RightLungAbsentOracle(OracleEngine):
+    """The ground truth, except that every right lung is answered "not on this slice" with no mask."""
+
+    def ask(self, session, query, image, reference=None, use_jcm=True, beta=None, progress=None):
+        if "right lung" not in query:
+            return super().ask(session, query, image, reference, use_jcm, beta, progress)
+        round_ = Round(number=len(session.rounds) + 1, view=image.view, slice_index=image.index, query=query,
+                       answer=f"right lung: {ABSENT_TEXT}.", entity="right lung", reference=None,
+                       mask=np.zeros(image.pixels.shape, bool), absent=True)
+        session.add_round(round_)
+        return RoundResult(round_, torch.zeros(256), torch.zeros(256))
+
+
+def test_the_lung_extent_table_counts_misses_and_absent_answers():
+    from MediRoundCore.data.real_validation import default_data_dir
+
+    if not (default_data_dir() / "lung1_image.nrrd").is_file():
+        pytest.skip("real labelled volumes not on this machine")
+    lines, rounds = sets.lung_extent_lines(_RightLungAbsentOracle(), default_data_dir())
+    assert rounds == 32  # 8 slices x 2 lungs, both CTs
+    assert "| lung1 | 8 | 16 | 50.0 | 0.0 | 8 |" in lines and "| lung2 | 8 | 16 | 50.0 | 0.0 | 8 |" in lines
+    assert sets.lung_extent_lines(_RightLungAbsentOracle(), default_data_dir() / "missing") == ([], 0)

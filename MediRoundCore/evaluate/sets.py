@@ -174,7 +174,8 @@ def real_set(predictor, data_dir=None, beta=None, tick=lambda k: None) -> SetRes
         res.lines.append(f"| {case} | {modality} | {entity} | {structure_of(entity)} | {source} | "
                          f"{_f(100 * counts.dice)} | {shown.replace('|', '/')} |")
     absent = sum(says_absent(a) for a in answers)
-    res.lines += ["", f"Every target asked is on its slice: {absent} of {len(answers)} answered as not on the slice."]
+    res.lines += ["", f"Every target asked in these dialogues is on its slice: {absent} of {len(answers)} answered as "
+                  "not on the slice."]
     res.lines += ["", "| group | rounds | Dice |", "|---|---|---|"]
     groups: dict[str, list] = {}
     for case, modality, source, entity, counts in rows:

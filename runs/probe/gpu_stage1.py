@@ -31,6 +31,7 @@ class FittedSchedule:
         self.trainer, self.workers, self.deadline, self.peak = trainer, workers, deadline, peak_lr
         self.calibrate, self.refit_every, self.reserve = calibrate, refit, reserve
         self.inner = None
+        self.start = None  # the step training starts at, once it does
         self.marks: list[tuple[int, float]] = []
 
     def __iter__(self):
@@ -81,7 +82,7 @@ def main() -> int:
     parser.add_argument("--base", required=True, help="folder of the float16 base weights (gpu_stage1.sh pack)")
     parser.add_argument("--deadline", type=float, required=True, help="seconds from start the training may use")
     parser.add_argument("--peak-lr", type=float, required=True)
-    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=13)
     parser.add_argument("train", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     os.environ["MEDIROUND_BASE_WEIGHTS"] = args.base

@@ -13,7 +13,8 @@
 # `train.carry_jcm runs/lite-gpu/stage1 MediRoundCore/weights/mediround-lite runs/lite-gpu/jcm`, copy the bundled
 # lesion_finder.* beside it, and gate on real slices first (runs/probe/real_lung_slices.py), then the hard split.
 # Session 46 (DEADLINE=560, one H200): 748 steps of 32 dialogues (5150 -> 5898) in 501 s; better on every generated
-# set, but it answered "not on this slice" for both lungs on two of lung1's slices: not shipped (design notes).
+# set, but it answered "not on this slice" for both lungs on two of lung1's slices: not shipped (design notes);
+# kept in runs/lite-gpu-snapshot for runs/probe/weight_blend.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STASH=${STASH:-/root/stash} PY=${PY:-python3}
@@ -36,7 +37,8 @@ l = base_weights.locate("lite_medsam"); d = Path(".gpu/lms") / l.name; d.mkdir()
 torch.save({k: v.half() if v.is_floating_point() else v for k, v in load_tensors(l / "lite_medsam.pth").items()},
            d / "lite_medsam.pth")
 EOF
-    cp -r .venv/lib/python3.11/site-packages/segment_anything .gpu/site/
+    cp -r "$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("segment_anything").submodule_search_locations[0])')" \
+      .gpu/site/
     du -sh .gpu/* ;;
   stash)  # on the device
     mkdir -p $STASH/base && cp -r .gpu/minilm/* $STASH/base/
@@ -46,7 +48,6 @@ import torch, transformers, accelerate, numpy
 from pathlib import Path
 from MediRoundCore.checkpoints import base_weights
 base_weights.verify = lambda path, expected: Path(path)
-import MediRoundCore.train.lite
 from MediRoundCore.model.lite import lite_tokenizer, lite_config
 from MediRoundCore.model.modeling import MediRound
 from MediRoundCore.model.text_encoder import load_minilm_weights
@@ -54,19 +55,21 @@ from MediRoundCore.model.tokenizer import TokenIds
 tok = lite_tokenizer(); m = MediRound(lite_config(len(tok)), TokenIds.from_tokenizer(tok))
 load_minilm_weights(m.query_encoder, base_weights.locate("minilm") / "model.safetensors")
 m = m.to("cuda" if torch.cuda.is_available() else "cpu"); print("built", sum(p.numel() for p in m.parameters()))
-from MediRoundCore.model.lite import lite_tokenizer
 print("torch", torch.__version__, torch.cuda.is_available(), "transformers", transformers.__version__,
       "accelerate", accelerate.__version__, "numpy", numpy.__version__, "vocab", len(lite_tokenizer()))
 EOF
     ;;
   train)  # on the device: DEADLINE seconds of training, then the snapshot, in parts, to $OUT
     cp -r .gpu/lms/* $STASH/base/
+    rm -rf $STASH/run $STASH/snap  # a run left by an earlier call would be resumed, ahead of the snapshot
     export PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1
     $PY runs/probe/gpu_stage1.py --base $STASH/base --deadline "${DEADLINE:-400}" --peak-lr "${PEAK:-1.2e-4}" \
       --workers "${WORKERS:-13}" -- --out $STASH/run --steps 100000 --lr 1e-4 --batch-size "${BATCH:-32}" \
       --pool-slices "${SLICES:-6000}" --views 2 --save-every 300 --threads 2 --long-share 0.5 --dice-weight 2.0 \
-      --new-views 100000 --from-snapshot runs/lite-snapshot 2>&1 | tr "\r" "\n" | grep -v "^stage 1:" | tail -60 || true
-    cp $STASH/run/log_stage1.csv "$OUT"/ || true
+      --new-views 100000 --from-snapshot runs/lite-snapshot > $STASH/train.log 2>&1 || failed=1
+    tr "\r" "\n" < $STASH/train.log | grep -v "^stage 1:" | tail -60  # without tqdm's bar
+    cp $STASH/run/log_stage1.csv "$OUT"/
+    [ -z "${failed:-}" ] || { echo "training failed: no snapshot made" >&2; exit 1; }
     MEDIROUND_BASE_WEIGHTS=$STASH/base $PY - <<'EOF'
 import os
 from pathlib import Path
@@ -75,7 +78,8 @@ base_weights.verify = lambda path, expected: Path(path)
 from MediRoundCore.train.snapshot import save_snapshot
 print(save_snapshot(os.environ["STASH"] + "/run/checkpoint", os.environ["STASH"] + "/snap"))
 EOF
-    cp $STASH/snap/snapshot.json "$OUT"/ && split -b 15M -d $STASH/snap/model.safetensors "$OUT"/part ;;
+    cp $STASH/snap/snapshot.json "$OUT"/
+    split -b 15M -d $STASH/snap/model.safetensors "$OUT"/part ;;
   unpack)
     mkdir -p runs/lite-gpu/snapshot
     cat "$2"/part* > runs/lite-gpu/snapshot/model.safetensors
