@@ -102,8 +102,7 @@ def real_sample(case: str, data_dir: str | Path | None = None) -> Sample:
     index = int(np.argmax(areas))
     image = extract_slice(volume, "axial", index)
     label = extract_slice(label_volume, "axial", index).pixels > 0
-    meta = {"source": SOURCE, "case": case, "slice": index, "view": "axial", "modality": modality,
-            "window": image.ct_window(), "geometry": slice_geometry(image)}
+    meta = _slice_meta(case, index, image)
     if modality == "CT":
         lungs = lung_masks(image.pixels)
         if lungs:
@@ -134,24 +133,28 @@ def lung_extent_samples(case: str, data_dir: str | Path | None = None, count: in
     if CASES.get(case) != "CT":
         raise ValueError(f"{case}: lung extent dialogues are for the chest CT cases")
     volume = load_volume(folder / f"{case}_image.nrrd", modality="CT")
-    showing = []
-    for index in range(volume.array.shape[0]):
-        image = extract_slice(volume, "axial", index)
-        lungs = lung_masks(image.pixels)
-        if lungs and min(int(m.sum()) for m in lungs.values()) > LUNG_MIN_PIXELS:
-            showing.append((index, image, lungs))
+
+    def both_lungs(index: int) -> dict[str, np.ndarray]:
+        lungs = lung_masks(extract_slice(volume, "axial", index).pixels)
+        return lungs if lungs and min(int(m.sum()) for m in lungs.values()) > LUNG_MIN_PIXELS else {}
+
+    showing = [index for index in range(volume.array.shape[0]) if both_lungs(index)]
     picks = sorted({int(p) for p in np.linspace(0, len(showing) - 1, min(count, len(showing))).round()})
-    samples = []
-    for index, image, lungs in (showing[p] for p in picks):
-        sides = ["left lung", "right lung"]
+    samples, sides = [], ["left lung", "right lung"]
+    for index in (showing[p] for p in picks):
+        image, lungs = extract_slice(volume, "axial", index), both_lungs(index)
         samples.append(Sample(
             image=image.normalized(), queries=[f"Segment the {side}." for side in sides],
             answers=[format_answer(side, "the air-filled organ on that side") for side in sides],
             masks=np.stack([lungs[side] for side in sides]), ref_indices=[None, None], entities=sides,
-            meta={"source": SOURCE, "case": case, "slice": index, "view": "axial", "modality": "CT",
-                  "window": image.ct_window(), "geometry": slice_geometry(image),
-                  "label_sources": ["HU threshold", "HU threshold"]}))
+            meta={**_slice_meta(case, index, image), "label_sources": ["HU threshold", "HU threshold"]}))
     return samples
+
+
+def _slice_meta(case: str, index: int, image) -> dict:
+    """What a real dialogue records of its slice: source, case, place, modality, window and geometry."""
+    return {"source": SOURCE, "case": case, "slice": index, "view": "axial", "modality": CASES[case],
+            "window": image.ct_window(), "geometry": slice_geometry(image)}
 
 
 def mni152_folder(fetch: bool = False) -> Path | None:
