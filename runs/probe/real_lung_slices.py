@@ -12,6 +12,7 @@ import numpy as np
 
 from MediRoundCore.data.real_validation import lung_extent_samples
 from MediRoundCore.engine import Engine
+from MediRoundCore.evaluate.metrics import dice
 from MediRoundCore.evaluate.protocol import sample_image
 from MediRoundCore.session import Session
 
@@ -25,7 +26,7 @@ for checkpoint in sys.argv[1:]:
             for query, truth in zip(sample.queries, sample.masks):
                 answer = engine.ask(Session(f"{checkpoint}-{case}-{sample.meta['slice']}-{query}"), query, image)
                 mask = answer.mask if answer.mask is not None else np.zeros_like(truth)
-                scores.setdefault(case, []).append(float(2 * (mask & truth).sum() / max(1, mask.sum() + truth.sum())))
+                scores.setdefault(case, []).append(dice(mask, truth))
     every = [d for v in scores.values() for d in v]
     print(checkpoint, {c: round(100 * float(np.mean(v)), 1) for c, v in scores.items()},
           "all", round(100 * float(np.mean(every)), 1), "n", len(every), flush=True)
