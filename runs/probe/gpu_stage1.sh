@@ -14,7 +14,7 @@
 # lesion_finder.* beside it, and gate on real slices first (runs/probe/real_lung_slices.py), then the hard split.
 # Session 46 (DEADLINE=560, one H200): 748 steps of 32 dialogues (5150 -> 5898) in 501 s; better on every generated
 # set, but it answered "not on this slice" for both lungs on two of lung1's slices: not shipped (design notes);
-# kept in runs/lite-gpu-snapshot for runs/probe/weight_blend.py.
+# kept in runs/lite-gpu-snapshot; a quarter of it ships, blended with step 5150 (runs/blend_lite.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STASH=${STASH:-/root/stash} PY=${PY:-python3}
