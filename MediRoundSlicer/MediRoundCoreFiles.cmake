@@ -104,6 +104,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/run.py
   MediRoundCore/train/snapshot.py
   MediRoundCore/train/trainer.py
+  MediRoundCore/train/weight_blend.py
   MediRoundCore/volume_files.py
   )
 

@@ -46,7 +46,7 @@ def test_the_result_is_stage1_with_the_donors_jcm(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in rest)  # the two models did differ there
     # the donor's reference scorer, as stage 1 had none (both of its files from one folder)
     assert (out / "reference_scorer.safetensors").read_bytes() == b"the donor's"
-    with pytest.raises(CheckpointError, match="not over an input"):
+    with pytest.raises(CheckpointError, match="not over, inside or around an input"):
         carry_jcm(stage1, donor, stage1)
     assert MediRound.from_pretrained(stage1)[0].jcm.refiner is None
 

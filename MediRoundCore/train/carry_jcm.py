@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from ..model.answer_drafts import DRAFTS_FILE
 from ..model.modeling import MediRound
 from ..reference_scorer import CONFIG_FILE, WEIGHTS_FILE
+from .folders import check_destination, write_folder
 
 JCM_PREFIX = "jcm."
 KEPT_FILES = ((CONFIG_FILE, WEIGHTS_FILE), (DRAFTS_FILE,))  # beside a model's weights, each group from one folder:
@@ -30,9 +31,7 @@ KEPT_FILES = ((CONFIG_FILE, WEIGHTS_FILE), (DRAFTS_FILE,))  # beside a model's w
 
 def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path:
     """Write to `out` the model of folder `stage1` with the JCM of folder `jcm_from`; returns `out`."""
-    out = Path(out)
-    if out.resolve() in (Path(stage1).resolve(), Path(jcm_from).resolve()):
-        raise CheckpointError(f"{out}: write the result to a folder of its own, not over an input")
+    check_destination(out, inputs=(stage1, jcm_from))  # before loading two models
     model, tokenizer = MediRound.from_pretrained(stage1)
     donor, _ = MediRound.from_pretrained(jcm_from)
     mine = {k: v for k, v in model.config.to_dict().items() if k not in ("jcm", "lora_applied")}
@@ -45,16 +44,16 @@ def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path
         raise CheckpointError(f"{jcm_from} has no JCM weights to carry")
     model.config.jcm = donor.config.jcm
     model.jcm = donor.jcm  # its weights and its layout (a refiner the stage-1 config may not have)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer)
-    for group in KEPT_FILES:
-        source = next((Path(f) for f in (stage1, jcm_from) if all((Path(f) / name).is_file() for name in group)), None)
-        for name in group if source is not None else ():
-            shutil.copy2(source / name, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, tokenizer)
+        for group in KEPT_FILES:
+            source = next((Path(f) for f in (stage1, jcm_from) if all((Path(f) / name).is_file() for name in group)),
+                          None)
+            for name in group if source is not None else ():
+                shutil.copy2(source / name, tmp / name)
+
+    return write_folder(out, write, inputs=(stage1, jcm_from))
 
 
 def main(argv=None) -> int:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         print(carry_jcm(args.stage1, args.jcm_from, args.out))
-    except CheckpointError as exc:
+    except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,11 +1,11 @@
 """Blend two checkpoints of one model in weight space: (1 − α)·A + α·B, tensor by tensor.
 
 A model and its own continuation lie close in weight space, and their average often keeps what each does well
-(weight-space ensembling, as WiSE-FT does for a fine-tuned model and its start): MediRound-Lite's continuation
-on a lent GPU scored higher on the generated sets but answered real lungs absent; a quarter of the way there kept
-the real lungs and part of the gain (docs/design-notes.md). `--part PREFIX=ALPHA` gives the tensors under a
-prefix their own α (e.g. the mask decoder all the way, the language model a quarter). Integer tensors (none in
-Lite) are B's. The result is B's folder (config, tokenizer, files beside the weights) with the blended weights.
+(weight-space ensembling, as WiSE-FT does for a fine-tuned model and its start). `--part PREFIX=ALPHA` gives the
+tensors under a prefix their own α; the longest prefix a tensor lies under decides. Both folders load as models
+(`MediRound.from_pretrained`: exported folders too), so the result is written as any checkpoint is, in float32,
+with B's tokenizer and the reference scorer, lesion finder and answer drafts B has. runs/blend_lite.sh makes the
+shipped MediRound-Lite this way (docs/design-notes.md).
 
     python -m MediRoundCore.train.weight_blend A B ALPHA OUT [--part segmenter.mask_decoder=1.0 ...]
 """
@@ -13,23 +13,26 @@ Lite) are B's. The result is B's folder (config, tokenizer, files beside the wei
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..lesion_finder import CONFIG_FILE as FINDER_CONFIG, WEIGHTS_FILE as FINDER_WEIGHTS
+from ..model.modeling import MediRound
+from .carry_jcm import KEPT_FILES
+from .folders import write_folder
 
-WEIGHTS = "model.safetensors"
+BESIDE_THE_WEIGHTS = (*KEPT_FILES, (FINDER_CONFIG, FINDER_WEIGHTS))  # each group copied from B when B has all of it
 
 
 def lies_under(key: str, prefix: str) -> bool:
     """Whether tensor `key` is `prefix` or lies under it ("segmenter.mask_decoder" holds
     "segmenter.mask_decoder.iou_token.weight", not "segmenter.mask_decoder_x.weight")."""
-    return key == prefix or key.startswith(prefix.rstrip(".") + ".")
+    return key == prefix or key.startswith(prefix + ".")
 
 
 def alpha_of(key: str, alpha: float, parts: dict[str, float]) -> float:
@@ -38,24 +41,37 @@ def alpha_of(key: str, alpha: float, parts: dict[str, float]) -> float:
     return parts[max(under, key=len)] if under else alpha
 
 
+def check_alphas(alpha: float, parts: dict[str, float]) -> dict[str, float]:
+    """`parts` with prefixes written without a trailing dot; ConfigError for an α outside [0, 1] (NaN too) or a
+    prefix given twice."""
+    clean: dict[str, float] = {}
+    for prefix, value in parts.items():
+        key = prefix.rstrip(".")
+        if not key or key in clean:
+            raise ConfigError(f"--part {prefix!r}: " + ("an empty prefix" if not key else "given twice"))
+        clean[key] = value
+    for value in (alpha, *clean.values()):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ConfigError(f"a blend's α must be from 0 to 1, got {value}")
+    return clean
+
+
 def blend_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float,
                   parts: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """(1 − α)·a + α·b per tensor in float32, stored in a's dtype; integer tensors from b."""
-    parts = parts or {}
-    for value in (alpha, *parts.values()):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"a blend's α must be from 0 to 1, got {value}")
-    unused = [p for p in parts if not any(lies_under(k, p) for k in a)]
+    """(1 − α)·a + α·b per floating tensor, computed in float32 and kept in its dtype; other tensors from b."""
+    parts = check_alphas(alpha, parts or {})
+    unused = [p for p in parts if not any(lies_under(k, p) and a[k].is_floating_point() for k in a)]
     if unused:
-        raise ConfigError(f"no tensor lies under {', '.join(unused)}")
+        groups = sorted({k.split(".")[0] for k in a})
+        raise ConfigError(f"no weight lies under {', '.join(unused)} (the model's groups: {', '.join(groups)})")
     if a.keys() != b.keys():
         only = sorted(set(a) ^ set(b))
-        raise CheckpointError(f"the two checkpoints hold different tensors ({len(only)} in one only, e.g. {only[0]})")
+        raise CheckpointError(f"the two models hold different tensors ({len(only)} in one only, e.g. {only[0]})")
     out = {}
     for key, x in a.items():
         y = b[key]
-        if x.shape != y.shape:
-            raise CheckpointError(f"{key}: shape {tuple(x.shape)} against {tuple(y.shape)}")
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise CheckpointError(f"{key}: {tuple(x.shape)} {x.dtype} against {tuple(y.shape)} {y.dtype}")
         if not x.is_floating_point():
             out[key] = y
             continue
@@ -66,25 +82,25 @@ def blend_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha:
 
 def blend_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Path,
                       parts: dict[str, float] | None = None) -> Path:
-    """Write to `out` folder B with its weights blended with folder A's; returns `out`."""
-    a, b, out = Path(a), Path(b), Path(out)
-    if out.resolve() in (a.resolve(), b.resolve()):
-        raise CheckpointError(f"{out}: write the blend to a folder of its own, not over an input")
-    for folder in (a, b):
-        if not (folder / WEIGHTS).is_file():
-            raise CheckpointError(f"{folder}: no {WEIGHTS} (a model folder, e.g. `train.snapshot restore`'s)")
-    configs = [json.loads((f / "config.json").read_text()) for f in (a, b)]
-    if configs[0] != configs[1]:
-        differ = sorted(k for k in set(configs[0]) | set(configs[1]) if configs[0].get(k) != configs[1].get(k))
+    """Write to `out` the blend of model folders A and B (B's tokenizer and files); returns `out`."""
+    a, b = Path(a), Path(b)
+    check_alphas(alpha, parts or {})  # before loading two models
+    model_a, _ = MediRound.from_pretrained(a)
+    model, tokenizer = MediRound.from_pretrained(b)
+    mine, theirs = ({k: v for k, v in m.config.to_dict().items() if k != "lora_applied"} for m in (model_a, model))
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise CheckpointError(f"{a} and {b} are not the same model (their configs differ in {', '.join(differ)})")
-    blended = blend_tensors(load_file(str(a / WEIGHTS)), load_file(str(b / WEIGHTS)), alpha, parts)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(b, tmp)
-    save_file(blended, str(tmp / WEIGHTS))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    model.load_state_dict(blend_tensors(model_a.state_dict(), model.state_dict(), alpha, parts))
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, tokenizer)
+        for group in BESIDE_THE_WEIGHTS:
+            if all((b / name).is_file() for name in group):
+                for name in group:
+                    shutil.copy2(b / name, tmp / name)
+
+    return write_folder(out, write, inputs=(a, b))
 
 
 def _part(text: str) -> tuple[str, float]:
@@ -98,18 +114,22 @@ def _part(text: str) -> tuple[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m MediRoundCore.train.weight_blend",
+                                description=__doc__.split("\n")[0])
     p.add_argument("a", help="model folder A (weight 1 − α)")
-    p.add_argument("b", help="model folder B (weight α): its config, tokenizer and other files are kept")
+    p.add_argument("b", help="model folder B (weight α): its tokenizer and the files beside its weights are kept")
     p.add_argument("alpha", type=float)
     p.add_argument("out")
     p.add_argument("--part", type=_part, action="append", default=[],
                    help="PREFIX=ALPHA: the tensors under PREFIX (e.g. segmenter.mask_decoder) take this α")
     args = p.parse_args(argv)
+    prefixes = [prefix.rstrip(".") for prefix, _ in args.part]
+    if len(set(prefixes)) != len(prefixes):
+        p.error("--part: a prefix given twice")
     try:
         print(blend_checkpoints(args.a, args.b, args.alpha, args.out, dict(args.part)))
-    except (CheckpointError, ConfigError) as e:
-        print(f"weight_blend: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
