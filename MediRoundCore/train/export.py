@@ -19,6 +19,7 @@ from ..model.modeling import MediRound
 from ..lesion_finder import LesionFinder
 from ..reference_scorer import ReferenceScorer
 from .embedding_cache import encoder_fingerprint
+from .folders import write_folder
 
 
 def bundled_folder(size: str) -> Path:
@@ -31,31 +32,29 @@ def export_default(checkpoint, dest=None, beta: float | None = None, drafts_dial
     if beta is not None:
         model.config.jcm.beta = float(beta)
     dest = bundled_folder(model.config.size) if dest is None else Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16, against_bases=True)
-    scorer = ReferenceScorer.from_pretrained(checkpoint)
-    if scorer is None and dest.is_dir():
-        scorer = ReferenceScorer.from_pretrained(dest)  # keep the reference scorer the folder had
-    if scorer is not None:
-        scorer.save_pretrained(tmp)
-    finder = LesionFinder.from_pretrained(checkpoint)
-    if finder is None and dest.is_dir():
-        finder = LesionFinder.from_pretrained(dest)  # the folder's, if trained on this model's encoder
-        if finder is not None and finder.config.encoder != encoder_fingerprint(model):
-            print(f"the lesion finder in {dest} was trained on another segmenter encoder and is not kept: retrain "
-                  "it (python -m MediRoundCore.train.lesion_finder)")
-            finder = None
-    if finder is not None:
-        finder.save_pretrained(tmp)
-    drafts = Path(checkpoint) / DRAFTS_FILE
-    if drafts.is_file():
-        shutil.copyfile(drafts, tmp / DRAFTS_FILE)
-    elif drafts_dialogues > 0:
-        build_for_checkpoint(tmp, drafts_dialogues)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, tokenizer, storage_dtype=torch.float16, against_bases=True)
+        scorer = ReferenceScorer.from_pretrained(checkpoint)
+        if scorer is None and dest.is_dir():
+            scorer = ReferenceScorer.from_pretrained(dest)  # keep the reference scorer the folder had
+        if scorer is not None:
+            scorer.save_pretrained(tmp)
+        finder = LesionFinder.from_pretrained(checkpoint)
+        if finder is None and dest.is_dir():
+            finder = LesionFinder.from_pretrained(dest)  # the folder's, if trained on this model's encoder
+            if finder is not None and finder.config.encoder != encoder_fingerprint(model):
+                print(f"the lesion finder in {dest} was trained on another segmenter encoder and is not kept: "
+                      "retrain it (python -m MediRoundCore.train.lesion_finder)")
+                finder = None
+        if finder is not None:
+            finder.save_pretrained(tmp)
+        drafts = Path(checkpoint) / DRAFTS_FILE
+        if drafts.is_file():
+            shutil.copyfile(drafts, tmp / DRAFTS_FILE)
+        elif drafts_dialogues > 0:
+            build_for_checkpoint(tmp, drafts_dialogues)
+
+    return write_folder(dest, write, inputs=(checkpoint,))
 
 
 def main(argv=None) -> None:

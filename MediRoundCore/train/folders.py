@@ -2,8 +2,8 @@
 
 The folder is written beside its destination (`<out>.tmp`) and renamed into place, so an error, a full disk or
 Ctrl-C leaves the old destination as it was and no partial folder behind. The destination may not be an input,
-hold one or lie inside one, and an existing destination is replaced only when it is a model folder
-(`config.json`) or empty: a mistyped `out` (`runs`, `.`) is refused, not deleted.
+hold one or lie inside one, and an existing destination is replaced only when it looks like a model folder
+(`is_model_folder`): a mistyped `out` (`runs`, `.`) is refused, not deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Empty, or holding a config.json or weights (*.safetensors) of its own: what a model folder, a snapshot or
+    a folder of parts beside the weights (a lesion finder, a reference scorer) looks like."""
+    return (folder / "config.json").is_file() or any(folder.glob("*.safetensors")) or not any(folder.iterdir())
 
 
 def check_destination(out: str | Path, inputs=()) -> Path:
@@ -27,7 +33,7 @@ def check_destination(out: str | Path, inputs=()) -> Path:
         if where == source or where in source.parents or source in where.parents:
             raise CheckpointError(f"{out}: write to a folder of its own, not over, inside or around an input "
                                   f"({source})")
-    if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
+    if out.exists() and not (out.is_dir() and is_model_folder(out)):
         raise CheckpointError(f"{out}: exists and is not a model folder; choose another destination or remove it")
     return out
 

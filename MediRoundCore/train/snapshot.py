@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoints.base_delta import DELTA, SCALE, decode_against_bases, encode_against_bases
 from ..errors import CheckpointError, ConfigError
+from .folders import write_folder
 
 WEIGHTS = "model.safetensors"
 INFO = "snapshot.json"
@@ -86,15 +87,15 @@ def save_snapshot(checkpoint: str | Path, dest: str | Path, bases: dict | None =
     info = {"step": step, "tensors": len(tensors) - len(against),
             "float16": sum(1 for v in tensors.values() if v.dtype == torch.float16),
             "int8_delta": against, "from": str(checkpoint)}
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
-    if (checkpoint / "config.json").is_file():  # for the reader; the model is rebuilt by the training command
-        shutil.copy2(checkpoint / "config.json", tmp / "config.json")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
+        if (checkpoint / "config.json").is_file():  # for the reader; the model is rebuilt by the training command
+            shutil.copy2(checkpoint / "config.json", tmp / "config.json")
+
+    write_folder(dest, write, inputs=(checkpoint,))
     return info
 
 
