@@ -95,6 +95,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/train/carry_jcm.py
   MediRoundCore/train/embedding_cache.py
   MediRoundCore/train/export.py
+  MediRoundCore/train/folders.py
   MediRoundCore/train/jcm_features.py
   MediRoundCore/train/lesion_finder.py
   MediRoundCore/train/lite.py
