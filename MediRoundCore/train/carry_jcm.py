@@ -14,7 +14,6 @@ weights and settings (β included) of the model it came from. Measure the result
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..errors import CheckpointError
 from ..model.answer_drafts import DRAFTS_FILE
 from ..model.modeling import MediRound
 from ..reference_scorer import CONFIG_FILE, WEIGHTS_FILE
-from .folders import check_destination, write_folder
+from .folders import check_destination, copy_file_groups, write_folder
 
 JCM_PREFIX = "jcm."
 KEPT_FILES = ((CONFIG_FILE, WEIGHTS_FILE), (DRAFTS_FILE,))  # beside a model's weights, each group from one folder:
@@ -47,11 +46,7 @@ def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, tokenizer)
-        for group in KEPT_FILES:
-            source = next((Path(f) for f in (stage1, jcm_from) if all((Path(f) / name).is_file() for name in group)),
-                          None)
-            for name in group if source is not None else ():
-                shutil.copy2(source / name, tmp / name)
+        copy_file_groups(KEPT_FILES, (stage1, jcm_from), tmp)
 
     return write_folder(out, write, inputs=(stage1, jcm_from))
 

@@ -51,3 +51,12 @@ def write_folder(out: str | Path, write: Callable[[Path], None], inputs=()) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def copy_file_groups(groups, sources, dest: Path) -> None:
+    """Copy into `dest` each group of file names (files that belong together, e.g. a scorer's config and weights)
+    from the first of the `sources` folders that has every file of it; a group no source has in full is left out."""
+    for group in groups:
+        source = next((Path(f) for f in sources if all((Path(f) / name).is_file() for name in group)), None)
+        for name in group if source is not None else ():
+            shutil.copy2(source / name, dest / name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..lesion_finder import CONFIG_FILE as FINDER_CONFIG, WEIGHTS_FILE as FINDER_WEIGHTS
 from ..model.modeling import MediRound
 from .carry_jcm import KEPT_FILES
-from .folders import write_folder
+from .folders import copy_file_groups, write_folder
 
 BESIDE_THE_WEIGHTS = (*KEPT_FILES, (FINDER_CONFIG, FINDER_WEIGHTS))  # each group copied from B when B has all of it
 
@@ -95,10 +94,7 @@ def blend_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, tokenizer)
-        for group in BESIDE_THE_WEIGHTS:
-            if all((b / name).is_file() for name in group):
-                for name in group:
-                    shutil.copy2(b / name, tmp / name)
+        copy_file_groups(BESIDE_THE_WEIGHTS, (b,), tmp)
 
     return write_folder(out, write, inputs=(a, b))
 
