@@ -28,15 +28,20 @@ KEPT_FILES = ((CONFIG_FILE, WEIGHTS_FILE), (DRAFTS_FILE,))  # beside a model's w
 # stage 1's where it has it, else the JCM donor's
 
 
+def config_differences(first: MediRound, second: MediRound, ignore=()) -> list[str]:
+    """The config fields two models differ in (sorted), beside `ignore` and whether LoRA was applied."""
+    skip = {*ignore, "lora_applied"}
+    mine, theirs = ({k: v for k, v in m.config.to_dict().items() if k not in skip} for m in (first, second))
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
 def carry_jcm(stage1: str | Path, jcm_from: str | Path, out: str | Path) -> Path:
     """Write to `out` the model of folder `stage1` with the JCM of folder `jcm_from`; returns `out`."""
     check_destination(out, inputs=(stage1, jcm_from))  # before loading two models
     model, tokenizer = MediRound.from_pretrained(stage1)
     donor, _ = MediRound.from_pretrained(jcm_from)
-    mine = {k: v for k, v in model.config.to_dict().items() if k not in ("jcm", "lora_applied")}
-    theirs = {k: v for k, v in donor.config.to_dict().items() if k not in ("jcm", "lora_applied")}
-    if mine != theirs:
-        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    differ = config_differences(model, donor, ignore=("jcm",))
+    if differ:
         raise CheckpointError(f"{stage1} and {jcm_from} are not the same model beyond the JCM (they differ in "
                               f"{', '.join(differ)})")
     if not any(k.startswith(JCM_PREFIX) for k in donor.state_dict()):

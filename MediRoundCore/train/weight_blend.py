@@ -22,8 +22,8 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..lesion_finder import CONFIG_FILE as FINDER_CONFIG, WEIGHTS_FILE as FINDER_WEIGHTS
 from ..model.modeling import MediRound
-from .carry_jcm import KEPT_FILES
-from .folders import copy_file_groups, write_folder
+from .carry_jcm import KEPT_FILES, config_differences
+from .folders import check_destination, copy_file_groups, write_folder
 
 BESIDE_THE_WEIGHTS = (*KEPT_FILES, (FINDER_CONFIG, FINDER_WEIGHTS))  # each group copied from B when B has all of it
 
@@ -84,11 +84,11 @@ def blend_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
     """Write to `out` the blend of model folders A and B (B's tokenizer and files); returns `out`."""
     a, b = Path(a), Path(b)
     check_alphas(alpha, parts or {})  # before loading two models
+    check_destination(out, inputs=(a, b))
     model_a, _ = MediRound.from_pretrained(a)
     model, tokenizer = MediRound.from_pretrained(b)
-    mine, theirs = ({k: v for k, v in m.config.to_dict().items() if k != "lora_applied"} for m in (model_a, model))
-    if mine != theirs:
-        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    differ = config_differences(model_a, model)
+    if differ:
         raise CheckpointError(f"{a} and {b} are not the same model (their configs differ in {', '.join(differ)})")
     model.load_state_dict(blend_tensors(model_a.state_dict(), model.state_dict(), alpha, parts))
 
