@@ -8,6 +8,11 @@ published one and the check is skipped in this process only. Training itself is 
 with one change: the learning-rate schedule is fitted to the time left. The run starts at `--peak-lr` (after the
 trainer's re-warm), measures its step rate, and moves the schedule's end (where the rate reaches 0) to the step
 the deadline allows, refitting every `--refit` steps; the rate stays continuous at each refit.
+
+Session 48: `--freeze PREFIX ...` keeps the parameters under those prefixes where the snapshot left them (no
+gradient, out of the optimiser): the continuation of session 46 lost real lungs in its image side (vision tower and
+projector), so this run starts from a snapshot whose image side is step 5150's (`runs/probe/gpu_stage1.sh merge`)
+and trains the rest against it.
 """
 
 from __future__ import annotations
@@ -77,12 +82,29 @@ class FittedSchedule:
         return next(self.inner)
 
 
+def freeze(trainer, prefixes: tuple[str, ...]) -> None:
+    """No gradient for parameters under `prefixes`, and none of them in the optimiser (no weight decay either)."""
+    held = {id(p) for name, p in trainer.raw_model.named_parameters() if name.startswith(prefixes)}
+    if not held:
+        raise SystemExit(f"--freeze {' '.join(prefixes)}: no parameter has such a name")
+    for name, p in trainer.raw_model.named_parameters():
+        if id(p) in held:
+            p.requires_grad = False
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in held]
+    print(f"frozen: {len(held)} tensors under {', '.join(prefixes)}; "
+          f"{sum(len(g['params']) for g in optimizer.param_groups)} train", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="folder of the float16 base weights (gpu_stage1.sh pack)")
     parser.add_argument("--deadline", type=float, required=True, help="seconds from start the training may use")
     parser.add_argument("--peak-lr", type=float, required=True)
     parser.add_argument("--workers", type=int, default=13)
+    parser.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
+                        help="parameter-name prefixes kept as the snapshot has them (e.g. vision_tower mm_projector)")
     parser.add_argument("train", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     os.environ["MEDIROUND_BASE_WEIGHTS"] = args.base
@@ -95,6 +117,8 @@ def main() -> int:
     def make_fitted(model, tokenizer, out, pool, config, new_views=0, workers=0):
         trainer = made(model, tokenizer, out, pool, config, new_views, 0)
         trainer.batch_source = FittedSchedule(trainer, args.workers, args.deadline, args.peak_lr)
+        if args.freeze:
+            freeze(trainer, tuple(args.freeze))
         return trainer
 
     lite.make_trainer = make_fitted

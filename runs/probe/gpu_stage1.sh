@@ -9,12 +9,18 @@
 #                                          # weights moved aside: .gitignore lets them travel): MiniLM kept, smoke test
 #   bash runs/probe/gpu_stage1.sh train    # device call 2 (carry .gpu/lms .gpu/site; the snapshot back in place)
 #   bash runs/probe/gpu_stage1.sh unpack D # here: the returned parts in D -> runs/lite-gpu/snapshot
+# Session 48: `merge` (here, after `pack`, which empties .gpu/) writes .gpu/start, session 46's continuation with
+# step 5150's image side; then
+# `FROM=.gpu/start FREEZE="vision_tower mm_projector" ... train` (carry .gpu/start too; both snapshots' weights moved
+# aside) trains the rest against that image side.
 # Then here: `python -m MediRoundCore.train.snapshot restore runs/lite-gpu/snapshot runs/lite-gpu/stage1`,
 # `train.carry_jcm runs/lite-gpu/stage1 MediRoundCore/weights/mediround-lite runs/lite-gpu/jcm`, copy the bundled
 # lesion_finder.* beside it, and gate on real slices first (runs/probe/real_lung_slices.py), then the hard split.
 # Session 46 (DEADLINE=560, one H200): 748 steps of 32 dialogues (5150 -> 5898) in 501 s; better on every generated
 # set, but it answered "not on this slice" for both lungs on two of lung1's slices: not shipped (design notes);
 # kept in runs/lite-gpu-snapshot; a quarter of it ships, blended with step 5150 (runs/blend_lite.sh).
+# Session 48 (merge, FREEZE="vision_tower mm_projector", DEADLINE=530, PEAK=1e-4): 732 steps (5898 -> 6630);
+# real lungs 73.5, hard seed 1 85.7 / 90.1: no better than the shipped blend, not kept (design notes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STASH=${STASH:-/root/stash} PY=${PY:-python3}
@@ -40,6 +46,23 @@ EOF
     cp -r "$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("segment_anything").submodule_search_locations[0])')" \
       .gpu/site/
     du -sh .gpu/* ;;
+  merge)  # here: runs/lite-gpu-snapshot with runs/lite-snapshot's image side -> .gpu/start
+    rm -rf .gpu/start .gpu/merged && mkdir -p .gpu/merged
+    .venv/bin/python - <<'EOF'
+import torch
+from safetensors.torch import save_file
+from MediRoundCore.train.snapshot import load_snapshot, save_snapshot
+from MediRoundCore.train.trainer import STATE_FILE
+late, step = load_snapshot("runs/lite-gpu-snapshot")
+early, _ = load_snapshot("runs/lite-snapshot")
+image = ("vision_tower.", "mm_projector.")
+merged = {k: (early[k] if k.startswith(image) else v).float().contiguous() for k, v in late.items()}
+print("image-side tensors from step 5150:", sum(k.startswith(image) for k in merged), "of", len(merged))
+save_file(merged, ".gpu/merged/model.safetensors")
+torch.save({"optimizer": {}, "scheduler": {}, "step": step}, ".gpu/merged/" + STATE_FILE)
+print(save_snapshot(".gpu/merged", ".gpu/start"))
+EOF
+    cp runs/lite-gpu-snapshot/config.json .gpu/start/ && rm -rf .gpu/merged && du -sh .gpu/start ;;
   stash)  # on the device
     mkdir -p $STASH/base && cp -r .gpu/minilm/* $STASH/base/
     nvidia-smi --query-gpu=name,memory.used --format=csv || true
@@ -63,10 +86,11 @@ EOF
     cp -r .gpu/lms/* $STASH/base/
     rm -rf $STASH/run $STASH/snap  # a run left by an earlier call would be resumed, ahead of the snapshot
     export PYTHONPATH=.gpu/site:. PYTHONUNBUFFERED=1
+    # shellcheck disable=SC2086  # FREEZE is a list of prefixes
     $PY runs/probe/gpu_stage1.py --base $STASH/base --deadline "${DEADLINE:-400}" --peak-lr "${PEAK:-1.2e-4}" \
-      --workers "${WORKERS:-13}" -- --out $STASH/run --steps 100000 --lr 1e-4 --batch-size "${BATCH:-32}" \
+      ${FREEZE:+--freeze $FREEZE} --workers "${WORKERS:-13}" -- --out $STASH/run --steps 100000 --lr 1e-4 --batch-size "${BATCH:-32}" \
       --pool-slices "${SLICES:-6000}" --views 2 --save-every 300 --threads 2 --long-share 0.5 --dice-weight 2.0 \
-      --new-views 100000 --from-snapshot runs/lite-snapshot > $STASH/train.log 2>&1 || failed=1
+      --new-views 100000 --from-snapshot "${FROM:-runs/lite-snapshot}" > $STASH/train.log 2>&1 || failed=1
     tr "\r" "\n" < $STASH/train.log | grep -v "^stage 1:" | tail -60  # without tqdm's bar
     cp $STASH/run/log_stage1.csv "$OUT"/
     [ -z "${failed:-}" ] || { echo "training failed: no snapshot made" >&2; exit 1; }
