@@ -1,0 +1,134 @@
+"""Probe (issue 23, session 48): move a lesion answer that lies where the lesion finder sees no lesion to the
+finder's largest spot? For every round whose answer names a lesion and draws a mask: if no cell under the mask is
+above LOW for the kinds the answer names, and the finder has a spot (touching cells above SPOT, at least
+MIN_CELLS) inside the referenced round's mask (or anywhere in the field for a round with no reference) that the
+mask does not touch, the spot's box goes to LiteMedSAM's mask decoder (the pretrained one, and the model's own).
+Prints Dice before and after per moved round, and the totals; on the real set and on hard-split dialogues
+(dataset references; seed 1, the analysis split). Nothing is written.
+
+    PYTHONPATH=$PWD python runs/probe/lesion_relocate.py [--hard 40]
+"""
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from MediRoundCore.checkpoints.lite_medsam import load_lite_medsam
+from MediRoundCore.data.real_validation import real_samples
+from MediRoundCore.engine import Engine
+from MediRoundCore.evaluate.protocol import EvalEngine, evaluate_dialogue, parse_configs, sample_image
+from MediRoundCore.lesion_finder import _lesion_words, _touching_groups, _words, names_a_lesion
+from MediRoundCore.model.box_prompt import segment_in_box
+from MediRoundCore.model.config import lite_segmenter_config, tiny_config
+from MediRoundCore.model.modeling import build_segmenter
+from MediRoundCore.model.processing import logits_to_slice, masks_to_segmenter_frame
+
+LOW, SPOT, MIN_CELLS = 0.5, 0.9, 2
+VERBOSE = False
+
+
+def dice(a, b):
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum())) if (a.any() or b.any()) else 1.0
+
+
+def cover_cells(state, mask, size, g):
+    frame = masks_to_segmenter_frame(state.padding.pad(mask)[None], state.input_hw, size)
+    cover = F.adaptive_avg_pool2d(frame[:, None].float(), (g, g))[0, 0]
+    cells = cover >= 0.5
+    return (cells if cells.any() else cover > 0).numpy()
+
+
+def relocate(engine, decoders, session, image, k):
+    """None, or {name: moved mask} for round k of the session (0-based)."""
+    rnd = session.rounds[k]
+    finder = engine.lesion_finder
+    if rnd.mask is None or not rnd.mask.any() or not names_a_lesion(rnd.entity):
+        return None
+    named = [k for kinds in _lesion_words(_words(rnd.entity)) for k in kinds]  # the answer's side words are no veto
+    kinds = tuple(x for x in dict.fromkeys(named) if x in finder.config.kinds)
+    if not kinds:
+        return None
+    state = engine._slice_state(session, image, {}, None)
+    size, g = engine.model.config.segmenter.image_size, state.seg_embedding.shape[-1]
+    with torch.inference_mode():
+        probs = F.softmax(finder(state.seg_embedding[0].float()[None]), 1)[0].numpy()
+    p = probs[[1 + finder.config.kinds.index(x) for x in kinds]].sum(0)
+    drawn = cover_cells(state, rnd.mask, size, g)
+    if VERBOSE:
+        print(f"   R{k + 1} {rnd.entity!r}: strongest under the answer {p[drawn].max():.2f} ({int(drawn.sum())} cells)")
+    if p[drawn].max() >= LOW:
+        return None
+    if rnd.reference is not None:
+        region = cover_cells(state, session.rounds[rnd.reference - 1].mask, size, g)
+    else:
+        region = cover_cells(state, np.ones_like(rnd.mask), size, g)
+    spots = [s for s in _touching_groups(np.argwhere(region & (p > SPOT))) if len(s) >= MIN_CELLS]
+    spots = [s for s in spots if not any(drawn[y, x] for y, x in s)]
+    if not spots:
+        return None
+    grid = np.zeros((g, g), np.float32)
+    for y, x in max(spots, key=len):
+        grid[y, x] = 1.0
+    shape = state.padding.pad(rnd.mask).shape
+    spot = logits_to_slice(torch.from_numpy(grid)[None, None] * 20 - 10, state.input_hw, size, shape)[0].numpy() > 0
+    out = {}
+    with torch.inference_mode():
+        for name, segmenter in decoders.items():
+            out[name] = state.padding.unpad(segment_in_box(segmenter, state.seg_embedding.float(), state.input_hw,
+                                                           spot, 2))
+    return out
+
+
+def probe(label, samples, engine, decoders):
+    config = parse_configs(["ind+jcm"])[0]
+    total = {"rounds": 0, "lesion rounds": 0, "moved": 0, "before": 0.0, **{n: 0.0 for n in decoders}}
+    for i, sample in enumerate(samples):
+        run = evaluate_dialogue(engine, sample, config, f"{label}{i}")
+        image = sample_image(sample)
+        truths = np.asarray(sample.masks, bool)
+        for k, rnd in enumerate(run.session.rounds):
+            total["rounds"] += 1
+            total["lesion rounds"] += names_a_lesion(rnd.entity)
+            moved = relocate(engine, decoders, run.session, image, k)
+            if moved is None:
+                continue
+            before = dice(rnd.mask, truths[k])
+            after = {n: dice(m, truths[k]) for n, m in moved.items()}
+            total["moved"] += 1
+            total["before"] += before
+            for n, v in after.items():
+                total[n] += v
+            print(f"{label} {i} round {k + 1} {rnd.entity!r} ref R{rnd.reference}: Dice {before:.3f} -> "
+                  + ", ".join(f"{n} {v:.3f}" for n, v in after.items()), flush=True)
+        engine.forget()
+    print(f"== {label}: {total}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hard", type=int, default=40, help="hard-split dialogues (seed 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    engine = EvalEngine.from_engine(Engine.load(device="cpu"))
+    cfg = tiny_config()
+    cfg.segmenter = lite_segmenter_config()
+    pretrained = build_segmenter(cfg.segmenter).eval()
+    load_lite_medsam(pretrained)
+    decoders = {"pretrained": pretrained, "ours": engine.model.segmenter}
+    global VERBOSE
+    VERBOSE = True
+    probe("real", real_samples(), engine, decoders)
+    VERBOSE = False
+    if args.hard:
+        from pathlib import Path
+
+        from MediRoundCore.evaluate.run import ensure_split, load_samples
+        folder = ensure_split("hard", 1, args.hard, Path.home() / ".cache/mediround/splits")
+        samples, _ = load_samples(folder, args.hard)
+        probe("hard", samples, engine, decoders)
+
+
+if __name__ == "__main__":
+    main()
