@@ -59,24 +59,34 @@ def probe(name, samples, engine, segmenter, cfg):
           + ", ".join(f"box+{m} {np.mean([r[1][m] for r in rows]):.3f}" for m in MARGINS), flush=True)
 
 
+def pretrained_lite_medsam():
+    """The pretrained LiteMedSAM segmenter (pinned weights) and a config that places slices for it."""
+    cfg = tiny_config()
+    cfg.segmenter = lite_segmenter_config()
+    segmenter = build_segmenter(cfg.segmenter).eval()
+    load_lite_medsam(segmenter)
+    return segmenter, cfg
+
+
+def hard_samples(seed: int, count: int):
+    """The first `count` dialogues of the hard split drawn with `seed`, from the evaluator's cache."""
+    from pathlib import Path
+
+    from MediRoundCore.evaluate.run import ensure_split, load_samples
+    folder = ensure_split("hard", seed, count, Path.home() / ".cache/mediround/splits")
+    return load_samples(folder, count)[0]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hard", type=int, default=20, help="hard-split dialogues (seed 0)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     engine = EvalEngine.from_engine(Engine.load(device="cpu"))
-    cfg = tiny_config()
-    cfg.segmenter = lite_segmenter_config()
-    segmenter = build_segmenter(cfg.segmenter).eval()
-    load_lite_medsam(segmenter)
+    segmenter, cfg = pretrained_lite_medsam()
     probe("real", real_samples(), engine, segmenter, cfg)
     if args.hard:
-        from pathlib import Path
-
-        from MediRoundCore.evaluate.run import ensure_split, load_samples
-        folder = ensure_split("hard", 0, args.hard, Path.home() / ".cache/mediround/splits")
-        samples, _ = load_samples(folder, args.hard)
-        probe("hard", samples, engine, segmenter, cfg)
+        probe("hard", hard_samples(0, args.hard), engine, segmenter, cfg)
 
 
 if __name__ == "__main__":

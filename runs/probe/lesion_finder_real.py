@@ -12,26 +12,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from MediRoundCore.checkpoints.lite_medsam import load_lite_medsam
 from MediRoundCore.data.real_validation import real_sample
 from MediRoundCore.engine import Engine
 from MediRoundCore.evaluate.protocol import sample_fingerprint, sample_image
 from MediRoundCore.lesion_finder import SOLID_KINDS, _touching_groups
 from MediRoundCore.model.box_prompt import segment_in_box
-from MediRoundCore.model.config import lite_segmenter_config, tiny_config
-from MediRoundCore.model.modeling import build_segmenter
 from MediRoundCore.model.processing import logits_to_slice, masks_to_segmenter_frame
 from MediRoundCore.session import Session
+
+from box_refine import pretrained_lite_medsam  # runs/probe, the script's folder
 
 
 def main():
     torch.set_num_threads(2)
     engine = Engine.load(device="cpu")
     finder = engine.lesion_finder
-    cfg = tiny_config()
-    cfg.segmenter = lite_segmenter_config()
-    pretrained = build_segmenter(cfg.segmenter).eval()
-    load_lite_medsam(pretrained)
+    pretrained = pretrained_lite_medsam()[0]
     for case in ("lung1", "lung2", "brain1", "brain2", "breast1"):
         sample = real_sample(case)
         image = sample_image(sample)

@@ -15,15 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from MediRoundCore.checkpoints.lite_medsam import load_lite_medsam
 from MediRoundCore.data.real_validation import real_samples
 from MediRoundCore.engine import Engine
 from MediRoundCore.evaluate.protocol import EvalEngine, evaluate_dialogue, parse_configs, sample_image
 from MediRoundCore.lesion_finder import _lesion_words, _touching_groups, _words, names_a_lesion
 from MediRoundCore.model.box_prompt import segment_in_box
-from MediRoundCore.model.config import lite_segmenter_config, tiny_config
-from MediRoundCore.model.modeling import build_segmenter
 from MediRoundCore.model.processing import logits_to_slice, masks_to_segmenter_frame
+
+from box_refine import hard_samples, pretrained_lite_medsam  # runs/probe, the script's folder
 
 LOW, SPOT, MIN_CELLS = 0.5, 0.9, 2
 VERBOSE = False
@@ -112,22 +111,13 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     engine = EvalEngine.from_engine(Engine.load(device="cpu"))
-    cfg = tiny_config()
-    cfg.segmenter = lite_segmenter_config()
-    pretrained = build_segmenter(cfg.segmenter).eval()
-    load_lite_medsam(pretrained)
-    decoders = {"pretrained": pretrained, "ours": engine.model.segmenter}
+    decoders = {"pretrained": pretrained_lite_medsam()[0], "ours": engine.model.segmenter}
     global VERBOSE
     VERBOSE = True
     probe("real", real_samples(), engine, decoders)
     VERBOSE = False
     if args.hard:
-        from pathlib import Path
-
-        from MediRoundCore.evaluate.run import ensure_split, load_samples
-        folder = ensure_split("hard", 1, args.hard, Path.home() / ".cache/mediround/splits")
-        samples, _ = load_samples(folder, args.hard)
-        probe("hard", samples, engine, decoders)
+        probe("hard", hard_samples(1, args.hard), engine, decoders)
 
 
 if __name__ == "__main__":
