@@ -9,7 +9,7 @@ whether it is the dataset's round, the true number of lesions of the asked noun 
 per-cell probabilities of the asked kinds over the cells its mask covers (with their grid positions), for
 offline rules.
 
-    .venv/bin/python runs/probe/lesion_count.py --n 200 --out /work/probe/lesion_count.pkl
+    .venv/bin/python runs/probe/lesion_count.py --n 200 --out /work/probe/lesion_count.pkl [--model DIR]
 """
 import argparse
 import pickle
@@ -33,9 +33,10 @@ def main():
     p.add_argument("--split", default="val")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--model", help="model folder whose lesion finder and scorer to read (default: the shipped one)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    engine = Engine.load(device="cpu")
+    engine = Engine.load(args.model, device="cpu")
     finder = engine.lesion_finder
     rows = []
     with torch.inference_mode():

@@ -5,8 +5,10 @@ strongest cell outside it, and the rank of the first lesion cell among all cells
 lesions, a first "Segment the lesion." could be placed by it (the language side answers MR lesions on the wrong
 side, design notes); nothing is written.
 
-    PYTHONPATH=$PWD python runs/probe/lesion_finder_real.py
+    PYTHONPATH=$PWD python runs/probe/lesion_finder_real.py [MODEL_DIR]
 """
+
+import sys
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from box_refine import pretrained_lite_medsam  # runs/probe, the script's folder
 
 def main():
     torch.set_num_threads(2)
-    engine = Engine.load(device="cpu")
+    engine = Engine.load(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu")  # a model folder, or the shipped
     finder = engine.lesion_finder
     pretrained = pretrained_lite_medsam()[0]
     for case in ("lung1", "lung2", "brain1", "brain2", "breast1"):
