@@ -27,8 +27,7 @@ from .answers import parse_entity, says_absent
 from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  (re-exported)
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
-from .lesion_finder import (SPOT_P, LesionFinder, count_spots, counts_tell, lesion_kinds_asked,
-                            lesion_named_by_size, names_a_lesion, strongest_cells)
+from .lesion_finder import LesionFinder, container_weights, lesion_kinds_asked, names_a_lesion
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -41,8 +40,6 @@ from .session import Round, Session
 MAX_QUERY_CHARS = 2000
 EVEN_EVIDENCE = 0.5  # the lesion finder's weight of an earlier round it cannot read (Engine._scorer_with_image)
 EVIDENCE_FLOOR = 0.01  # no round ruled out by the finder alone: its weight is at least this
-COUNT_MISMATCH = 0.3  # the finder's weight of a round where it sees no lesion surely (no cell above SPOT_P) or
-# whose lesion count does not fit the query's wording
 # transformers 5 renamed the forward's `past_key_values` to `cache`; Slicer may ship either.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(
     __import__("transformers").MistralForCausalLM.forward).parameters else "past_key_values"
@@ -355,12 +352,8 @@ class Engine:
             masks = np.stack([state.padding.pad(np.asarray(session.rounds[k].mask, bool)) for k in here])
             frames = masks_to_segmenter_frame(masks, state.input_hw, size)
             cells = self.lesion_finder.cell_probabilities(state.seg_embedding, frames, kinds)  # the head runs once
-            seen = strongest_cells(cells)
-            fits = seen > SPOT_P  # a lesion is seen: one cell at least as sure as a spot's
-            if counts_tell(kinds):
-                spots = count_spots(cells)
-                fits &= spots >= 2 if lesion_named_by_size(query) else spots <= 1  # "the larger nodule": one of two
-            evidence[here] = np.where(np.isnan(seen), EVEN_EVIDENCE, seen * np.where(fits, 1.0, COUNT_MISMATCH))
+            weights = container_weights(cells, kinds, query)
+            evidence[here] = np.where(np.isnan(weights), EVEN_EVIDENCE, weights)
         timings["lesion_finder_ms"] = (time.perf_counter() - t) * 1000
         return ScorerWithEvidence(self.reference_scorer, np.log(np.clip(evidence, EVIDENCE_FLOOR, 1.0)))
 

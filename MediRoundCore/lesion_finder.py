@@ -51,6 +51,8 @@ _NOT_INSIDE_PAIRS = frozenset({("next", "to"), ("close", "to"), ("on", "top"), (
                                ("up", "from"), ("down", "from"), ("moving", "from"), ("away", "from")})
 _WORD = re.compile(r"[a-z]+")
 SPOT_P, SPOT_CELLS = 0.7, 2  # a lesion spot: at least this many touching cells each above this probability
+COUNT_MISMATCH = 0.3  # a round's weight factor where the finder sees no lesion surely (no cell above SPOT_P) or
+# the number of lesions it sees does not fit the query's wording
 UNCOUNTED_KINDS = ("tumour",)  # large, core and oedema: the finder sees one as several spots (design notes)
 
 
@@ -203,6 +205,20 @@ def strongest_cells(cell_probabilities) -> np.ndarray:
     """`LesionFinder.presence` from `LesionFinder.cell_probabilities`: each mask's largest cell probability
     (NaN for a mask on no cell)."""
     return np.array([float(p.max()) if len(p) else np.nan for _, p in cell_probabilities])
+
+
+def container_weights(cell_probabilities, kinds, query: str, mismatch: float = COUNT_MISMATCH,
+                      spot_p: float = SPOT_P, spot_cells: int = SPOT_CELLS) -> np.ndarray:
+    """How likely each mask of `LesionFinder.cell_probabilities` holds the lesion `query` asks for (of `kinds`):
+    its strongest cell, times `mismatch` where no cell is as sure as a spot's (a faint cell at a mask's edge is not
+    a lesion seen) or the number of spots does not fit the wording (one for "the nodule", two for "the larger
+    nodule"; not read for tumours). NaN for a mask on no cell."""
+    seen = strongest_cells(cell_probabilities)
+    fits = seen > spot_p
+    if counts_tell(kinds):
+        spots = count_spots(cell_probabilities, spot_p, spot_cells)
+        fits &= spots >= 2 if lesion_named_by_size(query) else spots <= 1
+    return seen * np.where(fits, 1.0, mismatch)
 
 
 def count_spots(cell_probabilities, threshold: float = SPOT_P, min_cells: int = SPOT_CELLS) -> np.ndarray:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from MediRoundCore.errors import CheckpointError
-from MediRoundCore.lesion_finder import (CONFIG_FILE, SPOT_P, WEIGHTS_FILE, LesionFinder, LesionFinderConfig,
-                                         counts_tell, lesion_kinds_asked, lesion_named_by_size)
+from MediRoundCore.lesion_finder import (CONFIG_FILE, COUNT_MISMATCH, SPOT_P, WEIGHTS_FILE, LesionFinder,
+                                         LesionFinderConfig, container_weights, counts_tell, lesion_kinds_asked,
+                                         lesion_named_by_size)
 from MediRoundCore.reference_scorer import ReferenceScorer, ScorerWithEvidence
 from MediRoundCore.references import close_alternatives, reference_candidates, resolve_reference
 from MediRoundCore.train import lesion_finder as training
@@ -284,9 +285,10 @@ def test_a_lesion_query_by_size_means_one_of_two(query, by_size):
     assert lesion_named_by_size(query) is by_size
 
 
-def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
+def _two_one_none():
     """A finder whose nodule logit is 10 × channel 0 − 5: cells with channel 0 at 1 are nodules (p ≈ 1), at 0 none.
-    Organ A holds two 2×2 nodules and a one-cell speck, organ B one 2×3 nodule, organ C none."""
+    Organ A holds two 2×2 nodules and a one-cell speck, organ B one 2×3 nodule, organ C none. (finder, embedding,
+    the organs' frame masks)"""
     finder = LesionFinder(LesionFinderConfig(channels=2, hidden=0, kinds=["nodule"])).eval()
     with torch.no_grad():
         finder.head.weight.zero_()
@@ -299,7 +301,11 @@ def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
                        (slice(10, 12), slice(10, 13))]:
         emb[0, 0, rows, cols] = 1.0
     organs = [(slice(0, 8), slice(0, 8)), (slice(9, 14), slice(9, 15)), (slice(0, 8), slice(9, 15))]
-    frames = torch.stack([_frame(g, organ) for organ in organs])
+    return finder, emb, torch.stack([_frame(g, organ) for organ in organs])
+
+
+def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
+    finder, emb, frames = _two_one_none()
     assert finder.spots(emb, frames, ("nodule",)).tolist() == [2, 1, 0]
     assert finder.spots(emb, frames, ("nodule",), min_cells=1).tolist() == [3, 1, 0]  # the speck counts too
     assert finder.spots(emb, frames, ("nodule",), min_cells=5).tolist() == [0, 1, 0]
@@ -309,6 +315,21 @@ def test_spots_count_separate_groups_of_lesion_cells_in_each_mask():
     emb[0, 0, 2, 11] = 1.0
     emb[0, 0, 3, 12] = 1.0
     assert finder.spots(emb, frames, ("nodule",)).tolist() == [2, 1, 1]
+
+
+def test_each_rounds_weight_is_its_strongest_cell_less_where_the_count_does_not_fit_the_wording():
+    """Organ A holds two nodules, B one, C none (_two_one_none); a mask on no cell has no weight (NaN)."""
+    finder, emb, frames = _two_one_none()
+    frames = torch.cat([frames, torch.zeros_like(frames[:1])])
+    cells = finder.cell_probabilities(emb, frames, ("nodule",))
+    seen, none = 1 / (1 + np.exp(-5.0)), 1 / (1 + np.exp(5.0))  # a nodule cell's probability, organ C's strongest
+    larger = container_weights(cells, ("nodule",), "Now the larger nodule inside it.")
+    assert np.allclose(larger[:3], [seen, seen * COUNT_MISMATCH, none * COUNT_MISMATCH], atol=1e-5)
+    assert np.isnan(larger[3])
+    plain = container_weights(cells, ("nodule",), "Now the nodule inside it.")
+    assert np.allclose(plain[:3], [seen * COUNT_MISMATCH, seen, none * COUNT_MISMATCH], atol=1e-5)
+    assert np.allclose(container_weights(cells, ("nodule",), "Now the nodule inside it.", mismatch=0.1)[:3],
+                       [seen * 0.1, seen, none * 0.1], atol=1e-5)
 
 
 def test_counts_are_read_unless_only_tumours_are_asked_for():

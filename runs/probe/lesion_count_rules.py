@@ -13,27 +13,20 @@ from collections import Counter
 
 import numpy as np
 
-from MediRoundCore.engine import COUNT_MISMATCH, EVEN_EVIDENCE, EVIDENCE_FLOOR
-from MediRoundCore.lesion_finder import (SPOT_CELLS, SPOT_P, _touching_groups, counts_tell, lesion_kinds_asked,
+from MediRoundCore.engine import EVEN_EVIDENCE, EVIDENCE_FLOOR
+from MediRoundCore.lesion_finder import (COUNT_MISMATCH, SPOT_CELLS, SPOT_P, container_weights, lesion_kinds_asked,
                                          lesion_named_by_size, names_a_lesion)
 
 
-def spots(cells, threshold, min_cells):
-    keep = cells[cells[:, 2] > threshold]
-    return sum(1 for g in _touching_groups(keep[:, :2].astype(int)) if len(g) >= min_cells)
-
-
 def product_evidence(candidate, query, spot_p=SPOT_P, spot_cells=SPOT_CELLS, mismatch=COUNT_MISMATCH):
-    """The engine's weight of one candidate round, from its cells as lesion_count.py stored them."""
+    """The engine's weight of one candidate round (Engine._scorer_with_image), from its cells as lesion_count.py
+    stored them ((y, x, probability) rows)."""
     cells = candidate["cells"]
     if candidate["lesion_round"] or names_a_lesion(candidate["entity"]) or not len(cells):
         return EVEN_EVIDENCE
-    seen = float(cells[:, 2].max())
-    fits = seen > spot_p
-    if counts_tell(lesion_kinds_asked(query)):
-        n = spots(cells, spot_p, spot_cells)
-        fits = fits and (n >= 2 if lesion_named_by_size(query) else n <= 1)
-    return seen * (1.0 if fits else mismatch)
+    cell_probabilities = [(cells[:, :2].astype(int), cells[:, 2])]
+    return float(container_weights(cell_probabilities, lesion_kinds_asked(query), query, mismatch, spot_p,
+                                   spot_cells)[0])
 
 
 def fits_wording(candidate, query):
