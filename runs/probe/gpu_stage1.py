@@ -87,7 +87,7 @@ def freeze(trainer, prefixes: tuple[str, ...]) -> None:
     held = {id(p) for name, p in trainer.raw_model.named_parameters() if name.startswith(prefixes)}
     if not held:
         raise SystemExit(f"--freeze {' '.join(prefixes)}: no parameter has such a name")
-    for name, p in trainer.raw_model.named_parameters():
+    for p in trainer.raw_model.parameters():
         if id(p) in held:
             p.requires_grad = False
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)

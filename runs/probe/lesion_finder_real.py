@@ -18,11 +18,11 @@ from MediRoundCore.data.real_validation import real_sample
 from MediRoundCore.engine import Engine
 from MediRoundCore.evaluate.protocol import sample_fingerprint, sample_image
 from MediRoundCore.lesion_finder import SOLID_KINDS, _touching_groups
-from MediRoundCore.model.box_prompt import segment_in_box
-from MediRoundCore.model.processing import logits_to_slice, masks_to_segmenter_frame
+from MediRoundCore.model.processing import masks_to_segmenter_frame
 from MediRoundCore.session import Session
 
 from box_refine import pretrained_lite_medsam  # runs/probe, the script's folder
+from lesion_relocate import draw_in_spot_box
 
 
 def main():
@@ -57,16 +57,9 @@ def main():
                 sizes = sorted((len(s) for s in spots), reverse=True)
                 print(f"             above {threshold}: {len(spots)} spots, sizes {sizes[:8]}, on the lesion: {hits}")
                 if label == "solid" and spots:  # the largest spot as a box prompt to the pretrained LiteMedSAM
-                    grid = np.zeros((g, g), np.float32)
-                    for y, x in max(spots, key=len):
-                        grid[y, x] = 1.0
                     shape = state.padding.pad(lesion).shape
-                    spot = logits_to_slice(torch.from_numpy(grid)[None, None] * 20 - 10, state.input_hw, size,
-                                           shape)[0].numpy() > 0
                     for margin in (0, 2):
-                        with torch.inference_mode():
-                            drawn = state.padding.unpad(segment_in_box(pretrained, state.seg_embedding,
-                                                                       state.input_hw, spot, margin))
+                        drawn = draw_in_spot_box(pretrained, state, max(spots, key=len), size, shape, margin)
                         print(f"             largest spot's box +{margin} px -> LiteMedSAM Dice "
                               f"{2 * (drawn & lesion).sum() / max(1, drawn.sum() + lesion.sum()):.3f} "
                               f"({int(drawn.sum())} px against {int(lesion.sum())})")

@@ -25,7 +25,6 @@ from MediRoundCore.model.processing import logits_to_slice, masks_to_segmenter_f
 from box_refine import hard_samples, pretrained_lite_medsam  # runs/probe, the script's folder
 
 LOW, SPOT, MIN_CELLS = 0.5, 0.9, 2
-VERBOSE = False
 
 
 def dice(a, b):
@@ -39,13 +38,26 @@ def cover_cells(state, mask, size, g):
     return (cells if cells.any() else cover > 0).numpy()
 
 
-def relocate(engine, decoders, session, image, k):
+def draw_in_spot_box(segmenter, state, spot, size, shape, margin=2):
+    """The segmenter's mask (slice resolution, unpadded) for the box around `spot`, cells (y, x) of the segmenter
+    embedding's grid; `shape` is the padded slice's."""
+    g = state.seg_embedding.shape[-1]
+    grid = np.zeros((g, g), np.float32)
+    for y, x in spot:
+        grid[y, x] = 1.0
+    label = logits_to_slice(torch.from_numpy(grid)[None, None] * 20 - 10, state.input_hw, size, shape)[0].numpy() > 0
+    with torch.inference_mode():
+        return state.padding.unpad(segment_in_box(segmenter, state.seg_embedding.float(), state.input_hw, label,
+                                                  margin))
+
+
+def relocate(engine, decoders, session, image, k, verbose=False):
     """None, or {name: moved mask} for round k of the session (0-based)."""
     rnd = session.rounds[k]
     finder = engine.lesion_finder
     if rnd.mask is None or not rnd.mask.any() or not names_a_lesion(rnd.entity):
         return None
-    named = [k for kinds in _lesion_words(_words(rnd.entity)) for k in kinds]  # the answer's side words are no veto
+    named = [kind for kinds in _lesion_words(_words(rnd.entity)) for kind in kinds]  # side words are no veto here
     kinds = tuple(x for x in dict.fromkeys(named) if x in finder.config.kinds)
     if not kinds:
         return None
@@ -55,7 +67,7 @@ def relocate(engine, decoders, session, image, k):
         probs = F.softmax(finder(state.seg_embedding[0].float()[None]), 1)[0].numpy()
     p = probs[[1 + finder.config.kinds.index(x) for x in kinds]].sum(0)
     drawn = cover_cells(state, rnd.mask, size, g)
-    if VERBOSE:
+    if verbose:
         print(f"   R{k + 1} {rnd.entity!r}: strongest under the answer {p[drawn].max():.2f} ({int(drawn.sum())} cells)")
     if p[drawn].max() >= LOW:
         return None
@@ -67,20 +79,12 @@ def relocate(engine, decoders, session, image, k):
     spots = [s for s in spots if not any(drawn[y, x] for y, x in s)]
     if not spots:
         return None
-    grid = np.zeros((g, g), np.float32)
-    for y, x in max(spots, key=len):
-        grid[y, x] = 1.0
     shape = state.padding.pad(rnd.mask).shape
-    spot = logits_to_slice(torch.from_numpy(grid)[None, None] * 20 - 10, state.input_hw, size, shape)[0].numpy() > 0
-    out = {}
-    with torch.inference_mode():
-        for name, segmenter in decoders.items():
-            out[name] = state.padding.unpad(segment_in_box(segmenter, state.seg_embedding.float(), state.input_hw,
-                                                           spot, 2))
-    return out
+    return {name: draw_in_spot_box(segmenter, state, max(spots, key=len), size, shape)
+            for name, segmenter in decoders.items()}
 
 
-def probe(label, samples, engine, decoders):
+def probe(label, samples, engine, decoders, verbose=False):
     config = parse_configs(["ind+jcm"])[0]
     total = {"rounds": 0, "lesion rounds": 0, "moved": 0, "before": 0.0, **{n: 0.0 for n in decoders}}
     for i, sample in enumerate(samples):
@@ -90,7 +94,7 @@ def probe(label, samples, engine, decoders):
         for k, rnd in enumerate(run.session.rounds):
             total["rounds"] += 1
             total["lesion rounds"] += names_a_lesion(rnd.entity)
-            moved = relocate(engine, decoders, run.session, image, k)
+            moved = relocate(engine, decoders, run.session, image, k, verbose)
             if moved is None:
                 continue
             before = dice(rnd.mask, truths[k])
@@ -112,10 +116,7 @@ def main():
     torch.set_num_threads(2)
     engine = EvalEngine.from_engine(Engine.load(device="cpu"))
     decoders = {"pretrained": pretrained_lite_medsam()[0], "ours": engine.model.segmenter}
-    global VERBOSE
-    VERBOSE = True
-    probe("real", real_samples(), engine, decoders)
-    VERBOSE = False
+    probe("real", real_samples(), engine, decoders, verbose=True)
     if args.hard:
         probe("hard", hard_samples(1, args.hard), engine, decoders)
 
