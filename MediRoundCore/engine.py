@@ -28,6 +28,7 @@ from .checkpoint_info import DEFAULT_CHECKPOINT, checkpoint_beta  # noqa: F401  
 from .errors import MediRoundError, QueryError, SessionError
 from .imaging import SliceImage, extract_slice
 from .lesion_finder import LesionFinder, container_weights, lesion_kinds_asked, names_a_lesion
+from .mask_components import keep_lesion_by_size
 from .model.answer_drafts import AnswerDrafts
 from .model.modeling import LAST_LOGITS_ONLY
 from .model.field_placement import NO_PADDING, FieldPadding, slice_in_field
@@ -113,6 +114,7 @@ class Engine:
         self.lesion_finder = lesion_finder  # weighs that guess by the image for lesion queries (lesion_finder.py)
         self.guess_tries = GUESS_TRIES  # the scorer's guesses an Ask tries while their answers are not taken
         self.new_structure_guesses = True  # a guess whose answer is another round's structure gives way
+        self.one_lesion_by_size = True  # "the smaller nodule": the mask keeps one blob (mask_components.py)
         self.reuse_cache = reuse_cache
         self.builder = PromptBuilder.for_model(tokenizer, model)
         self._slices: OrderedDict[tuple, _SliceState] = OrderedDict()
@@ -283,6 +285,8 @@ class Engine:
             logits = logits_to_slice(out.logits, state.input_hw, self.model.config.segmenter.image_size,
                                      state.pixels01.shape)
             mask = state.padding.unpad((logits[0] > self.model.segmenter.mask_threshold).cpu().numpy())
+            if self.one_lesion_by_size:
+                mask = keep_lesion_by_size(mask, parse_entity(answer))
             prompts = out.prompts
             jcm_score = None if out.scores is None else float(out.scores[0])
             corrected = bool(out.corrected[0]) if out.corrected is not None else False

@@ -322,3 +322,32 @@ def test_ask_says_when_the_kidney_it_refers_to_was_a_guess(tmp_path, capsys):
     assert ":undo it in `mediround chat --session`" in out
     rounds = Session.load(tmp_path / "s").rounds
     assert (rounds[-1].reference, rounds[-1].reference_guessed, rounds[-1].reference_alternatives) == (1, True, [2])
+
+
+def _generated_rounds(engine, split, seed, index, rounds):
+    """The first `rounds` rounds of a generated dialogue, asked with its own references: the last round and truth."""
+    from MediRoundCore.data.splits import make_dialogue, to_sample
+    from MediRoundCore.evaluate.protocol import sample_fingerprint, sample_image
+
+    sample = to_sample(make_dialogue(split, seed, index))
+    image = sample_image(sample)
+    session = Session(sample_fingerprint(sample))
+    for k in range(rounds):
+        ref = sample.ref_indices[k]
+        r = engine.ask(session, sample.queries[k], image, reference=None if ref is None else ref + 1).round
+    return r, np.asarray(sample.masks[rounds - 1], bool), sample.queries[rounds - 1]
+
+
+def test_the_smaller_nodule_is_one_nodule(shipped):
+    """Hard split seed 1, dialogue 6: after the left lung, "Find the smaller nodule inside that structure" — the
+    mask decoder outlines both nodules of the lung (Dice 0.56); the answer's size word keeps the smaller one
+    (mask_components.py)."""
+    r, truth, query = _generated_rounds(shipped, "hard", 1, 6, 3)
+    assert "smaller nodule" in query and r.entity == "smaller nodule in the left lung", (query, r.answer)
+    assert dice(r.mask, truth) >= 0.9
+    rule, shipped.one_lesion_by_size = shipped.one_lesion_by_size, False
+    try:
+        whole, _, _ = _generated_rounds(shipped, "hard", 1, 6, 3)
+    finally:
+        shipped.one_lesion_by_size = rule
+    assert dice(whole.mask, truth) < 0.7 and whole.mask.sum() > 1.5 * r.mask.sum()

@@ -193,6 +193,7 @@ class EvalEngine(Engine):
                         reference_scorer=engine.reference_scorer, fast_decode=engine._decode_step is not None,
                         lesion_finder=engine.lesion_finder)
         evaluator.new_structure_guesses = engine.new_structure_guesses
+        evaluator.one_lesion_by_size = engine.one_lesion_by_size
         return evaluator
 
     def __init__(self, *args, **kwargs):
