@@ -53,6 +53,7 @@ set(MEDIROUND_CORE_SCRIPTS
   MediRoundCore/evaluate/sets.py
   MediRoundCore/imaging.py
   MediRoundCore/lesion_finder.py
+  MediRoundCore/mask_components.py
   MediRoundCore/model/__init__.py
   MediRoundCore/model/answer_drafts.py
   MediRoundCore/model/box_prompt.py
