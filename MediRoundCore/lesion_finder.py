@@ -90,7 +90,9 @@ def lesion_kinds_asked(query: str) -> tuple[str, ...] | None:
     return specific or SOLID_KINDS
 
 
-_SIZE_WORDS = frozenset("larger bigger largest biggest smaller smallest tinier tiniest".split())
+LARGER_WORDS = frozenset("larger bigger largest biggest".split())  # a lesion told from its pair by its size
+SMALLER_WORDS = frozenset("smaller smallest tinier tiniest".split())
+_SIZE_WORDS = LARGER_WORDS | SMALLER_WORDS
 
 
 def lesion_named_by_size(query: str) -> bool:

@@ -387,3 +387,15 @@ def test_beta_sweep_scores_each_threshold_and_picks_the_best(samples):
     assert (never.dice, never.ciou) == (off.dice, off.ciou)  # a sigmoid score is never ≤ 0: nothing corrected
     assert (always.dice, always.ciou) != (off.dice, off.ciou)  # every [SEG] embedding is corrected
     assert best == max((0.0, 1.0), key=lambda b: (round(rows[b].dice, 2), b))
+
+
+def test_the_evaluator_keeps_the_engine_s_answer_rules(tiny_engine):
+    """The evaluator measures the engine a user gets: a rule switched off on the engine is off in its copy."""
+    assert EvalEngine.from_engine(tiny_engine).one_lesion_by_size and tiny_engine.one_lesion_by_size
+    rules = tiny_engine.new_structure_guesses, tiny_engine.one_lesion_by_size
+    tiny_engine.new_structure_guesses = tiny_engine.one_lesion_by_size = False
+    try:
+        copy = EvalEngine.from_engine(tiny_engine)
+        assert not copy.new_structure_guesses and not copy.one_lesion_by_size
+    finally:
+        tiny_engine.new_structure_guesses, tiny_engine.one_lesion_by_size = rules

@@ -41,6 +41,22 @@ def test_masks_without_a_size_word_or_a_second_lesion_are_kept_whole():
     small_share[50:54, 50:60] = True  # 40 px: under a fifth of the largest, a fragment rather than a lesion
     assert keep_lesion_by_size(small_share, "smaller nodule in the left lung") is small_share
     assert not keep_lesion_by_size(np.zeros((8, 8), bool), "smaller nodule").any()
+    stack = np.stack([mask, mask])  # not a slice's mask: left alone
+    assert keep_lesion_by_size(stack, "smaller nodule in the left lung") is stack
+
+
+def test_a_mask_of_numbers_is_read_by_its_nonzero_pixels():
+    mask = two_nodules().astype(np.uint16) * 256  # 256 would wrap to 0 as uint8
+    kept = keep_lesion_by_size(mask, "larger nodule in the left lung")
+    assert kept.dtype == bool and kept.sum() == 100
+    assert keep_lesion_by_size(two_nodules() * 0.7, "smaller nodule in the left lung").sum() == 25
+
+
+def test_smaller_picks_the_smallest_lesion_sized_blob_of_three():
+    mask = two_nodules()
+    mask[36:40, 4:10] = True  # 24 px: over MIN_PIXELS and a fifth of the largest, a third lesion-sized blob
+    assert keep_lesion_by_size(mask, "smaller nodule in the left lung").sum() == 24
+    assert keep_lesion_by_size(mask, "larger nodule in the left lung").sum() == 100
 
 
 def test_blobs_touching_at_a_corner_are_one():

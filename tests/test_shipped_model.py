@@ -325,7 +325,8 @@ def test_ask_says_when_the_kidney_it_refers_to_was_a_guess(tmp_path, capsys):
 
 
 def _generated_rounds(engine, split, seed, index, rounds):
-    """The first `rounds` rounds of a generated dialogue, asked with its own references: the last round and truth."""
+    """The first `rounds` rounds of a generated dialogue, asked with its own references: the last round, its
+    ground-truth mask and its query."""
     from MediRoundCore.data.splits import make_dialogue, to_sample
     from MediRoundCore.evaluate.protocol import sample_fingerprint, sample_image
 

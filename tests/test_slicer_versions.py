@@ -37,6 +37,40 @@ def test_shipped_code_is_python_39_syntax():
     assert bad == []
 
 
+def _union_annotations(tree) -> list[int]:
+    """Lines of annotations written `X | Y`: evaluated when the function or class is defined, a TypeError on
+    Python 3.9 unless the module postpones annotations."""
+    def unions(node):
+        return node is not None and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(node))
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            annotated = [a.annotation for a in args.posonlyargs + args.args + args.kwonlyargs] + [node.returns]
+            annotated += [a.annotation for a in (args.vararg, args.kwarg) if a is not None]
+            lines += [node.lineno] if any(unions(a) for a in annotated) else []
+        elif isinstance(node, ast.AnnAssign) and unions(node.annotation):
+            lines.append(node.lineno)
+    return lines
+
+
+def _postpones_annotations(tree) -> bool:
+    return any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+               for n in tree.body)
+
+
+def test_union_annotations_are_postponed_for_python_39():
+    """`def f(x: str | None)` parses on 3.9 but fails when defined: such modules need the __future__ import."""
+    bad = []
+    for path in _shipped_python_files():
+        tree = ast.parse(path.read_text())
+        if not _postpones_annotations(tree) and (lines := _union_annotations(tree)):
+            bad.append(f"{path.relative_to(ROOT)}:{lines[0]}")
+    assert bad == []
+    assert _union_annotations(ast.parse("def f(x: int | None) -> None: pass")) == [1]
+    assert _postpones_annotations(ast.parse("from __future__ import annotations"))
+
+
 def test_too_old_python_gets_a_message():
     assert dependencies.python_problem((3, 9, 10)) == "" and dependencies.python_problem((3, 12, 4)) == ""
     message = dependencies.python_problem((3, 6, 7))

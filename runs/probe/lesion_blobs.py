@@ -19,7 +19,7 @@ from MediRoundCore.engine import Engine
 from MediRoundCore.evaluate.protocol import evaluate_dialogue, parse_configs, round_meta
 from MediRoundCore.evaluate.run import ensure_split, load_samples
 from MediRoundCore.lesion_finder import names_a_lesion
-from MediRoundCore.mask_components import MIN_PIXELS, MIN_SHARE, components, size_asked
+from MediRoundCore.mask_components import lesion_sized_blobs, size_asked
 
 from mask_threshold import RecordingEngine, _recording, dice
 
@@ -29,11 +29,7 @@ def blob_rows(run, sample, kept):
     for k, (rnd, logits) in enumerate(zip(run.session.rounds, kept)):
         if logits is None or not names_a_lesion(rnd.entity) or logits.shape != truths[k].shape:
             continue
-        labels, counts = components(rnd.mask)
-        sizes = counts[1:]
-        if not len(sizes):
-            continue
-        blobs = np.flatnonzero((sizes >= MIN_PIXELS) & (sizes >= MIN_SHARE * sizes.max())) + 1
+        labels, counts, blobs = lesion_sized_blobs(rnd.mask)
         if len(blobs) < 2:
             continue
         yield dict(entity=rnd.entity, relation=round_meta(sample, k).get("relation"), size_word=size_asked(rnd.entity),
