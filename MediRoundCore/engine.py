@@ -269,6 +269,7 @@ class Engine:
         if chosen != len(tries) - 1:
             ask_turn(*tries[chosen][:2])  # asked again: the cache holds the last try
         reference, (crop_tokens, box_tokens), hidden, answer_ids, forced, answer, absent, before = tries[-1]
+        entity = parse_entity(answer)  # the answer taken (the loop's last try may not be it)
         decode_forwards = len(forward_tokens) - before
         timings["language_model_ms"] = lm_ms
         if len(tries) > 1:
@@ -286,7 +287,7 @@ class Engine:
                                      state.pixels01.shape)
             mask = state.padding.unpad((logits[0] > self.model.segmenter.mask_threshold).cpu().numpy())
             if self.one_lesion_by_size:
-                mask = keep_lesion_by_size(mask, parse_entity(answer))
+                mask = keep_lesion_by_size(mask, entity)
             prompts = out.prompts
             jcm_score = None if out.scores is None else float(out.scores[0])
             corrected = bool(out.corrected[0]) if out.corrected is not None else False
@@ -298,7 +299,7 @@ class Engine:
         guessed, alternatives = session.reference_guess(query, explicit, reference, scorer,
                                                         tried=[n for n in attempted if n != reference])
         round_ = Round(number=number, view=image.view, slice_index=image.index, query=query, answer=answer,
-                       entity=parse_entity(answer), reference=reference, mask=mask,
+                       entity=entity, reference=reference, mask=mask,
                        jcm_score=jcm_score, corrected=corrected, seg_forced=forced and not absent, absent=absent,
                        reference_guessed=guessed, reference_alternatives=alternatives,
                        lm_tokens=sum(forward_tokens), timings=timings)
